@@ -1,0 +1,263 @@
+//! Client commands: a newcomer's way to see chatvault work from a shell. Output is JSON.
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::grpc::TENANT_HEADER;
+use crate::grpc::pb;
+use crate::grpc::pb::subject_service_client::SubjectServiceClient;
+use crate::grpc::pb::transcript_service_client::TranscriptServiceClient;
+
+#[derive(Args, Debug)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(long, env = "CHATVAULT_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    server: String,
+    /// Tenant to act for (sent as the x-tenant-id header).
+    #[arg(long, env = "CHATVAULT_TENANT", default_value = "demo", global = true)]
+    tenant: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Store (or replace) a transcript.
+    Put {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        transcript: String,
+        #[arg(long, default_value = "web")]
+        channel: String,
+        /// ROLE:NAME:TEXT, role one of visitor, agent, bot, system. Repeatable.
+        #[arg(long = "message", short = 'm')]
+        messages: Vec<String>,
+        /// KEY=VALUE metadata. Repeatable.
+        #[arg(long = "meta")]
+        metadata: Vec<String>,
+    },
+    /// Append messages to an open transcript.
+    Append {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        transcript: String,
+        #[arg(long = "message", short = 'm', required = true)]
+        messages: Vec<String>,
+    },
+    /// Close a transcript (sets ended_at to now).
+    Close {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        transcript: String,
+    },
+    /// Print a transcript, decrypted.
+    Get {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        transcript: String,
+    },
+    /// List a subject's transcripts, newest first.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        subject: String,
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Delete one transcript.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        transcript: String,
+    },
+    /// Crypto-shred a subject: all of its transcripts become unreadable.
+    Shred {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        subject: String,
+    },
+    /// Show a subject's status.
+    Subject {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        subject: String,
+    },
+}
+
+type Tenanted = InterceptedService<Channel, TenantHeader>;
+
+#[derive(Clone)]
+pub struct TenantHeader(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for TenantHeader {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(TENANT_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+async fn channel(conn: &Conn) -> Result<(Channel, TenantHeader), String> {
+    let header = conn.tenant.parse().map_err(|_| "--tenant: not a valid header value".to_string())?;
+    let channel = Channel::from_shared(conn.server.clone())
+        .map_err(|e| format!("--server: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", conn.server))?;
+    Ok((channel, TenantHeader(header)))
+}
+
+async fn transcripts(conn: &Conn) -> Result<TranscriptServiceClient<Tenanted>, String> {
+    let (ch, h) = channel(conn).await?;
+    Ok(TranscriptServiceClient::with_interceptor(ch, h))
+}
+
+async fn subjects(conn: &Conn) -> Result<SubjectServiceClient<Tenanted>, String> {
+    let (ch, h) = channel(conn).await?;
+    Ok(SubjectServiceClient::with_interceptor(ch, h))
+}
+
+fn status(s: Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn run(cmd: ClientCommand) -> Result<(), String> {
+    let out = match cmd {
+        ClientCommand::Put { conn, subject, transcript, channel, messages, metadata } => {
+            let transcript = pb::Transcript {
+                transcript_id: transcript,
+                subject_id: subject,
+                channel,
+                messages: parse_messages(&messages)?,
+                metadata: parse_metadata(&metadata)?,
+                ..Default::default()
+            };
+            let req = pb::PutTranscriptRequest { transcript: Some(transcript) };
+            let r = transcripts(&conn).await?.put_transcript(req).await.map_err(status)?.into_inner();
+            json!({ "replaced": r.replaced })
+        }
+        ClientCommand::Append { conn, transcript, messages } => {
+            let req = pb::AppendMessagesRequest {
+                transcript_id: transcript,
+                messages: parse_messages(&messages)?,
+                expected_message_count: None,
+            };
+            let r = transcripts(&conn).await?.append_messages(req).await.map_err(status)?.into_inner();
+            json!({ "message_count": r.message_count })
+        }
+        ClientCommand::Close { conn, transcript } => {
+            let req = pb::CloseTranscriptRequest { transcript_id: transcript, ended_at: None };
+            let r = transcripts(&conn).await?.close_transcript(req).await.map_err(status)?.into_inner();
+            json!({ "ended_at": r.ended_at.map(|t| t.to_string()) })
+        }
+        ClientCommand::Get { conn, transcript } => {
+            let req = pb::GetTranscriptRequest { transcript_id: transcript };
+            let r = transcripts(&conn).await?.get_transcript(req).await.map_err(status)?.into_inner();
+            r.transcript.map(transcript_json).unwrap_or(Value::Null)
+        }
+        ClientCommand::List { conn, subject, page_size, page_token } => {
+            let req = pb::ListTranscriptsRequest { subject_id: subject, page_size, page_token };
+            let r = transcripts(&conn).await?.list_transcripts(req).await.map_err(status)?.into_inner();
+            json!({
+                "transcripts": r.transcripts.into_iter().map(transcript_json).collect::<Vec<_>>(),
+                "next_page_token": r.next_page_token,
+            })
+        }
+        ClientCommand::Delete { conn, transcript } => {
+            let req = pb::DeleteTranscriptRequest { transcript_id: transcript };
+            transcripts(&conn).await?.delete_transcript(req).await.map_err(status)?;
+            json!({ "deleted": true })
+        }
+        ClientCommand::Shred { conn, subject } => {
+            let req = pb::ShredSubjectRequest { subject_id: subject };
+            let r = subjects(&conn).await?.shred_subject(req).await.map_err(status)?.into_inner();
+            let rc = r.receipt.unwrap_or_default();
+            json!({
+                "subject_blind_id": rc.subject_blind_id,
+                "shredded_at": rc.shredded_at.map(|t| t.to_string()),
+                "transcripts_shredded": rc.transcripts_shredded,
+                "key_epoch": rc.key_epoch,
+            })
+        }
+        ClientCommand::Subject { conn, subject } => {
+            let req = pb::GetSubjectRequest { subject_id: subject };
+            let r = subjects(&conn).await?.get_subject(req).await.map_err(status)?.into_inner();
+            json!({
+                "subject_blind_id": r.subject_blind_id,
+                "status": r.status().as_str_name(),
+                "transcript_count": r.transcript_count,
+                "last_shredded_at": r.last_shredded_at.map(|t| t.to_string()),
+            })
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+fn parse_messages(specs: &[String]) -> Result<Vec<pb::Message>, String> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let mut parts = spec.splitn(3, ':');
+            let (Some(role), Some(name), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(format!("--message {spec:?}: expected ROLE:NAME:TEXT"));
+            };
+            let role = match role {
+                "visitor" => pb::AuthorRole::Visitor,
+                "agent" => pb::AuthorRole::Agent,
+                "bot" => pb::AuthorRole::Bot,
+                "system" => pb::AuthorRole::System,
+                other => return Err(format!("--message: unknown role {other:?}")),
+            };
+            Ok(pb::Message {
+                message_id: format!("m{}-{i}", std::process::id()),
+                author_role: role as i32,
+                author_name: name.to_owned(),
+                sent_at: None,
+                text: text.to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn parse_metadata(specs: &[String]) -> Result<std::collections::HashMap<String, String>, String> {
+    specs
+        .iter()
+        .map(|s| {
+            s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("--meta {s:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn transcript_json(t: pb::Transcript) -> Value {
+    json!({
+        "transcript_id": t.transcript_id,
+        "subject_id": t.subject_id,
+        "channel": t.channel,
+        "started_at": t.started_at.map(|t| t.to_string()),
+        "ended_at": t.ended_at.map(|t| t.to_string()),
+        "metadata": t.metadata,
+        "message_count": t.message_count,
+        "messages": t.messages.into_iter().map(|m| json!({
+            "message_id": m.message_id,
+            "author_role": m.author_role().as_str_name(),
+            "author_name": m.author_name,
+            "sent_at": m.sent_at.map(|t| t.to_string()),
+            "text": m.text,
+        })).collect::<Vec<_>>(),
+    })
+}

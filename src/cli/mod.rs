@@ -1,0 +1,137 @@
+//! The `chatvault` command line: `serve`, client commands to try the API from a shell,
+//! and offline key maintenance.
+
+mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::crypto::Algorithm;
+use crate::store::Durability;
+
+#[derive(Parser, Debug)]
+#[command(name = "chatvault", version, about = "Encrypted chat transcript store with crypto-shredding")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gRPC server (with no configuration: local folders and a development key).
+    Serve(ServerArgs),
+    /// Key-store maintenance on a stopped server.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Rotate the key-store key now (a running server rotates on SIGHUP instead).
+    Rotate(ServerArgs),
+}
+
+/// Where the server's configuration comes from; flags override the file.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// TOML configuration file (see deploy/chatvault.toml).
+    #[arg(long, env = "CHATVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "CHATVAULT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./chatvault-data].
+    #[arg(long, env = "CHATVAULT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Key directory [default: ./chatvault-keys].
+    #[arg(long, env = "CHATVAULT_KEY_DIR")]
+    key_dir: Option<PathBuf>,
+    /// Root key file: 32 raw bytes or 64 hex characters, mode 0600.
+    #[arg(long, env = "CHATVAULT_ROOT_KEY_FILE")]
+    root_key_file: Option<PathBuf>,
+    /// fsync (default), flush or none.
+    #[arg(long, env = "CHATVAULT_DURABILITY")]
+    durability: Option<Durability>,
+    /// aes-256-gcm (default) or chacha20-poly1305, for new records.
+    #[arg(long, env = "CHATVAULT_CIPHER")]
+    cipher: Option<Algorithm>,
+}
+
+impl ServerArgs {
+    fn config(&self) -> Result<Config, String> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            cfg.data_dir = v.clone();
+        }
+        if let Some(v) = &self.key_dir {
+            cfg.key_dir = v.clone();
+        }
+        if let Some(v) = &self.root_key_file {
+            cfg.root_key_file = Some(v.clone());
+        }
+        if let Some(v) = self.durability {
+            cfg.durability = v;
+        }
+        if let Some(v) = self.cipher {
+            cfg.cipher = v;
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let result = match cli.command {
+        Command::Serve(args) => match args.config() {
+            Ok(cfg) => runtime.block_on(crate::server::run(cfg)).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        },
+        Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
+        Command::Client(cmd) => runtime.block_on(client::run(cmd)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn rotate_offline(cfg: Config) -> Result<(), String> {
+    let opts = cfg.vault_options().map_err(|e| e.to_string())?;
+    let (vault, _) = crate::vault::Vault::open(opts).map_err(|e| e.to_string())?;
+    let report = vault.rotate_key_store().map_err(|e| e.to_string())?;
+    println!(
+        "key-store rotated to epoch {}; destroyed epochs {:?}; {} keys re-wrapped",
+        report.new_epoch, report.destroyed_epochs, report.keys_rewrapped
+    );
+    Ok(())
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("chatvault: {message}");
+    ExitCode::FAILURE
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHATVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,75 @@
+//! The gRPC edge: wire types in and out, statuses for errors. The vault never sees prost.
+
+mod convert;
+mod status;
+mod subjects;
+mod tenant;
+mod transcripts;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+pub use tenant::TENANT_HEADER;
+
+use crate::vault::Vault;
+
+/// Generated wire types and stubs of `proto/chatvault/v1`.
+pub mod pb {
+    tonic::include_proto!("chatvault.v1");
+    /// Encoded descriptors, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chatvault_descriptor.bin"));
+}
+
+/// Transport limits of the public listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    pub max_message_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the chatvault API, health and reflection on `listener` until `shutdown` resolves.
+pub async fn serve(
+    vault: Arc<Vault>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    use pb::subject_service_server::SubjectServiceServer;
+    use pb::transcript_service_server::TranscriptServiceServer;
+
+    let transcripts = TranscriptServiceServer::new(transcripts::Transcripts::new(vault.clone()))
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes.max(64 * 1024 * 1024));
+    let subjects = SubjectServiceServer::new(subjects::Subjects::new(vault))
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TranscriptServiceServer<transcripts::Transcripts>>().await;
+    health.set_serving::<SubjectServiceServer<subjects::Subjects>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Server::builder()
+        .timeout(opts.request_timeout)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(transcripts)
+        .add_service(subjects)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

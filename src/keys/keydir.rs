@@ -1,0 +1,303 @@
+//! Key-store keys (KSKs): the middle of the hierarchy. They wrap every data key kept in
+//! the data directory and live apart from it, in a key directory, so that a copy of the
+//! data directory alone — or with a *later* key directory — cannot open shredded data.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::root::{self, PassphraseSalt, RootKey, RootKeySource};
+use super::{KeyError, files};
+use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
+
+/// Where key-store keys are kept. The file implementation is below; an external KMS
+/// can implement this later without the vault noticing.
+pub trait KeyStore: Send + Sync {
+    /// Random id shared with the data directory this key store belongs to.
+    fn store_id(&self) -> [u8; 16];
+    /// The epoch new keys are wrapped under.
+    fn current_epoch(&self) -> u64;
+    /// Every epoch still held, oldest first.
+    fn epochs(&self) -> Vec<u64>;
+    /// Wraps `key` under the current epoch; `aad` says what the key is for.
+    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError>;
+    /// Unwraps a key made by [`KeyStore::wrap`] under any epoch still held.
+    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError>;
+    /// Creates a new epoch and makes it current. Durable before it returns.
+    fn add_epoch(&self) -> Result<u64, KeyError>;
+    /// Destroys every epoch older than `keep_from`. Durable before it returns.
+    fn destroy_epochs_before(&self, keep_from: u64) -> Result<Vec<u64>, KeyError>;
+}
+
+/// The epoch a wrapped key was made under (its first 8 bytes).
+pub fn wrapped_epoch(wrapped: &[u8]) -> Result<u64, KeyError> {
+    let head: [u8; 8] = wrapped
+        .get(..8)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| KeyError::Corrupt("wrapped key too short".into()))?;
+    Ok(u64::from_be_bytes(head))
+}
+
+const META_FILE: &str = "keydir.meta";
+const META_MAGIC: [u8; 4] = *b"CVKD";
+const META_VERSION: u16 = 1;
+const KSK_MAGIC: [u8; 4] = *b"CVKK";
+const KSK_VERSION: u16 = 1;
+
+/// The key directory's description of itself. Holds no secret.
+#[derive(Serialize, Deserialize)]
+struct KeyDirMeta {
+    magic: [u8; 4],
+    version: u16,
+    store_id: [u8; 16],
+    root_check: [u8; 16],
+    passphrase: Option<PassphraseSalt>,
+}
+
+/// One key-store key file: the KSK sealed under the root key.
+#[derive(Serialize, Deserialize)]
+struct KskFile {
+    magic: [u8; 4],
+    version: u16,
+    epoch: u64,
+    sealed: Vec<u8>,
+}
+
+/// What opening the key directory did, for the start-up log.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    pub created: bool,
+    pub generated_dev_key: Option<PathBuf>,
+}
+
+/// Key-store keys in files of a local directory.
+pub struct FileKeyDir {
+    dir: PathBuf,
+    root: RootKey,
+    store_id: [u8; 16],
+    ksks: RwLock<BTreeMap<u64, Arc<SecretKey>>>,
+}
+
+impl FileKeyDir {
+    /// Opens (or, when empty, initialises) a key directory. Refuses a root key whose
+    /// check value differs from the one recorded, before touching anything.
+    pub fn open(dir: &Path, source: &RootKeySource) -> Result<(Self, OpenReport), KeyError> {
+        files::ensure_private_dir(dir).map_err(|e| KeyError::io(dir, e))?;
+        let meta_path = dir.join(META_FILE);
+        let meta = read_meta(&meta_path)?;
+        let mut new_salt = None;
+        let loaded = root::load(source, meta.as_ref().and_then(|m| m.passphrase), &mut new_salt)?;
+        let root = loaded.key;
+        let mut report = OpenReport { created: false, generated_dev_key: loaded.generated_dev_key };
+        let store_id = match &meta {
+            Some(m) => {
+                if m.root_check != root.check_value() {
+                    return Err(KeyError::WrongRootKey);
+                }
+                m.store_id
+            }
+            None => {
+                if has_ksk_files(dir)? {
+                    return Err(KeyError::Corrupt(format!("{META_FILE} is missing")));
+                }
+                let meta = KeyDirMeta {
+                    magic: META_MAGIC,
+                    version: META_VERSION,
+                    store_id: crypto::random_bytes()?,
+                    root_check: root.check_value(),
+                    passphrase: new_salt,
+                };
+                let bytes = postcard::to_allocvec(&meta).map_err(|e| KeyError::Corrupt(e.to_string()))?;
+                files::write_atomic(&meta_path, &bytes).map_err(|e| KeyError::io(&meta_path, e))?;
+                report.created = true;
+                meta.store_id
+            }
+        };
+        let keydir = FileKeyDir { dir: dir.to_path_buf(), root, store_id, ksks: RwLock::new(BTreeMap::new()) };
+        keydir.load_ksks()?;
+        if keydir.epochs().is_empty() {
+            keydir.add_epoch()?;
+        }
+        Ok((keydir, report))
+    }
+
+    fn ksk_path(&self, epoch: u64) -> PathBuf {
+        self.dir.join(format!("ksk-{epoch:020}.key"))
+    }
+
+    fn ksk_aad(&self, epoch: u64) -> Aad {
+        Aad::new(RecordKind::KeyStoreKey).bytes(&self.store_id).u64(epoch)
+    }
+
+    fn load_ksks(&self) -> Result<(), KeyError> {
+        let mut map = BTreeMap::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| KeyError::io(&self.dir, e))? {
+            let path = entry.map_err(|e| KeyError::io(&self.dir, e))?.path();
+            if !is_ksk_file(&path) {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(|e| KeyError::io(&path, e))?;
+            let file: KskFile = postcard::from_bytes(&bytes)
+                .map_err(|_| KeyError::Corrupt(format!("{} is not a key file", path.display())))?;
+            if file.magic != KSK_MAGIC || file.version != KSK_VERSION {
+                return Err(KeyError::Corrupt(format!("{}: unknown format", path.display())));
+            }
+            let raw = crypto::open(self.root.wrapping_key(), self.ksk_aad(file.epoch).as_slice(), &file.sealed)
+                .map_err(|_| KeyError::Corrupt(format!("{} does not open under this root key", path.display())))?;
+            map.insert(file.epoch, Arc::new(SecretKey::from_slice(&raw)?));
+        }
+        *self.ksks.write().map_err(|_| KeyError::Poisoned)? = map;
+        Ok(())
+    }
+
+    fn ksk(&self, epoch: u64) -> Result<Arc<SecretKey>, KeyError> {
+        let map = self.ksks.read().map_err(|_| KeyError::Poisoned)?;
+        map.get(&epoch).cloned().ok_or(KeyError::EpochDestroyed(epoch))
+    }
+}
+
+impl KeyStore for FileKeyDir {
+    fn store_id(&self) -> [u8; 16] {
+        self.store_id
+    }
+
+    fn current_epoch(&self) -> u64 {
+        self.epochs().last().copied().unwrap_or(0)
+    }
+
+    fn epochs(&self) -> Vec<u64> {
+        self.ksks.read().map(|m| m.keys().copied().collect()).unwrap_or_default()
+    }
+
+    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError> {
+        let epoch = self.current_epoch();
+        let ksk = self.ksk(epoch)?;
+        let sealed = crypto::seal(Algorithm::Aes256Gcm, &ksk, aad.u64(epoch).as_slice(), key.expose())?;
+        let mut out = Vec::with_capacity(8 + sealed.len());
+        out.extend_from_slice(&epoch.to_be_bytes());
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError> {
+        let epoch = wrapped_epoch(wrapped)?;
+        let ksk = self.ksk(epoch)?;
+        let raw = crypto::open(&ksk, aad.u64(epoch).as_slice(), &wrapped[8..])?;
+        Ok(SecretKey::from_slice(&raw)?)
+    }
+
+    fn add_epoch(&self) -> Result<u64, KeyError> {
+        let mut map = self.ksks.write().map_err(|_| KeyError::Poisoned)?;
+        let epoch = map.keys().last().copied().unwrap_or(0) + 1;
+        let ksk = SecretKey::generate()?;
+        let sealed = crypto::seal(Algorithm::Aes256Gcm, self.root.wrapping_key(), self.ksk_aad(epoch).as_slice(), ksk.expose())?;
+        let file = KskFile { magic: KSK_MAGIC, version: KSK_VERSION, epoch, sealed };
+        let bytes = postcard::to_allocvec(&file).map_err(|e| KeyError::Corrupt(e.to_string()))?;
+        let path = self.ksk_path(epoch);
+        files::write_atomic(&path, &bytes).map_err(|e| KeyError::io(&path, e))?;
+        map.insert(epoch, Arc::new(ksk));
+        Ok(epoch)
+    }
+
+    fn destroy_epochs_before(&self, keep_from: u64) -> Result<Vec<u64>, KeyError> {
+        let mut map = self.ksks.write().map_err(|_| KeyError::Poisoned)?;
+        let old: Vec<u64> = map.range(..keep_from).map(|(e, _)| *e).collect();
+        for epoch in &old {
+            let path = self.ksk_path(*epoch);
+            files::destroy(&path).map_err(|e| KeyError::io(&path, e))?;
+            map.remove(epoch);
+        }
+        Ok(old)
+    }
+}
+
+impl std::fmt::Debug for FileKeyDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileKeyDir").field("dir", &self.dir).field("epochs", &self.epochs()).finish_non_exhaustive()
+    }
+}
+
+fn read_meta(path: &Path) -> Result<Option<KeyDirMeta>, KeyError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KeyError::io(path, e)),
+    };
+    let meta: KeyDirMeta = postcard::from_bytes(&bytes)
+        .map_err(|_| KeyError::Corrupt(format!("{} is unreadable", path.display())))?;
+    if meta.magic != META_MAGIC || meta.version != META_VERSION {
+        return Err(KeyError::Corrupt(format!("{}: unknown format", path.display())));
+    }
+    Ok(Some(meta))
+}
+
+fn is_ksk_file(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with("ksk-") && name.ends_with(".key")
+}
+
+fn has_ksk_files(dir: &Path) -> Result<bool, KeyError> {
+    let entries = fs::read_dir(dir).map_err(|e| KeyError::io(dir, e))?;
+    Ok(entries.filter_map(Result::ok).any(|e| is_ksk_file(&e.path())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroize::Zeroizing;
+
+    fn hex_root(byte: u8) -> RootKeySource {
+        RootKeySource::Hex(Zeroizing::new(format!("{byte:02x}").repeat(32)))
+    }
+
+    fn aad() -> Aad {
+        Aad::new(RecordKind::SubjectKey).bytes(b"t").bytes(b"s")
+    }
+
+    #[test]
+    fn wrapped_keys_survive_reopen_and_rotation_until_destroyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kd, report) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        assert!(report.created);
+        let dek = SecretKey::generate().unwrap();
+        let wrapped = kd.wrap(aad(), &dek).unwrap();
+        drop(kd);
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        assert_eq!(kd.unwrap(&wrapped, aad()).unwrap().expose(), dek.expose());
+        let e2 = kd.add_epoch().unwrap();
+        assert_eq!(kd.destroy_epochs_before(e2).unwrap(), vec![1]);
+        assert!(matches!(kd.unwrap(&wrapped, aad()), Err(KeyError::EpochDestroyed(1))));
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        assert_eq!(kd.epochs(), vec![e2]);
+    }
+
+    #[test]
+    fn wrong_root_key_is_refused_with_key_check_value() {
+        let dir = tempfile::tempdir().unwrap();
+        FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        assert!(matches!(FileKeyDir::open(dir.path(), &hex_root(2)), Err(KeyError::WrongRootKey)));
+    }
+
+    #[test]
+    fn unwrap_with_other_aad_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let wrapped = kd.wrap(aad(), &SecretKey::generate().unwrap()).unwrap();
+        let other = Aad::new(RecordKind::SubjectKey).bytes(b"t").bytes(b"x");
+        assert!(kd.unwrap(&wrapped, other).is_err());
+    }
+
+    #[test]
+    fn destroyed_key_file_is_gone_from_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let first = kd.ksk_path(1);
+        assert!(first.exists());
+        kd.add_epoch().unwrap();
+        kd.destroy_epochs_before(2).unwrap();
+        assert!(!first.exists());
+    }
+}

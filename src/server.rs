@@ -1,0 +1,147 @@
+//! The running server: opens the vault, starts the background workers (key rotation,
+//! reclaim), serves gRPC, and shuts all of it down cleanly on SIGTERM / Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError};
+use crate::grpc::{self, ServeError, ServeOptions};
+use crate::vault::{Vault, VaultError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let opts = config.vault_options()?;
+    let dev_key = matches!(opts.root_key, crate::keys::RootKeySource::Development(_));
+    let (vault, report) = tokio::task::spawn_blocking(move || Vault::open(opts))
+        .await
+        .map_err(|e| VaultError::Internal(e.to_string()))??;
+    let vault = Arc::new(vault);
+    if let Some(path) = &report.generated_dev_key {
+        tracing::warn!(path = %path.display(), "GENERATED A DEVELOPMENT ROOT KEY");
+    }
+    if dev_key {
+        eprintln!(
+            "\n  WARNING: chatvault is running on a DEVELOPMENT root key stored next to the data\n  \
+             ({}). Anyone with this folder can read everything.\n  \
+             For production set root_key_file, {} or a passphrase (see README).\n",
+            config.key_dir.join(crate::config::DEV_ROOT_KEY_FILE).display(),
+            crate::config::ROOT_KEY_ENV
+        );
+    }
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), key_dir = %config.key_dir.display(),
+        epoch = vault.key_epoch(), durability = ?config.durability, "chatvault serving");
+    // Scripts and tests wait for this exact line on stdout.
+    println!("chatvault listening on {addr}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = [
+        tokio::spawn(rotation_worker(vault.clone(), config.rotation_check_interval_secs, stop_rx.clone())),
+        tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
+        tokio::spawn(rotate_on_sighup(vault.clone(), stop_rx.clone())),
+    ];
+    let serve_opts = ServeOptions {
+        max_message_bytes: config.max_request_bytes,
+        request_timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
+    };
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let served = grpc::serve(vault.clone(), listener, serve_opts, shutdown).await;
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    vault.sync()?;
+    served?;
+    Ok(())
+}
+
+/// Sleeps `period`, or returns true early when asked to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>, period: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+async fn rotate(vault: &Arc<Vault>) {
+    let v = vault.clone();
+    match tokio::task::spawn_blocking(move || v.rotate_key_store()).await {
+        Ok(Ok(report)) => tracing::info!(?report, "key-store rotated"),
+        Ok(Err(e)) => tracing::error!(error = %e, "key-store rotation failed; will retry"),
+        Err(e) => tracing::error!(error = %e, "key-store rotation panicked"),
+    }
+}
+
+/// Rotates the key-store key when a shred happened since the last rotation.
+async fn rotation_worker(vault: Arc<Vault>, every_secs: u64, mut stop: watch::Receiver<bool>) {
+    if every_secs == 0 {
+        return;
+    }
+    while !stopped(&mut stop, Duration::from_secs(every_secs)).await {
+        match vault.rotation_due() {
+            Ok(true) => rotate(&vault).await,
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot tell whether a rotation is due"),
+        }
+    }
+}
+
+/// `kill -HUP` rotates the key-store key now: erasure made final on demand.
+async fn rotate_on_sighup(vault: Arc<Vault>, mut stop: watch::Receiver<bool>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; on-demand rotation is off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => rotate(&vault).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Removes dead ciphertext in small steps, so it never competes long with requests.
+async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: watch::Receiver<bool>) {
+    let pause = Duration::from_millis(every_ms.max(1));
+    while !stopped(&mut stop, pause).await {
+        loop {
+            let v = vault.clone();
+            match tokio::task::spawn_blocking(move || v.reclaim(1000)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(_)) if !*stop.borrow() => continue,
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reclaim failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}

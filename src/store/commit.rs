@@ -1,0 +1,124 @@
+//! Group commit: writers apply their batch, take a ticket, and wait; one thread syncs
+//! for everyone waiting, so N concurrent writes cost one flush, not N.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use super::{Durability, KvStore, StoreError};
+
+/// A position in the write order: durable once the committer has synced past it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CommitTicket(u64);
+
+/// State the committer publishes: how far is durable, and whether syncing broke.
+#[derive(Clone, Copy, Debug)]
+struct Progress {
+    durable: u64,
+    failed: bool,
+}
+
+struct Shared {
+    requested: AtomicU64,
+    wake: Mutex<bool>,
+    cv: Condvar,
+}
+
+pub struct GroupCommit {
+    mode: Durability,
+    shared: Arc<Shared>,
+    progress: watch::Receiver<Progress>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl GroupCommit {
+    pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Self {
+        let shared = Arc::new(Shared { requested: AtomicU64::new(0), wake: Mutex::new(false), cv: Condvar::new() });
+        let (tx, rx) = watch::channel(Progress { durable: 0, failed: false });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("chatvault-commit".into())
+                .spawn(move || run(store, mode, shared, tx))
+                .ok()
+        };
+        GroupCommit { mode, shared, progress: rx, thread: Mutex::new(thread) }
+    }
+
+    /// Takes a ticket for every batch applied before this call.
+    pub fn ticket(&self) -> CommitTicket {
+        CommitTicket(self.shared.requested.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Waits until `ticket` is durable to the configured level.
+    pub async fn wait(&self, ticket: CommitTicket) -> Result<(), StoreError> {
+        if self.mode == Durability::None {
+            return Ok(());
+        }
+        if self.progress.borrow().failed {
+            return Err(StoreError::Failed);
+        }
+        {
+            let mut wake = self.shared.wake.lock().map_err(|_| StoreError::Failed)?;
+            *wake = true;
+            self.shared.cv.notify_one();
+        }
+        let mut rx = self.progress.clone();
+        let p = rx
+            .wait_for(|p| p.failed || p.durable >= ticket.0)
+            .await
+            .map_err(|_| StoreError::Failed)?;
+        if p.failed { Err(StoreError::Failed) } else { Ok(()) }
+    }
+
+    /// Applies and waits in one call, for writers with nothing to do between.
+    pub fn is_failed(&self) -> bool {
+        self.progress.borrow().failed
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        // A requested value of u64::MAX tells the thread to stop after a last sync.
+        self.shared.requested.store(u64::MAX, Ordering::SeqCst);
+        if let Ok(mut wake) = self.shared.wake.lock() {
+            *wake = true;
+            self.shared.cv.notify_one();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
+    let mut durable = 0u64;
+    loop {
+        {
+            let Ok(mut wake) = shared.wake.lock() else { return };
+            while !*wake {
+                wake = match shared.cv.wait(wake) {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+            }
+            *wake = false;
+        }
+        let target = shared.requested.load(Ordering::SeqCst);
+        let stopping = target == u64::MAX;
+        if target > durable || stopping {
+            if let Err(e) = store.sync(mode) {
+                tracing::error!(error = %e, "durable sync failed; refusing further writes");
+                let _ = tx.send(Progress { durable, failed: true });
+                return;
+            }
+            durable = target;
+            let _ = tx.send(Progress { durable, failed: false });
+        }
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Ordered key-value storage behind a small trait, so the vault never names sled.
+
+mod commit;
+mod sled_store;
+
+use serde::{Deserialize, Serialize};
+
+pub use commit::{CommitTicket, GroupCommit};
+pub use sled_store::SledStore;
+
+/// How hard an acknowledged write is pushed towards the disk before the client hears "ok".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Flush the log and `fsync` the files: survives a process kill and a power loss. Default.
+    #[default]
+    Fsync,
+    /// Flush the log with sled's `flush` (`sync_file_range` on Linux): survives a process kill,
+    /// not necessarily a power loss (the drive's write cache is not flushed).
+    Flush,
+    /// Acknowledge at once; sled's background flusher writes within about a second.
+    /// A crash loses the last writes. For tests and bulk loads only.
+    None,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fsync" => Ok(Durability::Fsync),
+            "flush" => Ok(Durability::Flush),
+            "none" => Ok(Durability::None),
+            other => Err(format!("unknown durability {other:?}: expected fsync, flush or none")),
+        }
+    }
+}
+
+/// One operation of an atomic batch.
+#[derive(Debug)]
+pub enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// Writes applied all together or not at all.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(key, value));
+    }
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.ops.push(Op::Delete(key));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A key and its value, as scanned.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// The storage an engine must offer.
+pub trait KvStore: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Applies every op of `batch` atomically (all or none, also across a crash).
+    fn apply(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Up to `limit` entries whose key starts with `prefix`, in key order, after `after`.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError>;
+    /// Replaces `key`'s value with `new` only if it is still `old` (`None`: absent).
+    /// Returns whether it swapped.
+    fn compare_and_swap(&self, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<bool, StoreError>;
+    /// Makes every applied batch durable to the level `mode` asks.
+    fn sync(&self, mode: Durability) -> Result<(), StoreError>;
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// Why storage failed. The message names no key or value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The storage engine reported an error (I/O, corruption).
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// A file outside the engine could not be synced or read.
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// An earlier sync failed; writes are refused until restart so no ack lies.
+    #[error("storage is unavailable after a failed sync; restart the server")]
+    Failed,
+}
+
+#[cfg(test)]
+mod tests {
+    //! One suite every `KvStore` must pass.
+    use super::*;
+
+    pub fn conformance(store: &dyn KvStore) {
+        let mut b = Batch::default();
+        for i in 0u8..10 {
+            b.put(vec![b'a', i], vec![i]);
+        }
+        b.put(b"b".to_vec(), b"x".to_vec());
+        store.apply(b).unwrap();
+        assert_eq!(store.get(&[b'a', 3]).unwrap(), Some(vec![3]));
+        let page = store.scan(b"a", None, 4).unwrap();
+        assert_eq!(page.len(), 4);
+        let next = store.scan(b"a", Some(&page[3].0), 100).unwrap();
+        assert_eq!(next.len(), 6);
+        assert_eq!(next[0].0, vec![b'a', 4]);
+        let mut d = Batch::default();
+        d.delete(vec![b'a', 0]);
+        store.apply(d).unwrap();
+        assert_eq!(store.get(&[b'a', 0]).unwrap(), None);
+        assert!(store.compare_and_swap(b"b", Some(b"x"), Some(b"y".to_vec())).unwrap());
+        assert!(!store.compare_and_swap(b"b", Some(b"x"), Some(b"z".to_vec())).unwrap());
+        assert!(store.compare_and_swap(b"b", Some(b"y"), None).unwrap());
+        assert_eq!(store.get(b"b").unwrap(), None);
+        store.sync(Durability::Fsync).unwrap();
+        assert!(store.size_on_disk().unwrap() > 0);
+    }
+
+    #[test]
+    fn sled_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 * 1024 * 1024).unwrap();
+        conformance(&store);
+    }
+}

@@ -1,0 +1,48 @@
+//! Vault errors: client mistakes apart from server faults, so the edge can map them.
+
+use crate::keys::KeyError;
+use crate::store::StoreError;
+
+/// Why a vault operation failed. Messages never hold personal data or key bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    /// A request field is missing, malformed or over a limit.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// No such transcript (or no such one for this tenant: the same answer).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The subject was crypto-shredded; its data can never be read again. The text
+    /// says what can no longer be read.
+    #[error("{0}: the subject was erased (crypto-shredded)")]
+    Erased(&'static str),
+    /// The request is valid but the transcript's state forbids it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A concurrency check the client asked for failed; re-read and retry.
+    #[error("{0}")]
+    Aborted(String),
+    /// A stored record failed authentication: tampered with, moved, or keyed wrongly.
+    #[error("stored {0} failed authentication: altered, moved or keyed wrongly")]
+    Integrity(&'static str),
+    /// A stored record is malformed or of an unknown format.
+    #[error("stored {0} is corrupt or of an unknown format")]
+    Corrupt(&'static str),
+    /// The data directory and the key directory do not belong together.
+    #[error("{0}")]
+    Mismatch(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A bug: an invariant the vault relies on did not hold.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl VaultError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        VaultError::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+}

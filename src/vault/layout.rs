@@ -1,0 +1,173 @@
+//! How vault records are laid out in the one ordered key space: a type byte, then
+//! length-prefixed or fixed-width big-endian fields, so prefix scans select exactly
+//! one tenant, subject or transcript.
+
+/// Type bytes. The order matters only for readability of dumps.
+mod kind {
+    pub const META: u8 = 0x00;
+    pub const KEY: u8 = 0x01;
+    pub const SUBJECT: u8 = 0x02;
+    pub const HEADER: u8 = 0x03;
+    pub const BY_SUBJECT: u8 = 0x04;
+    pub const MESSAGE: u8 = 0x05;
+    pub const GARBAGE: u8 = 0x06;
+    pub const BODY: u8 = 0x07;
+}
+
+const KEY_TENANT: u8 = 1;
+const KEY_SUBJECT: u8 = 2;
+
+pub type Blind = [u8; 32];
+
+fn with_tenant(kind: u8, tenant: &str, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.len() + extra);
+    k.push(kind);
+    k.push(tenant.len() as u8);
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+pub fn meta(name: &str) -> Vec<u8> {
+    let mut k = vec![kind::META];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Every wrapped key (tenant and subject keys): the set a rotation re-wraps.
+pub fn keys_prefix() -> Vec<u8> {
+    vec![kind::KEY]
+}
+
+pub fn tenant_key(tenant: &str) -> Vec<u8> {
+    let mut k = vec![kind::KEY, KEY_TENANT];
+    k.push(tenant.len() as u8);
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+pub fn subject_key(tenant: &str, subject: &Blind) -> Vec<u8> {
+    let mut k = vec![kind::KEY, KEY_SUBJECT];
+    k.push(tenant.len() as u8);
+    k.extend_from_slice(tenant.as_bytes());
+    k.extend_from_slice(subject);
+    k
+}
+
+/// Which key a record under [`keys_prefix`] holds.
+pub enum KeyOwner {
+    Tenant(String),
+    Subject(String, Blind),
+}
+
+pub fn parse_key_owner(key: &[u8]) -> Option<KeyOwner> {
+    let (&sub, rest) = key.get(1..)?.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    let tenant = std::str::from_utf8(rest.get(..len as usize)?).ok()?.to_owned();
+    let rest = &rest[len as usize..];
+    match sub {
+        KEY_TENANT if rest.is_empty() => Some(KeyOwner::Tenant(tenant)),
+        KEY_SUBJECT => Some(KeyOwner::Subject(tenant, rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+pub fn subject(tenant: &str, subject: &Blind) -> Vec<u8> {
+    let mut k = with_tenant(kind::SUBJECT, tenant, 32);
+    k.extend_from_slice(subject);
+    k
+}
+
+pub fn header(tenant: &str, transcript: &Blind) -> Vec<u8> {
+    let mut k = with_tenant(kind::HEADER, tenant, 32);
+    k.extend_from_slice(transcript);
+    k
+}
+
+/// Index of one subject generation's transcripts, newest `started_at` first.
+pub fn by_subject_prefix(tenant: &str, subject: &Blind, generation: u32) -> Vec<u8> {
+    let mut k = with_tenant(kind::BY_SUBJECT, tenant, 76);
+    k.extend_from_slice(subject);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+pub fn by_subject(tenant: &str, subject: &Blind, generation: u32, started_micros: i64, transcript: &Blind) -> Vec<u8> {
+    let mut k = by_subject_prefix(tenant, subject, generation);
+    k.extend_from_slice(&(u64::MAX - started_micros as u64).to_be_bytes());
+    k.extend_from_slice(transcript);
+    k
+}
+
+/// The transcript blind id at the end of a [`by_subject`] key.
+pub fn by_subject_transcript(key: &[u8]) -> Option<Blind> {
+    key.get(key.len().checked_sub(32)?..)?.try_into().ok()
+}
+
+pub fn messages_prefix(tenant: &str, transcript: &Blind, incarnation: u64) -> Vec<u8> {
+    let mut k = with_tenant(kind::MESSAGE, tenant, 44);
+    k.extend_from_slice(transcript);
+    k.extend_from_slice(&incarnation.to_be_bytes());
+    k
+}
+
+pub fn message(tenant: &str, transcript: &Blind, incarnation: u64, seq: u32) -> Vec<u8> {
+    let mut k = messages_prefix(tenant, transcript, incarnation);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence number at the end of a [`message`] key.
+pub fn message_seq(key: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(key.get(key.len().checked_sub(4)?..)?.try_into().ok()?))
+}
+
+/// A transcript incarnation's wrapped key and encrypted body: written once, never on append.
+pub fn body(tenant: &str, transcript: &Blind, incarnation: u64) -> Vec<u8> {
+    let mut k = with_tenant(kind::BODY, tenant, 40);
+    k.extend_from_slice(transcript);
+    k.extend_from_slice(&incarnation.to_be_bytes());
+    k
+}
+
+pub fn garbage_prefix() -> Vec<u8> {
+    vec![kind::GARBAGE]
+}
+
+pub fn garbage(id: [u8; 16]) -> Vec<u8> {
+    let mut k = vec![kind::GARBAGE];
+    k.extend_from_slice(&id);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_transcripts_sort_first_in_the_subject_index() {
+        let old = by_subject("t", &[1; 32], 0, 1_000, &[9; 32]);
+        let new = by_subject("t", &[1; 32], 0, 2_000, &[0; 32]);
+        assert!(new < old);
+    }
+
+    #[test]
+    fn tenant_prefixes_do_not_overlap() {
+        // "ab" must not be a prefix-scan match for tenant "a" + a blind starting with 'b'.
+        assert!(!header("ab", &[0; 32]).starts_with(&header("a", &[b'b'; 32])[..3]));
+        assert_ne!(header("ab", &[0; 32])[1], header("a", &[0; 32])[1]);
+    }
+
+    #[test]
+    fn key_owner_round_trips() {
+        match parse_key_owner(&subject_key("acme", &[7; 32])) {
+            Some(KeyOwner::Subject(t, s)) => assert_eq!((t.as_str(), s), ("acme", [7; 32])),
+            _ => panic!("not a subject key"),
+        }
+        assert!(matches!(parse_key_owner(&tenant_key("acme")), Some(KeyOwner::Tenant(t)) if t == "acme"));
+    }
+
+    #[test]
+    fn message_seq_is_read_back_from_the_key() {
+        assert_eq!(message_seq(&message("t", &[1; 32], 5, 77)), Some(77));
+    }
+}

@@ -1,0 +1,247 @@
+//! The vault: transcripts encrypted under per-transcript keys, wrapped by per-subject
+//! data keys, wrapped by key-store keys, wrapped by the root key. It knows nothing of
+//! gRPC; `grpc` translates to and from it.
+
+mod error;
+mod layout;
+mod locks;
+mod model;
+mod reclaim;
+mod records;
+mod rotation;
+mod seal;
+mod subjects;
+mod transcripts;
+mod validate;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+pub use error::VaultError;
+pub use model::{
+    AuthorRole, Message, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Transcript,
+    TranscriptPage,
+};
+pub use validate::Limits;
+
+use crate::clock::{Clock, SystemClock};
+use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
+use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, OpenReport, RootKeySource};
+use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore};
+use layout::Blind;
+use records::{KeyRecord, SubjectRecord};
+use seal::crypto_err;
+
+/// Everything needed to open a vault.
+#[derive(Debug, Clone)]
+pub struct VaultOptions {
+    pub data_dir: PathBuf,
+    pub key_dir: PathBuf,
+    pub root_key: RootKeySource,
+    pub algorithm: Algorithm,
+    pub durability: Durability,
+    pub limits: Limits,
+    /// Unwrapped keys kept in memory (subject and transcript keys).
+    pub key_cache_entries: usize,
+    /// sled's page cache.
+    pub store_cache_bytes: u64,
+}
+
+impl VaultOptions {
+    pub fn new(data_dir: PathBuf, key_dir: PathBuf, root_key: RootKeySource) -> Self {
+        VaultOptions {
+            data_dir,
+            key_dir,
+            root_key,
+            algorithm: Algorithm::default(),
+            durability: Durability::default(),
+            limits: Limits::default(),
+            key_cache_entries: 100_000,
+            store_cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+pub struct Vault {
+    store: Arc<dyn KvStore>,
+    commit: GroupCommit,
+    keys: Arc<dyn KeyStore>,
+    cache: KeyCache,
+    locks: locks::LockTable,
+    clock: Arc<dyn Clock>,
+    alg: Algorithm,
+    limits: Limits,
+    /// Held (shared) from wrapping a key under the current epoch until it is stored, and
+    /// (exclusive) by a rotation switching epochs: no key is ever stored under an epoch
+    /// the rotation has already swept.
+    epoch_guard: RwLock<()>,
+    rotation: Mutex<()>,
+    tenant_key_init: Mutex<()>,
+}
+
+const SUBJECT_DOMAIN: &[u8] = b"subject";
+const TRANSCRIPT_DOMAIN: &[u8] = b"transcript";
+const META_STORE_ID: &str = "store_id";
+const META_SHRED_EPOCH: &str = "shred_epoch";
+
+impl Vault {
+    /// Opens the key directory and the data directory, checks they belong together, and
+    /// finishes a key rotation a crash interrupted.
+    pub fn open(opts: VaultOptions) -> Result<(Self, OpenReport), VaultError> {
+        Self::open_with_clock(opts, Arc::new(SystemClock))
+    }
+
+    pub fn open_with_clock(opts: VaultOptions, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), VaultError> {
+        let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
+        let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
+        bind_store_to_keys(store.as_ref(), &keydir)?;
+        let vault = Vault {
+            commit: GroupCommit::start(store.clone(), opts.durability),
+            store,
+            keys: Arc::new(keydir),
+            cache: KeyCache::new(opts.key_cache_entries),
+            locks: locks::LockTable::new(),
+            clock,
+            alg: opts.algorithm,
+            limits: opts.limits,
+            epoch_guard: RwLock::new(()),
+            rotation: Mutex::new(()),
+            tenant_key_init: Mutex::new(()),
+        };
+        vault.resume_rotation()?;
+        Ok((vault, report))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The key-store epoch new keys are wrapped under.
+    pub fn key_epoch(&self) -> u64 {
+        self.keys.current_epoch()
+    }
+
+    /// Bytes the data directory's store occupies.
+    pub fn size_on_disk(&self) -> Result<u64, VaultError> {
+        Ok(self.store.size_on_disk()?)
+    }
+
+    /// Makes everything written so far durable (used at shutdown).
+    pub fn sync(&self) -> Result<(), VaultError> {
+        Ok(self.store.sync(Durability::Fsync)?)
+    }
+
+    /// The tenant's blind-index key; created on first write if `create`.
+    fn tenant_key(&self, tenant: &TenantId, create: bool) -> Result<Option<Arc<SecretKey>>, VaultError> {
+        let cache_ref = KeyRef::Tenant(tenant.as_str().to_owned());
+        if let Some(k) = self.cache.get(&cache_ref) {
+            return Ok(Some(k));
+        }
+        let slot = layout::tenant_key(tenant.as_str());
+        let aad = || Aad::new(RecordKind::TenantKey).bytes(tenant.as_str().as_bytes());
+        let key = match self.store.get(&slot)? {
+            Some(bytes) => {
+                let rec: KeyRecord = records::decode(&bytes, "tenant key")?;
+                self.keys.unwrap(&rec.wrapped, aad()).map_err(key_err("tenant key"))?
+            }
+            None if !create => return Ok(None),
+            None => {
+                let _init = self.tenant_key_init.lock().map_err(|_| VaultError::Internal("lock".into()))?;
+                if let Some(k) = self.cache.get(&cache_ref) {
+                    return Ok(Some(k));
+                }
+                let _epoch = self.epoch_guard.read().map_err(|_| VaultError::Internal("lock".into()))?;
+                let key = SecretKey::generate().map_err(crypto_err("tenant key"))?;
+                let rec = KeyRecord { generation: 0, wrapped: self.keys.wrap(aad(), &key)? };
+                let mut b = Batch::default();
+                b.put(slot, records::encode(&rec)?);
+                self.store.apply(b)?;
+                key
+            }
+        };
+        let key = Arc::new(key);
+        self.cache.insert(cache_ref, key.clone());
+        Ok(Some(key))
+    }
+
+    fn blinds(&self, tkey: &SecretKey, subject_id: Option<&str>, transcript_id: Option<&str>) -> (Blind, Blind) {
+        let b = |domain, v: Option<&str>| v.map(|v| crypto::blind_index(tkey, domain, v.as_bytes())).unwrap_or([0; 32]);
+        (b(SUBJECT_DOMAIN, subject_id), b(TRANSCRIPT_DOMAIN, transcript_id))
+    }
+
+    fn read_subject(&self, tenant: &TenantId, subject: &Blind) -> Result<Option<SubjectRecord>, VaultError> {
+        match self.store.get(&layout::subject(tenant.as_str(), subject))? {
+            Some(b) => Ok(Some(records::decode(&b, "subject")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn subject_key_aad(tenant: &str, subject: &Blind, generation: u32) -> Aad {
+        Aad::new(RecordKind::SubjectKey).bytes(tenant.as_bytes()).bytes(subject).u64(u64::from(generation))
+    }
+
+    /// The live data key of a subject generation, from cache or unwrapped from the store.
+    fn subject_key(&self, tenant: &TenantId, subject: &Blind, generation: u32) -> Result<Arc<SecretKey>, VaultError> {
+        let cache_ref = KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: *subject, generation };
+        if let Some(k) = self.cache.get(&cache_ref) {
+            return Ok(k);
+        }
+        let bytes = self.store.get(&layout::subject_key(tenant.as_str(), subject))?.ok_or(VaultError::Erased("transcript not found"))?;
+        let rec: KeyRecord = records::decode(&bytes, "subject key")?;
+        if rec.generation != generation {
+            return Err(VaultError::Erased("transcript not found"));
+        }
+        let aad = Self::subject_key_aad(tenant.as_str(), subject, generation);
+        let key = Arc::new(self.keys.unwrap(&rec.wrapped, aad).map_err(key_err("subject key"))?);
+        self.cache.insert(cache_ref.clone(), key.clone());
+        // A shred between our read and the insert must not leave its key in the cache.
+        if self.store.get(&layout::subject_key(tenant.as_str(), subject))?.is_none() {
+            self.cache.remove(&cache_ref);
+            return Err(VaultError::Erased("transcript not found"));
+        }
+        Ok(key)
+    }
+
+    /// A fresh data key for a new subject generation, wrapped and queued in `batch`.
+    /// The caller must hold `epoch_guard` (shared) until the batch is applied.
+    fn new_subject_key(&self, tenant: &TenantId, subject: &Blind, generation: u32, batch: &mut Batch) -> Result<Arc<SecretKey>, VaultError> {
+        let key = SecretKey::generate().map_err(crypto_err("subject key"))?;
+        let aad = Self::subject_key_aad(tenant.as_str(), subject, generation);
+        let rec = KeyRecord { generation, wrapped: self.keys.wrap(aad, &key)? };
+        batch.put(layout::subject_key(tenant.as_str(), subject), records::encode(&rec)?);
+        let key = Arc::new(key);
+        self.cache.insert(KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: *subject, generation }, key.clone());
+        Ok(key)
+    }
+}
+
+/// A data directory remembers the key directory it was created with; opening it with
+/// another (a restored backup of one but not the other, a typo in a path) is refused.
+fn bind_store_to_keys(store: &dyn KvStore, keydir: &FileKeyDir) -> Result<(), VaultError> {
+    let slot = layout::meta(META_STORE_ID);
+    match store.get(&slot)? {
+        Some(id) if id == keydir.store_id() => Ok(()),
+        Some(_) => Err(VaultError::Mismatch(
+            "the data directory belongs to a different key directory; refusing to start".into(),
+        )),
+        None if !store.scan(&[], None, 1)?.is_empty() => Err(VaultError::Mismatch(
+            "the data directory holds data but no store id; refusing to start".into(),
+        )),
+        None => {
+            let mut b = Batch::default();
+            b.put(slot, keydir.store_id().to_vec());
+            store.apply(b)?;
+            store.sync(Durability::Fsync)?;
+            Ok(())
+        }
+    }
+}
+
+/// Maps a key failure on stored data to the vault error that names the record.
+fn key_err(what: &'static str) -> impl Fn(crate::keys::KeyError) -> VaultError {
+    move |e| match e {
+        crate::keys::KeyError::Crypto(c) => crypto_err(what)(c),
+        crate::keys::KeyError::EpochDestroyed(_) => VaultError::Integrity(what),
+        other => VaultError::Key(other),
+    }
+}

@@ -1,0 +1,167 @@
+//! Domain types the vault speaks. Personal fields are kept out of `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::VaultError;
+
+/// A tenant (chat business) id: 1-64 characters of `[A-Za-z0-9._-]`. Not personal data.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub fn parse(s: &str) -> Result<Self, VaultError> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(TenantId(s.to_owned()))
+        } else {
+            Err(VaultError::invalid("tenant_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -"))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Microseconds since the Unix epoch, from 1970-01-01 to 9999-12-31.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Hash)]
+pub struct Timestamp(i64);
+
+/// 9999-12-31T23:59:59.999999Z, the end of protobuf's Timestamp range.
+const MAX_MICROS: i64 = 253_402_300_799_999_999;
+
+impl Timestamp {
+    pub fn from_micros(micros: i64) -> Option<Self> {
+        (0..=MAX_MICROS).contains(&micros).then_some(Timestamp(micros))
+    }
+    /// From protobuf's seconds + nanos; `None` when out of range or malformed.
+    pub fn from_unix(seconds: i64, nanos: i32) -> Option<Self> {
+        if !(0..1_000_000_000).contains(&nanos) {
+            return None;
+        }
+        let micros = seconds.checked_mul(1_000_000)?.checked_add(i64::from(nanos / 1000))?;
+        Self::from_micros(micros)
+    }
+    pub fn micros(self) -> i64 {
+        self.0
+    }
+    pub fn seconds(self) -> i64 {
+        self.0.div_euclid(1_000_000)
+    }
+    pub fn subsec_nanos(self) -> i32 {
+        (self.0.rem_euclid(1_000_000) * 1000) as i32
+    }
+}
+
+/// Who wrote a message.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuthorRole {
+    Visitor,
+    Agent,
+    Bot,
+    System,
+}
+
+impl AuthorRole {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            AuthorRole::Visitor => 1,
+            AuthorRole::Agent => 2,
+            AuthorRole::Bot => 3,
+            AuthorRole::System => 4,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => AuthorRole::Visitor,
+            2 => AuthorRole::Agent,
+            3 => AuthorRole::Bot,
+            4 => AuthorRole::System,
+            _ => return None,
+        })
+    }
+}
+
+/// One chat message. `sent_at: None` means "now" on write.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    pub message_id: String,
+    pub author_role: AuthorRole,
+    pub author_name: String,
+    pub sent_at: Option<Timestamp>,
+    pub text: String,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("author_role", &self.author_role)
+            .field("text_len", &self.text.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transcript as written and as read back. On read, timestamps are always set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Transcript {
+    pub transcript_id: String,
+    pub subject_id: String,
+    pub channel: String,
+    pub started_at: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub metadata: BTreeMap<String, String>,
+    pub messages: Vec<Message>,
+    /// Filled in on read; ignored on write.
+    pub message_count: u32,
+}
+
+impl fmt::Debug for Transcript {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transcript")
+            .field("started_at", &self.started_at)
+            .field("ended_at", &self.ended_at)
+            .field("message_count", &self.message_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A page of a subject's transcripts (without messages), newest first.
+#[derive(Debug)]
+pub struct TranscriptPage {
+    pub transcripts: Vec<Transcript>,
+    pub next_page_token: Option<String>,
+}
+
+/// Proof of a crypto-shred; holds no personal data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShredReceipt {
+    pub subject_blind_id: String,
+    pub shredded_at: Timestamp,
+    pub transcripts_shredded: u64,
+    pub key_epoch: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubjectStatus {
+    Unknown,
+    Active,
+    Shredded,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectInfo {
+    pub subject_blind_id: String,
+    pub status: SubjectStatus,
+    pub transcript_count: u64,
+    pub last_shredded_at: Option<Timestamp>,
+}
+
+/// What a key-store rotation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RotationReport {
+    pub new_epoch: u64,
+    pub destroyed_epochs: Vec<u64>,
+    pub keys_rewrapped: u64,
+}

@@ -1,0 +1,73 @@
+//! Background reclaim of ciphertext nobody can decrypt any more (shredded subjects,
+//! deleted or replaced transcripts). Not needed for erasure — the keys are gone — only
+//! for disk space.
+
+use super::layout;
+use super::records::{self, Garbage, Header};
+use super::{TenantId, Vault, VaultError};
+use crate::store::Batch;
+
+impl Vault {
+    /// Removes up to about `budget` dead records. Returns how many it removed; 0 means
+    /// there is nothing left to do.
+    pub fn reclaim(&self, budget: usize) -> Result<usize, VaultError> {
+        let budget = budget.max(1);
+        let mut removed = 0;
+        for (gkey, gval) in self.store.scan(&layout::garbage_prefix(), None, 8)? {
+            if removed >= budget {
+                break;
+            }
+            let garbage: Garbage = records::decode(&gval, "garbage")?;
+            removed += match garbage {
+                Garbage::Incarnation { tenant, transcript, incarnation } => {
+                    let prefix = layout::messages_prefix(&tenant, &transcript, incarnation);
+                    let page = self.store.scan(&prefix, None, budget - removed)?;
+                    let mut b = Batch::default();
+                    let n = page.len();
+                    for (k, _) in page {
+                        b.delete(k);
+                    }
+                    if n < budget - removed {
+                        b.delete(layout::body(&tenant, &transcript, incarnation));
+                        b.delete(gkey);
+                    }
+                    self.store.apply(b)?;
+                    n + 1
+                }
+                Garbage::SubjectGeneration { tenant, subject, generation } => {
+                    let tenant = TenantId::parse(&tenant)?;
+                    let prefix = layout::by_subject_prefix(tenant.as_str(), &subject, generation);
+                    let _held = self.locks.lock(tenant.as_str(), &[&subject]);
+                    let page = self.store.scan(&prefix, None, (budget - removed).min(256))?;
+                    let mut b = Batch::default();
+                    let n = page.len();
+                    for (k, _) in &page {
+                        let tb = layout::by_subject_transcript(k).ok_or(VaultError::Corrupt("subject index"))?;
+                        let hkey = layout::header(tenant.as_str(), &tb);
+                        if let Some(bytes) = self.store.get(&hkey)? {
+                            let h: Header = records::decode(&bytes, "transcript header")?;
+                            if h.subject == subject && h.generation == generation {
+                                b.delete(hkey);
+                                self.queue_garbage(
+                                    &mut b,
+                                    &Garbage::Incarnation {
+                                        tenant: tenant.as_str().to_owned(),
+                                        transcript: tb,
+                                        incarnation: h.incarnation,
+                                    },
+                                )?;
+                            }
+                        }
+                        b.delete(k.clone());
+                    }
+                    if n == 0 {
+                        b.delete(gkey);
+                    }
+                    self.store.apply(b)?;
+                    n + 1
+                }
+            };
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,103 @@
+//! Encrypting vault records in place: which key, which AAD. A record's AAD names its
+//! tenant, subject, transcript incarnation and (for messages) its sequence number, so a
+//! ciphertext copied anywhere else fails to open.
+
+use std::collections::BTreeMap;
+
+use super::VaultError;
+use super::layout::Blind;
+use super::model::{AuthorRole, Message, Timestamp, Transcript};
+use super::records::{self, Body, StoredMessage};
+use crate::crypto::{self, Aad, Algorithm, CryptoError, RecordKind, SecretKey};
+
+/// Where a transcript's records belong.
+pub struct Place<'a> {
+    pub tenant: &'a str,
+    pub subject: &'a Blind,
+    pub transcript: &'a Blind,
+    pub incarnation: u64,
+}
+
+impl Place<'_> {
+    fn aad(&self, kind: RecordKind) -> Aad {
+        Aad::new(kind).bytes(self.tenant.as_bytes()).bytes(self.subject).bytes(self.transcript).u64(self.incarnation)
+    }
+
+    pub fn wrap_transcript_key(&self, alg: Algorithm, dek: &SecretKey, generation: u32, tk: &SecretKey) -> Result<Vec<u8>, VaultError> {
+        let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
+        Ok(crypto::seal(alg, dek, aad.as_slice(), tk.expose()).map_err(crypto_err("transcript key"))?)
+    }
+
+    pub fn unwrap_transcript_key(&self, dek: &SecretKey, generation: u32, wrapped: &[u8]) -> Result<SecretKey, VaultError> {
+        let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
+        let raw = crypto::open(dek, aad.as_slice(), wrapped).map_err(crypto_err("transcript key"))?;
+        SecretKey::from_slice(&raw).map_err(crypto_err("transcript key"))
+    }
+
+    pub fn seal_body(&self, alg: Algorithm, tk: &SecretKey, t: &Transcript) -> Result<Vec<u8>, VaultError> {
+        let body = Body {
+            transcript_id: t.transcript_id.clone(),
+            subject_id: t.subject_id.clone(),
+            channel: t.channel.clone(),
+            metadata: t.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let hint = body.transcript_id.len()
+            + body.subject_id.len()
+            + body.channel.len()
+            + body.metadata.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>();
+        let plain = records::encode_secret(&body, hint)?;
+        crypto::seal(alg, tk, self.aad(RecordKind::TranscriptBody).as_slice(), &plain).map_err(crypto_err("transcript"))
+    }
+
+    /// Opens a body into a transcript without messages.
+    pub fn open_body(&self, tk: &SecretKey, sealed: &[u8]) -> Result<Transcript, VaultError> {
+        let plain = crypto::open(tk, self.aad(RecordKind::TranscriptBody).as_slice(), sealed).map_err(crypto_err("transcript"))?;
+        let body: Body = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("transcript"))?;
+        Ok(Transcript {
+            transcript_id: body.transcript_id,
+            subject_id: body.subject_id,
+            channel: body.channel,
+            started_at: None,
+            ended_at: None,
+            metadata: body.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+            messages: Vec::new(),
+            message_count: 0,
+        })
+    }
+
+    pub fn seal_message(&self, alg: Algorithm, tk: &SecretKey, seq: u32, m: &Message, now: Timestamp) -> Result<Vec<u8>, VaultError> {
+        let stored = StoredMessage {
+            message_id: m.message_id.clone(),
+            role: m.author_role.code(),
+            author_name: m.author_name.clone(),
+            sent_at: m.sent_at.unwrap_or(now).micros(),
+            text: m.text.clone(),
+        };
+        let hint = stored.message_id.len() + stored.author_name.len() + stored.text.len() + 16;
+        let plain = records::encode_secret(&stored, hint)?;
+        let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
+        crypto::seal(alg, tk, aad.as_slice(), &plain).map_err(crypto_err("message"))
+    }
+
+    pub fn open_message(&self, tk: &SecretKey, seq: u32, sealed: &[u8]) -> Result<Message, VaultError> {
+        let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
+        let plain = crypto::open(tk, aad.as_slice(), sealed).map_err(crypto_err("message"))?;
+        let s: StoredMessage = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("message"))?;
+        Ok(Message {
+            message_id: s.message_id,
+            author_role: AuthorRole::from_code(s.role).ok_or(VaultError::Corrupt("message"))?,
+            author_name: s.author_name,
+            sent_at: Some(Timestamp::from_micros(s.sent_at).ok_or(VaultError::Corrupt("message"))?),
+            text: s.text,
+        })
+    }
+}
+
+/// Maps a crypto failure on stored data to the vault error that names the record.
+pub fn crypto_err(what: &'static str) -> impl Fn(CryptoError) -> VaultError {
+    move |e| match e {
+        CryptoError::Authentication => VaultError::Integrity(what),
+        CryptoError::Rng => VaultError::Internal("random number generator failed".into()),
+        _ => VaultError::Corrupt(what),
+    }
+}

@@ -1,0 +1,394 @@
+//! Transcript operations. Writes hold their subject's stripe lock from the first read
+//! to the batch, then wait for group commit outside it.
+
+use std::sync::Arc;
+
+use super::layout::{self, Blind};
+use super::model::{Message, TenantId, Timestamp, Transcript, TranscriptPage};
+use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
+use super::seal::{Place, crypto_err};
+use super::{Vault, VaultError};
+use crate::crypto::{SecretKey, random_bytes};
+use crate::keys::KeyRef;
+use crate::store::Batch;
+
+/// Default and maximum page sizes of `list_transcripts`.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+impl Vault {
+    /// Creates or replaces a transcript. Returns whether one was replaced.
+    pub async fn put_transcript(&self, tenant: &TenantId, t: Transcript) -> Result<bool, VaultError> {
+        self.limits.transcript(&t)?;
+        let now = self.clock.now();
+        let started = t.started_at.unwrap_or(now);
+        if t.ended_at.is_some_and(|e| e < started) {
+            return Err(VaultError::invalid("transcript.ended_at", "must not be before started_at"));
+        }
+        let (replaced, ticket) = {
+            let _epoch = self.epoch_guard.read().map_err(|_| VaultError::Internal("lock".into()))?;
+            let tkey = self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?;
+            let (sb, tb) = self.blinds(&tkey, Some(&t.subject_id), Some(&t.transcript_id));
+            let hkey = layout::header(tenant.as_str(), &tb);
+            loop {
+                let old = self.read_header(&hkey)?;
+                let mut subjects = vec![&sb];
+                if let Some(o) = &old {
+                    subjects.push(&o.subject);
+                }
+                let _held = self.locks.lock(tenant.as_str(), &subjects);
+                let current = self.read_header(&hkey)?;
+                if current != old {
+                    continue;
+                }
+                let mut batch = Batch::default();
+                let mut subj = self.read_subject(tenant, &sb)?;
+                let dek = match &mut subj {
+                    Some(s) if s.active => self.subject_key(tenant, &sb, s.generation)?,
+                    Some(s) => {
+                        s.generation += 1;
+                        s.active = true;
+                        s.transcript_count = 0;
+                        self.new_subject_key(tenant, &sb, s.generation, &mut batch)?
+                    }
+                    None => {
+                        subj = Some(SubjectRecord { active: true, ..SubjectRecord::default() });
+                        self.new_subject_key(tenant, &sb, 0, &mut batch)?
+                    }
+                };
+                let mut subj = subj.ok_or_else(|| VaultError::Internal("subject".into()))?;
+                let mut counted = false;
+                if let Some(o) = &old {
+                    self.retire_header(tenant, &tb, o, &sb, &subj, &mut batch, &mut counted)?;
+                }
+                if !counted {
+                    subj.transcript_count += 1;
+                }
+                let place_inc = u64::from_be_bytes(random_bytes().map_err(crypto_err("transcript"))?);
+                let place = Place { tenant: tenant.as_str(), subject: &sb, transcript: &tb, incarnation: place_inc };
+                let tk = SecretKey::generate().map_err(crypto_err("transcript key"))?;
+                let body = BodyRecord {
+                    wrapped_key: place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?,
+                    body: place.seal_body(self.alg, &tk, &t)?,
+                };
+                for (seq, m) in t.messages.iter().enumerate() {
+                    let seq = seq as u32;
+                    let sealed = place.seal_message(self.alg, &tk, seq, m, now)?;
+                    batch.put(layout::message(tenant.as_str(), &tb, place_inc, seq), sealed);
+                }
+                let header = Header {
+                    subject: sb,
+                    generation: subj.generation,
+                    incarnation: place_inc,
+                    started_at: started.micros(),
+                    ended_at: t.ended_at.map(Timestamp::micros),
+                    message_count: t.messages.len() as u32,
+                };
+                batch.put(layout::body(tenant.as_str(), &tb, place_inc), records::encode(&body)?);
+                batch.put(
+                    layout::by_subject(tenant.as_str(), &sb, subj.generation, header.started_at, &tb),
+                    Vec::new(),
+                );
+                batch.put(hkey.clone(), records::encode(&header)?);
+                batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
+                self.store.apply(batch)?;
+                self.cache.insert(self.transcript_ref(tenant, &tb, &header), Arc::new(tk));
+                break (old.is_some(), self.commit.ticket());
+            }
+        };
+        self.commit.wait(ticket).await?;
+        Ok(replaced)
+    }
+
+    /// Queues the records of a header being replaced for removal, and keeps its
+    /// subject's counter right. `counted` is set if the new header takes its place in
+    /// the same live subject generation (so the counter must not grow).
+    #[allow(clippy::too_many_arguments)]
+    fn retire_header(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        old: &Header,
+        new_subject: &Blind,
+        new_subj: &SubjectRecord,
+        batch: &mut Batch,
+        counted: &mut bool,
+    ) -> Result<(), VaultError> {
+        self.queue_garbage(
+            batch,
+            &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: old.incarnation },
+        )?;
+        self.cache.remove(&self.transcript_ref(tenant, tb, old));
+        let old_index = layout::by_subject(tenant.as_str(), &old.subject, old.generation, old.started_at, tb);
+        if old.subject == *new_subject {
+            if old.generation == new_subj.generation {
+                batch.delete(old_index);
+                *counted = true;
+            }
+            return Ok(());
+        }
+        if let Some(mut os) = self.read_subject(tenant, &old.subject)? {
+            if os.active && os.generation == old.generation {
+                os.transcript_count = os.transcript_count.saturating_sub(1);
+                batch.put(layout::subject(tenant.as_str(), &old.subject), records::encode(&os)?);
+                batch.delete(old_index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends messages to an open transcript. Returns the new message count.
+    pub async fn append_messages(
+        &self,
+        tenant: &TenantId,
+        transcript_id: &str,
+        messages: Vec<Message>,
+        expected_count: Option<u32>,
+    ) -> Result<u32, VaultError> {
+        self.limits.id("transcript_id", transcript_id)?;
+        self.limits.messages("messages", &messages, false)?;
+        let now = self.clock.now();
+        let (count, ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
+            if h.ended_at.is_some() {
+                return Err(VaultError::FailedPrecondition(
+                    "transcript is closed; no messages can be appended".into(),
+                ));
+            }
+            if let Some(expected) = expected_count {
+                if expected != h.message_count {
+                    return Err(VaultError::Aborted(format!(
+                        "expected_message_count is {expected} but the transcript holds {}",
+                        h.message_count
+                    )));
+                }
+            }
+            let total = u64::from(h.message_count) + messages.len() as u64;
+            if total > u64::from(self.limits.max_messages_per_transcript) {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "transcript would hold {total} messages; the limit is {}",
+                    self.limits.max_messages_per_transcript
+                )));
+            }
+            let tk = self.transcript_key(tenant, tb, &h)?;
+            let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+            for (i, m) in messages.iter().enumerate() {
+                let seq = h.message_count + i as u32;
+                let sealed = place.seal_message(self.alg, &tk, seq, m, now)?;
+                batch.put(layout::message(tenant.as_str(), tb, h.incarnation, seq), sealed);
+            }
+            h.message_count = total as u32;
+            batch.put(layout::header(tenant.as_str(), tb), records::encode(&h)?);
+            Ok(h.message_count)
+        })?;
+        self.commit.wait(ticket).await?;
+        Ok(count)
+    }
+
+    /// Closes a transcript; `ended_at` defaults to now. Returns the time recorded.
+    pub async fn close_transcript(
+        &self,
+        tenant: &TenantId,
+        transcript_id: &str,
+        ended_at: Option<Timestamp>,
+    ) -> Result<Timestamp, VaultError> {
+        self.limits.id("transcript_id", transcript_id)?;
+        let ended = ended_at.unwrap_or_else(|| self.clock.now());
+        let (ended, ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
+            if h.ended_at.is_some() {
+                return Err(VaultError::FailedPrecondition("transcript is already closed".into()));
+            }
+            if ended.micros() < h.started_at {
+                return Err(VaultError::invalid("ended_at", "must not be before the transcript's started_at"));
+            }
+            h.ended_at = Some(ended.micros());
+            batch.put(layout::header(tenant.as_str(), tb), records::encode(&h)?);
+            Ok(ended)
+        })?;
+        self.commit.wait(ticket).await?;
+        Ok(ended)
+    }
+
+    /// Deletes a transcript: its header and key go now, its ciphertext in the background.
+    pub async fn delete_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<(), VaultError> {
+        self.limits.id("transcript_id", transcript_id)?;
+        let ((), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
+            let mut subj = self.read_subject(tenant, &h.subject)?.ok_or(VaultError::Erased("transcript not found"))?;
+            subj.transcript_count = subj.transcript_count.saturating_sub(1);
+            batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
+            batch.delete(layout::header(tenant.as_str(), tb));
+            batch.delete(layout::by_subject(tenant.as_str(), &h.subject, h.generation, h.started_at, tb));
+            self.queue_garbage(
+                batch,
+                &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: h.incarnation },
+            )?;
+            self.cache.remove(&self.transcript_ref(tenant, tb, &h));
+            Ok(())
+        })?;
+        Ok(self.commit.wait(ticket).await?)
+    }
+
+    /// Reads a whole transcript, decrypted.
+    pub fn get_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<Transcript, VaultError> {
+        self.limits.id("transcript_id", transcript_id)?;
+        let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
+        let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
+        let h = self.read_header(&layout::header(tenant.as_str(), &tb))?.ok_or(VaultError::NotFound("transcript"))?;
+        self.check_live(tenant, &h)?;
+        let mut t = self.summary(tenant, &tb, &h)?;
+        let tk = self.transcript_key(tenant, &tb, &h)?;
+        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: &tb, incarnation: h.incarnation };
+        let prefix = layout::messages_prefix(tenant.as_str(), &tb, h.incarnation);
+        let stored = self.store.scan(&prefix, None, h.message_count as usize)?;
+        if stored.len() != h.message_count as usize {
+            return Err(VaultError::Corrupt("transcript messages"));
+        }
+        t.messages.reserve(stored.len());
+        for (i, (key, value)) in stored.iter().enumerate() {
+            if layout::message_seq(key) != Some(i as u32) {
+                return Err(VaultError::Corrupt("transcript messages"));
+            }
+            t.messages.push(place.open_message(&tk, i as u32, value)?);
+        }
+        Ok(t)
+    }
+
+    /// Lists a subject's transcripts, newest first, without their messages.
+    pub fn list_transcripts(
+        &self,
+        tenant: &TenantId,
+        subject_id: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<TranscriptPage, VaultError> {
+        self.limits.id("subject_id", subject_id)?;
+        if page_size > MAX_PAGE_SIZE {
+            return Err(VaultError::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")));
+        }
+        let page_size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size } as usize;
+        let after = decode_page_token(page_token)?;
+        let empty = TranscriptPage { transcripts: Vec::new(), next_page_token: None };
+        let Some(tkey) = self.tenant_key(tenant, false)? else { return Ok(empty) };
+        let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
+        let Some(subj) = self.read_subject(tenant, &sb)? else { return Ok(empty) };
+        if !subj.active {
+            return Err(VaultError::Erased("no transcripts to list"));
+        }
+        let prefix = layout::by_subject_prefix(tenant.as_str(), &sb, subj.generation);
+        let start = after.map(|a| [prefix.as_slice(), &a].concat());
+        let entries = self.store.scan(&prefix, start.as_deref(), page_size + 1)?;
+        let mut transcripts = Vec::with_capacity(entries.len().min(page_size));
+        for (key, _) in entries.iter().take(page_size) {
+            let tb = layout::by_subject_transcript(key).ok_or(VaultError::Corrupt("subject index"))?;
+            let Some(h) = self.read_header(&layout::header(tenant.as_str(), &tb))? else { continue };
+            if h.subject != sb || h.generation != subj.generation {
+                continue;
+            }
+            transcripts.push(self.summary(tenant, &tb, &h)?);
+        }
+        let next_page_token = (entries.len() > page_size).then(|| hex::encode(&entries[page_size - 1].0[prefix.len()..]));
+        Ok(TranscriptPage { transcripts, next_page_token })
+    }
+
+    /// Runs `f` on a live transcript's header under its subject's lock, applies the
+    /// batch it fills, and returns its result with a commit ticket to wait on.
+    fn with_live_header<R>(
+        &self,
+        tenant: &TenantId,
+        transcript_id: &str,
+        f: impl FnOnce(&Blind, Header, &mut Batch) -> Result<R, VaultError>,
+    ) -> Result<(R, crate::store::CommitTicket), VaultError> {
+        let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
+        let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
+        let hkey = layout::header(tenant.as_str(), &tb);
+        loop {
+            let seen = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
+            let _held = self.locks.lock(tenant.as_str(), &[&seen.subject]);
+            let h = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
+            if h.subject != seen.subject {
+                continue;
+            }
+            self.check_live(tenant, &h)?;
+            let mut batch = Batch::default();
+            let r = f(&tb, h, &mut batch)?;
+            self.store.apply(batch)?;
+            return Ok((r, self.commit.ticket()));
+        }
+    }
+
+    fn read_header(&self, key: &[u8]) -> Result<Option<Header>, VaultError> {
+        match self.store.get(key)? {
+            Some(b) => Ok(Some(records::decode(&b, "transcript header")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A transcript is readable only while its subject generation's key lives.
+    fn check_live(&self, tenant: &TenantId, h: &Header) -> Result<(), VaultError> {
+        match self.read_subject(tenant, &h.subject)? {
+            Some(s) if s.active && s.generation == h.generation => Ok(()),
+            _ => Err(VaultError::Erased("transcript not found")),
+        }
+    }
+
+    fn transcript_ref(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> KeyRef {
+        KeyRef::Transcript {
+            tenant: tenant.as_str().to_owned(),
+            subject: h.subject,
+            transcript: *tb,
+            incarnation: h.incarnation,
+        }
+    }
+
+    fn body_record(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<BodyRecord, VaultError> {
+        let bytes = self
+            .store
+            .get(&layout::body(tenant.as_str(), tb, h.incarnation))?
+            .ok_or(VaultError::Corrupt("transcript body"))?;
+        records::decode(&bytes, "transcript body")
+    }
+
+    fn transcript_key(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Arc<SecretKey>, VaultError> {
+        let cache_ref = self.transcript_ref(tenant, tb, h);
+        if let Some(k) = self.cache.get(&cache_ref) {
+            return Ok(k);
+        }
+        let dek = self.subject_key(tenant, &h.subject, h.generation)?;
+        let body = self.body_record(tenant, tb, h)?;
+        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let tk = Arc::new(place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?);
+        self.cache.insert(cache_ref, tk.clone());
+        Ok(tk)
+    }
+
+    /// A transcript without messages: header fields plus the decrypted body.
+    fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
+        let tk = self.transcript_key(tenant, tb, h)?;
+        let body = self.body_record(tenant, tb, h)?;
+        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let mut t = place.open_body(&tk, &body.body)?;
+        t.started_at = Some(Timestamp::from_micros(h.started_at).ok_or(VaultError::Corrupt("transcript header"))?);
+        t.ended_at = h.ended_at.and_then(Timestamp::from_micros);
+        t.message_count = h.message_count;
+        Ok(t)
+    }
+
+    pub(super) fn queue_garbage(&self, batch: &mut Batch, g: &Garbage) -> Result<(), VaultError> {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.clock.now().micros().to_be_bytes());
+        id[8..].copy_from_slice(&random_bytes::<8>().map_err(crypto_err("garbage id"))?);
+        batch.put(layout::garbage(id), records::encode(g)?);
+        Ok(())
+    }
+}
+
+/// A page token is the hex of the index key suffix after the subject prefix.
+fn decode_page_token(token: &str) -> Result<Option<Vec<u8>>, VaultError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bytes = hex::decode(token).map_err(|_| VaultError::invalid("page_token", "is not a token this server issued"))?;
+    if bytes.len() != 40 {
+        return Err(VaultError::invalid("page_token", "is not a token this server issued"));
+    }
+    Ok(Some(bytes))
+}
