@@ -4,10 +4,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &[
-    "proto/chatvault/v1/transcript.proto",
-    "proto/chatvault/v1/subject.proto",
-];
+const PROTOS: &[&str] = &["proto/chatvault/v1/transcript.proto", "proto/chatvault/v1/subject.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build 0.14 no longer emits these itself.
@@ -18,9 +15,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("chatvault_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

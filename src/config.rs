@@ -51,6 +51,8 @@ pub struct Config {
     pub rotation_check_interval_secs: u64,
     /// Pause between background reclaim passes over dead ciphertext.
     pub reclaim_interval_ms: u64,
+    /// On SIGTERM, how long requests in flight may take before connections are dropped.
+    pub shutdown_grace_ms: u64,
     pub limits: Limits,
 }
 
@@ -70,6 +72,7 @@ impl Default for Config {
             store_cache_bytes: 256 * 1024 * 1024,
             rotation_check_interval_secs: 3600,
             reclaim_interval_ms: 1000,
+            shutdown_grace_ms: 10_000,
             limits: Limits::default(),
         }
     }
@@ -100,7 +103,8 @@ impl Config {
             return Ok(RootKeySource::Hex(Zeroizing::new(hex)));
         }
         if let Some(path) = &self.root_passphrase_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             return Ok(RootKeySource::Passphrase(Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned())));
         }
         if let Ok(pass) = std::env::var(ROOT_PASSPHRASE_ENV) {

@@ -2,12 +2,12 @@
 //! crypto-shredding, served over gRPC. See README.md and SECURITY.md.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod crypto;
+pub mod grpc;
 pub mod keys;
+pub mod server;
 pub mod store;
 pub mod vault;
-pub mod cli;
-pub mod config;
-pub mod grpc;
-pub mod server;

@@ -64,14 +64,26 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         request_timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
     };
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = grpc::serve(vault.clone(), listener, serve_opts, async move {
+        let _ = drain_rx.await;
+    });
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        r = &mut serve => r,
+        _ = async { tokio::select! { _ = sigterm.recv() => {}, _ = tokio::signal::ctrl_c() => {} } } => {
+            tracing::info!("shutting down: finishing requests in flight");
+            let _ = drain_tx.send(());
+            let grace = Duration::from_millis(config.shutdown_grace_ms);
+            match tokio::time::timeout(grace, &mut serve).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("shutdown grace period over; dropping remaining connections");
+                    Ok(())
+                }
+            }
         }
-        tracing::info!("shutting down");
     };
-    let served = grpc::serve(vault.clone(), listener, serve_opts, shutdown).await;
     let _ = stop_tx.send(true);
     for w in workers {
         let _ = w.await;

@@ -2,12 +2,11 @@
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use tonic::metadata::MetadataValue;
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
-use crate::grpc::TENANT_HEADER;
+use crate::grpc::TenantHeader;
 use crate::grpc::pb;
 use crate::grpc::pb::subject_service_client::SubjectServiceClient;
 use crate::grpc::pb::transcript_service_client::TranscriptServiceClient;
@@ -100,24 +99,14 @@ pub enum ClientCommand {
 
 type Tenanted = InterceptedService<Channel, TenantHeader>;
 
-#[derive(Clone)]
-pub struct TenantHeader(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for TenantHeader {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert(TENANT_HEADER, self.0.clone());
-        Ok(req)
-    }
-}
-
 async fn channel(conn: &Conn) -> Result<(Channel, TenantHeader), String> {
-    let header = conn.tenant.parse().map_err(|_| "--tenant: not a valid header value".to_string())?;
+    let header = TenantHeader::new(&conn.tenant).map_err(|_| "--tenant: not a valid header value".to_string())?;
     let channel = Channel::from_shared(conn.server.clone())
         .map_err(|e| format!("--server: {e}"))?
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", conn.server))?;
-    Ok((channel, TenantHeader(header)))
+    Ok((channel, header))
 }
 
 async fn transcripts(conn: &Conn) -> Result<TranscriptServiceClient<Tenanted>, String> {
@@ -238,7 +227,9 @@ fn parse_metadata(specs: &[String]) -> Result<std::collections::HashMap<String, 
     specs
         .iter()
         .map(|s| {
-            s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("--meta {s:?}: expected KEY=VALUE"))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("--meta {s:?}: expected KEY=VALUE"))
         })
         .collect()
 }

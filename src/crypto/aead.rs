@@ -63,12 +63,7 @@ impl Algorithm {
 }
 
 /// Encrypts `plaintext` under `key`, binding it to `aad`.
-pub fn seal(
-    alg: Algorithm,
-    key: &SecretKey,
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<Vec<u8>, CryptoError> {
+pub fn seal(alg: Algorithm, key: &SecretKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let nonce: [u8; NONCE_LEN] = random_bytes()?;
     let mut out = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
     out.push(ENVELOPE_V1);
@@ -77,12 +72,12 @@ pub fn seal(
     out.extend_from_slice(plaintext);
     let body = &mut out[HEADER_LEN..];
     let tag = match alg {
-        Algorithm::Aes256Gcm => cipher::<Aes256Gcm>(key)?
-            .encrypt_inout_detached(&nonce.into(), aad, body.into())
-            .map(|t| <[u8; TAG_LEN]>::from(t)),
+        Algorithm::Aes256Gcm => {
+            cipher::<Aes256Gcm>(key)?.encrypt_inout_detached(&nonce.into(), aad, body.into()).map(<[u8; TAG_LEN]>::from)
+        }
         Algorithm::ChaCha20Poly1305 => cipher::<ChaCha20Poly1305>(key)?
             .encrypt_inout_detached(&nonce.into(), aad, body.into())
-            .map(|t| <[u8; TAG_LEN]>::from(t)),
+            .map(<[u8; TAG_LEN]>::from),
     }
     .map_err(|_| CryptoError::Malformed("plaintext too long"))?;
     out.extend_from_slice(&tag);
@@ -106,18 +101,12 @@ pub fn open(key: &SecretKey, aad: &[u8], envelope: &[u8]) -> Result<Zeroizing<Ve
     let mut body = Zeroizing::new(envelope[HEADER_LEN..tag_at].to_vec());
     let buf: &mut [u8] = body.as_mut_slice();
     let result = match alg {
-        Algorithm::Aes256Gcm => cipher::<Aes256Gcm>(key)?.decrypt_inout_detached(
-            &nonce.into(),
-            aad,
-            buf.into(),
-            &tag.into(),
-        ),
-        Algorithm::ChaCha20Poly1305 => cipher::<ChaCha20Poly1305>(key)?.decrypt_inout_detached(
-            &nonce.into(),
-            aad,
-            buf.into(),
-            &tag.into(),
-        ),
+        Algorithm::Aes256Gcm => {
+            cipher::<Aes256Gcm>(key)?.decrypt_inout_detached(&nonce.into(), aad, buf.into(), &tag.into())
+        }
+        Algorithm::ChaCha20Poly1305 => {
+            cipher::<ChaCha20Poly1305>(key)?.decrypt_inout_detached(&nonce.into(), aad, buf.into(), &tag.into())
+        }
     };
     result.map_err(|_| CryptoError::Authentication)?;
     Ok(body)

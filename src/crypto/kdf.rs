@@ -21,8 +21,7 @@ pub fn derive_key(ikm: &SecretKey, info: &[u8]) -> SecretKey {
 /// Keyed blind index: HMAC-SHA256(key, domain || 0 || value). Equal values give equal
 /// indexes under one key, so lookups work without storing the value.
 pub fn blind_index(key: &SecretKey, domain: &[u8], value: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose())
-        .expect("HMAC accepts any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose()).expect("HMAC accepts any key length");
     mac.update(domain);
     mac.update(&[0]);
     mac.update(value);
@@ -45,18 +44,12 @@ impl Default for Argon2Params {
 }
 
 /// Stretches a passphrase into a 256-bit key with argon2id.
-pub fn key_from_passphrase(
-    passphrase: &[u8],
-    salt: &[u8],
-    params: Argon2Params,
-) -> Result<SecretKey, CryptoError> {
+pub fn key_from_passphrase(passphrase: &[u8], salt: &[u8], params: Argon2Params) -> Result<SecretKey, CryptoError> {
     let p = Params::new(params.memory_kib, params.iterations, params.parallelism, Some(KEY_LEN))
         .map_err(|_| CryptoError::Malformed("argon2 parameters"))?;
     let argon = Argon2::new(Argon2Alg::Argon2id, Version::V0x13, p);
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
-    argon
-        .hash_password_into(passphrase, salt, out.as_mut())
-        .map_err(|_| CryptoError::Malformed("argon2 input"))?;
+    argon.hash_password_into(passphrase, salt, out.as_mut()).map_err(|_| CryptoError::Malformed("argon2 input"))?;
     SecretKey::from_slice(out.as_ref())
 }
 

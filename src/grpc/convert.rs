@@ -11,9 +11,7 @@ pub fn timestamp_in(field: &str, ts: Option<PbTimestamp>) -> Result<Option<Times
     match ts {
         None => Ok(None),
         Some(PbTimestamp { seconds, nanos }) => Timestamp::from_unix(seconds, nanos).map(Some).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "{field}: must be between 1970-01-01 and 9999-12-31 with nanos in 0..1e9"
-            ))
+            Status::invalid_argument(format!("{field}: must be between 1970-01-01 and 9999-12-31 with nanos in 0..1e9"))
         }),
     }
 }
@@ -109,7 +107,12 @@ pub fn transcript_out(t: Transcript) -> pb::Transcript {
 
 pub fn receipt_out(r: ShredReceipt) -> pb::ShredReceipt {
     let ShredReceipt { subject_blind_id, shredded_at, transcripts_shredded, key_epoch } = r;
-    pb::ShredReceipt { subject_blind_id, shredded_at: Some(timestamp_out(shredded_at)), transcripts_shredded, key_epoch }
+    pb::ShredReceipt {
+        subject_blind_id,
+        shredded_at: Some(timestamp_out(shredded_at)),
+        transcripts_shredded,
+        key_epoch,
+    }
 }
 
 pub fn subject_out(s: SubjectInfo) -> pb::GetSubjectResponse {

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-pub use tenant::TENANT_HEADER;
+pub use tenant::{TENANT_HEADER, TenantHeader};
 
 use crate::vault::Vault;
 

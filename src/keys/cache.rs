@@ -67,6 +67,10 @@ impl KeyCache {
     pub fn len(&self) -> usize {
         self.inner.lock().map(|c| c.len()).unwrap_or(0)
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

@@ -193,7 +193,8 @@ impl KeyStore for FileKeyDir {
         let mut map = self.ksks.write().map_err(|_| KeyError::Poisoned)?;
         let epoch = map.keys().last().copied().unwrap_or(0) + 1;
         let ksk = SecretKey::generate()?;
-        let sealed = crypto::seal(Algorithm::Aes256Gcm, self.root.wrapping_key(), self.ksk_aad(epoch).as_slice(), ksk.expose())?;
+        let sealed =
+            crypto::seal(Algorithm::Aes256Gcm, self.root.wrapping_key(), self.ksk_aad(epoch).as_slice(), ksk.expose())?;
         let file = KskFile { magic: KSK_MAGIC, version: KSK_VERSION, epoch, sealed };
         let bytes = postcard::to_allocvec(&file).map_err(|e| KeyError::Corrupt(e.to_string()))?;
         let path = self.ksk_path(epoch);
@@ -226,8 +227,8 @@ fn read_meta(path: &Path) -> Result<Option<KeyDirMeta>, KeyError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(KeyError::io(path, e)),
     };
-    let meta: KeyDirMeta = postcard::from_bytes(&bytes)
-        .map_err(|_| KeyError::Corrupt(format!("{} is unreadable", path.display())))?;
+    let meta: KeyDirMeta =
+        postcard::from_bytes(&bytes).map_err(|_| KeyError::Corrupt(format!("{} is unreadable", path.display())))?;
     if meta.magic != META_MAGIC || meta.version != META_VERSION {
         return Err(KeyError::Corrupt(format!("{}: unknown format", path.display())));
     }

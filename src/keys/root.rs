@@ -91,9 +91,7 @@ pub fn load(
         RootKeySource::Hex(hex) => parse_key_text(hex.as_bytes(), "CHATVAULT_ROOT_KEY")?,
         RootKeySource::Passphrase(pass) => {
             if pass.len() < 12 {
-                return Err(KeyError::BadRootKey(
-                    "passphrase must be at least 12 characters".into(),
-                ));
+                return Err(KeyError::BadRootKey("passphrase must be at least 12 characters".into()));
             }
             let salt = match salt {
                 Some(s) => s,
@@ -123,10 +121,7 @@ pub fn load(
 
 fn read_key_file(path: &Path) -> Result<SecretKey, KeyError> {
     if files::readable_by_others(path).map_err(|e| KeyError::io(path, e))? {
-        return Err(KeyError::BadRootKey(format!(
-            "{} is readable by group or others; chmod 600 it",
-            path.display()
-        )));
+        return Err(KeyError::BadRootKey(format!("{} is readable by group or others; chmod 600 it", path.display())));
     }
     let bytes = Zeroizing::new(fs::read(path).map_err(|e| KeyError::io(path, e))?);
     if bytes.len() == KEY_LEN {
@@ -138,11 +133,8 @@ fn read_key_file(path: &Path) -> Result<SecretKey, KeyError> {
 fn parse_key_text(text: &[u8], origin: &str) -> Result<SecretKey, KeyError> {
     let trimmed = text.trim_ascii();
     let mut raw = Zeroizing::new([0u8; KEY_LEN]);
-    hex::decode_to_slice(trimmed, raw.as_mut()).map_err(|_| {
-        KeyError::BadRootKey(format!(
-            "{origin}: expected 32 raw bytes or 64 hexadecimal characters"
-        ))
-    })?;
+    hex::decode_to_slice(trimmed, raw.as_mut())
+        .map_err(|_| KeyError::BadRootKey(format!("{origin}: expected 32 raw bytes or 64 hexadecimal characters")))?;
     Ok(SecretKey::from_slice(raw.as_ref())?)
 }
 
@@ -175,10 +167,7 @@ mod tests {
         fs::write(&path, "22".repeat(32)).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let mut s = None;
-        assert!(matches!(
-            load(&RootKeySource::File(path.clone()), None, &mut s),
-            Err(KeyError::BadRootKey(_))
-        ));
+        assert!(matches!(load(&RootKeySource::File(path.clone()), None, &mut s), Err(KeyError::BadRootKey(_))));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(load(&RootKeySource::File(path), None, &mut s).is_ok());
     }

@@ -39,10 +39,7 @@ impl GroupCommit {
         let (tx, rx) = watch::channel(Progress { durable: 0, failed: false });
         let thread = {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("chatvault-commit".into())
-                .spawn(move || run(store, mode, shared, tx))
-                .ok()
+            std::thread::Builder::new().name("chatvault-commit".into()).spawn(move || run(store, mode, shared, tx)).ok()
         };
         GroupCommit { mode, shared, progress: rx, thread: Mutex::new(thread) }
     }
@@ -66,10 +63,7 @@ impl GroupCommit {
             self.shared.cv.notify_one();
         }
         let mut rx = self.progress.clone();
-        let p = rx
-            .wait_for(|p| p.failed || p.durable >= ticket.0)
-            .await
-            .map_err(|_| StoreError::Failed)?;
+        let p = rx.wait_for(|p| p.failed || p.durable >= ticket.0).await.map_err(|_| StoreError::Failed)?;
         if p.failed { Err(StoreError::Failed) } else { Ok(()) }
     }
 

@@ -32,10 +32,8 @@ impl LockTable {
         let mut idx: Vec<usize> = subjects.iter().map(|s| Self::stripe(tenant, s)).collect();
         idx.sort_unstable();
         idx.dedup();
-        let held = idx
-            .into_iter()
-            .map(|i| self.stripes[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
-            .collect();
+        let held =
+            idx.into_iter().map(|i| self.stripes[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())).collect();
         Guards { _held: held }
     }
 }

@@ -186,7 +186,10 @@ impl Vault {
         if let Some(k) = self.cache.get(&cache_ref) {
             return Ok(k);
         }
-        let bytes = self.store.get(&layout::subject_key(tenant.as_str(), subject))?.ok_or(VaultError::Erased("transcript not found"))?;
+        let bytes = self
+            .store
+            .get(&layout::subject_key(tenant.as_str(), subject))?
+            .ok_or(VaultError::Erased("transcript not found"))?;
         let rec: KeyRecord = records::decode(&bytes, "subject key")?;
         if rec.generation != generation {
             return Err(VaultError::Erased("transcript not found"));
@@ -204,13 +207,20 @@ impl Vault {
 
     /// A fresh data key for a new subject generation, wrapped and queued in `batch`.
     /// The caller must hold `epoch_guard` (shared) until the batch is applied.
-    fn new_subject_key(&self, tenant: &TenantId, subject: &Blind, generation: u32, batch: &mut Batch) -> Result<Arc<SecretKey>, VaultError> {
+    fn new_subject_key(
+        &self,
+        tenant: &TenantId,
+        subject: &Blind,
+        generation: u32,
+        batch: &mut Batch,
+    ) -> Result<Arc<SecretKey>, VaultError> {
         let key = SecretKey::generate().map_err(crypto_err("subject key"))?;
         let aad = Self::subject_key_aad(tenant.as_str(), subject, generation);
         let rec = KeyRecord { generation, wrapped: self.keys.wrap(aad, &key)? };
         batch.put(layout::subject_key(tenant.as_str(), subject), records::encode(&rec)?);
         let key = Arc::new(key);
-        self.cache.insert(KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: *subject, generation }, key.clone());
+        self.cache
+            .insert(KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: *subject, generation }, key.clone());
         Ok(key)
     }
 }
@@ -224,9 +234,9 @@ fn bind_store_to_keys(store: &dyn KvStore, keydir: &FileKeyDir) -> Result<(), Va
         Some(_) => Err(VaultError::Mismatch(
             "the data directory belongs to a different key directory; refusing to start".into(),
         )),
-        None if !store.scan(&[], None, 1)?.is_empty() => Err(VaultError::Mismatch(
-            "the data directory holds data but no store id; refusing to start".into(),
-        )),
+        None if !store.scan(&[], None, 1)?.is_empty() => {
+            Err(VaultError::Mismatch("the data directory holds data but no store id; refusing to start".into()))
+        }
         None => {
             let mut b = Batch::default();
             b.put(slot, keydir.store_id().to_vec());

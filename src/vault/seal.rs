@@ -23,12 +23,23 @@ impl Place<'_> {
         Aad::new(kind).bytes(self.tenant.as_bytes()).bytes(self.subject).bytes(self.transcript).u64(self.incarnation)
     }
 
-    pub fn wrap_transcript_key(&self, alg: Algorithm, dek: &SecretKey, generation: u32, tk: &SecretKey) -> Result<Vec<u8>, VaultError> {
+    pub fn wrap_transcript_key(
+        &self,
+        alg: Algorithm,
+        dek: &SecretKey,
+        generation: u32,
+        tk: &SecretKey,
+    ) -> Result<Vec<u8>, VaultError> {
         let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
-        Ok(crypto::seal(alg, dek, aad.as_slice(), tk.expose()).map_err(crypto_err("transcript key"))?)
+        crypto::seal(alg, dek, aad.as_slice(), tk.expose()).map_err(crypto_err("transcript key"))
     }
 
-    pub fn unwrap_transcript_key(&self, dek: &SecretKey, generation: u32, wrapped: &[u8]) -> Result<SecretKey, VaultError> {
+    pub fn unwrap_transcript_key(
+        &self,
+        dek: &SecretKey,
+        generation: u32,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, VaultError> {
         let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
         let raw = crypto::open(dek, aad.as_slice(), wrapped).map_err(crypto_err("transcript key"))?;
         SecretKey::from_slice(&raw).map_err(crypto_err("transcript key"))
@@ -51,7 +62,8 @@ impl Place<'_> {
 
     /// Opens a body into a transcript without messages.
     pub fn open_body(&self, tk: &SecretKey, sealed: &[u8]) -> Result<Transcript, VaultError> {
-        let plain = crypto::open(tk, self.aad(RecordKind::TranscriptBody).as_slice(), sealed).map_err(crypto_err("transcript"))?;
+        let plain = crypto::open(tk, self.aad(RecordKind::TranscriptBody).as_slice(), sealed)
+            .map_err(crypto_err("transcript"))?;
         let body: Body = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("transcript"))?;
         Ok(Transcript {
             transcript_id: body.transcript_id,
@@ -65,7 +77,14 @@ impl Place<'_> {
         })
     }
 
-    pub fn seal_message(&self, alg: Algorithm, tk: &SecretKey, seq: u32, m: &Message, now: Timestamp) -> Result<Vec<u8>, VaultError> {
+    pub fn seal_message(
+        &self,
+        alg: Algorithm,
+        tk: &SecretKey,
+        seq: u32,
+        m: &Message,
+        now: Timestamp,
+    ) -> Result<Vec<u8>, VaultError> {
         let stored = StoredMessage {
             message_id: m.message_id.clone(),
             role: m.author_role.code(),

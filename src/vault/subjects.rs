@@ -20,24 +20,24 @@ impl Vault {
             let epoch = self.keys.current_epoch();
             let mut shredded = 0;
             let mut batch = Batch::default();
-            if let Some(mut s) = self.read_subject(tenant, &sb)? {
-                if s.active {
-                    shredded = s.transcript_count;
-                    batch.delete(layout::subject_key(tenant.as_str(), &sb));
-                    self.queue_garbage(
-                        &mut batch,
-                        &Garbage::SubjectGeneration {
-                            tenant: tenant.as_str().to_owned(),
-                            subject: sb,
-                            generation: s.generation,
-                        },
-                    )?;
-                    s.active = false;
-                    s.transcript_count = 0;
-                    s.last_shredded_at = Some(now.micros());
-                    batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&s)?);
-                    batch.put(layout::meta(META_SHRED_EPOCH), epoch.to_be_bytes().to_vec());
-                }
+            if let Some(mut s) = self.read_subject(tenant, &sb)?
+                && s.active
+            {
+                shredded = s.transcript_count;
+                batch.delete(layout::subject_key(tenant.as_str(), &sb));
+                self.queue_garbage(
+                    &mut batch,
+                    &Garbage::SubjectGeneration {
+                        tenant: tenant.as_str().to_owned(),
+                        subject: sb,
+                        generation: s.generation,
+                    },
+                )?;
+                s.active = false;
+                s.transcript_count = 0;
+                s.last_shredded_at = Some(now.micros());
+                batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&s)?);
+                batch.put(layout::meta(META_SHRED_EPOCH), epoch.to_be_bytes().to_vec());
             }
             if !batch.is_empty() {
                 self.store.apply(batch)?;
@@ -46,7 +46,12 @@ impl Vault {
             (shredded, epoch, self.commit.ticket())
         };
         self.commit.wait(ticket).await?;
-        Ok(ShredReceipt { subject_blind_id: hex::encode(sb), shredded_at: now, transcripts_shredded: shredded, key_epoch: epoch })
+        Ok(ShredReceipt {
+            subject_blind_id: hex::encode(sb),
+            shredded_at: now,
+            transcripts_shredded: shredded,
+            key_epoch: epoch,
+        })
     }
 
     pub fn get_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<SubjectInfo, VaultError> {

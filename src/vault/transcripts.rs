@@ -85,10 +85,8 @@ impl Vault {
                     message_count: t.messages.len() as u32,
                 };
                 batch.put(layout::body(tenant.as_str(), &tb, place_inc), records::encode(&body)?);
-                batch.put(
-                    layout::by_subject(tenant.as_str(), &sb, subj.generation, header.started_at, &tb),
-                    Vec::new(),
-                );
+                batch
+                    .put(layout::by_subject(tenant.as_str(), &sb, subj.generation, header.started_at, &tb), Vec::new());
                 batch.put(hkey.clone(), records::encode(&header)?);
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
                 self.store.apply(batch)?;
@@ -127,12 +125,13 @@ impl Vault {
             }
             return Ok(());
         }
-        if let Some(mut os) = self.read_subject(tenant, &old.subject)? {
-            if os.active && os.generation == old.generation {
-                os.transcript_count = os.transcript_count.saturating_sub(1);
-                batch.put(layout::subject(tenant.as_str(), &old.subject), records::encode(&os)?);
-                batch.delete(old_index);
-            }
+        if let Some(mut os) = self.read_subject(tenant, &old.subject)?
+            && os.active
+            && os.generation == old.generation
+        {
+            os.transcript_count = os.transcript_count.saturating_sub(1);
+            batch.put(layout::subject(tenant.as_str(), &old.subject), records::encode(&os)?);
+            batch.delete(old_index);
         }
         Ok(())
     }
@@ -150,17 +149,15 @@ impl Vault {
         let now = self.clock.now();
         let (count, ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
             if h.ended_at.is_some() {
-                return Err(VaultError::FailedPrecondition(
-                    "transcript is closed; no messages can be appended".into(),
-                ));
+                return Err(VaultError::FailedPrecondition("transcript is closed; no messages can be appended".into()));
             }
-            if let Some(expected) = expected_count {
-                if expected != h.message_count {
-                    return Err(VaultError::Aborted(format!(
-                        "expected_message_count is {expected} but the transcript holds {}",
-                        h.message_count
-                    )));
-                }
+            if let Some(expected) = expected_count
+                && expected != h.message_count
+            {
+                return Err(VaultError::Aborted(format!(
+                    "expected_message_count is {expected} but the transcript holds {}",
+                    h.message_count
+                )));
             }
             let total = u64::from(h.message_count) + messages.len() as u64;
             if total > u64::from(self.limits.max_messages_per_transcript) {
@@ -170,7 +167,8 @@ impl Vault {
                 )));
             }
             let tk = self.transcript_key(tenant, tb, &h)?;
-            let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+            let place =
+                Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
             for (i, m) in messages.iter().enumerate() {
                 let seq = h.message_count + i as u32;
                 let sealed = place.seal_message(self.alg, &tk, seq, m, now)?;
@@ -219,7 +217,11 @@ impl Vault {
             batch.delete(layout::by_subject(tenant.as_str(), &h.subject, h.generation, h.started_at, tb));
             self.queue_garbage(
                 batch,
-                &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: h.incarnation },
+                &Garbage::Incarnation {
+                    tenant: tenant.as_str().to_owned(),
+                    transcript: *tb,
+                    incarnation: h.incarnation,
+                },
             )?;
             self.cache.remove(&self.transcript_ref(tenant, tb, &h));
             Ok(())
@@ -285,7 +287,8 @@ impl Vault {
             }
             transcripts.push(self.summary(tenant, &tb, &h)?);
         }
-        let next_page_token = (entries.len() > page_size).then(|| hex::encode(&entries[page_size - 1].0[prefix.len()..]));
+        let next_page_token =
+            (entries.len() > page_size).then(|| hex::encode(&entries[page_size - 1].0[prefix.len()..]));
         Ok(TranscriptPage { transcripts, next_page_token })
     }
 
@@ -386,7 +389,8 @@ fn decode_page_token(token: &str) -> Result<Option<Vec<u8>>, VaultError> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bytes = hex::decode(token).map_err(|_| VaultError::invalid("page_token", "is not a token this server issued"))?;
+    let bytes =
+        hex::decode(token).map_err(|_| VaultError::invalid("page_token", "is not a token this server issued"))?;
     if bytes.len() != 40 {
         return Err(VaultError::invalid("page_token", "is not a token this server issued"));
     }

@@ -89,10 +89,10 @@ impl Limits {
             self.max("transcript.metadata key", k, self.max_metadata_key_bytes)?;
             self.max("transcript.metadata value", v, self.max_metadata_value_bytes)?;
         }
-        if let (Some(s), Some(e)) = (t.started_at, t.ended_at) {
-            if e < s {
-                return Err(VaultError::invalid("transcript.ended_at", "must not be before started_at"));
-            }
+        if let (Some(s), Some(e)) = (t.started_at, t.ended_at)
+            && e < s
+        {
+            return Err(VaultError::invalid("transcript.ended_at", "must not be before started_at"));
         }
         self.messages("transcript.messages", &t.messages, true)
     }

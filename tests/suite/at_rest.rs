@@ -1,0 +1,155 @@
+//! What is on disk: no plaintext personal data, records bound to their place, the right keys.
+
+use chatvault::grpc::pb::{self, AuthorRole};
+use tonic::Code;
+
+use super::common::*;
+
+/// The encodings a marker could appear in: raw UTF-8 (what postcard writes), UTF-16LE, hex.
+fn encodings(marker: &str) -> Vec<Vec<u8>> {
+    vec![
+        marker.as_bytes().to_vec(),
+        marker.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+        hex::encode(marker).into_bytes(),
+    ]
+}
+
+#[tokio::test]
+async fn no_personal_data_is_stored_in_plaintext() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    let markers = [
+        "subject-7f3a91@example.com",
+        "TEXT-MARKER-c41d2e",
+        "AGENTNAME-b7e6f0",
+        "CHANNEL-MARKER-19ac",
+        "META-VALUE-5d2e71",
+        "APPENDED-TEXT-88f0",
+    ];
+    let mut t = transcript("tr-1", markers[0], 1_700_000_000, &[]);
+    t.messages = vec![msg("m1", AuthorRole::Agent, markers[2], markers[1])];
+    t.channel = markers[3].into();
+    t.metadata.insert("note".into(), markers[4].into());
+    put(&mut c, t).await;
+    c.append_messages(pb::AppendMessagesRequest {
+        transcript_id: "tr-1".into(),
+        messages: vec![msg("m2", AuthorRole::Visitor, "v", markers[5])],
+        expected_message_count: None,
+    })
+    .await
+    .unwrap();
+    let back = get(&mut c, "tr-1").await.unwrap();
+    assert_eq!(back.messages[1].text, markers[5], "the data is really there");
+    server.stop().await;
+
+    let files: Vec<_> = files_below(&dirs.data()).into_iter().chain(files_below(&dirs.keys())).collect();
+    assert!(files.len() >= 4, "{files:?}");
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        for m in markers {
+            for enc in encodings(m) {
+                assert!(!bytes.windows(enc.len()).any(|w| w == enc.as_slice()), "{m} found in {}", f.display());
+            }
+        }
+    }
+}
+
+/// Swaps the values of two records in the stopped server's sled tree.
+fn swap_values(dirs: &Dirs, a: &[u8], b: &[u8]) {
+    let db = sled::open(dirs.data()).unwrap();
+    let tree = db.open_tree("vault").unwrap();
+    let va = tree.get(a).unwrap().unwrap();
+    let vb = tree.get(b).unwrap().unwrap();
+    tree.insert(a, vb).unwrap();
+    tree.insert(b, va).unwrap();
+    db.flush().unwrap();
+}
+
+/// The keys of all message records (type byte 0x05), in key order.
+fn message_keys(dirs: &Dirs) -> Vec<Vec<u8>> {
+    let db = sled::open(dirs.data()).unwrap();
+    let tree = db.open_tree("vault").unwrap();
+    tree.scan_prefix([5u8]).keys().map(|k| k.unwrap().to_vec()).collect()
+}
+
+#[tokio::test]
+async fn records_swapped_on_disk_fail_to_decrypt_instead_of_being_served() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("one", "s1", 1_700_000_000, &["first", "second"])).await;
+    server.stop().await;
+
+    // Reordering within a transcript: message 0 and 1 trade places.
+    let keys = message_keys(&dirs);
+    assert_eq!(keys.len(), 2);
+    swap_values(&dirs, &keys[0], &keys[1]);
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    let err = get(&mut c, "one").await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{}", err.message());
+    assert!(err.message().contains("failed authentication"), "{}", err.message());
+    server.stop().await;
+    swap_values(&dirs, &keys[0], &keys[1]);
+
+    // Moving across transcripts (even of the same subject) fails the same way.
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "one").await.unwrap().messages[0].text, "first", "restored");
+    put(&mut c, transcript("two", "s1", 1_700_000_001, &["other"])).await;
+    server.stop().await;
+    let before: std::collections::HashSet<_> = keys.into_iter().collect();
+    let other = message_keys(&dirs).into_iter().find(|k| !before.contains(k)).unwrap();
+    let first = before.iter().min().unwrap().clone();
+    swap_values(&dirs, &first, &other);
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "one").await.unwrap_err().code(), Code::DataLoss);
+    assert_eq!(get(&mut c, "two").await.unwrap_err().code(), Code::DataLoss);
+}
+
+#[tokio::test]
+async fn a_wrong_root_key_is_refused_at_start_and_nothing_is_touched() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["keep me"])).await;
+    server.stop().await;
+
+    let err = Server::try_start(&dirs, Opts { root_key_hex: OTHER_ROOT_KEY_HEX, ..Opts::default() }).err().unwrap();
+    assert!(err.contains("root key does not match"), "{err}");
+    assert!(!err.contains(OTHER_ROOT_KEY_HEX) && !err.contains(ROOT_KEY_HEX), "a key leaked into the log");
+
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "t").await.unwrap().messages[0].text, "keep me");
+}
+
+#[tokio::test]
+async fn a_data_directory_with_another_key_directory_is_refused() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["x"])).await;
+    server.stop().await;
+    std::fs::rename(dirs.keys(), dirs.tmp.path().join("keys-elsewhere")).unwrap();
+    let err = Server::try_start(&dirs, Opts::default()).err().unwrap();
+    assert!(err.contains("different key directory"), "{err}");
+}
+
+#[tokio::test]
+async fn chacha20_poly1305_records_read_back_after_switching_to_aes() {
+    let dirs = Dirs::new();
+    let server = Server::start_with(&dirs, Opts { args: vec!["--cipher", "chacha20-poly1305"], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("cc", "s", 1_700_000_000, &["written with chacha"])).await;
+    server.stop().await;
+    let db = sled::open(dirs.data()).unwrap();
+    let algs: Vec<u8> = db.open_tree("vault").unwrap().scan_prefix([5u8]).values().map(|v| v.unwrap()[1]).collect();
+    assert_eq!(algs, [2], "the message envelope records ChaCha20-Poly1305");
+    drop(db);
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "cc").await.unwrap().messages[0].text, "written with chacha");
+}

@@ -1,0 +1,218 @@
+//! Starts the real `chatvault` binary and talks to it over gRPC.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use chatvault::grpc::TenantHeader;
+use chatvault::grpc::pb;
+use chatvault::grpc::pb::subject_service_client::SubjectServiceClient;
+use chatvault::grpc::pb::transcript_service_client::TranscriptServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const ROOT_KEY_HEX: &str = "5f1e0d2c3b4a59687766554433221100ffeeddccbbaa99887766554433221100";
+pub const OTHER_ROOT_KEY_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+pub type Transcripts = TranscriptServiceClient<InterceptedService<Channel, TenantHeader>>;
+pub type Subjects = SubjectServiceClient<InterceptedService<Channel, TenantHeader>>;
+
+/// A data directory and a key directory that outlive server restarts.
+pub struct Dirs {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Dirs {
+    pub fn new() -> Self {
+        Dirs { tmp: tempfile::tempdir().expect("temp dir") }
+    }
+    pub fn data(&self) -> PathBuf {
+        self.tmp.path().join("data")
+    }
+    pub fn keys(&self) -> PathBuf {
+        self.tmp.path().join("keys")
+    }
+}
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+/// How to start a server beyond the directories.
+pub struct Opts<'a> {
+    pub root_key_hex: &'a str,
+    pub args: Vec<&'a str>,
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts { root_key_hex: ROOT_KEY_HEX, args: Vec::new() }
+    }
+}
+
+impl Server {
+    pub fn start(dirs: &Dirs) -> Server {
+        Self::start_with(dirs, Opts::default())
+    }
+
+    pub fn start_with(dirs: &Dirs, opts: Opts<'_>) -> Server {
+        match Self::try_start(dirs, opts) {
+            Ok(s) => s,
+            Err(stderr) => panic!("server did not start:\n{stderr}"),
+        }
+    }
+
+    /// Starts the server; on failure returns what it wrote to stderr.
+    pub fn try_start(dirs: &Dirs, opts: Opts<'_>) -> Result<Server, String> {
+        let log = dirs.tmp.path().join(format!(
+            "server-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatvault"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dirs.data())
+            .arg("--key-dir")
+            .arg(dirs.keys())
+            .args(&opts.args)
+            .env("CHATVAULT_ROOT_KEY", opts.root_key_hex)
+            .env("CHATVAULT_LOG", "info")
+            .env_remove("CHATVAULT_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn chatvault");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("chatvault listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => Ok(Server { child, url: format!("http://{addr}"), log }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::fs::read_to_string(&log).unwrap_or_default())
+            }
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone()).unwrap().connect().await.expect("connect")
+    }
+
+    pub async fn transcripts(&self, tenant: &str) -> Transcripts {
+        TranscriptServiceClient::with_interceptor(self.channel().await, TenantHeader::new(tenant).unwrap())
+    }
+
+    pub async fn subjects(&self, tenant: &str) -> Subjects {
+        SubjectServiceClient::with_interceptor(self.channel().await, TenantHeader::new(tenant).unwrap())
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.pid()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// SIGTERM and wait for the exit without blocking the runtime (the server's
+    /// graceful shutdown needs this process's clients to answer).
+    pub async fn stop(mut self) {
+        self.signal("-TERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(std::time::Instant::now() < deadline, "server did not stop:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs at all.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn msg(id: &str, role: pb::AuthorRole, name: &str, text: &str) -> pb::Message {
+    pb::Message {
+        message_id: id.into(),
+        author_role: role as i32,
+        author_name: name.into(),
+        sent_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 123_000 }),
+        text: text.into(),
+    }
+}
+
+pub fn transcript(id: &str, subject: &str, started_secs: i64, texts: &[&str]) -> pb::Transcript {
+    pb::Transcript {
+        transcript_id: id.into(),
+        subject_id: subject.into(),
+        channel: "web".into(),
+        started_at: Some(prost_types::Timestamp { seconds: started_secs, nanos: 0 }),
+        messages: texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| msg(&format!("m{i}"), pb::AuthorRole::Visitor, "Visitor", t))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn put(c: &mut Transcripts, t: pb::Transcript) -> pb::PutTranscriptResponse {
+    c.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put").into_inner()
+}
+
+pub async fn get(c: &mut Transcripts, id: &str) -> Result<pb::Transcript, tonic::Status> {
+    c.get_transcript(pb::GetTranscriptRequest { transcript_id: id.into() })
+        .await
+        .map(|r| r.into_inner().transcript.expect("transcript"))
+}
+
+/// Every regular file below `dir`, recursively.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in files_below(from) {
+        let dest = to.join(f.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&f, &dest).unwrap();
+    }
+}

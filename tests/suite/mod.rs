@@ -1,0 +1,6 @@
+mod api;
+mod at_rest;
+mod cli;
+mod common;
+mod durability;
+mod shredding;

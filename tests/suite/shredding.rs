@@ -1,0 +1,249 @@
+//! Crypto-shredding: immediate through the API, final against old copies after rotation.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chatvault::crypto::{self, Aad, RecordKind, SecretKey};
+use chatvault::grpc::pb::{self, SubjectStatus};
+use serde::Deserialize;
+use tonic::Code;
+
+use super::common::*;
+
+async fn shred(server: &Server, tenant: &str, subject: &str) -> pb::ShredReceipt {
+    let mut s = server.subjects(tenant).await;
+    s.shred_subject(pb::ShredSubjectRequest { subject_id: subject.into() }).await.unwrap().into_inner().receipt.unwrap()
+}
+
+async fn subject(server: &Server, tenant: &str, subject: &str) -> pb::GetSubjectResponse {
+    let mut s = server.subjects(tenant).await;
+    s.get_subject(pb::GetSubjectRequest { subject_id: subject.into() }).await.unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn shred_makes_every_transcript_of_the_subject_unreadable_at_once() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    for i in 0..3 {
+        put(&mut c, transcript(&format!("a{i}"), "alice", 1_700_000_000 + i, &["alice's words"])).await;
+    }
+    put(&mut c, transcript("b0", "bob", 1_700_000_000, &["bob's words"])).await;
+    assert_eq!(subject(&server, "acme", "alice").await.status(), SubjectStatus::Active);
+
+    let receipt = shred(&server, "acme", "alice").await;
+    assert_eq!(receipt.transcripts_shredded, 3);
+    assert_eq!(receipt.subject_blind_id.len(), 64);
+    assert!(!receipt.subject_blind_id.contains("alice"));
+    assert!(receipt.shredded_at.is_some());
+
+    for i in 0..3 {
+        let err = get(&mut c, &format!("a{i}")).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.message().contains("erased"), "{}", err.message());
+    }
+    let list = c
+        .list_transcripts(pb::ListTranscriptsRequest { subject_id: "alice".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(list.code(), Code::NotFound);
+    assert!(list.message().contains("erased"));
+    let append = c
+        .append_messages(pb::AppendMessagesRequest {
+            transcript_id: "a0".into(),
+            messages: vec![msg("m", pb::AuthorRole::Visitor, "A", "back?")],
+            expected_message_count: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(append.code(), Code::NotFound);
+    let info = subject(&server, "acme", "alice").await;
+    assert_eq!((info.status(), info.transcript_count), (SubjectStatus::Shredded, 0));
+    assert!(info.last_shredded_at.is_some());
+    assert_eq!(get(&mut c, "b0").await.unwrap().messages[0].text, "bob's words");
+    assert_eq!(shred(&server, "acme", "alice").await.transcripts_shredded, 0, "a retried shred is harmless");
+    assert_eq!(subject(&server, "acme", "nobody").await.status(), SubjectStatus::Unknown);
+}
+
+#[tokio::test]
+async fn a_returning_subject_gets_a_fresh_key_and_never_revives_old_data() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("old-1", "carol", 1_700_000_000, &["before erasure"])).await;
+    put(&mut c, transcript("old-2", "carol", 1_700_000_001, &["before erasure"])).await;
+    shred(&server, "acme", "carol").await;
+
+    put(&mut c, transcript("new-1", "carol", 1_700_000_100, &["after erasure"])).await;
+    // Re-using an erased transcript id makes a new transcript, not the old one.
+    put(&mut c, transcript("old-2", "carol", 1_700_000_200, &["reused id"])).await;
+    let list = c
+        .list_transcripts(pb::ListTranscriptsRequest { subject_id: "carol".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = list.transcripts.iter().map(|t| t.transcript_id.as_str()).collect();
+    assert_eq!(ids, ["old-2", "new-1"]);
+    assert_eq!(get(&mut c, "old-1").await.unwrap_err().code(), Code::NotFound);
+    let reused = get(&mut c, "old-2").await.unwrap();
+    assert_eq!(reused.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["reused id"]);
+    let info = subject(&server, "acme", "carol").await;
+    assert_eq!((info.status(), info.transcript_count), (SubjectStatus::Active, 2));
+}
+
+/// What the key directory's files hold, decoded the way an attacker with the root key would.
+#[derive(Deserialize)]
+struct KeyDirMeta {
+    _magic: [u8; 4],
+    _version: u16,
+    store_id: [u8; 16],
+    _root_check: [u8; 16],
+}
+
+#[derive(Deserialize)]
+struct KskFile {
+    _magic: [u8; 4],
+    _version: u16,
+    epoch: u64,
+    sealed: Vec<u8>,
+}
+
+/// Every key-store key the given key directory yields to the root key.
+fn key_store_keys(key_dir: &Path) -> Vec<SecretKey> {
+    let root = SecretKey::from_slice(&hex::decode(ROOT_KEY_HEX).unwrap()).unwrap();
+    let wrap = crypto::derive_key(&root, b"chatvault/root/wrap-key-store-key/v1");
+    let meta_bytes = std::fs::read(key_dir.join("keydir.meta")).unwrap();
+    let meta: KeyDirMeta = postcard::from_bytes(&meta_bytes).unwrap();
+    let mut out = Vec::new();
+    for f in files_below(key_dir) {
+        if !f.file_name().unwrap().to_str().unwrap().starts_with("ksk-") {
+            continue;
+        }
+        let file: KskFile = postcard::from_bytes(&std::fs::read(&f).unwrap()).unwrap();
+        let aad = Aad::new(RecordKind::KeyStoreKey).bytes(&meta.store_id).u64(file.epoch);
+        let raw = crypto::open(&wrap, aad.as_slice(), &file.sealed).expect("ksk opens under the root key");
+        out.push(SecretKey::from_slice(&raw).unwrap());
+    }
+    assert!(!out.is_empty());
+    out
+}
+
+/// Scans every byte of every file below `data_dir` for anything shaped like a wrapped
+/// subject key (`[epoch: 8][envelope v1: 2 + 12 + 32 + 16]`) and tries to open it with every
+/// key in `ksks`, under the AAD the subject's key would have had. Returns how many opened.
+fn subject_keys_recoverable(data_dir: &Path, ksks: &[SecretKey], tenant: &str, blind: &[u8]) -> usize {
+    const LEN: usize = 8 + 2 + 12 + 32 + 16;
+    let mut found = 0;
+    for f in files_below(data_dir) {
+        let bytes = std::fs::read(&f).unwrap();
+        for w in bytes.windows(LEN) {
+            let epoch = u64::from_be_bytes(w[..8].try_into().unwrap());
+            if !(1..=16).contains(&epoch) || w[8] != 1 || !(w[9] == 1 || w[9] == 2) {
+                continue;
+            }
+            for generation in 0..3u64 {
+                let aad =
+                    Aad::new(RecordKind::SubjectKey).bytes(tenant.as_bytes()).bytes(blind).u64(generation).u64(epoch);
+                found += ksks.iter().filter(|k| crypto::open(k, aad.as_slice(), &w[8..]).is_ok()).count();
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_copy_taken_before_the_shred_is_useless_once_the_key_store_rotates() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("victim-chat", "victim@example.com", 1_700_000_000, &["victim's secret"])).await;
+    put(&mut c, transcript("bystander-chat", "bystander@example.com", 1_700_000_000, &["bystander's text"])).await;
+    let blind = hex::decode(subject(&server, "acme", "victim@example.com").await.subject_blind_id).unwrap();
+
+    // The adversary's copy: the data directory as a backup or snapshot taken before the shred.
+    let stolen = dirs.tmp.path().join("stolen-data");
+    copy_dir(&dirs.data(), &stolen);
+    // Control only: the key directory of that time. Backing it up with the data is exactly
+    // what SECURITY.md forbids; here it proves the scan below finds a key when one is there.
+    let old_keys = dirs.tmp.path().join("old-keys");
+    copy_dir(&dirs.keys(), &old_keys);
+
+    let receipt = shred(&server, "acme", "victim@example.com").await;
+    assert_eq!(receipt.key_epoch, 1);
+    server.signal("-HUP");
+    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_ksk.exists() {
+        assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    assert!(
+        subject_keys_recoverable(&stolen, &key_store_keys(&old_keys), "acme", &blind) > 0,
+        "control: the scan must find the victim's key with the pre-shred key directory"
+    );
+    assert_eq!(
+        subject_keys_recoverable(&stolen, &key_store_keys(&dirs.keys()), "acme", &blind),
+        0,
+        "the pre-shred copy plus today's keys must not yield the victim's data key"
+    );
+    assert_eq!(
+        subject_keys_recoverable(&dirs.data(), &key_store_keys(&dirs.keys()), "acme", &blind),
+        0,
+        "nor may the live store"
+    );
+    assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
+    assert_eq!(get(&mut c, "victim-chat").await.unwrap_err().code(), Code::NotFound);
+
+    // And everything still reads back after a restart on the rotated key store.
+    server.stop().await;
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
+}
+
+#[tokio::test]
+async fn an_interrupted_rotation_is_finished_at_the_next_start() {
+    use chatvault::keys::{FileKeyDir, KeyStore, RootKeySource};
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "dana", 1_700_000_000, &["survives"])).await;
+    server.stop().await;
+
+    // A crash right after the new epoch was created: both key files exist, nothing re-wrapped.
+    let root = RootKeySource::Hex(zeroize::Zeroizing::new(ROOT_KEY_HEX.to_owned()));
+    let (keydir, _) = FileKeyDir::open(&dirs.keys(), &root).unwrap();
+    assert_eq!(keydir.add_epoch().unwrap(), 2);
+    drop(keydir);
+
+    let server = Server::start(&dirs);
+    assert!(!dirs.keys().join(format!("ksk-{:020}.key", 1)).exists(), "old epoch must be destroyed");
+    assert!(dirs.keys().join(format!("ksk-{:020}.key", 2)).exists());
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "t").await.unwrap().messages[0].text, "survives");
+}
+
+#[tokio::test]
+async fn shredded_ciphertext_is_reclaimed_in_the_background() {
+    let dirs = Dirs::new();
+    let config = dirs.tmp.path().join("fast-reclaim.toml");
+    std::fs::write(&config, "reclaim_interval_ms = 20\n").unwrap();
+    let server =
+        Server::start_with(&dirs, Opts { args: vec!["--config", config.to_str().unwrap()], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    for i in 0..5 {
+        put(&mut c, transcript(&format!("t{i}"), "erin", 1_700_000_000 + i, &["one", "two", "three"])).await;
+    }
+    shred(&server, "acme", "erin").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.stop().await;
+
+    let db = sled::open(dirs.data()).unwrap();
+    let tree = db.open_tree("vault").unwrap();
+    // Transcript headers (0x03), bodies (0x07), messages (0x05) and the index (0x04) are gone.
+    for kind in [3u8, 4, 5, 7] {
+        assert_eq!(tree.scan_prefix([kind]).count(), 0, "records of kind {kind} left");
+    }
+    assert_eq!(tree.scan_prefix([6u8]).count(), 0, "reclaim work left");
+}
