@@ -112,6 +112,10 @@ impl Vault {
         Ok((vault, report))
     }
 
+    fn epoch_shared(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, VaultError> {
+        self.epoch_guard.read().map_err(|_| VaultError::Internal("epoch lock poisoned".into()))
+    }
+
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -131,7 +135,9 @@ impl Vault {
         Ok(self.store.sync(Durability::Fsync)?)
     }
 
-    /// The tenant's blind-index key; created on first write if `create`.
+    /// The tenant's blind-index key; created on first write if `create`, in which case
+    /// the caller must hold `epoch_guard` (shared) — taking it here again could deadlock
+    /// behind a waiting rotation.
     fn tenant_key(&self, tenant: &TenantId, create: bool) -> Result<Option<Arc<SecretKey>>, VaultError> {
         let cache_ref = KeyRef::Tenant(tenant.as_str().to_owned());
         if let Some(k) = self.cache.get(&cache_ref) {
@@ -150,7 +156,6 @@ impl Vault {
                 if let Some(k) = self.cache.get(&cache_ref) {
                     return Ok(Some(k));
                 }
-                let _epoch = self.epoch_guard.read().map_err(|_| VaultError::Internal("lock".into()))?;
                 let key = SecretKey::generate().map_err(crypto_err("tenant key"))?;
                 let rec = KeyRecord { generation: 0, wrapped: self.keys.wrap(aad(), &key)? };
                 let mut b = Batch::default();

@@ -13,7 +13,10 @@ impl Vault {
     pub async fn shred_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<ShredReceipt, VaultError> {
         self.limits.id("subject_id", subject_id)?;
         let now = self.clock.now();
-        let tkey = self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?;
+        let tkey = {
+            let _epoch = self.epoch_shared()?;
+            self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?
+        };
         let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
         let (shredded, epoch, ticket) = {
             let _held = self.locks.lock(tenant.as_str(), &[&sb]);

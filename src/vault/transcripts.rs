@@ -26,7 +26,7 @@ impl Vault {
             return Err(VaultError::invalid("transcript.ended_at", "must not be before started_at"));
         }
         let (replaced, ticket) = {
-            let _epoch = self.epoch_guard.read().map_err(|_| VaultError::Internal("lock".into()))?;
+            let _epoch = self.epoch_shared()?;
             let tkey = self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?;
             let (sb, tb) = self.blinds(&tkey, Some(&t.subject_id), Some(&t.transcript_id));
             let hkey = layout::header(tenant.as_str(), &tb);
@@ -240,16 +240,30 @@ impl Vault {
         let tk = self.transcript_key(tenant, &tb, &h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: &tb, incarnation: h.incarnation };
         let prefix = layout::messages_prefix(tenant.as_str(), &tb, h.incarnation);
-        let stored = self.store.scan(&prefix, None, h.message_count as usize)?;
-        if stored.len() != h.message_count as usize {
-            return Err(VaultError::Corrupt("transcript messages"));
-        }
-        t.messages.reserve(stored.len());
-        for (i, (key, value)) in stored.iter().enumerate() {
-            if layout::message_seq(key) != Some(i as u32) {
+        let mut after: Option<Vec<u8>> = None;
+        let mut bytes = 0usize;
+        t.messages.reserve(h.message_count.min(4096) as usize);
+        while t.messages.len() < h.message_count as usize {
+            let want = (h.message_count as usize - t.messages.len()).min(1024);
+            let chunk = self.store.scan(&prefix, after.as_deref(), want)?;
+            if chunk.is_empty() {
                 return Err(VaultError::Corrupt("transcript messages"));
             }
-            t.messages.push(place.open_message(&tk, i as u32, value)?);
+            for (key, value) in &chunk {
+                let seq = t.messages.len() as u32;
+                if layout::message_seq(key) != Some(seq) {
+                    return Err(VaultError::Corrupt("transcript messages"));
+                }
+                bytes += value.len();
+                if bytes > self.limits.max_response_bytes {
+                    return Err(VaultError::FailedPrecondition(format!(
+                        "transcript is larger than max_response_bytes ({})",
+                        self.limits.max_response_bytes
+                    )));
+                }
+                t.messages.push(place.open_message(&tk, seq, value)?);
+            }
+            after = chunk.last().map(|(k, _)| k.clone());
         }
         Ok(t)
     }

@@ -22,6 +22,8 @@ pub struct Limits {
     pub max_metadata_entries: usize,
     pub max_metadata_key_bytes: usize,
     pub max_metadata_value_bytes: usize,
+    /// Ciphertext bytes one GetTranscript may gather; keep below the gRPC encoding limit.
+    pub max_response_bytes: usize,
 }
 
 impl Default for Limits {
@@ -31,10 +33,11 @@ impl Default for Limits {
             max_message_text_bytes: 64 * 1024,
             max_name_bytes: 256,
             max_messages_per_call: 1000,
-            max_messages_per_transcript: 1_000_000,
+            max_messages_per_transcript: 100_000,
             max_metadata_entries: 64,
             max_metadata_key_bytes: 128,
             max_metadata_value_bytes: 4096,
+            max_response_bytes: 32 * 1024 * 1024,
         }
     }
 }

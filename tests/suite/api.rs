@@ -322,3 +322,21 @@ async fn oversized_requests_are_refused_by_the_transport_limit() {
     assert!(err.message().contains("too large"), "{}", err.message());
     assert_eq!(get(&mut c, "huge").await.unwrap_err().code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn a_transcript_over_the_response_cap_is_refused_with_a_clear_error() {
+    let dirs = Dirs::new();
+    let config = dirs.tmp.path().join("small.toml");
+    std::fs::write(&config, "[limits]\nmax_response_bytes = 2000\n").unwrap();
+    let server =
+        Server::start_with(&dirs, Opts { args: vec!["--config", config.to_str().unwrap()], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    let text = "w".repeat(100);
+    let texts: Vec<&str> = (0..30).map(|_| text.as_str()).collect();
+    put(&mut c, transcript("big", "s", 1_700_000_000, &texts)).await;
+    let err = get(&mut c, "big").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("max_response_bytes"), "{}", err.message());
+    put(&mut c, transcript("small", "s", 1_700_000_000, &["fits"])).await;
+    assert_eq!(get(&mut c, "small").await.unwrap().message_count, 1);
+}

@@ -247,3 +247,44 @@ async fn shredded_ciphertext_is_reclaimed_in_the_background() {
     }
     assert_eq!(tree.scan_prefix([6u8]).count(), 0, "reclaim work left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_during_writes_of_new_subjects_keep_every_key_readable() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut c = server.transcripts("acme").await;
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..60 {
+                // Every write is a new subject, so every write wraps a new data key.
+                let id = format!("w{w}-{i}");
+                put(&mut c, transcript(&id, &format!("subject-{w}-{i}"), 1_700_000_000, &["kept"])).await;
+                ids.push(id);
+            }
+            ids
+        }));
+    }
+    for _ in 0..5 {
+        server.signal("-HUP");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let mut ids = Vec::new();
+    for w in writers {
+        ids.extend(w.await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.log_text().matches("key-store rotation complete").count() < 5 {
+        assert!(Instant::now() < deadline, "rotations did not finish:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+    let server = Server::start(&dirs);
+    let ksks = files_below(&dirs.keys()).iter().filter(|f| f.to_string_lossy().contains("ksk-")).count();
+    assert_eq!(ksks, 1, "every old epoch destroyed after the rotations finished");
+    let mut c = server.transcripts("acme").await;
+    for id in ids {
+        assert_eq!(get(&mut c, &id).await.unwrap_or_else(|e| panic!("{id}: {e}")).messages[0].text, "kept");
+    }
+}
