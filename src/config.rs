@@ -51,6 +51,8 @@ pub struct Config {
     pub rotation_check_interval_secs: u64,
     /// Pause between background reclaim passes over dead ciphertext.
     pub reclaim_interval_ms: u64,
+    /// Dead ciphertext younger than this is left alone, so reads already in flight finish.
+    pub reclaim_min_age_ms: u64,
     /// On SIGTERM, how long requests in flight may take before connections are dropped.
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
@@ -72,6 +74,7 @@ impl Default for Config {
             store_cache_bytes: 256 * 1024 * 1024,
             rotation_check_interval_secs: 3600,
             reclaim_interval_ms: 1000,
+            reclaim_min_age_ms: 60_000,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
         }
@@ -123,6 +126,7 @@ impl Config {
         opts.limits = self.limits.clone();
         opts.key_cache_entries = self.key_cache_entries;
         opts.store_cache_bytes = self.store_cache_bytes;
+        opts.reclaim_min_age_ms = self.reclaim_min_age_ms;
         Ok(opts)
     }
 }

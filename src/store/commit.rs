@@ -34,14 +34,14 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Self {
+    pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Result<Self, StoreError> {
         let shared = Arc::new(Shared { requested: AtomicU64::new(0), wake: Mutex::new(false), cv: Condvar::new() });
         let (tx, rx) = watch::channel(Progress { durable: 0, failed: false });
         let thread = {
             let shared = shared.clone();
-            std::thread::Builder::new().name("chatvault-commit".into()).spawn(move || run(store, mode, shared, tx)).ok()
+            std::thread::Builder::new().name("chatvault-commit".into()).spawn(move || run(store, mode, shared, tx))?
         };
-        GroupCommit { mode, shared, progress: rx, thread: Mutex::new(thread) }
+        Ok(GroupCommit { mode, shared, progress: rx, thread: Mutex::new(Some(thread)) })
     }
 
     /// Takes a ticket for every batch applied before this call.
@@ -67,7 +67,7 @@ impl GroupCommit {
         if p.failed { Err(StoreError::Failed) } else { Ok(()) }
     }
 
-    /// Applies and waits in one call, for writers with nothing to do between.
+    /// True once a sync has failed: from then on nothing may be written.
     pub fn is_failed(&self) -> bool {
         self.progress.borrow().failed
     }

@@ -30,7 +30,7 @@ use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, OpenReport, RootKeySou
 use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore};
 use layout::Blind;
 use records::{KeyRecord, SubjectRecord};
-use seal::crypto_err;
+use seal::{crypto_err, seal_err};
 
 /// Everything needed to open a vault.
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct VaultOptions {
     pub key_cache_entries: usize,
     /// sled's page cache.
     pub store_cache_bytes: u64,
+    /// Dead ciphertext younger than this is not reclaimed yet, so reads in flight finish.
+    pub reclaim_min_age_ms: u64,
 }
 
 impl VaultOptions {
@@ -58,6 +60,7 @@ impl VaultOptions {
             limits: Limits::default(),
             key_cache_entries: 100_000,
             store_cache_bytes: 256 * 1024 * 1024,
+            reclaim_min_age_ms: 60_000,
         }
     }
 }
@@ -77,6 +80,7 @@ pub struct Vault {
     epoch_guard: RwLock<()>,
     rotation: Mutex<()>,
     tenant_key_init: Mutex<()>,
+    reclaim_min_age_micros: i64,
 }
 
 const SUBJECT_DOMAIN: &[u8] = b"subject";
@@ -96,7 +100,7 @@ impl Vault {
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
         bind_store_to_keys(store.as_ref(), &keydir)?;
         let vault = Vault {
-            commit: GroupCommit::start(store.clone(), opts.durability),
+            commit: GroupCommit::start(store.clone(), opts.durability)?,
             store,
             keys: Arc::new(keydir),
             cache: KeyCache::new(opts.key_cache_entries),
@@ -107,9 +111,19 @@ impl Vault {
             epoch_guard: RwLock::new(()),
             rotation: Mutex::new(()),
             tenant_key_init: Mutex::new(()),
+            reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };
         vault.resume_rotation()?;
         Ok((vault, report))
+    }
+
+    /// Applies a write batch, unless an earlier sync failed: then nothing more is
+    /// written, so no request that is refused leaves data behind.
+    fn apply(&self, batch: Batch) -> Result<(), VaultError> {
+        if self.commit.is_failed() {
+            return Err(crate::store::StoreError::Failed.into());
+        }
+        Ok(self.store.apply(batch)?)
     }
 
     fn epoch_shared(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, VaultError> {
@@ -145,22 +159,29 @@ impl Vault {
         }
         let slot = layout::tenant_key(tenant.as_str());
         let aad = || Aad::new(RecordKind::TenantKey).bytes(tenant.as_str().as_bytes());
+        let open = |bytes: &[u8]| -> Result<SecretKey, VaultError> {
+            let rec: KeyRecord = records::decode(bytes, "tenant key")?;
+            self.keys.unwrap(&rec.wrapped, aad()).map_err(key_err("tenant key"))
+        };
+        if let Some(bytes) = self.store.get(&slot)? {
+            let key = Arc::new(open(&bytes)?);
+            self.cache.insert(cache_ref, key.clone());
+            return Ok(Some(key));
+        }
+        if !create {
+            return Ok(None);
+        }
+        // Creation is serialised, and the store re-read under the lock, so two first
+        // writers can never each make a key: one tenant has exactly one blind-index key.
+        let _init = self.tenant_key_init.lock().map_err(|_| VaultError::Internal("tenant key lock".into()))?;
         let key = match self.store.get(&slot)? {
-            Some(bytes) => {
-                let rec: KeyRecord = records::decode(&bytes, "tenant key")?;
-                self.keys.unwrap(&rec.wrapped, aad()).map_err(key_err("tenant key"))?
-            }
-            None if !create => return Ok(None),
+            Some(bytes) => open(&bytes)?,
             None => {
-                let _init = self.tenant_key_init.lock().map_err(|_| VaultError::Internal("lock".into()))?;
-                if let Some(k) = self.cache.get(&cache_ref) {
-                    return Ok(Some(k));
-                }
-                let key = SecretKey::generate().map_err(crypto_err("tenant key"))?;
+                let key = SecretKey::generate().map_err(seal_err)?;
                 let rec = KeyRecord { generation: 0, wrapped: self.keys.wrap(aad(), &key)? };
-                let mut b = Batch::default();
-                b.put(slot, records::encode(&rec)?);
-                self.store.apply(b)?;
+                if !self.store.compare_and_swap(&slot, None, Some(records::encode(&rec)?))? {
+                    return Err(VaultError::Internal("tenant key created concurrently".into()));
+                }
                 key
             }
         };
@@ -199,11 +220,30 @@ impl Vault {
         if rec.generation != generation {
             return Err(VaultError::Erased("transcript not found"));
         }
-        let aad = Self::subject_key_aad(tenant.as_str(), subject, generation);
-        let key = Arc::new(self.keys.unwrap(&rec.wrapped, aad).map_err(key_err("subject key"))?);
+        let aad = || Self::subject_key_aad(tenant.as_str(), subject, generation);
+        let key = match self.keys.unwrap(&rec.wrapped, aad()) {
+            Ok(k) => k,
+            // A rotation re-wrapped and destroyed the epoch we read under: read again.
+            Err(crate::keys::KeyError::EpochDestroyed(_)) => {
+                let bytes = self
+                    .store
+                    .get(&layout::subject_key(tenant.as_str(), subject))?
+                    .ok_or(VaultError::Erased("transcript not found"))?;
+                let rec: KeyRecord = records::decode(&bytes, "subject key")?;
+                self.keys.unwrap(&rec.wrapped, aad()).map_err(key_err("subject key"))?
+            }
+            Err(e) => return Err(key_err("subject key")(e)),
+        };
+        let key = Arc::new(key);
         self.cache.insert(cache_ref.clone(), key.clone());
-        // A shred between our read and the insert must not leave its key in the cache.
-        if self.store.get(&layout::subject_key(tenant.as_str(), subject))?.is_none() {
+        // A shred (and maybe a new generation) between our read and the insert must not
+        // leave the shredded key in the cache.
+        let still = self.store.get(&layout::subject_key(tenant.as_str(), subject))?;
+        let same = match still {
+            Some(b) => records::decode::<KeyRecord>(&b, "subject key")?.generation == generation,
+            None => false,
+        };
+        if !same {
             self.cache.remove(&cache_ref);
             return Err(VaultError::Erased("transcript not found"));
         }
@@ -219,7 +259,7 @@ impl Vault {
         generation: u32,
         batch: &mut Batch,
     ) -> Result<Arc<SecretKey>, VaultError> {
-        let key = SecretKey::generate().map_err(crypto_err("subject key"))?;
+        let key = SecretKey::generate().map_err(seal_err)?;
         let aad = Self::subject_key_aad(tenant.as_str(), subject, generation);
         let rec = KeyRecord { generation, wrapped: self.keys.wrap(aad, &key)? };
         batch.put(layout::subject_key(tenant.as_str(), subject), records::encode(&rec)?);
@@ -257,6 +297,7 @@ fn key_err(what: &'static str) -> impl Fn(crate::keys::KeyError) -> VaultError {
     move |e| match e {
         crate::keys::KeyError::Crypto(c) => crypto_err(what)(c),
         crate::keys::KeyError::EpochDestroyed(_) => VaultError::Integrity(what),
+        crate::keys::KeyError::Corrupt(_) => VaultError::Corrupt(what),
         other => VaultError::Key(other),
     }
 }

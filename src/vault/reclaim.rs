@@ -13,8 +13,12 @@ impl Vault {
     pub fn reclaim(&self, budget: usize) -> Result<usize, VaultError> {
         let budget = budget.max(1);
         let mut removed = 0;
+        let cutoff = self.clock.now().micros().saturating_sub(self.reclaim_min_age_micros);
         for (gkey, gval) in self.store.scan(&layout::garbage_prefix(), None, 8)? {
-            if removed >= budget {
+            // Garbage ids start with their creation time: leave young garbage alone so a
+            // read that started before the delete can finish (and the queue is in time order).
+            let queued_at = gkey.get(1..9).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes).unwrap_or(0);
+            if removed >= budget || queued_at > cutoff {
                 break;
             }
             let garbage: Garbage = records::decode(&gval, "garbage")?;

@@ -75,6 +75,26 @@ pub struct Body {
     pub metadata: Vec<(String, String)>,
 }
 
+/// [`Body`] borrowing from the request: serialised straight into a zeroizing buffer, so
+/// no extra owned copy of the personal data is made on the way to encryption.
+#[derive(Serialize)]
+pub struct BodyRef<'a> {
+    pub transcript_id: &'a str,
+    pub subject_id: &'a str,
+    pub channel: &'a str,
+    pub metadata: Vec<(&'a str, &'a str)>,
+}
+
+/// [`StoredMessage`] borrowing from the request, for the same reason as [`BodyRef`].
+#[derive(Serialize)]
+pub struct StoredMessageRef<'a> {
+    pub message_id: &'a str,
+    pub role: u8,
+    pub author_name: &'a str,
+    pub sent_at: i64,
+    pub text: &'a str,
+}
+
 /// One message; only ever stored encrypted.
 #[derive(Serialize, Deserialize)]
 pub struct StoredMessage {

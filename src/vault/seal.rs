@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::VaultError;
 use super::layout::Blind;
 use super::model::{AuthorRole, Message, Timestamp, Transcript};
-use super::records::{self, Body, StoredMessage};
+use super::records::{self, Body, BodyRef, StoredMessage, StoredMessageRef};
 use crate::crypto::{self, Aad, Algorithm, CryptoError, RecordKind, SecretKey};
 
 /// Where a transcript's records belong.
@@ -31,7 +31,7 @@ impl Place<'_> {
         tk: &SecretKey,
     ) -> Result<Vec<u8>, VaultError> {
         let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
-        crypto::seal(alg, dek, aad.as_slice(), tk.expose()).map_err(crypto_err("transcript key"))
+        crypto::seal(alg, dek, aad.as_slice(), tk.expose()).map_err(seal_err)
     }
 
     pub fn unwrap_transcript_key(
@@ -46,18 +46,18 @@ impl Place<'_> {
     }
 
     pub fn seal_body(&self, alg: Algorithm, tk: &SecretKey, t: &Transcript) -> Result<Vec<u8>, VaultError> {
-        let body = Body {
-            transcript_id: t.transcript_id.clone(),
-            subject_id: t.subject_id.clone(),
-            channel: t.channel.clone(),
-            metadata: t.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        let body = BodyRef {
+            transcript_id: &t.transcript_id,
+            subject_id: &t.subject_id,
+            channel: &t.channel,
+            metadata: t.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
         };
         let hint = body.transcript_id.len()
             + body.subject_id.len()
             + body.channel.len()
             + body.metadata.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>();
         let plain = records::encode_secret(&body, hint)?;
-        crypto::seal(alg, tk, self.aad(RecordKind::TranscriptBody).as_slice(), &plain).map_err(crypto_err("transcript"))
+        crypto::seal(alg, tk, self.aad(RecordKind::TranscriptBody).as_slice(), &plain).map_err(seal_err)
     }
 
     /// Opens a body into a transcript without messages.
@@ -85,17 +85,17 @@ impl Place<'_> {
         m: &Message,
         now: Timestamp,
     ) -> Result<Vec<u8>, VaultError> {
-        let stored = StoredMessage {
-            message_id: m.message_id.clone(),
+        let stored = StoredMessageRef {
+            message_id: &m.message_id,
             role: m.author_role.code(),
-            author_name: m.author_name.clone(),
+            author_name: &m.author_name,
             sent_at: m.sent_at.unwrap_or(now).micros(),
-            text: m.text.clone(),
+            text: &m.text,
         };
         let hint = stored.message_id.len() + stored.author_name.len() + stored.text.len() + 16;
         let plain = records::encode_secret(&stored, hint)?;
         let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        crypto::seal(alg, tk, aad.as_slice(), &plain).map_err(crypto_err("message"))
+        crypto::seal(alg, tk, aad.as_slice(), &plain).map_err(seal_err)
     }
 
     pub fn open_message(&self, tk: &SecretKey, seq: u32, sealed: &[u8]) -> Result<Message, VaultError> {
@@ -110,6 +110,11 @@ impl Place<'_> {
             text: s.text,
         })
     }
+}
+
+/// A failure to encrypt is the server's own fault, never the stored data's.
+pub fn seal_err(e: CryptoError) -> VaultError {
+    VaultError::Internal(format!("encryption failed: {e}"))
 }
 
 /// Maps a crypto failure on stored data to the vault error that names the record.

@@ -13,12 +13,12 @@ impl Vault {
     pub async fn shred_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<ShredReceipt, VaultError> {
         self.limits.id("subject_id", subject_id)?;
         let now = self.clock.now();
-        let tkey = {
+        let (sb, shredded, epoch, ticket) = {
+            // Held until the shred is applied, so a rotation cannot re-wrap this subject's
+            // key under a new epoch unnoticed: the epoch recorded is the one to destroy.
             let _epoch = self.epoch_shared()?;
-            self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?
-        };
-        let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
-        let (shredded, epoch, ticket) = {
+            let tkey = self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?;
+            let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
             let _held = self.locks.lock(tenant.as_str(), &[&sb]);
             let epoch = self.keys.current_epoch();
             let mut shredded = 0;
@@ -43,10 +43,10 @@ impl Vault {
                 batch.put(layout::meta(META_SHRED_EPOCH), epoch.to_be_bytes().to_vec());
             }
             if !batch.is_empty() {
-                self.store.apply(batch)?;
+                self.apply(batch)?;
             }
             self.cache.evict_subject(tenant.as_str(), &sb);
-            (shredded, epoch, self.commit.ticket())
+            (sb, shredded, epoch, self.commit.ticket())
         };
         self.commit.wait(ticket).await?;
         Ok(ShredReceipt {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::layout::{self, Blind};
 use super::model::{Message, TenantId, Timestamp, Transcript, TranscriptPage};
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
-use super::seal::{Place, crypto_err};
+use super::seal::{Place, seal_err};
 use super::{Vault, VaultError};
 use crate::crypto::{SecretKey, random_bytes};
 use crate::keys::KeyRef;
@@ -64,9 +64,9 @@ impl Vault {
                 if !counted {
                     subj.transcript_count += 1;
                 }
-                let place_inc = u64::from_be_bytes(random_bytes().map_err(crypto_err("transcript"))?);
+                let place_inc = u64::from_be_bytes(random_bytes().map_err(seal_err)?);
                 let place = Place { tenant: tenant.as_str(), subject: &sb, transcript: &tb, incarnation: place_inc };
-                let tk = SecretKey::generate().map_err(crypto_err("transcript key"))?;
+                let tk = SecretKey::generate().map_err(seal_err)?;
                 let body = BodyRecord {
                     wrapped_key: place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?,
                     body: place.seal_body(self.alg, &tk, &t)?,
@@ -89,7 +89,7 @@ impl Vault {
                     .put(layout::by_subject(tenant.as_str(), &sb, subj.generation, header.started_at, &tb), Vec::new());
                 batch.put(hkey.clone(), records::encode(&header)?);
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
-                self.store.apply(batch)?;
+                self.apply(batch)?;
                 self.cache.insert(self.transcript_ref(tenant, &tb, &header), Arc::new(tk));
                 break (old.is_some(), self.commit.ticket());
             }
@@ -116,6 +116,7 @@ impl Vault {
             batch,
             &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: old.incarnation },
         )?;
+        batch.delete(layout::body(tenant.as_str(), tb, old.incarnation));
         self.cache.remove(&self.transcript_ref(tenant, tb, old));
         let old_index = layout::by_subject(tenant.as_str(), &old.subject, old.generation, old.started_at, tb);
         if old.subject == *new_subject {
@@ -214,6 +215,8 @@ impl Vault {
             subj.transcript_count = subj.transcript_count.saturating_sub(1);
             batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
             batch.delete(layout::header(tenant.as_str(), tb));
+            // The body holds the wrapped transcript key: it goes now, not with the reclaim.
+            batch.delete(layout::body(tenant.as_str(), tb, h.incarnation));
             batch.delete(layout::by_subject(tenant.as_str(), &h.subject, h.generation, h.started_at, tb));
             self.queue_garbage(
                 batch,
@@ -234,10 +237,38 @@ impl Vault {
         self.limits.id("transcript_id", transcript_id)?;
         let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
         let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
-        let h = self.read_header(&layout::header(tenant.as_str(), &tb))?.ok_or(VaultError::NotFound("transcript"))?;
+        let hkey = layout::header(tenant.as_str(), &tb);
+        let h = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
         self.check_live(tenant, &h)?;
-        let mut t = self.summary(tenant, &tb, &h)?;
-        let tk = self.transcript_key(tenant, &tb, &h)?;
+        self.read_transcript(tenant, &tb, &h).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h))
+    }
+
+    /// A read that failed because a concurrent replace, delete or shred removed what it
+    /// was reading is a NOT_FOUND (or erased), not data loss: re-check before blaming the disk.
+    fn unless_replaced<T>(
+        &self,
+        e: VaultError,
+        tenant: &TenantId,
+        hkey: &[u8],
+        seen: &Header,
+    ) -> Result<T, VaultError> {
+        if !matches!(e, VaultError::Corrupt(_) | VaultError::Integrity(_)) {
+            return Err(e);
+        }
+        match self.read_header(hkey)? {
+            Some(now) if now == *seen => {
+                self.check_live(tenant, seen)?;
+                Err(e)
+            }
+            Some(_) => Err(VaultError::Aborted("the transcript changed while it was read; retry".into())),
+            None => Err(VaultError::NotFound("transcript")),
+        }
+    }
+
+    fn read_transcript(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
+        let tb = *tb;
+        let mut t = self.summary(tenant, &tb, h)?;
+        let tk = self.transcript_key(tenant, &tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: &tb, incarnation: h.incarnation };
         let prefix = layout::messages_prefix(tenant.as_str(), &tb, h.incarnation);
         let mut after: Option<Vec<u8>> = None;
@@ -295,11 +326,16 @@ impl Vault {
         let mut transcripts = Vec::with_capacity(entries.len().min(page_size));
         for (key, _) in entries.iter().take(page_size) {
             let tb = layout::by_subject_transcript(key).ok_or(VaultError::Corrupt("subject index"))?;
-            let Some(h) = self.read_header(&layout::header(tenant.as_str(), &tb))? else { continue };
+            let hkey = layout::header(tenant.as_str(), &tb);
+            let Some(h) = self.read_header(&hkey)? else { continue };
             if h.subject != sb || h.generation != subj.generation {
                 continue;
             }
-            transcripts.push(self.summary(tenant, &tb, &h)?);
+            match self.summary(tenant, &tb, &h).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h)) {
+                Ok(t) => transcripts.push(t),
+                Err(VaultError::NotFound(_) | VaultError::Aborted(_) | VaultError::Erased(_)) => continue,
+                Err(e) => return Err(e),
+            }
         }
         let next_page_token =
             (entries.len() > page_size).then(|| hex::encode(&entries[page_size - 1].0[prefix.len()..]));
@@ -327,7 +363,7 @@ impl Vault {
             self.check_live(tenant, &h)?;
             let mut batch = Batch::default();
             let r = f(&tb, h, &mut batch)?;
-            self.store.apply(batch)?;
+            self.apply(batch)?;
             return Ok((r, self.commit.ticket()));
         }
     }
@@ -392,7 +428,7 @@ impl Vault {
     pub(super) fn queue_garbage(&self, batch: &mut Batch, g: &Garbage) -> Result<(), VaultError> {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.clock.now().micros().to_be_bytes());
-        id[8..].copy_from_slice(&random_bytes::<8>().map_err(crypto_err("garbage id"))?);
+        id[8..].copy_from_slice(&random_bytes::<8>().map_err(seal_err)?);
         batch.put(layout::garbage(id), records::encode(g)?);
         Ok(())
     }

@@ -153,3 +153,47 @@ async fn chacha20_poly1305_records_read_back_after_switching_to_aes() {
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "cc").await.unwrap().messages[0].text, "written with chacha");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_writes_of_new_tenants_share_one_blind_index_key() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut tasks = Vec::new();
+    for tenant in 0..6 {
+        for w in 0..8 {
+            let mut c = server.transcripts(&format!("fresh-{tenant}")).await;
+            tasks.push(tokio::spawn(async move {
+                put(&mut c, transcript(&format!("t{w}"), &format!("s{w}"), 1_700_000_000, &["first"])).await;
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    server.stop().await;
+    // After a restart nothing is cached: every lookup goes through the stored key.
+    let server = Server::start(&dirs);
+    for tenant in 0..6 {
+        let mut c = server.transcripts(&format!("fresh-{tenant}")).await;
+        for w in 0..8 {
+            assert_eq!(get(&mut c, &format!("t{w}")).await.unwrap().messages[0].text, "first", "tenant {tenant} t{w}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_the_transcript_key_from_the_store_at_once() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("doomed", "s", 1_700_000_000, &["bye"])).await;
+    put(&mut c, transcript("kept", "s", 1_700_000_000, &["hi"])).await;
+    c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "doomed".into() }).await.unwrap();
+    server.stop().await;
+    // Body records (type 0x07) hold the wrapped transcript keys: only "kept"'s is left,
+    // although the reclaimer (60 s minimum age by default) has not run.
+    let db = sled::open(dirs.data()).unwrap();
+    let tree = db.open_tree("vault").unwrap();
+    assert_eq!(tree.scan_prefix([7u8]).count(), 1);
+    assert_eq!(tree.scan_prefix([5u8]).count(), 2, "message ciphertext awaits the reclaimer");
+}

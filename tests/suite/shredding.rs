@@ -228,7 +228,7 @@ async fn an_interrupted_rotation_is_finished_at_the_next_start() {
 async fn shredded_ciphertext_is_reclaimed_in_the_background() {
     let dirs = Dirs::new();
     let config = dirs.tmp.path().join("fast-reclaim.toml");
-    std::fs::write(&config, "reclaim_interval_ms = 20\n").unwrap();
+    std::fs::write(&config, "reclaim_interval_ms = 20\nreclaim_min_age_ms = 0\n").unwrap();
     let server =
         Server::start_with(&dirs, Opts { args: vec!["--config", config.to_str().unwrap()], ..Opts::default() });
     let mut c = server.transcripts("acme").await;
