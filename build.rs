@@ -16,5 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("chatvault_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+
+    // The load benchmark's echo service: compiled apart so it never joins the public API.
+    println!("cargo:rerun-if-changed=benches/proto/echo.proto");
+    let echo = protox::compile(["benches/proto/echo.proto"], ["benches/proto"])?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(echo)?;
     Ok(())
 }

@@ -1,1 +1,445 @@
-fn main() {}
+//! Load generator over real gRPC on loopback, with its baselines measured in the same run:
+//! a tonic echo service with the same payload and client (the gRPC floor), and chatvault
+//! itself with durability off. Also: shred latency with 10 vs 100,000 transcripts.
+//!
+//! `cargo bench --bench load -- [--quick] [--clients N] [--seconds S] [--sizes 256,1024,16384] [--out FILE]`
+//! Prints a markdown report (also written to --out, default target/bench-load.md).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chatvault::grpc::TenantHeader;
+use chatvault::grpc::pb::{self, transcript_service_client::TranscriptServiceClient};
+use chatvault::keys::RootKeySource;
+use chatvault::store::Durability;
+use chatvault::vault::{TenantId, Transcript, Vault, VaultOptions};
+use tonic::transport::Channel;
+
+mod echo {
+    tonic::include_proto!("chatvault.bench.v1");
+}
+
+const ROOT_KEY_HEX: &str = "4242424242424242424242424242424242424242424242424242424242424242";
+
+struct Args {
+    quick: bool,
+    clients: usize,
+    seconds: f64,
+    sizes: Vec<usize>,
+    out: String,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        quick: false,
+        clients: 32,
+        seconds: 5.0,
+        sizes: vec![256, 1024, 16384],
+        out: "target/bench-load.md".into(),
+    };
+    // `cargo test --benches` runs this without `--bench`: a quick smoke run, not a measurement.
+    if !std::env::args().any(|a| a == "--bench") {
+        a.quick = true;
+        a.seconds = 0.3;
+        a.clients = 2;
+        a.sizes = vec![1024];
+    }
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => {
+                a.quick = true;
+                a.seconds = 0.5;
+                a.clients = 4;
+                a.sizes = vec![1024];
+            }
+            "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).expect("--clients N"),
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
+            "--sizes" => {
+                a.sizes = it.next().expect("--sizes").split(',').map(|s| s.parse().expect("size")).collect();
+            }
+            "--out" => a.out = it.next().expect("--out FILE"),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    a
+}
+
+/// A server process under test, with its resource use read from /proc.
+struct Proc {
+    child: Child,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, ready_prefix: &str, dir: Option<tempfile::TempDir>) -> Proc {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn server");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("server exited").expect("read");
+            if let Some(a) = line.strip_prefix(ready_prefix) {
+                break a.to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Proc { child, url: format!("http://{addr}"), _dir: dir }
+    }
+
+    fn chatvault(durability: &str) -> Proc {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatvault"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", durability])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--key-dir")
+            .arg(dir.path().join("keys"))
+            .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+            .env("CHATVAULT_LOG", "warn");
+        Proc::spawn(cmd, "chatvault listening on ", Some(dir))
+    }
+
+    fn echo() -> Proc {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.arg("echo-server");
+        Proc::spawn(cmd, "echo listening on ", None)
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        s.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU seconds used so far (user + system).
+    fn cpu_seconds(&self) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let after = s.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Throughput and latency of one run.
+struct Run {
+    name: String,
+    ops: usize,
+    secs: f64,
+    lat_us: Vec<u32>,
+    cpu: f64,
+    idle_rss_mib: f64,
+    peak_rss_mib: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    fn pct(&self, p: f64) -> u32 {
+        if self.lat_us.is_empty() {
+            return 0;
+        }
+        self.lat_us[((self.lat_us.len() - 1) as f64 * p).round() as usize]
+    }
+    fn row(&self, base: Option<&Run>) -> String {
+        let ratio = base.map(|b| format!("{:.2}x", self.rate() / b.rate())).unwrap_or_else(|| "—".into());
+        format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {:.0}% | {:.0} / {:.0} |",
+            self.name,
+            self.rate(),
+            ratio,
+            self.pct(0.5),
+            self.pct(0.99),
+            self.pct(0.999),
+            100.0 * self.cpu / self.secs,
+            self.idle_rss_mib,
+            self.peak_rss_mib
+        )
+    }
+}
+
+/// Runs `clients` loops of `op` for `secs` against a server, collecting latencies.
+async fn drive<F, Fut>(name: &str, server: &Proc, clients: usize, secs: f64, op: F) -> Run
+where
+    F: Fn(usize, Channel) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<
+            Output = Box<dyn FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>,
+        > + Send,
+{
+    let idle = server.status_kib("VmRSS:") as f64 / 1024.0;
+    let cpu0 = server.cpu_seconds();
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let ch = Channel::from_shared(server.url.clone()).unwrap().connect().await.expect("connect");
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut call = op(c, ch).await;
+            let mut lat = Vec::with_capacity(1 << 14);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                call().await;
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            lat
+        }));
+    }
+    let mut lat_us = Vec::new();
+    for t in tasks {
+        lat_us.extend(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat_us.sort_unstable();
+    Run {
+        name: name.into(),
+        ops: lat_us.len(),
+        secs,
+        lat_us,
+        cpu: server.cpu_seconds() - cpu0,
+        idle_rss_mib: idle,
+        peak_rss_mib: server.status_kib("VmHWM:") as f64 / 1024.0,
+    }
+}
+
+type Call = Box<dyn FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
+fn tenant_client(
+    ch: Channel,
+) -> TranscriptServiceClient<tonic::service::interceptor::InterceptedService<Channel, TenantHeader>> {
+    TranscriptServiceClient::with_interceptor(ch, TenantHeader::new("bench").unwrap())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn message(i: usize, size: usize) -> pb::Message {
+    pb::Message {
+        message_id: format!("m{i}"),
+        author_role: pb::AuthorRole::Visitor as i32,
+        author_name: "Visitor".into(),
+        sent_at: None,
+        text: "x".repeat(size),
+    }
+}
+
+async fn echo_run(server: &Proc, a: &Args, size: usize) -> Run {
+    drive(&format!("tonic echo floor, {size} B"), server, a.clients, a.seconds, move |_, ch| async move {
+        let client = echo::echo_client::EchoClient::new(ch);
+        let payload = vec![b'x'; size];
+        Box::new(move || {
+            let mut c = client.clone();
+            let p = payload.clone();
+            Box::pin(async move {
+                c.echo(echo::EchoMessage { payload: p }).await.expect("echo");
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        }) as Call
+    })
+    .await
+}
+
+async fn append_run(name: &str, server: &Proc, a: &Args, size: usize) -> Run {
+    drive(name, server, a.clients, a.seconds, move |c, ch| async move {
+        let mut client = tenant_client(ch);
+        let id = format!("live-{c}-{size}");
+        let t = pb::Transcript { transcript_id: id.clone(), subject_id: format!("subject-{c}"), ..Default::default() };
+        client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
+        let mut n = 0;
+        Box::new(move || {
+            let mut cl = client.clone();
+            n += 1;
+            let req = pb::AppendMessagesRequest {
+                transcript_id: id.clone(),
+                messages: vec![message(n, size)],
+                expected_message_count: None,
+            };
+            Box::pin(async move {
+                cl.append_messages(req).await.expect("append");
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        }) as Call
+    })
+    .await
+}
+
+async fn get_run(server: &Proc, a: &Args, size: usize) -> Run {
+    drive(
+        &format!("chatvault GetTranscript (1 message), {size} B"),
+        server,
+        a.clients,
+        a.seconds,
+        move |c, ch| async move {
+            let mut client = tenant_client(ch);
+            let id = format!("read-{c}-{size}");
+            let t = pb::Transcript {
+                transcript_id: id.clone(),
+                subject_id: format!("reader-{c}"),
+                messages: vec![message(0, size)],
+                ..Default::default()
+            };
+            client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
+            Box::new(move || {
+                let mut cl = client.clone();
+                let req = pb::GetTranscriptRequest { transcript_id: id.clone() };
+                Box::pin(async move {
+                    cl.get_transcript(req).await.expect("get");
+                }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            }) as Call
+        },
+    )
+    .await
+}
+
+async fn list_run(server: &Proc, a: &Args) -> Run {
+    drive("chatvault ListTranscripts (page of 20)", server, a.clients, a.seconds, move |c, ch| async move {
+        let mut client = tenant_client(ch);
+        let subject = format!("lister-{c}");
+        for i in 0..20 {
+            let t = pb::Transcript {
+                transcript_id: format!("{subject}-{i}"),
+                subject_id: subject.clone(),
+                messages: vec![message(0, 256)],
+                ..Default::default()
+            };
+            client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
+        }
+        Box::new(move || {
+            let mut cl = client.clone();
+            let req =
+                pb::ListTranscriptsRequest { subject_id: subject.clone(), page_size: 20, page_token: String::new() };
+            Box::pin(async move {
+                assert_eq!(cl.list_transcripts(req).await.expect("list").into_inner().transcripts.len(), 20);
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        }) as Call
+    })
+    .await
+}
+
+/// Shred latency, in process, durable (fsync): subjects with `per_subject` transcripts each.
+async fn shred_latencies(subjects: usize, per_subject: usize) -> Vec<u32> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = || RootKeySource::Hex(zeroize::Zeroizing::new(ROOT_KEY_HEX.into()));
+    let tenant = TenantId::parse("bench").unwrap();
+    let transcript = |id: String, subject: String| Transcript {
+        transcript_id: id,
+        subject_id: subject,
+        channel: "web".into(),
+        started_at: None,
+        ended_at: None,
+        metadata: Default::default(),
+        messages: Vec::new(),
+        message_count: 0,
+    };
+    {
+        // Loading is not what is measured: no sync per write.
+        let mut opts = VaultOptions::new(dir.path().join("data"), dir.path().join("keys"), root());
+        opts.durability = Durability::None;
+        let (v, _) = Vault::open(opts).unwrap();
+        for s in 0..subjects {
+            for t in 0..per_subject {
+                v.put_transcript(&tenant, transcript(format!("s{s}-t{t}"), format!("subject-{s}"))).await.unwrap();
+            }
+        }
+        v.sync().unwrap();
+    }
+    let opts = VaultOptions::new(dir.path().join("data"), dir.path().join("keys"), root());
+    let (v, _) = Vault::open(opts).unwrap();
+    let mut lat = Vec::new();
+    for s in 0..subjects {
+        let t = Instant::now();
+        let r = v.shred_subject(&tenant, &format!("subject-{s}")).await.unwrap();
+        lat.push(t.elapsed().as_micros() as u32);
+        assert_eq!(r.transcripts_shredded, per_subject as u64);
+    }
+    lat.sort_unstable();
+    lat
+}
+
+async fn run_echo_server() {
+    #[derive(Default)]
+    struct E;
+    #[tonic::async_trait]
+    impl echo::echo_server::Echo for E {
+        async fn echo(
+            &self,
+            r: tonic::Request<echo::EchoMessage>,
+        ) -> Result<tonic::Response<echo::EchoMessage>, tonic::Status> {
+            Ok(tonic::Response::new(r.into_inner()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("echo listening on {}", listener.local_addr().unwrap());
+    tonic::transport::Server::builder()
+        .add_service(echo::echo_server::EchoServer::new(E).max_decoding_message_size(64 << 20))
+        .serve_with_incoming(chatvault::grpc::incoming(listener))
+        .await
+        .unwrap();
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::args().nth(1).as_deref() == Some("echo-server") {
+        return rt.block_on(run_echo_server());
+    }
+    let a = args();
+    let mut out = String::new();
+    let head = "| run | req/s | ratio | p50 µs | p99 µs | p999 µs | server CPU | server RSS idle / peak MiB |\n|---|---|---|---|---|---|---|---|";
+    out += &format!("### gRPC over loopback: {} clients, {} s per run\n\n", a.clients, a.seconds);
+    rt.block_on(async {
+        for &size in &a.sizes {
+            out += &format!("\n#### {size} B payload\n\n{head}\n");
+            let echo_srv = Proc::echo();
+            let echo = echo_run(&echo_srv, &a, size).await;
+            drop(echo_srv);
+            let none_srv = Proc::chatvault("none");
+            let none = append_run(&format!("chatvault append, durability none, {size} B"), &none_srv, &a, size).await;
+            drop(none_srv);
+            let srv = Proc::chatvault("fsync");
+            let fsync = append_run(&format!("chatvault append, durability fsync, {size} B"), &srv, &a, size).await;
+            let get = get_run(&srv, &a, size).await;
+            out += &format!("{}\n", echo.row(None));
+            out += &format!("{}\n", none.row(Some(&echo)));
+            out += &format!("{} (vs none: {:.2}x)\n", fsync.row(Some(&echo)), fsync.rate() / none.rate());
+            out += &format!("{}\n", get.row(Some(&echo)));
+            eprintln!("{size} B done");
+        }
+        let srv = Proc::chatvault("fsync");
+        out += &format!("\n#### listing\n\n{head}\n{}\n", list_run(&srv, &a).await.row(None));
+        drop(srv);
+
+        let (n_small, n_big, subjects) = if a.quick { (10, 1_000, 3) } else { (10, 100_000, 3) };
+        let small = shred_latencies(20, n_small).await;
+        let big = shred_latencies(subjects, n_big).await;
+        let p50 = |v: &Vec<u32>| v[v.len() / 2];
+        let max = |v: &Vec<u32>| *v.last().unwrap();
+        out += &format!(
+            "\n#### shred, in process, durability fsync (includes the durable flush)\n\n\
+             | transcripts per subject | shreds | p50 µs | max µs |\n|---|---|---|---|\n\
+             | {n_small} | {} | {} | {} |\n| {n_big} | {} | {} | {} |\n\n\
+             p50 ratio {n_big} vs {n_small}: {:.2}x\n",
+            small.len(),
+            p50(&small),
+            max(&small),
+            big.len(),
+            p50(&big),
+            max(&big),
+            p50(&big) as f64 / p50(&small) as f64
+        );
+    });
+    println!("{out}");
+    if let Some(parent) = std::path::Path::new(&a.out).parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(&a.out, &out).expect("write report");
+}

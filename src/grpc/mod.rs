@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 pub use tenant::{TENANT_HEADER, TenantHeader};
 
@@ -69,7 +69,13 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(transcripts)
         .add_service(subjects)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY (without it, Nagle's algorithm and delayed ACKs
+/// add ~40 ms to small responses) and keepalive (dead peers are noticed).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)))
 }
