@@ -70,6 +70,8 @@ pub trait KvStore: Send + Sync + 'static {
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
     /// Up to `limit` entries whose key starts with `prefix`, in key order, after `after`.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError>;
+    /// The last entry whose key starts with `prefix`, if any.
+    fn last(&self, prefix: &[u8]) -> Result<Option<Entry>, StoreError>;
     /// Replaces `key`'s value with `new` only if it is still `old` (`None`: absent).
     /// Returns whether it swapped.
     fn compare_and_swap(&self, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<bool, StoreError>;
@@ -110,6 +112,8 @@ mod tests {
         let page = store.scan(b"a", None, 4).unwrap();
         assert_eq!(page.len(), 4);
         let next = store.scan(b"a", Some(&page[3].0), 100).unwrap();
+        assert_eq!(store.last(b"a").unwrap().unwrap().0, vec![b'a', 9]);
+        assert_eq!(store.last(b"c").unwrap(), None);
         assert_eq!(next.len(), 6);
         assert_eq!(next[0].0, vec![b'a', 4]);
         let mut d = Batch::default();

@@ -100,6 +100,16 @@ impl KvStore for SledStore {
         Ok(out)
     }
 
+    fn last(&self, prefix: &[u8]) -> Result<Option<Entry>, StoreError> {
+        match self.tree.scan_prefix(prefix).next_back() {
+            Some(item) => {
+                let (k, v) = item.map_err(engine)?;
+                Ok(Some((k.to_vec(), v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn compare_and_swap(&self, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<bool, StoreError> {
         Ok(self.tree.compare_and_swap(key, old, new).map_err(engine)?.is_ok())
     }

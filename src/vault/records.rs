@@ -45,8 +45,9 @@ pub struct SubjectRecord {
     pub last_shredded_at: Option<i64>,
 }
 
-/// Per transcript: small plaintext bookkeeping, rewritten on every append (so an
-/// append costs the same however long the transcript is). No personal data.
+/// Per transcript: small plaintext bookkeeping, written on put and close only. Appends
+/// never rewrite it (the message count is the last message's sequence number + 1), so an
+/// append writes just its messages, however long the transcript is. No personal data.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Header {
     pub subject: [u8; 32],
@@ -54,7 +55,6 @@ pub struct Header {
     pub incarnation: u64,
     pub started_at: i64,
     pub ended_at: Option<i64>,
-    pub message_count: u32,
 }
 
 /// Per transcript incarnation, written once: its key and its encrypted [`Body`].

@@ -12,6 +12,9 @@ use crate::crypto::{SecretKey, random_bytes};
 use crate::keys::KeyRef;
 use crate::store::Batch;
 
+/// Messages read per store scan when reading a transcript.
+const MESSAGE_CHUNK: usize = 1024;
+
 /// Default and maximum page sizes of `list_transcripts`.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -82,7 +85,6 @@ impl Vault {
                     incarnation: place_inc,
                     started_at: started.micros(),
                     ended_at: t.ended_at.map(Timestamp::micros),
-                    message_count: t.messages.len() as u32,
                 };
                 batch.put(layout::body(tenant.as_str(), &tb, place_inc), records::encode(&body)?);
                 batch
@@ -90,6 +92,7 @@ impl Vault {
                 batch.put(hkey.clone(), records::encode(&header)?);
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
                 self.apply(batch)?;
+                self.set_count(tenant, &tb, &header, Some(t.messages.len() as u32));
                 self.cache.insert(self.transcript_ref(tenant, &tb, &header), Arc::new(tk));
                 break (old.is_some(), self.commit.ticket());
             }
@@ -148,19 +151,19 @@ impl Vault {
         self.limits.id("transcript_id", transcript_id)?;
         self.limits.messages("messages", &messages, false)?;
         let now = self.clock.now();
-        let (count, ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
+        let (count, ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
             if h.ended_at.is_some() {
                 return Err(VaultError::FailedPrecondition("transcript is closed; no messages can be appended".into()));
             }
+            let held = self.cached_count(tenant, tb, &h)?;
             if let Some(expected) = expected_count
-                && expected != h.message_count
+                && expected != held
             {
                 return Err(VaultError::Aborted(format!(
-                    "expected_message_count is {expected} but the transcript holds {}",
-                    h.message_count
+                    "expected_message_count is {expected} but the transcript holds {held}"
                 )));
             }
-            let total = u64::from(h.message_count) + messages.len() as u64;
+            let total = u64::from(held) + messages.len() as u64;
             if total > u64::from(self.limits.max_messages_per_transcript) {
                 return Err(VaultError::FailedPrecondition(format!(
                     "transcript would hold {total} messages; the limit is {}",
@@ -171,13 +174,13 @@ impl Vault {
             let place =
                 Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
             for (i, m) in messages.iter().enumerate() {
-                let seq = h.message_count + i as u32;
+                let seq = held + i as u32;
                 let sealed = place.seal_message(self.alg, &tk, seq, m, now)?;
                 batch.put(layout::message(tenant.as_str(), tb, h.incarnation, seq), sealed);
             }
-            h.message_count = total as u32;
-            batch.put(layout::header(tenant.as_str(), tb), records::encode(&h)?);
-            Ok(h.message_count)
+            // Still under the stripe lock; if the batch then fails, the entry is dropped below.
+            self.set_count(tenant, tb, &h, Some(total as u32));
+            Ok(total as u32)
         })?;
         self.commit.wait(ticket).await?;
         Ok(count)
@@ -273,13 +276,8 @@ impl Vault {
         let prefix = layout::messages_prefix(tenant.as_str(), &tb, h.incarnation);
         let mut after: Option<Vec<u8>> = None;
         let mut bytes = 0usize;
-        t.messages.reserve(h.message_count.min(4096) as usize);
-        while t.messages.len() < h.message_count as usize {
-            let want = (h.message_count as usize - t.messages.len()).min(1024);
-            let chunk = self.store.scan(&prefix, after.as_deref(), want)?;
-            if chunk.is_empty() {
-                return Err(VaultError::Corrupt("transcript messages"));
-            }
+        loop {
+            let chunk = self.store.scan(&prefix, after.as_deref(), MESSAGE_CHUNK)?;
             for (key, value) in &chunk {
                 let seq = t.messages.len() as u32;
                 if layout::message_seq(key) != Some(seq) {
@@ -294,9 +292,50 @@ impl Vault {
                 }
                 t.messages.push(place.open_message(&tk, seq, value)?);
             }
+            if chunk.len() < MESSAGE_CHUNK {
+                break;
+            }
             after = chunk.last().map(|(k, _)| k.clone());
         }
+        t.message_count = t.messages.len() as u32;
         Ok(t)
+    }
+
+    /// The message count for an append: from the in-memory count if present, else the
+    /// store. The caller holds the subject's stripe lock.
+    fn cached_count(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<u32, VaultError> {
+        let key = (tenant.as_str().to_owned(), *tb, h.incarnation);
+        if let Some(n) = self.counts.lock().ok().and_then(|mut c| c.get(&key).copied()) {
+            return Ok(n);
+        }
+        self.message_count(tenant, tb, h)
+    }
+
+    fn set_count(&self, tenant: &TenantId, tb: &Blind, h: &Header, count: Option<u32>) {
+        if let Ok(mut c) = self.counts.lock() {
+            let key = (tenant.as_str().to_owned(), *tb, h.incarnation);
+            match count {
+                Some(n) => {
+                    c.put(key, n);
+                }
+                None => {
+                    c.pop(&key);
+                }
+            }
+        }
+    }
+
+    /// Messages in a transcript: the last one's sequence number + 1. One reverse seek,
+    /// so appends never need to rewrite a counter.
+    fn message_count(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<u32, VaultError> {
+        let prefix = layout::messages_prefix(tenant.as_str(), tb, h.incarnation);
+        match self.store.last(&prefix)? {
+            Some((key, _)) => {
+                let seq = layout::message_seq(&key).ok_or(VaultError::Corrupt("transcript messages"))?;
+                Ok(seq + 1)
+            }
+            None => Ok(0),
+        }
     }
 
     /// Lists a subject's transcripts, newest first, without their messages.
@@ -331,7 +370,11 @@ impl Vault {
             if h.subject != sb || h.generation != subj.generation {
                 continue;
             }
-            match self.summary(tenant, &tb, &h).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h)) {
+            let summary = self.summary(tenant, &tb, &h).and_then(|mut t| {
+                t.message_count = self.message_count(tenant, &tb, &h)?;
+                Ok(t)
+            });
+            match summary.or_else(|e| self.unless_replaced(e, tenant, &hkey, &h)) {
                 Ok(t) => transcripts.push(t),
                 Err(VaultError::NotFound(_) | VaultError::Aborted(_) | VaultError::Erased(_)) => continue,
                 Err(e) => return Err(e),
@@ -362,8 +405,13 @@ impl Vault {
             }
             self.check_live(tenant, &h)?;
             let mut batch = Batch::default();
+            let counted = h.clone();
             let r = f(&tb, h, &mut batch)?;
-            self.apply(batch)?;
+            if let Err(e) = self.apply(batch) {
+                // `f` may have counted messages that were never written.
+                self.set_count(tenant, &tb, &counted, None);
+                return Err(e);
+            }
             return Ok((r, self.commit.ticket()));
         }
     }
@@ -413,7 +461,7 @@ impl Vault {
         Ok(tk)
     }
 
-    /// A transcript without messages: header fields plus the decrypted body.
+    /// A transcript without messages (and a zero count): header fields plus the decrypted body.
     fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
         let tk = self.transcript_key(tenant, tb, h)?;
         let body = self.body_record(tenant, tb, h)?;
@@ -421,7 +469,6 @@ impl Vault {
         let mut t = place.open_body(&tk, &body.body)?;
         t.started_at = Some(Timestamp::from_micros(h.started_at).ok_or(VaultError::Corrupt("transcript header"))?);
         t.ended_at = h.ended_at.and_then(Timestamp::from_micros);
-        t.message_count = h.message_count;
         Ok(t)
     }
 
