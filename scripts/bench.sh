@@ -5,5 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench --bench engine -- --noplot
 cargo bench --bench load -- --out target/bench-load.md "$@"
+# The SQLCipher peer needs Debian's libsqlcipher-dev; install it if we may.
+if ! pkg-config --exists sqlcipher 2>/dev/null && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsqlcipher-dev pkg-config >/dev/null
+fi
+if pkg-config --exists sqlcipher 2>/dev/null; then
+  cargo bench --features peer-sqlcipher --bench peer -- --out target/bench-peer.md
+else
+  echo "libsqlcipher-dev missing: skipping the SQLCipher peer" >&2
+  rm -f target/bench-peer.md
+fi
 python3 scripts/bench_report.py > BENCHMARKS.md
 echo "BENCHMARKS.md regenerated"

@@ -84,3 +84,8 @@ try:
     print(open("target/bench-load.md").read())
 except OSError:
     print("(load generator not run)")
+print()
+try:
+    print(open("target/bench-peer.md").read())
+except OSError:
+    print("(SQLCipher peer not run: needs libsqlcipher-dev)")

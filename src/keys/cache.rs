@@ -1,5 +1,6 @@
 //! Bounded cache of unwrapped keys. Entries are `Arc<SecretKey>`: the key bytes are
 //! zeroized when the last holder drops them, whether evicted by size or by a shred.
+//! Only tenant and subject keys are cached, so a shred evicts exactly one entry.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -15,8 +16,6 @@ pub enum KeyRef {
     Tenant(String),
     /// A subject's data key in one generation.
     Subject { tenant: String, subject: [u8; 32], generation: u32 },
-    /// A transcript's key in one incarnation.
-    Transcript { tenant: String, subject: [u8; 32], transcript: [u8; 32], incarnation: u64 },
 }
 
 pub struct KeyCache {
@@ -36,25 +35,6 @@ impl KeyCache {
     pub fn insert(&self, k: KeyRef, v: Arc<SecretKey>) {
         if let Ok(mut c) = self.inner.lock() {
             c.put(k, v);
-        }
-    }
-
-    /// Drops every key of one subject (its data key and its transcripts' keys).
-    pub fn evict_subject(&self, tenant_id: &str, subject_blind: &[u8; 32]) {
-        let Ok(mut c) = self.inner.lock() else { return };
-        let doomed: Vec<KeyRef> = c
-            .iter()
-            .map(|(k, _)| k)
-            .filter(|k| match k {
-                KeyRef::Subject { tenant, subject, .. } | KeyRef::Transcript { tenant, subject, .. } => {
-                    tenant == tenant_id && subject == subject_blind
-                }
-                KeyRef::Tenant(_) => false,
-            })
-            .cloned()
-            .collect();
-        for k in doomed {
-            c.pop(&k);
         }
     }
 
@@ -82,16 +62,14 @@ mod tests {
     }
 
     #[test]
-    fn evicting_a_subject_drops_its_transcript_keys_too() {
+    fn removing_a_key_drops_only_that_key() {
         let c = KeyCache::new(16);
         let s = KeyRef::Subject { tenant: "t".into(), subject: [1; 32], generation: 0 };
-        let tr = KeyRef::Transcript { tenant: "t".into(), subject: [1; 32], transcript: [2; 32], incarnation: 5 };
         let other = KeyRef::Subject { tenant: "t".into(), subject: [9; 32], generation: 0 };
-        for k in [&s, &tr, &other] {
-            c.insert(k.clone(), key());
-        }
-        c.evict_subject("t", &[1; 32]);
-        assert!(c.get(&s).is_none() && c.get(&tr).is_none());
+        c.insert(s.clone(), key());
+        c.insert(other.clone(), key());
+        c.remove(&s);
+        assert!(c.get(&s).is_none());
         assert!(c.get(&other).is_some());
     }
 

@@ -4,6 +4,7 @@ use super::layout;
 use super::model::{ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp};
 use super::records::{self, Garbage};
 use super::{META_SHRED_EPOCH, Vault, VaultError};
+use crate::keys::KeyRef;
 use crate::store::Batch;
 
 impl Vault {
@@ -23,9 +24,11 @@ impl Vault {
             let epoch = self.keys.current_epoch();
             let mut shredded = 0;
             let mut batch = Batch::default();
+            let mut evict = None;
             if let Some(mut s) = self.read_subject(tenant, &sb)?
                 && s.active
             {
+                evict = Some(s.generation);
                 shredded = s.transcript_count;
                 batch.delete(layout::subject_key(tenant.as_str(), &sb));
                 self.queue_garbage(
@@ -45,7 +48,9 @@ impl Vault {
             if !batch.is_empty() {
                 self.apply(batch)?;
             }
-            self.cache.evict_subject(tenant.as_str(), &sb);
+            if let Some(generation) = evict {
+                self.cache.remove(&KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: sb, generation });
+            }
             (sb, shredded, epoch, self.commit.ticket())
         };
         self.commit.wait(ticket).await?;

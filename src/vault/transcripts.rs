@@ -1,15 +1,12 @@
 //! Transcript operations. Writes hold their subject's stripe lock from the first read
 //! to the batch, then wait for group commit outside it.
 
-use std::sync::Arc;
-
 use super::layout::{self, Blind};
 use super::model::{Message, TenantId, Timestamp, Transcript, TranscriptPage};
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
 use super::seal::{Place, seal_err};
 use super::{Vault, VaultError};
 use crate::crypto::{SecretKey, random_bytes};
-use crate::keys::KeyRef;
 use crate::store::Batch;
 
 /// Messages read per store scan when reading a transcript.
@@ -93,7 +90,6 @@ impl Vault {
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
                 self.apply(batch)?;
                 self.set_count(tenant, &tb, &header, Some(t.messages.len() as u32));
-                self.cache.insert(self.transcript_ref(tenant, &tb, &header), Arc::new(tk));
                 break (old.is_some(), self.commit.ticket());
             }
         };
@@ -120,7 +116,6 @@ impl Vault {
             &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: old.incarnation },
         )?;
         batch.delete(layout::body(tenant.as_str(), tb, old.incarnation));
-        self.cache.remove(&self.transcript_ref(tenant, tb, old));
         let old_index = layout::by_subject(tenant.as_str(), &old.subject, old.generation, old.started_at, tb);
         if old.subject == *new_subject {
             if old.generation == new_subj.generation {
@@ -170,7 +165,7 @@ impl Vault {
                     self.limits.max_messages_per_transcript
                 )));
             }
-            let tk = self.transcript_key(tenant, tb, &h)?;
+            let (tk, _) = self.transcript_key(tenant, tb, &h)?;
             let place =
                 Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
             for (i, m) in messages.iter().enumerate() {
@@ -229,7 +224,6 @@ impl Vault {
                     incarnation: h.incarnation,
                 },
             )?;
-            self.cache.remove(&self.transcript_ref(tenant, tb, &h));
             Ok(())
         })?;
         Ok(self.commit.wait(ticket).await?)
@@ -270,8 +264,7 @@ impl Vault {
 
     fn read_transcript(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
         let tb = *tb;
-        let mut t = self.summary(tenant, &tb, h)?;
-        let tk = self.transcript_key(tenant, &tb, h)?;
+        let (mut t, tk) = self.summary(tenant, &tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: &tb, incarnation: h.incarnation };
         let prefix = layout::messages_prefix(tenant.as_str(), &tb, h.incarnation);
         let mut after: Option<Vec<u8>> = None;
@@ -370,7 +363,7 @@ impl Vault {
             if h.subject != sb || h.generation != subj.generation {
                 continue;
             }
-            let summary = self.summary(tenant, &tb, &h).and_then(|mut t| {
+            let summary = self.summary(tenant, &tb, &h).and_then(|(mut t, _)| {
                 t.message_count = self.message_count(tenant, &tb, &h)?;
                 Ok(t)
             });
@@ -431,15 +424,6 @@ impl Vault {
         }
     }
 
-    fn transcript_ref(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> KeyRef {
-        KeyRef::Transcript {
-            tenant: tenant.as_str().to_owned(),
-            subject: h.subject,
-            transcript: *tb,
-            incarnation: h.incarnation,
-        }
-    }
-
     fn body_record(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<BodyRecord, VaultError> {
         let bytes = self
             .store
@@ -448,28 +432,25 @@ impl Vault {
         records::decode(&bytes, "transcript body")
     }
 
-    fn transcript_key(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Arc<SecretKey>, VaultError> {
-        let cache_ref = self.transcript_ref(tenant, tb, h);
-        if let Some(k) = self.cache.get(&cache_ref) {
-            return Ok(k);
-        }
+    /// A transcript's key and body record. Transcript keys are not cached: unwrapping one
+    /// costs well under a microsecond, and an uncached key is one a shred never has to
+    /// hunt for in memory (the subject key is the only one evicted, in O(1)).
+    fn transcript_key(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<(SecretKey, BodyRecord), VaultError> {
         let dek = self.subject_key(tenant, &h.subject, h.generation)?;
         let body = self.body_record(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
-        let tk = Arc::new(place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?);
-        self.cache.insert(cache_ref, tk.clone());
-        Ok(tk)
+        Ok((place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?, body))
     }
 
-    /// A transcript without messages (and a zero count): header fields plus the decrypted body.
-    fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
-        let tk = self.transcript_key(tenant, tb, h)?;
-        let body = self.body_record(tenant, tb, h)?;
+    /// A transcript without messages (and a zero count): header fields plus the decrypted
+    /// body. Returns the transcript key too, for callers that go on to read messages.
+    fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<(Transcript, SecretKey), VaultError> {
+        let (tk, body) = self.transcript_key(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut t = place.open_body(&tk, &body.body)?;
         t.started_at = Some(Timestamp::from_micros(h.started_at).ok_or(VaultError::Corrupt("transcript header"))?);
         t.ended_at = h.ended_at.and_then(Timestamp::from_micros);
-        Ok(t)
+        Ok((t, tk))
     }
 
     pub(super) fn queue_garbage(&self, batch: &mut Batch, g: &Garbage) -> Result<(), VaultError> {
