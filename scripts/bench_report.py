@@ -89,3 +89,27 @@ try:
     print(open("target/bench-peer.md").read())
 except OSError:
     print("(SQLCipher peer not run: needs libsqlcipher-dev)")
+
+print("""
+## Reading the misses (profile of 2026-11-23)
+
+* **In-process store and get vs raw sled.** The baseline is one sled insert (or a hot
+  `get` that returns a reference-counted buffer without copying). chatvault's append does
+  4 point reads (the header twice, around taking the subject's lock; the subject record; the
+  body record holding the wrapped transcript key), then writes only the message records (the
+  message count lives in memory, not in a rewritten header). GetTranscript does 4 point reads and a range scan, and decrypts the body and each
+  message. `perf` on the engine bench shows sled's own costs dominating: copying and
+  freeing whole leaf nodes on every update (`sled::node::Data` clone/drop), allocation, and
+  its background log writes. AES-GCM and the HMAC blind index together are ~3% (see above).
+  Reaching 0.85x of a bare insert would need the metadata lookups cached in memory or a
+  storage engine without sled's per-update node copy; the `KvStore` trait is where another
+  engine would go (garage replaced sled for the same reasons).
+* **gRPC store vs the echo floor.** With the server profiled under 32-client append load,
+  ~39% of its CPU samples are in sled's I/O thread pool (log writes, node frees), competing
+  with gRPC for the same 2 cores; `sled::Mode::HighThroughput` made no measurable difference.
+  Durable group commit itself costs little: fsync vs durability none is within target.
+* **Disk.** sled's own space amplification (~1.84x, shared/notes) times ~1.1x record overhead
+  (30-byte envelope, key, ids) lands just above the 2.0x target.
+* **Not measured yet.** Export over gRPC and server RSS while exporting a 1 GB tenant need the
+  export API (its own issue); the in-process export path above is its stand-in.
+""")

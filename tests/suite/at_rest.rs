@@ -57,8 +57,7 @@ async fn no_personal_data_is_stored_in_plaintext() {
 
 /// Swaps the values of two records in the stopped server's sled tree.
 fn swap_values(dirs: &Dirs, a: &[u8], b: &[u8]) {
-    let db = sled::open(dirs.data()).unwrap();
-    let tree = db.open_tree("vault").unwrap();
+    let (db, tree) = raw_tree(dirs);
     let va = tree.get(a).unwrap().unwrap();
     let vb = tree.get(b).unwrap().unwrap();
     tree.insert(a, vb).unwrap();
@@ -66,11 +65,9 @@ fn swap_values(dirs: &Dirs, a: &[u8], b: &[u8]) {
     db.flush().unwrap();
 }
 
-/// The keys of all message records (type byte 0x05), in key order.
+/// The keys of all message records, in key order.
 fn message_keys(dirs: &Dirs) -> Vec<Vec<u8>> {
-    let db = sled::open(dirs.data()).unwrap();
-    let tree = db.open_tree("vault").unwrap();
-    tree.scan_prefix([5u8]).keys().map(|k| k.unwrap().to_vec()).collect()
+    raw_tree(dirs).1.scan_prefix([kind::MESSAGE]).keys().map(|k| k.unwrap().to_vec()).collect()
 }
 
 #[tokio::test]
@@ -145,10 +142,10 @@ async fn chacha20_poly1305_records_read_back_after_switching_to_aes() {
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("cc", "s", 1_700_000_000, &["written with chacha"])).await;
     server.stop().await;
-    let db = sled::open(dirs.data()).unwrap();
-    let algs: Vec<u8> = db.open_tree("vault").unwrap().scan_prefix([5u8]).values().map(|v| v.unwrap()[1]).collect();
+    let (db, tree) = raw_tree(&dirs);
+    let algs: Vec<u8> = tree.scan_prefix([kind::MESSAGE]).values().map(|v| v.unwrap()[1]).collect();
     assert_eq!(algs, [2], "the message envelope records ChaCha20-Poly1305");
-    drop(db);
+    drop((tree, db));
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "cc").await.unwrap().messages[0].text, "written with chacha");
@@ -190,10 +187,8 @@ async fn delete_removes_the_transcript_key_from_the_store_at_once() {
     put(&mut c, transcript("kept", "s", 1_700_000_000, &["hi"])).await;
     c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "doomed".into() }).await.unwrap();
     server.stop().await;
-    // Body records (type 0x07) hold the wrapped transcript keys: only "kept"'s is left,
-    // although the reclaimer (60 s minimum age by default) has not run.
-    let db = sled::open(dirs.data()).unwrap();
-    let tree = db.open_tree("vault").unwrap();
-    assert_eq!(tree.scan_prefix([7u8]).count(), 1);
-    assert_eq!(tree.scan_prefix([5u8]).count(), 2, "message ciphertext awaits the reclaimer");
+    // Body records hold the wrapped transcript keys: only "kept"'s is left, although the
+    // reclaimer (60 s minimum age by default) has not run.
+    assert_eq!(raw_count(&dirs, kind::BODY), 1);
+    assert_eq!(raw_count(&dirs, kind::MESSAGE), 2, "message ciphertext awaits the reclaimer");
 }

@@ -216,3 +216,25 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&f, &dest).unwrap();
     }
 }
+
+/// Record type bytes of the vault's key layout (src/vault/layout.rs), for tests that
+/// inspect or tamper with the stopped server's files.
+pub mod kind {
+    pub const HEADER: u8 = 0x03;
+    pub const BY_SUBJECT: u8 = 0x04;
+    pub const MESSAGE: u8 = 0x05;
+    pub const GARBAGE: u8 = 0x06;
+    pub const BODY: u8 = 0x07;
+}
+
+/// The stopped server's sled tree, opened directly.
+pub fn raw_tree(dirs: &Dirs) -> (sled::Db, sled::Tree) {
+    let db = sled::open(dirs.data()).unwrap();
+    let tree = db.open_tree("vault").unwrap();
+    (db, tree)
+}
+
+/// How many records of one type the stopped server left.
+pub fn raw_count(dirs: &Dirs, kind: u8) -> usize {
+    raw_tree(dirs).1.scan_prefix([kind]).count()
+}
