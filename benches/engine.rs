@@ -9,6 +9,11 @@ use chatvault::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use chatvault::keys::RootKeySource;
 use chatvault::store::Durability;
 use chatvault::vault::{AuthorRole, Message, TenantId, Transcript, Vault, VaultOptions};
+
+/// A visitor message of `len` bytes.
+fn message(i: usize, len: usize) -> Message {
+    Message::new(format!("m{i}"), AuthorRole::Visitor, "Visitor", "x".repeat(len))
+}
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
 
@@ -22,29 +27,6 @@ fn vault(dir: &std::path::Path) -> Vault {
     // Measured here is cost, not limits: criterion appends ~100k messages to one transcript.
     opts.limits.max_messages_per_transcript = u32::MAX;
     Vault::open(opts).unwrap().0
-}
-
-fn message(i: usize, len: usize) -> Message {
-    Message {
-        message_id: format!("m{i}"),
-        author_role: AuthorRole::Visitor,
-        author_name: "Visitor".into(),
-        sent_at: None,
-        text: "x".repeat(len),
-    }
-}
-
-fn transcript(id: &str, subject: &str, messages: Vec<Message>) -> Transcript {
-    Transcript {
-        transcript_id: id.into(),
-        subject_id: subject.into(),
-        channel: "web".into(),
-        started_at: None,
-        ended_at: None,
-        metadata: Default::default(),
-        messages,
-        message_count: 0,
-    }
 }
 
 fn raw_sled(dir: &std::path::Path) -> sled::Tree {
@@ -70,7 +52,8 @@ fn store(c: &mut Criterion) {
     });
     // Many transcripts, so the tree grows like the baseline's does.
     for t in 0..100 {
-        rt.block_on(v.put_transcript(&tenant, transcript(&format!("t{t}"), &format!("s{}", t % 10), vec![]))).unwrap();
+        rt.block_on(v.put_transcript(&tenant, Transcript::new(format!("t{t}"), format!("s{}", t % 10), vec![])))
+            .unwrap();
     }
     let mut n = 0usize;
     g.bench_function("chatvault_append_encrypted", |b| {
@@ -91,7 +74,7 @@ fn get(c: &mut Criterion) {
     let raw = raw_sled(dir.path());
     for i in 0..1000u64 {
         raw.insert(i.to_be_bytes(), vec![7u8; KIB]).unwrap();
-        rt.block_on(v.put_transcript(&tenant, transcript(&format!("t{i}"), "s", vec![message(0, KIB)]))).unwrap();
+        rt.block_on(v.put_transcript(&tenant, Transcript::new(format!("t{i}"), "s", vec![message(0, KIB)]))).unwrap();
     }
     let mut g = c.benchmark_group("get_1KiB");
     g.throughput(Throughput::Bytes(KIB as u64));
@@ -123,7 +106,7 @@ fn append_scaling(c: &mut Criterion) {
         let msgs: Vec<Message> = (0..existing).map(|i| message(i, 256)).collect();
         for chunk in msgs.chunks(1000).enumerate() {
             if chunk.0 == 0 {
-                rt.block_on(v.put_transcript(&tenant, transcript(&id, "s", chunk.1.to_vec()))).unwrap();
+                rt.block_on(v.put_transcript(&tenant, Transcript::new(id.as_str(), "s", chunk.1.to_vec()))).unwrap();
             } else {
                 rt.block_on(v.append_messages(&tenant, &id, chunk.1.to_vec(), None)).unwrap();
             }
@@ -153,8 +136,10 @@ fn shred(c: &mut Criterion) {
                 s += 1;
                 let subject = format!("subject-{s}");
                 for t in 0..10 {
-                    rt.block_on(v.put_transcript(&tenant, transcript(&format!("{subject}-{t}"), &subject, vec![])))
-                        .unwrap();
+                    rt.block_on(
+                        v.put_transcript(&tenant, Transcript::new(format!("{subject}-{t}"), subject.as_str(), vec![])),
+                    )
+                    .unwrap();
                 }
                 subject
             },
@@ -198,7 +183,7 @@ fn export(c: &mut Criterion) {
     let tenant = TenantId::parse("bench").unwrap();
     for t in 0..50 {
         let msgs = (0..40).map(|i| message(i, KIB)).collect();
-        rt.block_on(v.put_transcript(&tenant, transcript(&format!("t{t}"), "exported", msgs))).unwrap();
+        rt.block_on(v.put_transcript(&tenant, Transcript::new(format!("t{t}"), "exported", msgs))).unwrap();
     }
     let ids: Vec<String> = v
         .list_transcripts(&tenant, "exported", 1000, "")

@@ -350,16 +350,7 @@ async fn shred_latencies(small: (usize, usize), large: (usize, usize)) -> (Vec<u
     let dir = tempfile::tempdir().unwrap();
     let root = || RootKeySource::Hex(zeroize::Zeroizing::new(ROOT_KEY_HEX.into()));
     let tenant = TenantId::parse("bench").unwrap();
-    let transcript = |id: String, subject: String| Transcript {
-        transcript_id: id,
-        subject_id: subject,
-        channel: "web".into(),
-        started_at: None,
-        ended_at: None,
-        metadata: Default::default(),
-        messages: Vec::new(),
-        message_count: 0,
-    };
+    let transcript = |id: String, subject: String| Transcript::new(id, subject, Vec::new());
     {
         // Loading is not what is measured: no sync per write.
         let mut opts = VaultOptions::new(dir.path().join("data"), dir.path().join("keys"), root());

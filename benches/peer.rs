@@ -10,6 +10,11 @@ use std::time::Instant;
 
 use chatvault::keys::RootKeySource;
 use chatvault::vault::{AuthorRole, Message, TenantId, Transcript, Vault, VaultOptions};
+
+/// A visitor message of `len` bytes.
+fn message(i: usize, len: usize) -> Message {
+    Message::new(format!("m{i}"), AuthorRole::Visitor, "Visitor", "x".repeat(len))
+}
 use rusqlite::{Connection, params};
 
 const OPS: usize = 2000;
@@ -17,29 +22,6 @@ const OPS: usize = 2000;
 fn percentile(v: &mut [u32], p: f64) -> u32 {
     v.sort_unstable();
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn message(i: usize, len: usize) -> Message {
-    Message {
-        message_id: format!("m{i}"),
-        author_role: AuthorRole::Visitor,
-        author_name: "Visitor".into(),
-        sent_at: None,
-        text: "x".repeat(len),
-    }
-}
-
-fn transcript(id: String, subject: String, messages: Vec<Message>) -> Transcript {
-    Transcript {
-        transcript_id: id,
-        subject_id: subject,
-        channel: "web".into(),
-        started_at: None,
-        ended_at: None,
-        metadata: Default::default(),
-        messages,
-        message_count: 0,
-    }
 }
 
 fn sqlcipher(path: &std::path::Path) -> Connection {
@@ -78,7 +60,7 @@ fn main() {
     let mut rows = Vec::new();
 
     // Store: append one 1 KiB message, durable.
-    rt.block_on(v.put_transcript(&tenant, transcript("live".into(), "s".into(), vec![]))).unwrap();
+    rt.block_on(v.put_transcript(&tenant, Transcript::new("live", "s", vec![]))).unwrap();
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let t0 = Instant::now();
     for i in 0..ops {
@@ -105,10 +87,8 @@ fn main() {
     });
 
     // Get: read a transcript of 10 messages of 1 KiB.
-    rt.block_on(
-        v.put_transcript(&tenant, transcript("ten".into(), "s".into(), (0..10).map(|i| message(i, 1024)).collect())),
-    )
-    .unwrap();
+    rt.block_on(v.put_transcript(&tenant, Transcript::new("ten", "s", (0..10).map(|i| message(i, 1024)).collect())))
+        .unwrap();
     for i in 0..10i64 {
         db.execute("INSERT INTO messages VALUES ('bench', 's', 'ten', ?1, 'Visitor', ?2)", params![i, text]).unwrap();
     }
@@ -148,7 +128,7 @@ fn main() {
             for t in 0..per {
                 rt.block_on(v.put_transcript(
                     &tenant,
-                    transcript(format!("{subject}-{t}"), subject.clone(), vec![message(0, 256)]),
+                    Transcript::new(format!("{subject}-{t}"), subject.clone(), vec![message(0, 256)]),
                 ))
                 .unwrap();
             }

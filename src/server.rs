@@ -50,6 +50,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), key_dir = %config.key_dir.display(),
         epoch = vault.key_epoch(), durability = ?config.durability, "chatvault serving");
+    // Handlers go in before the ready line: a SIGHUP or SIGTERM sent the moment the server
+    // says it is ready must find them, not the default action (terminate).
+    let hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     // Scripts and tests wait for this exact line on stdout.
     println!("chatvault listening on {addr}");
 
@@ -57,13 +61,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let workers = [
         tokio::spawn(rotation_worker(vault.clone(), config.rotation_check_interval_secs, stop_rx.clone())),
         tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
-        tokio::spawn(rotate_on_sighup(vault.clone(), stop_rx.clone())),
+        tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
     ];
     let serve_opts = ServeOptions {
         max_message_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
     };
-    let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = grpc::serve(vault.clone(), listener, serve_opts, async move {
         let _ = drain_rx.await;
@@ -125,11 +128,7 @@ async fn rotation_worker(vault: Arc<Vault>, every_secs: u64, mut stop: watch::Re
 }
 
 /// `kill -HUP` rotates the key-store key now: erasure made final on demand.
-async fn rotate_on_sighup(vault: Arc<Vault>, mut stop: watch::Receiver<bool>) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; on-demand rotation is off");
-        return;
-    };
+async fn rotate_on_sighup(vault: Arc<Vault>, mut hup: tokio::signal::unix::Signal, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = hup.recv() => rotate(&vault).await,

@@ -94,6 +94,24 @@ pub struct Message {
     pub text: String,
 }
 
+impl Message {
+    /// A message to write, sent "now" (the server's receive time).
+    pub fn new(
+        message_id: impl Into<String>,
+        author_role: AuthorRole,
+        author_name: impl Into<String>,
+        text: impl Into<String>,
+    ) -> Self {
+        Message {
+            message_id: message_id.into(),
+            author_role,
+            author_name: author_name.into(),
+            sent_at: None,
+            text: text.into(),
+        }
+    }
+}
+
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
@@ -115,6 +133,22 @@ pub struct Transcript {
     pub messages: Vec<Message>,
     /// Filled in on read; ignored on write.
     pub message_count: u32,
+}
+
+impl Transcript {
+    /// A transcript to write: started "now", open, no channel, metadata or messages yet.
+    pub fn new(transcript_id: impl Into<String>, subject_id: impl Into<String>, messages: Vec<Message>) -> Self {
+        Transcript {
+            transcript_id: transcript_id.into(),
+            subject_id: subject_id.into(),
+            channel: String::new(),
+            started_at: None,
+            ended_at: None,
+            metadata: BTreeMap::new(),
+            messages,
+            message_count: 0,
+        }
+    }
 }
 
 impl fmt::Debug for Transcript {

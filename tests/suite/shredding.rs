@@ -285,3 +285,18 @@ async fn rotations_during_writes_of_new_subjects_keep_every_key_readable() {
         assert_eq!(get(&mut c, &id).await.unwrap_or_else(|e| panic!("{id}: {e}")).messages[0].text, "kept");
     }
 }
+
+#[tokio::test]
+async fn a_sighup_the_moment_the_server_is_ready_rotates_instead_of_killing_it() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    server.signal("-HUP");
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["still serving"])).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log_text().contains("key-store rotation complete") {
+        assert!(Instant::now() < deadline, "no rotation:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&mut c, "t").await.unwrap().messages[0].text, "still serving");
+}
