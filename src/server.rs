@@ -54,6 +54,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     // says it is ready must find them, not the default action (terminate).
     let hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     // Scripts and tests wait for this exact line on stdout.
     println!("chatvault listening on {addr}");
 
@@ -74,7 +75,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     tokio::pin!(serve);
     let served = tokio::select! {
         r = &mut serve => r,
-        _ = async { tokio::select! { _ = sigterm.recv() => {}, _ = tokio::signal::ctrl_c() => {} } } => {
+        _ = async { tokio::select! { _ = sigterm.recv() => {}, _ = sigint.recv() => {} } } => {
             tracing::info!("shutting down: finishing requests in flight");
             let _ = drain_tx.send(());
             let grace = Duration::from_millis(config.shutdown_grace_ms);

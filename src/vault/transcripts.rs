@@ -237,7 +237,15 @@ impl Vault {
         let hkey = layout::header(tenant.as_str(), &tb);
         let h = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
         self.check_live(tenant, &h)?;
-        self.read_transcript(tenant, &tb, &h).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h))
+        let t = self.read_transcript(tenant, &tb, &h).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h))?;
+        // No stored count to check against: if the transcript was replaced or deleted while
+        // we read (and its messages reclaimed), what we read may be cut short. Say so instead.
+        // A close meanwhile changes only ended_at, not the messages: that read stands.
+        match self.read_header(&hkey)? {
+            Some(now) if now.incarnation == h.incarnation => Ok(t),
+            Some(_) => Err(VaultError::Aborted("the transcript changed while it was read; retry".into())),
+            None => Err(VaultError::NotFound("transcript")),
+        }
     }
 
     /// A read that failed because a concurrent replace, delete or shred removed what it
@@ -325,7 +333,7 @@ impl Vault {
         match self.store.last(&prefix)? {
             Some((key, _)) => {
                 let seq = layout::message_seq(&key).ok_or(VaultError::Corrupt("transcript messages"))?;
-                Ok(seq + 1)
+                seq.checked_add(1).ok_or(VaultError::Corrupt("transcript messages"))
             }
             None => Ok(0),
         }
@@ -435,16 +443,21 @@ impl Vault {
     /// A transcript's key and body record. Transcript keys are not cached: unwrapping one
     /// costs well under a microsecond, and an uncached key is one a shred never has to
     /// hunt for in memory (the subject key is the only one evicted, in O(1)).
-    fn transcript_key(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<(SecretKey, BodyRecord), VaultError> {
+    fn transcript_key(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        h: &Header,
+    ) -> Result<(Box<SecretKey>, BodyRecord), VaultError> {
         let dek = self.subject_key(tenant, &h.subject, h.generation)?;
         let body = self.body_record(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
-        Ok((place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?, body))
+        Ok((Box::new(place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?), body))
     }
 
     /// A transcript without messages (and a zero count): header fields plus the decrypted
     /// body. Returns the transcript key too, for callers that go on to read messages.
-    fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<(Transcript, SecretKey), VaultError> {
+    fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<(Transcript, Box<SecretKey>), VaultError> {
         let (tk, body) = self.transcript_key(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut t = place.open_body(&tk, &body.body)?;
