@@ -19,6 +19,18 @@ use rusqlite::{Connection, params};
 
 const OPS: usize = 2000;
 
+/// Runs `op` `n` times; returns (operations per second, p50 latency in µs).
+fn timed(n: usize, mut op: impl FnMut(usize)) -> (f64, u32) {
+    let mut lat = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        op(i);
+        lat.push(t.elapsed().as_micros() as u32);
+    }
+    (n as f64 / t0.elapsed().as_secs_f64(), percentile(&mut lat, 0.5))
+}
+
 fn percentile(v: &mut [u32], p: f64) -> u32 {
     v.sort_unstable();
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -46,6 +58,12 @@ struct Row {
     peer_p50: u32,
 }
 
+impl Row {
+    fn of(what: &str, (ours_ops, ours_p50): (f64, u32), (peer_ops, peer_p50): (f64, u32)) -> Row {
+        Row { what: what.into(), ours_ops, peer_ops, ours_p50, peer_p50 }
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     let out_path = std::env::args().skip_while(|a| a != "--out").nth(1).unwrap_or("target/bench-peer.md".into());
@@ -61,30 +79,15 @@ fn main() {
 
     // Store: append one 1 KiB message, durable.
     rt.block_on(v.put_transcript(&tenant, Transcript::new("live", "s", vec![]))).unwrap();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    let t0 = Instant::now();
-    for i in 0..ops {
-        let t = Instant::now();
-        rt.block_on(v.append_messages(&tenant, "live", vec![message(i, 1024)], None)).unwrap();
-        a.push(t.elapsed().as_micros() as u32);
-    }
-    let ours = ops as f64 / t0.elapsed().as_secs_f64();
     let text = vec![b'x'; 1024];
-    let t0 = Instant::now();
-    for i in 0..ops {
-        let t = Instant::now();
+    let ours = timed(ops, |i| {
+        rt.block_on(v.append_messages(&tenant, "live", vec![message(i, 1024)], None)).unwrap();
+    });
+    let peer = timed(ops, |i| {
         db.execute("INSERT INTO messages VALUES ('bench', 's', 'live', ?1, 'Visitor', ?2)", params![i as i64, text])
             .unwrap();
-        b.push(t.elapsed().as_micros() as u32);
-    }
-    let peer = ops as f64 / t0.elapsed().as_secs_f64();
-    rows.push(Row {
-        what: "store 1 KiB message (durable)".into(),
-        ours_ops: ours,
-        peer_ops: peer,
-        ours_p50: percentile(&mut a, 0.5),
-        peer_p50: percentile(&mut b, 0.5),
     });
+    rows.push(Row::of("store 1 KiB message (durable)", ours, peer));
 
     // Get: read a transcript of 10 messages of 1 KiB.
     rt.block_on(v.put_transcript(&tenant, Transcript::new("ten", "s", (0..10).map(|i| message(i, 1024)).collect())))
@@ -92,33 +95,16 @@ fn main() {
     for i in 0..10i64 {
         db.execute("INSERT INTO messages VALUES ('bench', 's', 'ten', ?1, 'Visitor', ?2)", params![i, text]).unwrap();
     }
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    let t0 = Instant::now();
-    for _ in 0..ops {
-        let t = Instant::now();
-        assert_eq!(v.get_transcript(&tenant, "ten").unwrap().messages.len(), 10);
-        a.push(t.elapsed().as_micros() as u32);
-    }
-    let ours = ops as f64 / t0.elapsed().as_secs_f64();
+    let ours = timed(ops, |_| assert_eq!(v.get_transcript(&tenant, "ten").unwrap().messages.len(), 10));
     let mut stmt = db
         .prepare("SELECT author, text FROM messages WHERE tenant = 'bench' AND transcript = 'ten' ORDER BY seq")
         .unwrap();
-    let t0 = Instant::now();
-    for _ in 0..ops {
-        let t = Instant::now();
+    let peer = timed(ops, |_| {
         let n = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))).unwrap().count();
         assert_eq!(n, 10);
-        b.push(t.elapsed().as_micros() as u32);
-    }
-    drop(stmt);
-    let peer = ops as f64 / t0.elapsed().as_secs_f64();
-    rows.push(Row {
-        what: "get transcript of 10 × 1 KiB".into(),
-        ours_ops: ours,
-        peer_ops: peer,
-        ours_p50: percentile(&mut a, 0.5),
-        peer_p50: percentile(&mut b, 0.5),
     });
+    drop(stmt);
+    rows.push(Row::of("get transcript of 10 × 1 KiB", ours, peer));
 
     // Erase a subject with 10 and with `big` transcripts (1 message of 256 B each).
     for (label, per) in [("10", 10usize), (if quick { "1,000" } else { "100,000" }, big)] {
