@@ -106,9 +106,7 @@ impl Config {
             return Ok(RootKeySource::Hex(Zeroizing::new(hex)));
         }
         if let Some(path) = &self.root_passphrase_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            return Ok(RootKeySource::Passphrase(Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned())));
+            return Ok(RootKeySource::PassphraseFile(path.clone()));
         }
         if let Ok(pass) = std::env::var(ROOT_PASSPHRASE_ENV) {
             return Ok(RootKeySource::Passphrase(Zeroizing::new(pass)));

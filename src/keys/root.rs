@@ -18,6 +18,8 @@ pub enum RootKeySource {
     Hex(Zeroizing<String>),
     /// A passphrase stretched with argon2id; the salt is kept in the key directory.
     Passphrase(Zeroizing<String>),
+    /// A file holding the passphrase (one line). Must not be group/world readable.
+    PassphraseFile(PathBuf),
     /// Development only: generate a key into this file on first start, then reuse it.
     Development(PathBuf),
 }
@@ -28,6 +30,7 @@ impl std::fmt::Debug for RootKeySource {
             RootKeySource::File(p) => write!(f, "File({})", p.display()),
             RootKeySource::Hex(_) => f.write_str("Hex(<redacted>)"),
             RootKeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
+            RootKeySource::PassphraseFile(p) => write!(f, "PassphraseFile({})", p.display()),
             RootKeySource::Development(p) => write!(f, "Development({})", p.display()),
         }
     }
@@ -89,19 +92,11 @@ pub fn load(
     let raw = match source {
         RootKeySource::File(path) => read_key_file(path)?,
         RootKeySource::Hex(hex) => parse_key_text(hex.as_bytes(), "CHATVAULT_ROOT_KEY")?,
-        RootKeySource::Passphrase(pass) => {
-            if pass.len() < 12 {
-                return Err(KeyError::BadRootKey("passphrase must be at least 12 characters".into()));
-            }
-            let salt = match salt {
-                Some(s) => s,
-                None => {
-                    let s = PassphraseSalt { salt: crate::crypto::random_bytes()?, params: Argon2Params::default() };
-                    *new_salt = Some(s);
-                    s
-                }
-            };
-            key_from_passphrase(pass.as_bytes(), &salt.salt, salt.params)?
+        RootKeySource::Passphrase(pass) => stretch(pass.as_bytes(), salt, new_salt)?,
+        RootKeySource::PassphraseFile(path) => {
+            let text = read_secret_file(path)?;
+            let line = text.strip_suffix(b"\n").unwrap_or(&text);
+            stretch(line.strip_suffix(b"\r").unwrap_or(line), salt, new_salt)?
         }
         RootKeySource::Development(path) => {
             if !path.exists() {
@@ -119,11 +114,37 @@ pub fn load(
     Ok(LoadedRoot { key: RootKey::from_secret(raw), generated_dev_key: generated })
 }
 
-fn read_key_file(path: &Path) -> Result<SecretKey, KeyError> {
+/// Derives the root key from a passphrase with argon2id, under the stored salt or a new one.
+fn stretch(
+    pass: &[u8],
+    salt: Option<PassphraseSalt>,
+    new_salt: &mut Option<PassphraseSalt>,
+) -> Result<SecretKey, KeyError> {
+    if pass.len() < 12 {
+        return Err(KeyError::BadRootKey("passphrase must be at least 12 characters".into()));
+    }
+    let salt = match salt {
+        Some(s) => s,
+        None => {
+            let s = PassphraseSalt { salt: crate::crypto::random_bytes()?, params: Argon2Params::default() };
+            *new_salt = Some(s);
+            s
+        }
+    };
+    Ok(key_from_passphrase(pass, &salt.salt, salt.params)?)
+}
+
+/// Reads a file holding a secret: refused if group or others may read it; the bytes are
+/// zeroized when dropped.
+fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     if files::readable_by_others(path).map_err(|e| KeyError::io(path, e))? {
         return Err(KeyError::BadRootKey(format!("{} is readable by group or others; chmod 600 it", path.display())));
     }
-    let bytes = Zeroizing::new(fs::read(path).map_err(|e| KeyError::io(path, e))?);
+    Ok(Zeroizing::new(fs::read(path).map_err(|e| KeyError::io(path, e))?))
+}
+
+fn read_key_file(path: &Path) -> Result<SecretKey, KeyError> {
+    let bytes = read_secret_file(path)?;
     if bytes.len() == KEY_LEN {
         return Ok(SecretKey::from_slice(&bytes)?);
     }
@@ -170,5 +191,25 @@ mod tests {
         assert!(matches!(load(&RootKeySource::File(path.clone()), None, &mut s), Err(KeyError::BadRootKey(_))));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(load(&RootKeySource::File(path), None, &mut s).is_ok());
+    }
+
+    #[test]
+    fn passphrase_files_are_checked_like_key_files_and_lose_their_newline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        fs::write(&path, "correct horse battery staple\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let salt = Some(PassphraseSalt {
+            salt: [3; 16],
+            params: Argon2Params { memory_kib: 256, iterations: 1, parallelism: 1 },
+        });
+        let mut s = None;
+        let from_file = |s: &mut Option<PassphraseSalt>| load(&RootKeySource::PassphraseFile(path.clone()), salt, s);
+        assert!(matches!(from_file(&mut s), Err(KeyError::BadRootKey(_))));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let direct =
+            load(&RootKeySource::Passphrase(Zeroizing::new("correct horse battery staple".into())), salt, &mut s);
+        assert_eq!(from_file(&mut s).unwrap().key.check_value(), direct.unwrap().key.check_value());
     }
 }
