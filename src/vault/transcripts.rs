@@ -57,11 +57,11 @@ impl Vault {
                     }
                 };
                 let mut subj = subj.ok_or_else(|| VaultError::Internal("subject".into()))?;
-                let mut counted = false;
-                if let Some(o) = &old {
-                    self.retire_header(tenant, &tb, o, &sb, &subj, &mut batch, &mut counted)?;
-                }
-                if !counted {
+                let takes_its_place = match &old {
+                    Some(o) => self.retire_header(tenant, &tb, o, &sb, subj.generation, &mut batch)?,
+                    None => false,
+                };
+                if !takes_its_place {
                     subj.transcript_count += 1;
                 }
                 let place_inc = u64::from_be_bytes(random_bytes().map_err(seal_err)?);
@@ -98,19 +98,17 @@ impl Vault {
     }
 
     /// Queues the records of a header being replaced for removal, and keeps its
-    /// subject's counter right. `counted` is set if the new header takes its place in
-    /// the same live subject generation (so the counter must not grow).
-    #[allow(clippy::too_many_arguments)]
+    /// subject's counter right. Returns true if the new header takes its place in the
+    /// same live subject generation (so that subject's counter must not grow).
     fn retire_header(
         &self,
         tenant: &TenantId,
         tb: &Blind,
         old: &Header,
         new_subject: &Blind,
-        new_subj: &SubjectRecord,
+        new_generation: u32,
         batch: &mut Batch,
-        counted: &mut bool,
-    ) -> Result<(), VaultError> {
+    ) -> Result<bool, VaultError> {
         self.queue_garbage(
             batch,
             &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: old.incarnation },
@@ -118,11 +116,11 @@ impl Vault {
         batch.delete(layout::body(tenant.as_str(), tb, old.incarnation));
         let old_index = layout::by_subject(tenant.as_str(), &old.subject, old.generation, old.started_at, tb);
         if old.subject == *new_subject {
-            if old.generation == new_subj.generation {
+            let same_generation = old.generation == new_generation;
+            if same_generation {
                 batch.delete(old_index);
-                *counted = true;
             }
-            return Ok(());
+            return Ok(same_generation);
         }
         if let Some(mut os) = self.read_subject(tenant, &old.subject)?
             && os.active
@@ -132,7 +130,7 @@ impl Vault {
             batch.put(layout::subject(tenant.as_str(), &old.subject), records::encode(&os)?);
             batch.delete(old_index);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Appends messages to an open transcript. Returns the new message count.
