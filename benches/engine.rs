@@ -59,7 +59,9 @@ fn store(c: &mut Criterion) {
     g.bench_function("chatvault_append_encrypted", |b| {
         b.iter(|| {
             n += 1;
-            rt.block_on(v.append_messages(&tenant, &format!("t{}", n % 100), vec![message(n, KIB)], None)).unwrap()
+            rt.block_on(v.append_messages(&tenant, &format!("t{}", n % 100), vec![message(n, KIB)], None))
+                .unwrap()
+                .value
         })
     });
     g.finish();

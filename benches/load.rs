@@ -9,7 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chatvault::grpc::TenantHeader;
+use chatvault::grpc::Bearer;
+use chatvault::grpc::pb::admin_service_client::AdminServiceClient;
 use chatvault::grpc::pb::{self, transcript_service_client::TranscriptServiceClient};
 use chatvault::keys::RootKeySource;
 use chatvault::store::Durability;
@@ -21,6 +22,7 @@ mod echo {
 }
 
 const ROOT_KEY_HEX: &str = "4242424242424242424242424242424242424242424242424242424242424242";
+const OPERATOR_TOKEN: &str = "bench-operator-token-0123456789abcdef";
 
 struct Args {
     quick: bool,
@@ -70,6 +72,9 @@ fn args() -> Args {
 struct Proc {
     child: Child,
     url: String,
+    admin_url: String,
+    /// The bench tenant's API key: the load goes through authentication like real traffic.
+    api_key: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -77,27 +82,52 @@ impl Proc {
     fn spawn(mut cmd: Command, ready_prefix: &str, dir: Option<tempfile::TempDir>) -> Proc {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn server");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut admin = String::new();
         let addr = loop {
             let line = lines.next().expect("server exited").expect("read");
-            if let Some(a) = line.strip_prefix(ready_prefix) {
+            if let Some(a) = line.strip_prefix("chatvault admin listening on ") {
+                admin = a.to_owned();
+            } else if let Some(a) = line.strip_prefix(ready_prefix) {
                 break a.to_owned();
             }
         };
         std::thread::spawn(move || for _ in lines {});
-        Proc { child, url: format!("http://{addr}"), _dir: dir }
+        Proc {
+            child,
+            url: format!("http://{addr}"),
+            admin_url: format!("http://{admin}"),
+            api_key: String::new(),
+            _dir: dir,
+        }
     }
 
-    fn chatvault(durability: &str) -> Proc {
+    /// Creates the bench tenant (allowed from loopback) and its API key.
+    async fn provision(mut self) -> Proc {
+        let ch = Channel::from_shared(self.admin_url.clone()).unwrap().connect().await.expect("admin");
+        let mut admin = AdminServiceClient::with_interceptor(ch, Bearer::new(OPERATOR_TOKEN).unwrap());
+        let req = pb::CreateTenantRequest {
+            tenant_id: "bench".into(),
+            allowlist: vec!["127.0.0.0/8".into()],
+            ..Default::default()
+        };
+        admin.create_tenant(req).await.expect("create tenant");
+        let key = admin.issue_api_key(pb::IssueApiKeyRequest { tenant_id: "bench".into() }).await.expect("issue key");
+        self.api_key = key.into_inner().api_key;
+        self
+    }
+
+    async fn chatvault(durability: &str) -> Proc {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatvault"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--durability", durability])
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--durability", durability])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--key-dir")
             .arg(dir.path().join("keys"))
             .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+            .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("CHATVAULT_LOG", "warn");
-        Proc::spawn(cmd, "chatvault listening on ", Some(dir))
+        Proc::spawn(cmd, "chatvault listening on ", Some(dir)).provision().await
     }
 
     fn echo() -> Proc {
@@ -236,8 +266,9 @@ type Call = Box<dyn FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output 
 
 fn tenant_client(
     ch: Channel,
-) -> TranscriptServiceClient<tonic::service::interceptor::InterceptedService<Channel, TenantHeader>> {
-    TranscriptServiceClient::with_interceptor(ch, TenantHeader::new("bench").unwrap())
+    api_key: &str,
+) -> TranscriptServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>> {
+    TranscriptServiceClient::with_interceptor(ch, Bearer::new(api_key).unwrap())
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
 }
@@ -268,36 +299,39 @@ async fn echo_run(server: &Proc, a: &Args, size: usize) -> Run {
 }
 
 async fn append_run(name: &str, server: &Proc, a: &Args, size: usize) -> Run {
-    drive(name, server, a.clients, a.seconds, move |c, ch| async move {
-        let mut client = tenant_client(ch);
-        let id = format!("live-{c}-{size}");
-        let t = pb::Transcript { transcript_id: id.clone(), subject_id: format!("subject-{c}"), ..Default::default() };
-        client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
-        let mut n = 0;
-        Box::new(move || {
-            let mut cl = client.clone();
-            n += 1;
-            let req = pb::AppendMessagesRequest {
-                transcript_id: id.clone(),
-                messages: vec![message(n, size)],
-                expected_message_count: None,
-            };
-            Box::pin(async move {
-                cl.append_messages(req).await.expect("append");
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        }) as Call
+    let key = server.api_key.clone();
+    drive(name, server, a.clients, a.seconds, move |c, ch| {
+        let key = key.clone();
+        async move {
+            let mut client = tenant_client(ch, &key);
+            let id = format!("live-{c}-{size}");
+            let t =
+                pb::Transcript { transcript_id: id.clone(), subject_id: format!("subject-{c}"), ..Default::default() };
+            client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
+            let mut n = 0;
+            Box::new(move || {
+                let mut cl = client.clone();
+                n += 1;
+                let req = pb::AppendMessagesRequest {
+                    transcript_id: id.clone(),
+                    messages: vec![message(n, size)],
+                    expected_message_count: None,
+                };
+                Box::pin(async move {
+                    cl.append_messages(req).await.expect("append");
+                }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            }) as Call
+        }
     })
     .await
 }
 
 async fn get_run(server: &Proc, a: &Args, size: usize) -> Run {
-    drive(
-        &format!("chatvault GetTranscript (1 message), {size} B"),
-        server,
-        a.clients,
-        a.seconds,
-        move |c, ch| async move {
-            let mut client = tenant_client(ch);
+    let key = server.api_key.clone();
+    drive(&format!("chatvault GetTranscript (1 message), {size} B"), server, a.clients, a.seconds, move |c, ch| {
+        let key = key.clone();
+        async move {
+            let mut client = tenant_client(ch, &key);
             let id = format!("read-{c}-{size}");
             let t = pb::Transcript {
                 transcript_id: id.clone(),
@@ -313,32 +347,39 @@ async fn get_run(server: &Proc, a: &Args, size: usize) -> Run {
                     cl.get_transcript(req).await.expect("get");
                 }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
             }) as Call
-        },
-    )
+        }
+    })
     .await
 }
 
 async fn list_run(server: &Proc, a: &Args) -> Run {
-    drive("chatvault ListTranscripts (page of 20)", server, a.clients, a.seconds, move |c, ch| async move {
-        let mut client = tenant_client(ch);
-        let subject = format!("lister-{c}");
-        for i in 0..20 {
-            let t = pb::Transcript {
-                transcript_id: format!("{subject}-{i}"),
-                subject_id: subject.clone(),
-                messages: vec![message(0, 256)],
-                ..Default::default()
-            };
-            client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
+    let key = server.api_key.clone();
+    drive("chatvault ListTranscripts (page of 20)", server, a.clients, a.seconds, move |c, ch| {
+        let key = key.clone();
+        async move {
+            let mut client = tenant_client(ch, &key);
+            let subject = format!("lister-{c}");
+            for i in 0..20 {
+                let t = pb::Transcript {
+                    transcript_id: format!("{subject}-{i}"),
+                    subject_id: subject.clone(),
+                    messages: vec![message(0, 256)],
+                    ..Default::default()
+                };
+                client.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.expect("put");
+            }
+            Box::new(move || {
+                let mut cl = client.clone();
+                let req = pb::ListTranscriptsRequest {
+                    subject_id: subject.clone(),
+                    page_size: 20,
+                    page_token: String::new(),
+                };
+                Box::pin(async move {
+                    assert_eq!(cl.list_transcripts(req).await.expect("list").into_inner().transcripts.len(), 20);
+                }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            }) as Call
         }
-        Box::new(move || {
-            let mut cl = client.clone();
-            let req =
-                pb::ListTranscriptsRequest { subject_id: subject.clone(), page_size: 20, page_token: String::new() };
-            Box::pin(async move {
-                assert_eq!(cl.list_transcripts(req).await.expect("list").into_inner().transcripts.len(), 20);
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        }) as Call
     })
     .await
 }
@@ -426,10 +467,10 @@ fn main() {
             let echo_srv = Proc::echo();
             let echo = echo_run(&echo_srv, &a, size).await;
             drop(echo_srv);
-            let none_srv = Proc::chatvault("none");
+            let none_srv = Proc::chatvault("none").await;
             let none = append_run(&format!("chatvault append, durability none, {size} B"), &none_srv, &a, size).await;
             drop(none_srv);
-            let srv = Proc::chatvault("fsync");
+            let srv = Proc::chatvault("fsync").await;
             let fsync = append_run(&format!("chatvault append, durability fsync, {size} B"), &srv, &a, size).await;
             // Disk: what the durable run left on disk vs the message text it acknowledged.
             std::thread::sleep(Duration::from_millis(1500)); // sled's background flush
@@ -443,7 +484,7 @@ fn main() {
             out += &format!("Disk after the durable run: {disk:.2}x the message text acknowledged (target <= 2.0x; envelope overhead is 30 B per message).\n");
             eprintln!("{size} B done");
         }
-        let srv = Proc::chatvault("fsync");
+        let srv = Proc::chatvault("fsync").await;
         out += &format!("\n#### listing\n\n{head}\n{}\n", list_run(&srv, &a).await.row(None));
         drop(srv);
 

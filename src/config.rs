@@ -10,7 +10,9 @@ use zeroize::Zeroizing;
 use crate::crypto::Algorithm;
 use crate::keys::RootKeySource;
 use crate::store::Durability;
+use crate::tenancy::{AuthConfig, OperatorToken};
 use crate::vault::{Limits, VaultOptions};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Environment variable holding the root key as 64 hex characters.
 pub const ROOT_KEY_ENV: &str = "CHATVAULT_ROOT_KEY";
@@ -18,12 +20,21 @@ pub const ROOT_KEY_ENV: &str = "CHATVAULT_ROOT_KEY";
 pub const ROOT_PASSPHRASE_ENV: &str = "CHATVAULT_ROOT_PASSPHRASE";
 /// Name of the development root key generated into the key directory when no key is given.
 pub const DEV_ROOT_KEY_FILE: &str = "dev-root.key";
+/// Environment variable holding the operator token of the admin API.
+pub const OPERATOR_TOKEN_ENV: &str = "CHATVAULT_OPERATOR_TOKEN";
+/// Name of the development operator token generated into the key directory when none is given.
+pub const DEV_OPERATOR_TOKEN_FILE: &str = "dev-operator.token";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address of the gRPC listener.
+    /// Address of the gRPC listener for tenants' data calls.
     pub listen: SocketAddr,
+    /// Address of the admin listener. Keep it on loopback or a management network.
+    pub admin_listen: SocketAddr,
+    /// File with the operator token (mode 0600). Else `CHATVAULT_OPERATOR_TOKEN`, else a
+    /// generated development token in the key directory.
+    pub operator_token_file: Option<PathBuf>,
     /// sled database: transcripts, wrapped data keys. Back this up.
     pub data_dir: PathBuf,
     /// Key-store keys. Keep on its own small volume; never back it up together with the
@@ -56,12 +67,43 @@ pub struct Config {
     /// On SIGTERM, how long requests in flight may take before connections are dropped.
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
+    /// API key verification, allowlists, trusted proxies, lockout.
+    pub auth: AuthConfig,
+    /// TLS of the data listener; plaintext when absent.
+    pub tls: Option<TlsFiles>,
+    /// TLS of the admin listener; plaintext when absent.
+    pub admin_tls: Option<TlsFiles>,
+}
+
+/// PEM files of one listener's TLS. With `client_ca_file`, clients must present a
+/// certificate signed by that CA (mutual TLS).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    pub fn server_config(&self) -> Result<ServerTlsConfig, ConfigError> {
+        let read = |path: &Path| std::fs::read(path).map_err(|source| ConfigError::Read { path: path.into(), source });
+        let cert = read(&self.cert_file)?;
+        let key = crate::keys::read_secret_file(&self.key_file).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key.as_slice()));
+        if let Some(ca) = &self.client_ca_file {
+            cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        Ok(cfg)
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            operator_token_file: None,
             data_dir: PathBuf::from("chatvault-data"),
             key_dir: PathBuf::from("chatvault-keys"),
             root_key_file: None,
@@ -77,6 +119,9 @@ impl Default for Config {
             reclaim_min_age_ms: 60_000,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
+            auth: AuthConfig::default(),
+            tls: None,
+            admin_tls: None,
         }
     }
 }
@@ -112,6 +157,24 @@ impl Config {
             return Ok(RootKeySource::Passphrase(Zeroizing::new(pass)));
         }
         Ok(RootKeySource::Development(self.key_dir.join(DEV_ROOT_KEY_FILE)))
+    }
+
+    /// The admin API's operator token, and the path of a development token if that is
+    /// what is in use (generated on first start).
+    pub fn operator_token(&self) -> Result<(OperatorToken, Option<PathBuf>), ConfigError> {
+        let bad = |e: String| ConfigError::Invalid(format!("operator token: {e}"));
+        let (path, dev) = match (&self.operator_token_file, std::env::var(OPERATOR_TOKEN_ENV)) {
+            (Some(path), _) => (path.clone(), false),
+            (None, Ok(text)) => return Ok((OperatorToken::new(&Zeroizing::new(text)).map_err(bad)?, None)),
+            (None, Err(_)) => {
+                let path = self.key_dir.join(DEV_OPERATOR_TOKEN_FILE);
+                crate::keys::create_dev_secret(&path).map_err(|e| bad(e.to_string()))?;
+                (path, true)
+            }
+        };
+        let bytes = crate::keys::read_secret_file(&path).map_err(|e| bad(e.to_string()))?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| bad(format!("{}: not UTF-8", path.display())))?;
+        Ok((OperatorToken::new(text).map_err(bad)?, dev.then_some(path)))
     }
 
     pub fn vault_options(&self) -> Result<VaultOptions, ConfigError> {

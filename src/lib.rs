@@ -2,6 +2,7 @@
 //! crypto-shredding, served over gRPC. See README.md and SECURITY.md.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -10,4 +11,5 @@ pub mod grpc;
 pub mod keys;
 pub mod server;
 pub mod store;
+pub mod tenancy;
 pub mod vault;

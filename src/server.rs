@@ -8,8 +8,11 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::audit::{AuditError, AuditLog};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::grpc::{self, ServeError, ServeOptions};
+use crate::grpc::{self, Admin, Gate, ServeError, ServeOptions};
+use crate::tenancy::{Authenticator, Registry, TenancyError};
 use crate::vault::{Vault, VaultError};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +21,10 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Vault(#[from] VaultError),
+    #[error("tenant registry: {0}")]
+    Tenancy(#[from] TenancyError),
+    #[error("audit trail: {0}")]
+    Audit(#[from] AuditError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
@@ -45,17 +52,50 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             crate::config::ROOT_KEY_ENV
         );
     }
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), key_dir = %config.key_dir.display(),
+    let (token, dev_token) = config.operator_token()?;
+    if let Some(path) = &dev_token {
+        eprintln!(
+            "  WARNING: the admin API uses a DEVELOPMENT operator token ({}).\n  \
+             For production set operator_token_file or {}.\n",
+            path.display(),
+            crate::config::OPERATOR_TOKEN_ENV
+        );
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = vault.shared_store();
+    let registry = Arc::new(Registry::open(
+        store.clone(),
+        vault.control_key(b"chatvault/control/tenant-registry/v1"),
+        vault.algorithm(),
+    )?);
+    let audit = Arc::new(AuditLog::open(store, vault.control_key(b"chatvault/control/audit-chain/v1"), clock.clone())?);
+    let auth = Arc::new(Authenticator::new(registry.clone(), config.auth.clone())?);
+    let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone()));
+    let admin = Admin { registry, vault: vault.clone(), audit, token, key_hash: config.auth.key_hash, clock };
+    let tls = |t: &Option<crate::config::TlsFiles>| t.as_ref().map(|t| t.server_config()).transpose();
+    let serve_opts = ServeOptions {
+        max_message_bytes: config.max_request_bytes,
+        request_timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
+        tls: tls(&config.tls)?,
+    };
+    let admin_opts = ServeOptions { tls: tls(&config.admin_tls)?, ..serve_opts.clone() };
+
+    let bind = |addr: std::net::SocketAddr| async move {
+        let l = TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })?;
+        let local = l.local_addr().map_err(|source| ServerError::Listen { addr, source })?;
+        Ok::<_, ServerError>((l, local))
+    };
+    let (listener, addr) = bind(config.listen).await?;
+    let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+    tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), key_dir = %config.key_dir.display(),
         epoch = vault.key_epoch(), durability = ?config.durability, "chatvault serving");
     // Handlers go in before the ready line: a SIGHUP or SIGTERM sent the moment the server
     // says it is ready must find them, not the default action (terminate).
     let hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
-    // Scripts and tests wait for this exact line on stdout.
+    // Scripts and tests wait for these exact lines on stdout; the data line comes last.
+    println!("chatvault admin listening on {admin_addr}");
     println!("chatvault listening on {addr}");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -64,20 +104,18 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
         tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
     ];
-    let serve_opts = ServeOptions {
-        max_message_bytes: config.max_request_bytes,
-        request_timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drained = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|d| *d).await;
     };
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = grpc::serve(vault.clone(), listener, serve_opts, async move {
-        let _ = drain_rx.await;
-    });
+    let admin_task = tokio::spawn(grpc::serve_admin(admin, admin_listener, admin_opts, drained(drain_rx.clone())));
+    let serve = grpc::serve(gate, listener, serve_opts, drained(drain_rx));
     tokio::pin!(serve);
     let served = tokio::select! {
         r = &mut serve => r,
         _ = async { tokio::select! { _ = sigterm.recv() => {}, _ = sigint.recv() => {} } } => {
             tracing::info!("shutting down: finishing requests in flight");
-            let _ = drain_tx.send(());
+            let _ = drain_tx.send(true);
             let grace = Duration::from_millis(config.shutdown_grace_ms);
             match tokio::time::timeout(grace, &mut serve).await {
                 Ok(r) => r,
@@ -88,6 +126,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             }
         }
     };
+    let _ = drain_tx.send(true);
+    match tokio::time::timeout(Duration::from_millis(config.shutdown_grace_ms), admin_task).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin listener failed"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("admin listener did not stop within the grace period"),
+    }
     let _ = stop_tx.send(true);
     for w in workers {
         let _ = w.await;

@@ -1,12 +1,12 @@
 //! Client commands: a newcomer's way to see chatvault work from a shell. Output is JSON.
 
+use std::path::PathBuf;
+
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tonic::Status;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-use crate::grpc::TenantHeader;
+use super::connect::{Authed, TlsArgs, channel, credential};
 use crate::grpc::pb;
 use crate::grpc::pb::subject_service_client::SubjectServiceClient;
 use crate::grpc::pb::transcript_service_client::TranscriptServiceClient;
@@ -16,10 +16,15 @@ pub struct Conn {
     /// Server URL.
     #[arg(long, env = "CHATVAULT_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
     server: String,
-    /// Tenant to act for (sent as the x-tenant-id header).
-    #[arg(long, env = "CHATVAULT_TENANT", default_value = "demo", global = true)]
-    tenant: String,
+    /// File with the tenant's API key (mode 0600), when CHATVAULT_API_KEY is not set.
+    #[arg(long, env = "CHATVAULT_API_KEY_FILE", global = true)]
+    api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
+
+/// Where the API key comes from: never a flag, so it does not show in `ps`.
+pub const API_KEY_ENV: &str = "CHATVAULT_API_KEY";
 
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
@@ -97,29 +102,17 @@ pub enum ClientCommand {
     },
 }
 
-type Tenanted = InterceptedService<Channel, TenantHeader>;
-
-async fn channel(conn: &Conn) -> Result<(Channel, TenantHeader), String> {
-    let header = TenantHeader::new(&conn.tenant).map_err(|_| "--tenant: not a valid header value".to_string())?;
-    let channel = Channel::from_shared(conn.server.clone())
-        .map_err(|e| format!("--server: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", conn.server))?;
-    Ok((channel, header))
+async fn transcripts(conn: &Conn) -> Result<TranscriptServiceClient<Authed>, String> {
+    let key = credential(API_KEY_ENV, conn.api_key_file.as_deref(), "API key")?;
+    Ok(TranscriptServiceClient::with_interceptor(channel(&conn.server, &conn.tls).await?, key))
 }
 
-async fn transcripts(conn: &Conn) -> Result<TranscriptServiceClient<Tenanted>, String> {
-    let (ch, h) = channel(conn).await?;
-    Ok(TranscriptServiceClient::with_interceptor(ch, h))
+async fn subjects(conn: &Conn) -> Result<SubjectServiceClient<Authed>, String> {
+    let key = credential(API_KEY_ENV, conn.api_key_file.as_deref(), "API key")?;
+    Ok(SubjectServiceClient::with_interceptor(channel(&conn.server, &conn.tls).await?, key))
 }
 
-async fn subjects(conn: &Conn) -> Result<SubjectServiceClient<Tenanted>, String> {
-    let (ch, h) = channel(conn).await?;
-    Ok(SubjectServiceClient::with_interceptor(ch, h))
-}
-
-fn status(s: Status) -> String {
+pub fn status(s: Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 

@@ -1,7 +1,9 @@
 //! The `chatvault` command line: `serve`, client commands to try the API from a shell,
 //! and offline key maintenance.
 
+mod admin;
 mod client;
+mod connect;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +31,8 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Operator commands against the admin listener: tenants, API keys, allowlists, audit.
+    Admin(admin::AdminArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -48,6 +52,9 @@ pub struct ServerArgs {
     /// Listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "CHATVAULT_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Admin listen address [default: 127.0.0.1:50052].
+    #[arg(long, env = "CHATVAULT_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Data directory [default: ./chatvault-data].
     #[arg(long, env = "CHATVAULT_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -73,6 +80,9 @@ impl ServerArgs {
         };
         if let Some(v) = self.listen {
             cfg.listen = v;
+        }
+        if let Some(v) = self.admin_listen {
+            cfg.admin_listen = v;
         }
         if let Some(v) = &self.data_dir {
             cfg.data_dir = v.clone();
@@ -106,6 +116,7 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
+        Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Client(cmd) => runtime.block_on(client::run(cmd)),
     };
     match result {

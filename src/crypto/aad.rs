@@ -19,6 +19,8 @@ pub enum RecordKind {
     TranscriptBody = 5,
     /// One message of a transcript.
     Message = 6,
+    /// A tenant's registry entry (settings, API key hashes).
+    TenantRecord = 7,
 }
 
 /// Builder for an AAD byte string.

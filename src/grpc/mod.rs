@@ -1,9 +1,11 @@
 //! The gRPC edge: wire types in and out, statuses for errors. The vault never sees prost.
 
+mod admin;
 mod convert;
+mod credentials;
+mod gate;
 mod status;
 mod subjects;
-mod tenant;
 mod transcripts;
 
 use std::future::Future;
@@ -11,12 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 
-pub use tenant::{TENANT_HEADER, TenantHeader};
-
-use crate::vault::Vault;
+pub use admin::Admin;
+pub use credentials::{AUTHORIZATION, Bearer, FORWARDED_FOR};
+pub use gate::Gate;
 
 /// Generated wire types and stubs of `proto/chatvault/v1`.
 pub mod pb {
@@ -25,11 +27,12 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chatvault_descriptor.bin"));
 }
 
-/// Transport limits of the public listener.
-#[derive(Clone, Copy, Debug)]
+/// Transport settings of one listener.
+#[derive(Clone, Debug)]
 pub struct ServeOptions {
     pub max_message_bytes: usize,
     pub request_timeout: Duration,
+    pub tls: Option<ServerTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +43,17 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves the chatvault API, health and reflection on `listener` until `shutdown` resolves.
+fn builder(opts: &ServeOptions) -> Result<Server, ServeError> {
+    let b = Server::builder().timeout(opts.request_timeout);
+    Ok(match &opts.tls {
+        Some(tls) => b.tls_config(tls.clone())?,
+        None => b,
+    })
+}
+
+/// Serves the data API, health and reflection on `listener` until `shutdown` resolves.
 pub async fn serve(
-    vault: Arc<Vault>,
+    gate: Arc<Gate>,
     listener: TcpListener,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
@@ -50,10 +61,10 @@ pub async fn serve(
     use pb::subject_service_server::SubjectServiceServer;
     use pb::transcript_service_server::TranscriptServiceServer;
 
-    let transcripts = TranscriptServiceServer::new(transcripts::Transcripts::new(vault.clone()))
+    let transcripts = TranscriptServiceServer::new(transcripts::Transcripts::new(gate.clone()))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes.max(64 * 1024 * 1024));
-    let subjects = SubjectServiceServer::new(subjects::Subjects::new(vault))
+    let subjects = SubjectServiceServer::new(subjects::Subjects::new(gate))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -63,14 +74,27 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    Server::builder()
-        .timeout(opts.request_timeout)
+    builder(&opts)?
         .add_service(health_service)
         .add_service(reflection)
         .add_service(transcripts)
         .add_service(subjects)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
+    Ok(())
+}
+
+/// Serves the admin API on its own listener.
+pub async fn serve_admin(
+    admin: Admin,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let svc = pb::admin_service_server::AdminServiceServer::new(admin)
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    builder(&opts)?.add_service(svc).serve_with_incoming_shutdown(incoming(listener), shutdown).await?;
     Ok(())
 }
 

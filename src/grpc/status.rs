@@ -1,9 +1,14 @@
 //! The one place vault errors become gRPC statuses. Client mistakes say what to fix;
 //! server faults are logged here and answered without internal detail.
 
-use tonic::Status;
+use std::time::Duration;
 
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::audit::Outcome;
 use crate::store::StoreError;
+use crate::tenancy::{AuthError, TenancyError};
 use crate::vault::VaultError;
 
 pub fn to_status(e: VaultError) -> Status {
@@ -21,5 +26,52 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::error!(error = %e, "request failed on a server fault");
             Status::internal("internal error; see the server log")
         }
+    }
+}
+
+/// A refused authentication. Lockouts and overload carry RetryInfo so clients back off.
+pub fn auth_status(e: &AuthError) -> Status {
+    let retry = |code, after: Duration| {
+        Status::with_error_details(code, e.to_string(), ErrorDetails::with_retry_info(Some(after)))
+    };
+    match e {
+        AuthError::Missing | AuthError::Malformed | AuthError::Unrecognised | AuthError::Revoked => {
+            Status::unauthenticated(e.to_string())
+        }
+        AuthError::Suspended | AuthError::SourceDenied { .. } => Status::permission_denied(e.to_string()),
+        AuthError::LockedOut { retry_after } => retry(Code::ResourceExhausted, *retry_after),
+        AuthError::Busy => retry(Code::Unavailable, Duration::from_secs(1)),
+        AuthError::BadForwardedFor(_) => Status::invalid_argument(e.to_string()),
+        AuthError::Internal => Status::internal(e.to_string()),
+    }
+}
+
+pub fn tenancy_status(e: TenancyError) -> Status {
+    match e {
+        TenancyError::NotFound(_) | TenancyError::KeyNotFound(_) => Status::not_found(e.to_string()),
+        TenancyError::AlreadyExists(_) | TenancyError::IdRetired(_) => Status::already_exists(e.to_string()),
+        TenancyError::TooManyKeys(_) => Status::failed_precondition(e.to_string()),
+        TenancyError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+        TenancyError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
+        TenancyError::Store(_) | TenancyError::Crypto(_) | TenancyError::Corrupt | TenancyError::Poisoned => {
+            tracing::error!(error = %e, "admin request failed on a server fault");
+            Status::internal("internal error; see the server log")
+        }
+    }
+}
+
+/// How a call ended, as the audit trail records it.
+pub fn outcome_of<T>(result: &Result<T, Status>) -> Outcome {
+    let Err(s) = result else { return Outcome::Ok };
+    match s.code() {
+        Code::Ok => Outcome::Ok,
+        Code::InvalidArgument | Code::OutOfRange => Outcome::InvalidArgument,
+        Code::NotFound => Outcome::NotFound,
+        Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => Outcome::Conflict,
+        Code::Unauthenticated => Outcome::Unauthenticated,
+        Code::PermissionDenied => Outcome::PermissionDenied,
+        Code::ResourceExhausted => Outcome::LockedOut,
+        Code::Unavailable => Outcome::Unavailable,
+        _ => Outcome::Error,
     }
 }

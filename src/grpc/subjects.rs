@@ -5,18 +5,18 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{receipt_out, subject_out};
+use super::gate::{Gate, Ids};
 use super::pb::{self, subject_service_server::SubjectService};
 use super::status::to_status;
-use super::tenant::tenant_of;
-use crate::vault::Vault;
+use crate::audit::Operation;
 
 pub struct Subjects {
-    vault: Arc<Vault>,
+    gate: Arc<Gate>,
 }
 
 impl Subjects {
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Subjects { vault }
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Subjects { gate }
     }
 }
 
@@ -26,10 +26,14 @@ impl SubjectService for Subjects {
         &self,
         req: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::ShredSubjectRequest { subject_id } = req.into_inner();
-        let receipt = self.vault.shred_subject(&tenant, &subject_id).await.map_err(to_status)?;
-        tracing::info!(tenant = tenant.as_str(), subject = %receipt.subject_blind_id, "subject shredded");
+        let result = self.gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
+        self.gate
+            .record(&who, Operation::ShredSubject, Ids { subject_id: Some(&subject_id), ..Ids::default() }, &result)
+            .await?;
+        let receipt = result?;
+        tracing::info!(tenant = who.tenant.as_str(), subject = %receipt.subject_blind_id, "subject shredded");
         Ok(Response::new(pb::ShredSubjectResponse { receipt: Some(receipt_out(receipt)) }))
     }
 
@@ -37,9 +41,12 @@ impl SubjectService for Subjects {
         &self,
         req: Request<pb::GetSubjectRequest>,
     ) -> Result<Response<pb::GetSubjectResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::GetSubjectRequest { subject_id } = req.into_inner();
-        let info = self.vault.get_subject(&tenant, &subject_id).map_err(to_status)?;
-        Ok(Response::new(subject_out(info)))
+        let result = self.gate.vault.get_subject(&who.tenant, &subject_id).map_err(to_status);
+        self.gate
+            .record(&who, Operation::GetSubject, Ids { subject_id: Some(&subject_id), ..Ids::default() }, &result)
+            .await?;
+        Ok(Response::new(subject_out(result?)))
     }
 }

@@ -1,22 +1,22 @@
-//! TranscriptService: converts, calls the vault, converts back. No logic of its own.
+//! TranscriptService: admit, convert, call the vault, record, convert back.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::convert::{messages_in, timestamp_in, timestamp_out, transcript_in, transcript_out};
+use super::gate::{Gate, Ids};
 use super::pb::{self, transcript_service_server::TranscriptService};
 use super::status::to_status;
-use super::tenant::tenant_of;
-use crate::vault::Vault;
+use crate::audit::Operation;
 
 pub struct Transcripts {
-    vault: Arc<Vault>,
+    gate: Arc<Gate>,
 }
 
 impl Transcripts {
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Transcripts { vault }
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Transcripts { gate }
     }
 }
 
@@ -27,64 +27,95 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|_| Status::internal("worker failed"))?.map_err(to_status)
 }
 
+fn transcript(id: &str) -> Ids<'_> {
+    Ids { transcript_id: Some(id), ..Ids::default() }
+}
+
 #[tonic::async_trait]
 impl TranscriptService for Transcripts {
     async fn put_transcript(
         &self,
         req: Request<pb::PutTranscriptRequest>,
     ) -> Result<Response<pb::PutTranscriptResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::PutTranscriptRequest { transcript } = req.into_inner();
-        let transcript = transcript_in(transcript)?;
-        let replaced = self.vault.put_transcript(&tenant, transcript).await.map_err(to_status)?;
-        Ok(Response::new(pb::PutTranscriptResponse { replaced }))
+        let (tid, sid) =
+            transcript.as_ref().map(|t| (t.transcript_id.clone(), t.subject_id.clone())).unwrap_or_default();
+        let result = match transcript_in(transcript) {
+            Ok(t) => self.gate.vault.put_transcript(&who.tenant, t).await.map_err(to_status),
+            Err(e) => Err(e),
+        };
+        let ids = Ids { subject_id: Some(&sid), transcript_id: Some(&tid), subject_blind: None };
+        self.gate.record(&who, Operation::PutTranscript, ids, &result).await?;
+        Ok(Response::new(pb::PutTranscriptResponse { replaced: result? }))
     }
 
     async fn append_messages(
         &self,
         req: Request<pb::AppendMessagesRequest>,
     ) -> Result<Response<pb::AppendMessagesResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::AppendMessagesRequest { transcript_id, messages, expected_message_count } = req.into_inner();
-        let messages = messages_in("messages", messages)?;
-        let message_count = self
-            .vault
-            .append_messages(&tenant, &transcript_id, messages, expected_message_count)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::AppendMessagesResponse { message_count }))
+        let result = match messages_in("messages", messages) {
+            Ok(m) => self
+                .gate
+                .vault
+                .append_messages(&who.tenant, &transcript_id, m, expected_message_count)
+                .await
+                .map_err(to_status),
+            Err(e) => Err(e),
+        };
+        let ids = Ids {
+            subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
+            ..transcript(&transcript_id)
+        };
+        self.gate.record(&who, Operation::AppendMessages, ids, &result).await?;
+        Ok(Response::new(pb::AppendMessagesResponse { message_count: result?.value }))
     }
 
     async fn close_transcript(
         &self,
         req: Request<pb::CloseTranscriptRequest>,
     ) -> Result<Response<pb::CloseTranscriptResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::CloseTranscriptRequest { transcript_id, ended_at } = req.into_inner();
-        let ended_at = timestamp_in("ended_at", ended_at)?;
-        let ended = self.vault.close_transcript(&tenant, &transcript_id, ended_at).await.map_err(to_status)?;
-        Ok(Response::new(pb::CloseTranscriptResponse { ended_at: Some(timestamp_out(ended)) }))
+        let result = match timestamp_in("ended_at", ended_at) {
+            Ok(at) => self.gate.vault.close_transcript(&who.tenant, &transcript_id, at).await.map_err(to_status),
+            Err(e) => Err(e),
+        };
+        let ids = Ids {
+            subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
+            ..transcript(&transcript_id)
+        };
+        self.gate.record(&who, Operation::CloseTranscript, ids, &result).await?;
+        Ok(Response::new(pb::CloseTranscriptResponse { ended_at: Some(timestamp_out(result?.value)) }))
     }
 
     async fn get_transcript(
         &self,
         req: Request<pb::GetTranscriptRequest>,
     ) -> Result<Response<pb::GetTranscriptResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::GetTranscriptRequest { transcript_id } = req.into_inner();
-        let vault = self.vault.clone();
-        let t = blocking(move || vault.get_transcript(&tenant, &transcript_id)).await?;
-        Ok(Response::new(pb::GetTranscriptResponse { transcript: Some(transcript_out(t)) }))
+        let (vault, tenant, id) = (self.gate.vault.clone(), who.tenant.clone(), transcript_id.clone());
+        let result = blocking(move || vault.get_transcript(&tenant, &id)).await;
+        let subject = result.as_ref().ok().map(|t| t.subject_id.clone());
+        let ids = Ids { subject_id: subject.as_deref(), ..transcript(&transcript_id) };
+        self.gate.record(&who, Operation::GetTranscript, ids, &result).await?;
+        Ok(Response::new(pb::GetTranscriptResponse { transcript: Some(transcript_out(result?)) }))
     }
 
     async fn list_transcripts(
         &self,
         req: Request<pb::ListTranscriptsRequest>,
     ) -> Result<Response<pb::ListTranscriptsResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::ListTranscriptsRequest { subject_id, page_size, page_token } = req.into_inner();
-        let vault = self.vault.clone();
-        let page = blocking(move || vault.list_transcripts(&tenant, &subject_id, page_size, &page_token)).await?;
+        let (vault, tenant, sid) = (self.gate.vault.clone(), who.tenant.clone(), subject_id.clone());
+        let result = blocking(move || vault.list_transcripts(&tenant, &sid, page_size, &page_token)).await;
+        let ids = Ids { subject_id: Some(&subject_id), ..Ids::default() };
+        self.gate.record(&who, Operation::ListTranscripts, ids, &result).await?;
+        let page = result?;
         Ok(Response::new(pb::ListTranscriptsResponse {
             transcripts: page.transcripts.into_iter().map(transcript_out).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
@@ -95,9 +126,15 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::DeleteTranscriptRequest>,
     ) -> Result<Response<pb::DeleteTranscriptResponse>, Status> {
-        let tenant = tenant_of(&req)?;
+        let who = self.gate.admit(&req).await?;
         let pb::DeleteTranscriptRequest { transcript_id } = req.into_inner();
-        self.vault.delete_transcript(&tenant, &transcript_id).await.map_err(to_status)?;
+        let result = self.gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
+        let ids = Ids {
+            subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
+            ..transcript(&transcript_id)
+        };
+        self.gate.record(&who, Operation::DeleteTranscript, ids, &result).await?;
+        result?;
         Ok(Response::new(pb::DeleteTranscriptResponse {}))
     }
 }

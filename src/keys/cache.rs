@@ -44,6 +44,23 @@ impl KeyCache {
         }
     }
 
+    /// Drops every key of one tenant: O(cache), for the rare erasure of a whole tenant.
+    pub fn remove_tenant(&self, tenant: &str) {
+        if let Ok(mut c) = self.inner.lock() {
+            let doomed: Vec<KeyRef> = c
+                .iter()
+                .map(|(k, _)| k)
+                .filter(|k| match k {
+                    KeyRef::Tenant(t) | KeyRef::Subject { tenant: t, .. } => t == tenant,
+                })
+                .cloned()
+                .collect();
+            for k in doomed {
+                c.pop(&k);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().map(|c| c.len()).unwrap_or(0)
     }

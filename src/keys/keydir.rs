@@ -30,6 +30,8 @@ pub trait KeyStore: Send + Sync {
     fn add_epoch(&self) -> Result<u64, KeyError>;
     /// Destroys every epoch older than `keep_from`. Durable before it returns.
     fn destroy_epochs_before(&self, keep_from: u64) -> Result<Vec<u64>, KeyError>;
+    /// A key for one control-plane purpose, fixed for the life of the root key.
+    fn control_key(&self, purpose: &[u8]) -> SecretKey;
 }
 
 /// The epoch a wrapped key was made under (its first 8 bytes).
@@ -212,6 +214,10 @@ impl KeyStore for FileKeyDir {
             map.remove(epoch);
         }
         Ok(old)
+    }
+
+    fn control_key(&self, purpose: &[u8]) -> SecretKey {
+        self.root.control_key(purpose)
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub use cache::{KeyCache, KeyRef};
 pub use keydir::{FileKeyDir, KeyStore, OpenReport, wrapped_epoch};
-pub use root::{PassphraseSalt, RootKey, RootKeySource};
+pub use root::{PassphraseSalt, RootKey, RootKeySource, create_dev_secret, read_secret_file};
 
 use crate::crypto::CryptoError;
 

@@ -46,6 +46,7 @@ pub struct PassphraseSalt {
 /// The operator's root key, and the two purposes it is used for.
 pub struct RootKey {
     wrap: SecretKey,
+    control: SecretKey,
     check: [u8; 16],
 }
 
@@ -53,10 +54,11 @@ impl RootKey {
     /// Splits the raw root key into its sub-keys; the raw key is dropped (zeroized) here.
     pub fn from_secret(raw: SecretKey) -> Self {
         let wrap = derive_key(&raw, b"chatvault/root/wrap-key-store-key/v1");
+        let control = derive_key(&raw, b"chatvault/root/control-plane/v1");
         let check_key = derive_key(&raw, b"chatvault/root/key-check-value/v1");
         let mut check = [0u8; 16];
         check.copy_from_slice(&check_key.expose()[..16]);
-        RootKey { wrap, check }
+        RootKey { wrap, control, check }
     }
 
     /// Publishable fingerprint: tells a wrong root key from the right one without revealing it.
@@ -66,6 +68,12 @@ impl RootKey {
 
     pub(crate) fn wrapping_key(&self) -> &SecretKey {
         &self.wrap
+    }
+
+    /// A key for one control-plane purpose (tenant registry sealing, audit chain MAC).
+    /// Derived, not stored: it needs no rotation because it protects no personal data.
+    pub(crate) fn control_key(&self, purpose: &[u8]) -> SecretKey {
+        derive_key(&self.control, purpose)
     }
 }
 
@@ -99,19 +107,28 @@ pub fn load(
             stretch(line.strip_suffix(b"\r").unwrap_or(line), salt, new_salt)?
         }
         RootKeySource::Development(path) => {
-            if !path.exists() {
-                let key = SecretKey::generate()?;
-                let hex = Zeroizing::new(hex::encode(key.expose()));
-                if let Some(dir) = path.parent() {
-                    files::ensure_private_dir(dir).map_err(|e| KeyError::io(dir, e))?;
-                }
-                files::write_atomic(path, hex.as_bytes()).map_err(|e| KeyError::io(path, e))?;
+            if create_dev_secret(path)? {
                 generated = Some(path.clone());
             }
             read_key_file(path)?
         }
     };
     Ok(LoadedRoot { key: RootKey::from_secret(raw), generated_dev_key: generated })
+}
+
+/// Writes 32 random bytes as hex to `path` (mode 0600) unless it exists; returns
+/// whether it did. For development secrets only: they sit next to what they protect.
+pub fn create_dev_secret(path: &Path) -> Result<bool, KeyError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let key = SecretKey::generate()?;
+    let hex = Zeroizing::new(hex::encode(key.expose()));
+    if let Some(dir) = path.parent() {
+        files::ensure_private_dir(dir).map_err(|e| KeyError::io(dir, e))?;
+    }
+    files::write_atomic(path, hex.as_bytes()).map_err(|e| KeyError::io(path, e))?;
+    Ok(true)
 }
 
 /// Derives the root key from a passphrase with argon2id, under the stored salt or a new one.
@@ -136,7 +153,7 @@ fn stretch(
 
 /// Reads a file holding a secret: refused if group or others may read it; the bytes are
 /// zeroized when dropped.
-fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     if files::readable_by_others(path).map_err(|e| KeyError::io(path, e))? {
         return Err(KeyError::BadRootKey(format!("{} is readable by group or others; chmod 600 it", path.display())));
     }

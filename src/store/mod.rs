@@ -8,6 +8,15 @@ use serde::{Deserialize, Serialize};
 pub use commit::{CommitTicket, GroupCommit};
 pub use sled_store::SledStore;
 
+/// First byte of every key: which part of chatvault owns it. The vault's own record
+/// types use 0x00..=0x0f (see `vault/layout.rs`).
+pub mod space {
+    /// Tenant registry: settings and API key hashes.
+    pub const TENANCY: u8 = 0x10;
+    /// The audit trail, one record per sequence number.
+    pub const AUDIT: u8 = 0x11;
+}
+
 /// How hard an acknowledged write is pushed towards the disk before the client hears "ok".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]

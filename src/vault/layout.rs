@@ -46,9 +46,7 @@ pub fn tenant_key(tenant: &str) -> Vec<u8> {
 }
 
 pub fn subject_key(tenant: &str, subject: &Blind) -> Vec<u8> {
-    let mut k = vec![kind::KEY, KEY_SUBJECT];
-    k.push(tenant.len() as u8);
-    k.extend_from_slice(tenant.as_bytes());
+    let mut k = subject_keys_prefix(tenant);
     k.extend_from_slice(subject);
     k
 }
@@ -69,6 +67,25 @@ pub fn parse_key_owner(key: &[u8]) -> Option<KeyOwner> {
         KEY_SUBJECT => Some(KeyOwner::Subject(tenant, rest.try_into().ok()?)),
         _ => None,
     }
+}
+
+/// Every subject key of one tenant.
+pub fn subject_keys_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = vec![kind::KEY, KEY_SUBJECT];
+    k.push(tenant.len() as u8);
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+/// Every prefix holding records of one tenant, keys last: what erasing it removes.
+pub fn tenant_prefixes(tenant: &str) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = [kind::SUBJECT, kind::HEADER, kind::BY_SUBJECT, kind::MESSAGE, kind::BODY]
+        .iter()
+        .map(|&k| with_tenant(k, tenant, 0))
+        .collect();
+    v.push(subject_keys_prefix(tenant));
+    v.push(tenant_key(tenant));
+    v
 }
 
 pub fn subject(tenant: &str, subject: &Blind) -> Vec<u8> {

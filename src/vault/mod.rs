@@ -11,6 +11,7 @@ mod records;
 mod rotation;
 mod seal;
 mod subjects;
+mod tenants;
 mod transcripts;
 mod validate;
 
@@ -19,9 +20,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use error::VaultError;
 pub use model::{
-    AuthorRole, Message, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Transcript,
-    TranscriptPage,
+    AuthorRole, Message, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched,
+    Transcript, TranscriptPage,
 };
+pub use tenants::TenantErasure;
 pub use validate::Limits;
 
 use crate::clock::{Clock, SystemClock};
@@ -80,6 +82,8 @@ pub struct Vault {
     epoch_guard: RwLock<()>,
     rotation: Mutex<()>,
     tenant_key_init: Mutex<()>,
+    /// Tenants erased in this process: their keys are never made again.
+    closed_tenants: RwLock<std::collections::HashSet<String>>,
     reclaim_min_age_micros: i64,
     /// Message counts of recently written transcript incarnations, so an append needs no
     /// reverse seek (slow in sled 0.34). Only read and updated under the subject's stripe
@@ -115,6 +119,7 @@ impl Vault {
             epoch_guard: RwLock::new(()),
             rotation: Mutex::new(()),
             tenant_key_init: Mutex::new(()),
+            closed_tenants: RwLock::new(Default::default()),
             counts: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(opts.key_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -151,6 +156,28 @@ impl Vault {
         Ok(self.store.size_on_disk()?)
     }
 
+    /// The store, shared with the control plane (tenant registry, audit trail) so that
+    /// one sync covers everything.
+    pub fn shared_store(&self) -> Arc<dyn KvStore> {
+        self.store.clone()
+    }
+
+    /// A key for one control-plane purpose, derived from the root key.
+    pub fn control_key(&self, purpose: &[u8]) -> SecretKey {
+        self.keys.control_key(purpose)
+    }
+
+    /// The AEAD new records are sealed with.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+
+    /// Waits until every write applied so far (by anyone) is durable to the configured level.
+    pub async fn wait_durable(&self) -> Result<(), VaultError> {
+        let ticket = self.commit.ticket();
+        Ok(self.commit.wait(ticket).await?)
+    }
+
     /// Makes everything written so far durable (used at shutdown).
     pub fn sync(&self) -> Result<(), VaultError> {
         Ok(self.store.sync(Durability::Fsync)?)
@@ -163,6 +190,14 @@ impl Vault {
         let cache_ref = KeyRef::Tenant(tenant.as_str().to_owned());
         if let Some(k) = self.cache.get(&cache_ref) {
             return Ok(Some(k));
+        }
+        if self
+            .closed_tenants
+            .read()
+            .map_err(|_| VaultError::Internal("closed tenants lock".into()))?
+            .contains(tenant.as_str())
+        {
+            return Err(VaultError::NotFound("tenant"));
         }
         let slot = layout::tenant_key(tenant.as_str());
         let aad = || Aad::new(RecordKind::TenantKey).bytes(tenant.as_str().as_bytes());
@@ -195,6 +230,19 @@ impl Vault {
         let key = Arc::new(key);
         self.cache.insert(cache_ref, key.clone());
         Ok(Some(key))
+    }
+
+    /// Hex blind indexes of a subject and a transcript id as the audit trail records them;
+    /// `None` where the tenant has never written (nothing of it can have been touched).
+    pub fn blind_ids(
+        &self,
+        tenant: &TenantId,
+        subject_id: Option<&str>,
+        transcript_id: Option<&str>,
+    ) -> Result<(Option<String>, Option<String>), VaultError> {
+        let Some(tkey) = self.tenant_key(tenant, false)? else { return Ok((None, None)) };
+        let (s, t) = self.blinds(&tkey, subject_id, transcript_id);
+        Ok((subject_id.map(|_| hex::encode(s)), transcript_id.map(|_| hex::encode(t))))
     }
 
     fn blinds(&self, tkey: &SecretKey, subject_id: Option<&str>, transcript_id: Option<&str>) -> (Blind, Blind) {

@@ -33,6 +33,8 @@ pub struct Timestamp(i64);
 const MAX_MICROS: i64 = 253_402_300_799_999_999;
 
 impl Timestamp {
+    pub const UNIX_EPOCH: Timestamp = Timestamp(0);
+
     pub fn from_micros(micros: i64) -> Option<Self> {
         (0..=MAX_MICROS).contains(&micros).then_some(Timestamp(micros))
     }
@@ -198,4 +200,17 @@ pub struct RotationReport {
     pub new_epoch: u64,
     pub destroyed_epochs: Vec<u64>,
     pub keys_rewrapped: u64,
+}
+
+/// A write's result and the subject whose data it touched (hex blind index), for the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Touched<T> {
+    pub value: T,
+    pub subject_blind_id: String,
+}
+
+impl<T> Touched<T> {
+    pub(super) fn new(value: T, subject: &[u8; 32]) -> Self {
+        Touched { value, subject_blind_id: hex::encode(subject) }
+    }
 }

@@ -38,6 +38,27 @@ impl Vault {
                     self.store.apply(b)?;
                     n + 1
                 }
+                Garbage::Tenant { tenant } => {
+                    let mut n = 0;
+                    for prefix in layout::tenant_prefixes(&tenant) {
+                        let page = self.store.scan(&prefix, None, budget - removed - n)?;
+                        n += page.len();
+                        let mut b = Batch::default();
+                        for (k, _) in page {
+                            b.delete(k);
+                        }
+                        self.store.apply(b)?;
+                        if removed + n >= budget {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        let mut b = Batch::default();
+                        b.delete(gkey);
+                        self.store.apply(b)?;
+                    }
+                    n + 1
+                }
                 Garbage::SubjectGeneration { tenant, subject, generation } => {
                     let tenant = TenantId::parse(&tenant)?;
                     let prefix = layout::by_subject_prefix(tenant.as_str(), &subject, generation);

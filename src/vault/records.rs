@@ -112,6 +112,8 @@ pub enum Garbage {
     Incarnation { tenant: String, transcript: [u8; 32], incarnation: u64 },
     /// Every transcript of one shredded subject generation.
     SubjectGeneration { tenant: String, subject: [u8; 32], generation: u32 },
+    /// Every record of an erased tenant.
+    Tenant { tenant: String },
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! to the batch, then wait for group commit outside it.
 
 use super::layout::{self, Blind};
-use super::model::{Message, TenantId, Timestamp, Transcript, TranscriptPage};
+use super::model::{Message, TenantId, Timestamp, Touched, Transcript, TranscriptPage};
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
 use super::seal::{Place, seal_err};
 use super::{Vault, VaultError};
@@ -140,11 +140,11 @@ impl Vault {
         transcript_id: &str,
         messages: Vec<Message>,
         expected_count: Option<u32>,
-    ) -> Result<u32, VaultError> {
+    ) -> Result<Touched<u32>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
         self.limits.messages("messages", &messages, false)?;
         let now = self.clock.now();
-        let (count, ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
+        let ((count, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
             if h.ended_at.is_some() {
                 return Err(VaultError::FailedPrecondition("transcript is closed; no messages can be appended".into()));
             }
@@ -176,7 +176,7 @@ impl Vault {
             Ok(total as u32)
         })?;
         self.commit.wait(ticket).await?;
-        Ok(count)
+        Ok(Touched::new(count, &subject))
     }
 
     /// Closes a transcript; `ended_at` defaults to now. Returns the time recorded.
@@ -185,10 +185,10 @@ impl Vault {
         tenant: &TenantId,
         transcript_id: &str,
         ended_at: Option<Timestamp>,
-    ) -> Result<Timestamp, VaultError> {
+    ) -> Result<Touched<Timestamp>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
         let ended = ended_at.unwrap_or_else(|| self.clock.now());
-        let (ended, ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
+        let ((ended, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
             if h.ended_at.is_some() {
                 return Err(VaultError::FailedPrecondition("transcript is already closed".into()));
             }
@@ -200,13 +200,13 @@ impl Vault {
             Ok(ended)
         })?;
         self.commit.wait(ticket).await?;
-        Ok(ended)
+        Ok(Touched::new(ended, &subject))
     }
 
     /// Deletes a transcript: its header and key go now, its ciphertext in the background.
-    pub async fn delete_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<(), VaultError> {
+    pub async fn delete_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<Touched<()>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
-        let ((), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
+        let (((), subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
             let mut subj = self.read_subject(tenant, &h.subject)?.ok_or(VaultError::Erased("transcript not found"))?;
             subj.transcript_count = subj.transcript_count.saturating_sub(1);
             batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
@@ -224,7 +224,8 @@ impl Vault {
             )?;
             Ok(())
         })?;
-        Ok(self.commit.wait(ticket).await?)
+        self.commit.wait(ticket).await?;
+        Ok(Touched::new((), &subject))
     }
 
     /// Reads a whole transcript, decrypted.
@@ -391,7 +392,7 @@ impl Vault {
         tenant: &TenantId,
         transcript_id: &str,
         f: impl FnOnce(&Blind, Header, &mut Batch) -> Result<R, VaultError>,
-    ) -> Result<(R, crate::store::CommitTicket), VaultError> {
+    ) -> Result<((R, Blind), crate::store::CommitTicket), VaultError> {
         let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
         let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
         let hkey = layout::header(tenant.as_str(), &tb);
@@ -405,13 +406,14 @@ impl Vault {
             self.check_live(tenant, &h)?;
             let mut batch = Batch::default();
             let counted = h.clone();
+            let subject = h.subject;
             let r = f(&tb, h, &mut batch)?;
             if let Err(e) = self.apply(batch) {
                 // `f` may have counted messages that were never written.
                 self.set_count(tenant, &tb, &counted, None);
                 return Err(e);
             }
-            return Ok((r, self.commit.ticket()));
+            return Ok(((r, subject), self.commit.ticket()));
         }
     }
 

@@ -6,8 +6,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use chatvault::grpc::TenantHeader;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chatvault::grpc::Bearer;
 use chatvault::grpc::pb;
+use chatvault::grpc::pb::admin_service_client::AdminServiceClient;
 use chatvault::grpc::pb::subject_service_client::SubjectServiceClient;
 use chatvault::grpc::pb::transcript_service_client::TranscriptServiceClient;
 use tonic::service::interceptor::InterceptedService;
@@ -16,17 +20,22 @@ use tonic::transport::Channel;
 pub const ROOT_KEY_HEX: &str = "5f1e0d2c3b4a59687766554433221100ffeeddccbbaa99887766554433221100";
 pub const OTHER_ROOT_KEY_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000001";
 
-pub type Transcripts = TranscriptServiceClient<InterceptedService<Channel, TenantHeader>>;
-pub type Subjects = SubjectServiceClient<InterceptedService<Channel, TenantHeader>>;
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789abcdef";
 
-/// A data directory and a key directory that outlive server restarts.
+pub type Transcripts = TranscriptServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A data directory and a key directory that outlive server restarts, and the API key
+/// of each tenant the tests made there.
 pub struct Dirs {
     pub tmp: tempfile::TempDir,
+    api_keys: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Dirs {
     pub fn new() -> Self {
-        Dirs { tmp: tempfile::tempdir().expect("temp dir") }
+        Dirs { tmp: tempfile::tempdir().expect("temp dir"), api_keys: Arc::default() }
     }
     pub fn data(&self) -> PathBuf {
         self.tmp.path().join("data")
@@ -34,12 +43,20 @@ impl Dirs {
     pub fn keys(&self) -> PathBuf {
         self.tmp.path().join("keys")
     }
+    /// Writes a server configuration file and returns its path.
+    pub fn config(&self, toml: &str) -> PathBuf {
+        let path = self.tmp.path().join("chatvault.toml");
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
 }
 
 pub struct Server {
     child: Child,
     pub url: String,
+    pub admin_url: String,
     pub log: PathBuf,
+    api_keys: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// How to start a server beyond the directories.
@@ -74,13 +91,14 @@ impl Server {
         ));
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatvault"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dirs.data())
             .arg("--key-dir")
             .arg(dirs.keys())
             .args(&opts.args)
             .env("CHATVAULT_ROOT_KEY", opts.root_key_hex)
+            .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("CHATVAULT_LOG", "info")
             .env_remove("CHATVAULT_CONFIG")
             .stdout(Stdio::piped())
@@ -90,14 +108,23 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut admin = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("chatvault listening on ") {
-                    let _ = tx.send(addr.to_owned());
+                if let Some(addr) = line.strip_prefix("chatvault admin listening on ") {
+                    admin = Some(addr.to_owned());
+                } else if let Some(addr) = line.strip_prefix("chatvault listening on ") {
+                    let _ = tx.send((addr.to_owned(), admin.clone().unwrap_or_default()));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Ok(Server { child, url: format!("http://{addr}"), log }),
+            Ok((addr, admin)) => Ok(Server {
+                child,
+                url: format!("http://{addr}"),
+                admin_url: format!("http://{admin}"),
+                log,
+                api_keys: dirs.api_keys.clone(),
+            }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -110,12 +137,52 @@ impl Server {
         Channel::from_shared(self.url.clone()).unwrap().connect().await.expect("connect")
     }
 
+    /// A connection whose client socket is bound to `local` (127.0.0.2, 127.0.0.3, ...:
+    /// the loopback range has many addresses, so allowlists can be tested for real).
+    pub async fn channel_from(&self, local: &str) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .local_address(Some(local.parse().unwrap()))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn admin(&self) -> AdminClient {
+        let ch = Channel::from_shared(self.admin_url.clone()).unwrap().connect().await.expect("connect admin");
+        AdminServiceClient::with_interceptor(ch, Bearer::new(OPERATOR_TOKEN).unwrap())
+    }
+
+    /// The API key of `tenant`, creating the tenant (allowed from loopback) on first use.
+    pub async fn api_key(&self, tenant: &str) -> String {
+        if let Some(k) = self.api_keys.lock().unwrap().get(tenant) {
+            return k.clone();
+        }
+        let mut admin = self.admin().await;
+        let req = pb::CreateTenantRequest {
+            tenant_id: tenant.into(),
+            allowlist: vec!["127.0.0.0/8".into(), "::1".into()],
+            ..Default::default()
+        };
+        admin.create_tenant(req).await.expect("create tenant");
+        let key = admin
+            .issue_api_key(pb::IssueApiKeyRequest { tenant_id: tenant.into() })
+            .await
+            .expect("issue key")
+            .into_inner()
+            .api_key;
+        self.api_keys.lock().unwrap().insert(tenant.into(), key.clone());
+        key
+    }
+
     pub async fn transcripts(&self, tenant: &str) -> Transcripts {
-        TranscriptServiceClient::with_interceptor(self.channel().await, TenantHeader::new(tenant).unwrap())
+        let key = self.api_key(tenant).await;
+        TranscriptServiceClient::with_interceptor(self.channel().await, Bearer::new(&key).unwrap())
     }
 
     pub async fn subjects(&self, tenant: &str) -> Subjects {
-        SubjectServiceClient::with_interceptor(self.channel().await, TenantHeader::new(tenant).unwrap())
+        let key = self.api_key(tenant).await;
+        SubjectServiceClient::with_interceptor(self.channel().await, Bearer::new(&key).unwrap())
     }
 
     pub fn pid(&self) -> String {

@@ -1,0 +1,327 @@
+//! AdminService: the operator's API, on its own listener. Every change is recorded in
+//! the audit trail, as is every refused operator token.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{timestamp_in, timestamp_out};
+use super::credentials::bearer;
+use super::gate::audit_status;
+use super::pb::{self, admin_service_server::AdminService};
+use super::status::{outcome_of, tenancy_status, to_status};
+use crate::audit::{AuditLog, Event, Filter, Operation, Outcome, Record};
+use crate::clock::Clock;
+use crate::tenancy::{
+    self, ApiKeyInfo, KeyHashParams, KeyId, OperatorToken, Registry, RetentionPolicy, Tenant, TenantStatus,
+};
+use crate::vault::{TenantId, Vault};
+
+pub struct Admin {
+    pub registry: Arc<Registry>,
+    pub vault: Arc<Vault>,
+    pub audit: Arc<AuditLog>,
+    pub token: OperatorToken,
+    pub key_hash: KeyHashParams,
+    pub clock: Arc<dyn Clock>,
+}
+
+fn tenant_id(s: &str) -> Result<TenantId, Status> {
+    TenantId::parse(s).map_err(to_status)
+}
+
+fn allowlist_in(items: &[String]) -> Result<Vec<tenancy::Cidr>, Status> {
+    tenancy::parse_list(items).map_err(|e| Status::invalid_argument(format!("allowlist: {e}")))
+}
+
+fn retention_in(r: Option<pb::Retention>) -> RetentionPolicy {
+    let r = r.unwrap_or_default();
+    RetentionPolicy {
+        purge_after_close_secs: r.purge_after_close_seconds,
+        close_inactive_after_secs: r.close_inactive_after_seconds,
+    }
+}
+
+fn tenant_out(t: &Tenant) -> pb::Tenant {
+    pb::Tenant {
+        tenant_id: t.id.as_str().to_owned(),
+        display_name: t.display_name.clone(),
+        status: match t.status {
+            TenantStatus::Active => pb::TenantStatus::Active,
+            TenantStatus::Suspended | TenantStatus::Deleted => pb::TenantStatus::Suspended,
+        } as i32,
+        created_at: Some(timestamp_out(t.created_at)),
+        allowlist: t.allowlist.iter().map(ToString::to_string).collect(),
+        retention: Some(pb::Retention {
+            purge_after_close_seconds: t.retention.purge_after_close_secs,
+            close_inactive_after_seconds: t.retention.close_inactive_after_secs,
+        }),
+        live_api_keys: t.keys.iter().filter(|k| k.is_live()).count() as u32,
+    }
+}
+
+fn key_out(k: &ApiKeyInfo) -> pb::ApiKey {
+    pb::ApiKey {
+        key_id: k.id.as_str().to_owned(),
+        created_at: Some(timestamp_out(k.created_at)),
+        revoked_at: k.revoked_at.map(timestamp_out),
+    }
+}
+
+fn record_out(r: Record) -> pb::AuditRecord {
+    pb::AuditRecord {
+        sequence: r.seq,
+        time: crate::vault::Timestamp::from_micros(r.at_micros).map(timestamp_out),
+        operation: r.operation.as_str().to_owned(),
+        outcome: r.outcome.as_str().to_owned(),
+        tenant_id: r.tenant,
+        key_id: r.key_id,
+        subject_blind_id: r.subject,
+        transcript_blind_id: r.transcript,
+        source_address: r.source,
+        previous_mac: hex::encode(r.prev),
+    }
+}
+
+impl Admin {
+    /// Checks the operator token; a refusal is recorded with the caller's address.
+    fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let source = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+        let presented = match bearer(req.metadata()) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(self.refuse(source, "operator token required: send `authorization: Bearer <token>`"));
+            }
+            Err(()) => return Err(self.refuse(source, "malformed authorization header: expected `Bearer <token>`")),
+        };
+        if !self.token.matches(presented) {
+            return Err(self.refuse(source, "operator token not recognised"));
+        }
+        Ok(source)
+    }
+
+    fn refuse(&self, source: String, why: &'static str) -> Status {
+        let ev = Event { source, ..Event::default() };
+        if let Err(e) = self.audit.append(Operation::AdminDenied, Outcome::Unauthenticated, ev) {
+            tracing::error!(error = %e, "cannot record a refused operator token");
+        }
+        Status::unauthenticated(why)
+    }
+
+    /// Records an admin change (durably) and passes its result through.
+    async fn record<T>(
+        &self,
+        source: String,
+        op: Operation,
+        tenant: &str,
+        key_id: &str,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let ev = Event { tenant: tenant.to_owned(), key_id: key_id.to_owned(), source, ..Event::default() };
+        self.audit.append(op, outcome_of(&result), ev).map_err(audit_status)?;
+        self.vault.wait_durable().await.map_err(to_status)?;
+        result
+    }
+
+    fn tenant_change(
+        &self,
+        tenant: &str,
+        f: impl FnOnce(&TenantId) -> Result<Arc<Tenant>, tenancy::TenancyError>,
+    ) -> Result<pb::Tenant, Status> {
+        let id = tenant_id(tenant)?;
+        f(&id).map(|t| tenant_out(&t)).map_err(tenancy_status)
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_tenant(&self, req: Request<pb::CreateTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let source = self.operator(&req)?;
+        let pb::CreateTenantRequest { tenant_id: id, display_name, allowlist, retention } = req.into_inner();
+        let now = self.clock.now();
+        let result = allowlist_in(&allowlist).and_then(|list| {
+            self.tenant_change(&id, |t| {
+                self.registry.create(t.clone(), display_name, list, retention_in(retention), now)
+            })
+        });
+        Ok(Response::new(self.record(source, Operation::CreateTenant, &id, "", result).await?))
+    }
+
+    async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        self.operator(&req)?;
+        Ok(Response::new(self.tenant_change(&req.into_inner().tenant_id, |t| self.registry.get(t))?))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        self.operator(&req)?;
+        let tenants = self.registry.list().map_err(tenancy_status)?;
+        Ok(Response::new(pb::ListTenantsResponse { tenants: tenants.iter().map(|t| tenant_out(t)).collect() }))
+    }
+
+    async fn suspend_tenant(&self, req: Request<pb::SuspendTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let source = self.operator(&req)?;
+        let id = req.into_inner().tenant_id;
+        let result = self.tenant_change(&id, |t| self.registry.set_suspended(t, true));
+        Ok(Response::new(self.record(source, Operation::SuspendTenant, &id, "", result).await?))
+    }
+
+    async fn resume_tenant(&self, req: Request<pb::ResumeTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let source = self.operator(&req)?;
+        let id = req.into_inner().tenant_id;
+        let result = self.tenant_change(&id, |t| self.registry.set_suspended(t, false));
+        Ok(Response::new(self.record(source, Operation::ResumeTenant, &id, "", result).await?))
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        let source = self.operator(&req)?;
+        let id = req.into_inner().tenant_id;
+        let result = async {
+            let tid = tenant_id(&id)?;
+            if self.registry.status(&tid).map_err(tenancy_status)?.is_none() {
+                return Err(tenancy_status(tenancy::TenancyError::NotFound(id.clone())));
+            }
+            // First no call is admitted, then the keys go; a retry after a failure
+            // finishes the erasure.
+            self.registry.mark_deleted(&tid, self.clock.now()).map_err(tenancy_status)?;
+            let erased = self.vault.erase_tenant(&tid).await.map_err(to_status)?;
+            tracing::info!(tenant = %id, subjects = erased.subjects_shredded, "tenant deleted and shredded");
+            Ok(pb::DeleteTenantResponse { subjects_shredded: erased.subjects_shredded, key_epoch: erased.key_epoch })
+        }
+        .await;
+        Ok(Response::new(self.record(source, Operation::DeleteTenant, &id, "", result).await?))
+    }
+
+    async fn issue_api_key(
+        &self,
+        req: Request<pb::IssueApiKeyRequest>,
+    ) -> Result<Response<pb::IssueApiKeyResponse>, Status> {
+        let source = self.operator(&req)?;
+        let id = req.into_inner().tenant_id;
+        let (registry, params, now) = (self.registry.clone(), self.key_hash, self.clock.now());
+        let result = match tenant_id(&id) {
+            // argon2 hashing is slow on purpose: off the executor.
+            Ok(tid) => tokio::task::spawn_blocking(move || registry.issue_key(&tid, params, now))
+                .await
+                .map_err(|_| Status::internal("worker failed"))
+                .and_then(|r| r.map_err(tenancy_status)),
+            Err(e) => Err(e),
+        };
+        let key_id = result.as_ref().map(|(info, _)| info.id.as_str().to_owned()).unwrap_or_default();
+        let (info, key) = self.record(source, Operation::IssueApiKey, &id, &key_id, result).await?;
+        Ok(Response::new(pb::IssueApiKeyResponse { key: Some(key_out(&info)), api_key: key.expose().to_owned() }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        self.operator(&req)?;
+        let t = self.registry.get(&tenant_id(&req.into_inner().tenant_id)?).map_err(tenancy_status)?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            keys: t.keys.iter().map(|k| key_out(&ApiKeyInfo::from(k))).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(&self, req: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        let source = self.operator(&req)?;
+        let pb::RevokeApiKeyRequest { tenant_id: id, key_id } = req.into_inner();
+        let result = tenant_id(&id).and_then(|tid| {
+            let kid = KeyId::parse(&key_id)
+                .ok_or_else(|| Status::invalid_argument("key_id: expected the 16 hex characters of a key id"))?;
+            self.registry.revoke_key(&tid, &kid, self.clock.now()).map(|k| key_out(&k)).map_err(tenancy_status)
+        });
+        Ok(Response::new(self.record(source, Operation::RevokeApiKey, &id, &key_id, result).await?))
+    }
+
+    async fn set_allowlist(&self, req: Request<pb::SetAllowlistRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let source = self.operator(&req)?;
+        let pb::SetAllowlistRequest { tenant_id: id, allowlist } = req.into_inner();
+        let result =
+            allowlist_in(&allowlist).and_then(|list| self.tenant_change(&id, |t| self.registry.set_allowlist(t, list)));
+        Ok(Response::new(self.record(source, Operation::SetAllowlist, &id, "", result).await?))
+    }
+
+    async fn set_retention(&self, req: Request<pb::SetRetentionRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let source = self.operator(&req)?;
+        let pb::SetRetentionRequest { tenant_id: id, retention } = req.into_inner();
+        let result = self.tenant_change(&id, |t| self.registry.set_retention(t, retention_in(retention)));
+        Ok(Response::new(self.record(source, Operation::SetRetention, &id, "", result).await?))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        self.operator(&req)?;
+        let q = req.into_inner();
+        let mut filter = Filter {
+            tenant: (!q.tenant_id.is_empty()).then(|| q.tenant_id.clone()),
+            key_id: (!q.key_id.is_empty()).then(|| q.key_id.clone()),
+            since_micros: timestamp_in("start_time", q.start_time)?.map(|t| t.micros()),
+            until_micros: timestamp_in("end_time", q.end_time)?.map(|t| t.micros()),
+            ..Filter::default()
+        };
+        for name in &q.operations {
+            let op = Operation::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = Operation::ALL.iter().map(|o| o.as_str()).collect();
+                Status::invalid_argument(format!("operations: unknown operation {name:?}; known: {}", known.join(", ")))
+            })?;
+            filter.operations.push(op);
+        }
+        if !q.subject_id.is_empty() {
+            if q.tenant_id.is_empty() {
+                return Err(Status::invalid_argument(
+                    "subject_id: needs tenant_id (subject ids are blinded per tenant)",
+                ));
+            }
+            let (blind, _) =
+                self.vault.blind_ids(&tenant_id(&q.tenant_id)?, Some(&q.subject_id), None).map_err(to_status)?;
+            // A tenant that never wrote has no blind key: nothing can match.
+            filter.subject = Some(blind.unwrap_or_else(|| "-".into()));
+        }
+        let after = match q.page_token.as_str() {
+            "" => 0,
+            t => t.parse().map_err(|_| Status::invalid_argument("page_token: not a token this server issued"))?,
+        };
+        let size = if q.page_size == 0 { 100 } else { q.page_size as usize };
+        let audit = self.audit.clone();
+        let page = tokio::task::spawn_blocking(move || audit.query(&filter, after, size))
+            .await
+            .map_err(|_| Status::internal("worker failed"))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit query failed");
+                Status::data_loss(e.to_string())
+            })?;
+        Ok(Response::new(pb::QueryAuditResponse {
+            records: page.records.into_iter().map(record_out).collect(),
+            next_page_token: page.next_after.map(|s| s.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.operator(&req)?;
+        let audit = self.audit.clone();
+        let v = tokio::task::spawn_blocking(move || audit.verify())
+            .await
+            .map_err(|_| Status::internal("worker failed"))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let (first_bad_sequence, problem) = v.broken.clone().unwrap_or_default();
+        Ok(Response::new(pb::VerifyAuditResponse {
+            intact: v.broken.is_none(),
+            records_checked: v.records,
+            head_sequence: v.head_seq,
+            head_mac: v.head_mac,
+            first_bad_sequence,
+            problem,
+        }))
+    }
+}

@@ -1,0 +1,103 @@
+//! The gate every data call passes: authenticate (tenant from the credential only),
+//! then, after the vault answered, record the call in the audit trail.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use super::credentials::{bearer, forwarded_for};
+use super::status::{auth_status, outcome_of, to_status};
+use crate::audit::{AuditError, AuditLog, Event, Operation, Outcome};
+use crate::tenancy::{Authenticator, Culprit, Denied, Principal};
+use crate::vault::Vault;
+
+pub struct Gate {
+    pub vault: Arc<Vault>,
+    auth: Arc<Authenticator>,
+    audit: Arc<AuditLog>,
+}
+
+/// The ids a call names: raw ones are blinded with the tenant's key before recording.
+#[derive(Default)]
+pub struct Ids<'a> {
+    pub subject_id: Option<&'a str>,
+    pub transcript_id: Option<&'a str>,
+    /// Already blinded (hex), when the vault reported it.
+    pub subject_blind: Option<String>,
+}
+
+impl Gate {
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>, audit: Arc<AuditLog>) -> Self {
+        Gate { vault, auth, audit }
+    }
+
+    /// Who the call acts for. A refusal is recorded, then answered.
+    pub async fn admit<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let peer = req.remote_addr().map(|a| a.ip()).ok_or_else(|| Status::internal("no peer address"))?;
+        let md = req.metadata();
+        // A non-bearer authorization header is checked as an empty (malformed) key.
+        let token = bearer(md).unwrap_or(Some(""));
+        match self.auth.authenticate(token, peer, forwarded_for(md).as_deref()).await {
+            Ok(p) => Ok(p),
+            Err(denied) => {
+                let status = auth_status(&denied.error);
+                self.record_denial(&denied, outcome_of::<()>(&Err(status.clone())));
+                Err(status)
+            }
+        }
+    }
+
+    fn record_denial(&self, d: &Denied, outcome: Outcome) {
+        let ev = Event {
+            tenant: d.tenant.as_ref().map(|t| t.as_str().to_owned()).unwrap_or_default(),
+            key_id: d.key_id.as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default(),
+            source: d.source.to_string(),
+            ..Event::default()
+        };
+        if let Err(e) = self.audit.append(Operation::Authenticate, outcome, ev.clone()) {
+            tracing::error!(error = %e, "cannot record a failed authentication");
+        }
+        for c in &d.locked {
+            // One record per locked culprit: a key id (with the address that tripped it),
+            // or an address (with no key id).
+            let (what, ev) = match c {
+                Culprit::Key(k) => (format!("key id {k}"), ev.clone()),
+                Culprit::Source(ip) => (format!("address {ip}"), Event { key_id: String::new(), ..ev.clone() }),
+            };
+            tracing::warn!(locked = %what, "authentication locked out after repeated failures");
+            if let Err(e) = self.audit.append(Operation::Lockout, Outcome::LockedOut, ev) {
+                tracing::error!(error = %e, "cannot record a lockout");
+            }
+        }
+    }
+
+    /// Records a served call. Changes are made durable (with their record) before the
+    /// reply; if the record cannot be written the call is answered UNAVAILABLE.
+    pub async fn record<T>(
+        &self,
+        who: &Principal,
+        op: Operation,
+        ids: Ids<'_>,
+        result: &Result<T, Status>,
+    ) -> Result<(), Status> {
+        let (subject, transcript) =
+            self.vault.blind_ids(&who.tenant, ids.subject_id, ids.transcript_id).unwrap_or((None, None));
+        let ev = Event {
+            tenant: who.tenant.as_str().to_owned(),
+            key_id: who.key_id.as_str().to_owned(),
+            subject: ids.subject_blind.or(subject).unwrap_or_default(),
+            transcript: transcript.unwrap_or_default(),
+            source: who.source.to_string(),
+        };
+        self.audit.append(op, outcome_of(result), ev).map_err(audit_status)?;
+        if op.is_change() && result.is_ok() {
+            self.vault.wait_durable().await.map_err(to_status)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn audit_status(e: AuditError) -> Status {
+    tracing::error!(error = %e, "audit trail write failed; refusing to serve unrecorded");
+    Status::unavailable("the audit trail could not record this call; retry later")
+}

@@ -1,0 +1,52 @@
+//! Tenants: who may call, from where, with which key. The registry holds the state; the
+//! authenticator turns a request's credentials and address into a [`Principal`].
+
+mod apikey;
+mod auth;
+mod cidr;
+mod lockout;
+mod model;
+mod operator;
+mod registry;
+mod source;
+
+pub use apikey::{ApiKey, KeyHashParams, KeyId};
+pub use auth::{AuthConfig, AuthError, Authenticator, Denied, Principal};
+pub use cidr::{Cidr, CidrError, parse_list};
+pub use lockout::{Culprit, LockoutConfig};
+pub use model::{ApiKeyInfo, RetentionPolicy, Tenant, TenantStatus};
+pub use operator::OperatorToken;
+pub use registry::{KeyOwner, MAX_ALLOWLIST, MAX_LIVE_KEYS, Registry};
+
+use crate::crypto::CryptoError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    #[error("tenant {0:?} not found")]
+    NotFound(String),
+    #[error("tenant {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("tenant id {0:?} belonged to a deleted tenant; ids are not reused")]
+    IdRetired(String),
+    #[error("API key {0} not found for this tenant")]
+    KeyNotFound(String),
+    #[error("a tenant may have at most {0} live API keys; revoke one first")]
+    TooManyKeys(usize),
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("a tenant registry record failed verification (tampered, or another root key)")]
+    Corrupt,
+    #[error("internal lock poisoned")]
+    Poisoned,
+}
+
+impl TenancyError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        TenancyError::InvalidArgument { field, reason: reason.into() }
+    }
+}

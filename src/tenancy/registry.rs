@@ -1,0 +1,290 @@
+//! The tenant registry: every tenant's settings and API key hashes, held in memory for
+//! the request path and written through to the store, sealed under a root-derived key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::TenancyError;
+use super::apikey::{self, ApiKey, KeyHashParams, KeyId};
+use super::cidr::Cidr;
+use super::model::{ApiKeyInfo, ApiKeyRecord, RetentionPolicy, Tenant, TenantRecord, TenantStatus};
+use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
+use crate::store::{Batch, Durability, KvStore, space};
+use crate::vault::{TenantId, Timestamp};
+
+const RECORD_V1: u8 = 1;
+/// Longest display name: a business name, not an essay.
+const MAX_NAME: usize = 200;
+/// Networks per tenant: enough for any real deployment, small enough to check per request.
+pub const MAX_ALLOWLIST: usize = 256;
+/// Live keys per tenant: rotation needs two; a handful of backends may each have one.
+pub const MAX_LIVE_KEYS: usize = 16;
+
+/// A key and the tenant it belongs to, as the request path needs them.
+#[derive(Clone, Debug)]
+pub struct KeyOwner {
+    pub tenant: Arc<Tenant>,
+    pub key: ApiKeyRecord,
+}
+
+pub struct Registry {
+    store: Arc<dyn KvStore>,
+    seal_key: SecretKey,
+    alg: Algorithm,
+    state: RwLock<State>,
+    /// Serialises read-modify-write of records so two admin calls never lose one's change.
+    write: Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    tenants: BTreeMap<String, Arc<Tenant>>,
+    key_owner: HashMap<KeyId, String>,
+}
+
+impl State {
+    fn install(&mut self, t: Arc<Tenant>) {
+        for k in &t.keys {
+            self.key_owner.insert(k.id.clone(), t.id.as_str().to_owned());
+        }
+        self.tenants.insert(t.id.as_str().to_owned(), t);
+    }
+}
+
+fn slot(tenant: &str) -> Vec<u8> {
+    let mut k = vec![space::TENANCY, tenant.len() as u8];
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+fn aad(tenant: &str) -> Aad {
+    Aad::new(RecordKind::TenantRecord).bytes(tenant.as_bytes())
+}
+
+impl Registry {
+    /// Loads every tenant. A record that fails to open (tampered, or sealed under
+    /// another root key) stops the start: a silently missing tenant would be worse.
+    pub fn open(store: Arc<dyn KvStore>, seal_key: SecretKey, alg: Algorithm) -> Result<Self, TenancyError> {
+        let reg = Registry { store, seal_key, alg, state: RwLock::new(State::default()), write: Mutex::new(()) };
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = reg.store.scan(&[space::TENANCY], after.as_deref(), 256)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            let mut state = reg.state.write().map_err(|_| TenancyError::Poisoned)?;
+            for (k, v) in &page {
+                let name = k.get(2..).and_then(|b| std::str::from_utf8(b).ok()).ok_or(TenancyError::Corrupt)?;
+                state.install(Arc::new(reg.unseal(name, v)?));
+            }
+        }
+        Ok(reg)
+    }
+
+    fn unseal(&self, name: &str, bytes: &[u8]) -> Result<Tenant, TenancyError> {
+        let plain = crypto::open(&self.seal_key, aad(name).as_slice(), bytes).map_err(|_| TenancyError::Corrupt)?;
+        let rec: TenantRecord = match plain.split_first() {
+            Some((&RECORD_V1, body)) => postcard::from_bytes(body).map_err(|_| TenancyError::Corrupt)?,
+            _ => return Err(TenancyError::Corrupt),
+        };
+        if rec.id != name {
+            return Err(TenancyError::Corrupt);
+        }
+        Ok(Tenant {
+            id: TenantId::parse(&rec.id).map_err(|_| TenancyError::Corrupt)?,
+            display_name: rec.display_name,
+            status: rec.status,
+            created_at: Timestamp::from_micros(rec.created_at).unwrap_or(Timestamp::UNIX_EPOCH),
+            allowlist: super::cidr::parse_list(&rec.allowlist).map_err(|_| TenancyError::Corrupt)?,
+            retention: rec.retention,
+            keys: rec.keys,
+        })
+    }
+
+    fn persist(&self, t: &Tenant) -> Result<(), TenancyError> {
+        let mut plain = vec![RECORD_V1];
+        postcard::to_io(&TenantRecord::from(t), &mut plain).map_err(|_| TenancyError::Corrupt)?;
+        let id = t.id.as_str();
+        let sealed = crypto::seal(self.alg, &self.seal_key, aad(id).as_slice(), &plain)?;
+        let mut b = Batch::default();
+        b.put(slot(id), sealed);
+        self.store.apply(b)?;
+        // Control-plane changes are rare and must not be lost: an issued key or a
+        // revocation is durable before the operator hears "ok".
+        self.store.sync(Durability::Fsync)?;
+        Ok(())
+    }
+
+    fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, State>, TenancyError> {
+        self.state.read().map_err(|_| TenancyError::Poisoned)
+    }
+
+    /// Applies `change` to a copy of the tenant, stores it, then publishes it.
+    fn update<T>(
+        &self,
+        id: &TenantId,
+        change: impl FnOnce(&mut Tenant) -> Result<T, TenancyError>,
+    ) -> Result<(Arc<Tenant>, T), TenancyError> {
+        let _w = self.write.lock().map_err(|_| TenancyError::Poisoned)?;
+        let mut t = Tenant::clone(&*self.get(id)?);
+        let out = change(&mut t)?;
+        self.persist(&t)?;
+        let t = Arc::new(t);
+        self.state.write().map_err(|_| TenancyError::Poisoned)?.install(t.clone());
+        Ok((t, out))
+    }
+
+    pub fn create(
+        &self,
+        id: TenantId,
+        display_name: String,
+        allowlist: Vec<Cidr>,
+        retention: RetentionPolicy,
+        now: Timestamp,
+    ) -> Result<Arc<Tenant>, TenancyError> {
+        check_name(&display_name)?;
+        check_allowlist(&allowlist)?;
+        let _w = self.write.lock().map_err(|_| TenancyError::Poisoned)?;
+        if let Some(old) = self.read()?.tenants.get(id.as_str()) {
+            return Err(match old.status {
+                TenantStatus::Deleted => TenancyError::IdRetired(id.as_str().into()),
+                _ => TenancyError::AlreadyExists(id.as_str().into()),
+            });
+        }
+        let t = Tenant {
+            id,
+            display_name,
+            status: TenantStatus::Active,
+            created_at: now,
+            allowlist,
+            retention,
+            keys: Vec::new(),
+        };
+        self.persist(&t)?;
+        let t = Arc::new(t);
+        self.state.write().map_err(|_| TenancyError::Poisoned)?.install(t.clone());
+        Ok(t)
+    }
+
+    /// A tenant that exists and is not deleted.
+    pub fn get(&self, id: &TenantId) -> Result<Arc<Tenant>, TenancyError> {
+        match self.read()?.tenants.get(id.as_str()) {
+            Some(t) if t.status != TenantStatus::Deleted => Ok(t.clone()),
+            _ => Err(TenancyError::NotFound(id.as_str().into())),
+        }
+    }
+
+    /// The tenant's status, deleted ones included; `None` if the id was never used.
+    pub fn status(&self, id: &TenantId) -> Result<Option<TenantStatus>, TenancyError> {
+        Ok(self.read()?.tenants.get(id.as_str()).map(|t| t.status))
+    }
+
+    /// Every tenant not deleted, by id.
+    pub fn list(&self) -> Result<Vec<Arc<Tenant>>, TenancyError> {
+        Ok(self.read()?.tenants.values().filter(|t| t.status != TenantStatus::Deleted).cloned().collect())
+    }
+
+    pub fn set_suspended(&self, id: &TenantId, suspended: bool) -> Result<Arc<Tenant>, TenancyError> {
+        Ok(self
+            .update(id, |t| {
+                t.status = if suspended { TenantStatus::Suspended } else { TenantStatus::Active };
+                Ok(())
+            })?
+            .0)
+    }
+
+    /// Marks the tenant deleted and revokes its keys; the caller shreds its data.
+    pub fn mark_deleted(&self, id: &TenantId, now: Timestamp) -> Result<(), TenancyError> {
+        if self.status(id)? == Some(TenantStatus::Deleted) {
+            return Ok(());
+        }
+        self.update(id, |t| {
+            t.status = TenantStatus::Deleted;
+            for k in t.keys.iter_mut().filter(|k| k.is_live()) {
+                k.revoked_at = Some(now.micros());
+            }
+            t.allowlist.clear();
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Issues a new key. The argon2 hash is computed before any lock is taken.
+    pub fn issue_key(
+        &self,
+        id: &TenantId,
+        params: KeyHashParams,
+        now: Timestamp,
+    ) -> Result<(ApiKeyInfo, ApiKey), TenancyError> {
+        self.get(id)?;
+        let (key_id, key, hash) = apikey::generate(params)?;
+        let (_, info) = self.update(id, |t| {
+            if t.keys.iter().filter(|k| k.is_live()).count() >= MAX_LIVE_KEYS {
+                return Err(TenancyError::TooManyKeys(MAX_LIVE_KEYS));
+            }
+            let rec = ApiKeyRecord { id: key_id, hash, created_at: now.micros(), revoked_at: None };
+            let info = ApiKeyInfo::from(&rec);
+            t.keys.push(rec);
+            Ok(info)
+        })?;
+        Ok((info, key))
+    }
+
+    /// Revokes a key at once; revoking it again is not an error (idempotent).
+    pub fn revoke_key(&self, id: &TenantId, key_id: &KeyId, now: Timestamp) -> Result<ApiKeyInfo, TenancyError> {
+        Ok(self
+            .update(id, |t| {
+                let k = t
+                    .keys
+                    .iter_mut()
+                    .find(|k| &k.id == key_id)
+                    .ok_or_else(|| TenancyError::KeyNotFound(key_id.as_str().into()))?;
+                k.revoked_at.get_or_insert(now.micros());
+                Ok(ApiKeyInfo::from(&*k))
+            })?
+            .1)
+    }
+
+    pub fn set_allowlist(&self, id: &TenantId, allowlist: Vec<Cidr>) -> Result<Arc<Tenant>, TenancyError> {
+        check_allowlist(&allowlist)?;
+        Ok(self
+            .update(id, |t| {
+                t.allowlist = allowlist;
+                Ok(())
+            })?
+            .0)
+    }
+
+    pub fn set_retention(&self, id: &TenantId, retention: RetentionPolicy) -> Result<Arc<Tenant>, TenancyError> {
+        Ok(self
+            .update(id, |t| {
+                t.retention = retention;
+                Ok(())
+            })?
+            .0)
+    }
+
+    /// The key with this id and its tenant, deleted tenants included (their keys are revoked).
+    pub fn key_owner(&self, key_id: &KeyId) -> Result<Option<KeyOwner>, TenancyError> {
+        let state = self.read()?;
+        let Some(tenant) = state.key_owner.get(key_id).and_then(|t| state.tenants.get(t)) else { return Ok(None) };
+        let key = tenant.keys.iter().find(|k| &k.id == key_id).cloned();
+        Ok(key.map(|key| KeyOwner { tenant: tenant.clone(), key }))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), TenancyError> {
+    if name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(TenancyError::invalid(
+            "display_name",
+            format!("at most {MAX_NAME} characters, no control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_allowlist(list: &[Cidr]) -> Result<(), TenancyError> {
+    if list.len() > MAX_ALLOWLIST {
+        return Err(TenancyError::invalid("allowlist", format!("at most {MAX_ALLOWLIST} networks")));
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Erasing a whole tenant: every key it has, so all its data is shredded at once.
+
+use super::layout;
+use super::model::TenantId;
+use super::records::Garbage;
+use super::{META_SHRED_EPOCH, Vault, VaultError};
+use crate::keys::KeyRef;
+use crate::store::Batch;
+
+/// What erasing a tenant destroyed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantErasure {
+    pub subjects_shredded: u64,
+    /// The key-store epoch a rotation must pass for the erasure to hold against old copies.
+    pub key_epoch: u64,
+}
+
+impl Vault {
+    /// Destroys the tenant's blind-index key and every subject key, O(subjects), and
+    /// queues its ciphertext for reclaim. The tenant can never write again in this
+    /// process; the registry keeps it from doing so after a restart.
+    pub async fn erase_tenant(&self, tenant: &TenantId) -> Result<TenantErasure, VaultError> {
+        {
+            let _init = self.tenant_key_init.lock().map_err(|_| VaultError::Internal("tenant key lock".into()))?;
+            self.closed_tenants
+                .write()
+                .map_err(|_| VaultError::Internal("closed tenants lock".into()))?
+                .insert(tenant.as_str().to_owned());
+            self.cache.remove(&KeyRef::Tenant(tenant.as_str().to_owned()));
+        }
+        // Every writer that took the tenant key before it was closed holds the epoch guard
+        // until its batch is applied: once we get it exclusively, no new subject key of
+        // this tenant can appear.
+        drop(self.epoch_guard.write().map_err(|_| VaultError::Internal("epoch lock poisoned".into()))?);
+        let mut subjects = 0u64;
+        let mut epoch = self.keys.current_epoch();
+        let mut first = true;
+        loop {
+            let _epoch = self.epoch_shared()?;
+            epoch = epoch.max(self.keys.current_epoch());
+            let page = self.store.scan(&layout::subject_keys_prefix(tenant.as_str()), None, 1000)?;
+            if page.is_empty() && !first {
+                break;
+            }
+            let mut b = Batch::default();
+            if first {
+                b.delete(layout::tenant_key(tenant.as_str()));
+                self.queue_garbage(&mut b, &Garbage::Tenant { tenant: tenant.as_str().to_owned() })?;
+                first = false;
+            }
+            subjects += page.len() as u64;
+            for (k, _) in page {
+                b.delete(k);
+            }
+            b.put(layout::meta(META_SHRED_EPOCH), epoch.to_be_bytes().to_vec());
+            self.apply(b)?;
+        }
+        self.cache.remove_tenant(tenant.as_str());
+        self.wait_durable().await?;
+        Ok(TenantErasure { subjects_shredded: subjects, key_epoch: epoch })
+    }
+}
