@@ -5,3 +5,4 @@ mod common;
 mod durability;
 mod shredding;
 mod tenancy;
+mod tls;
