@@ -86,9 +86,19 @@ enum TenantCommand {
 
 #[derive(Subcommand, Debug)]
 enum KeyCommand {
-    Issue { tenant: String },
-    List { tenant: String },
-    Revoke { tenant: String, key_id: String },
+    Issue {
+        tenant: String,
+        /// Print only the key, for `export CHATVAULT_API_KEY=$(...)`.
+        #[arg(long)]
+        raw: bool,
+    },
+    List {
+        tenant: String,
+    },
+    Revoke {
+        tenant: String,
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,8 +199,12 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
             let r = c.delete_tenant(pb::DeleteTenantRequest { tenant_id: tenant }).await.map_err(status)?.into_inner();
             json!({ "subjects_shredded": r.subjects_shredded, "key_epoch": r.key_epoch })
         }
-        AdminCommand::Key(KeyCommand::Issue { tenant }) => {
+        AdminCommand::Key(KeyCommand::Issue { tenant, raw }) => {
             let r = c.issue_api_key(pb::IssueApiKeyRequest { tenant_id: tenant }).await.map_err(status)?.into_inner();
+            if raw {
+                println!("{}", r.api_key);
+                return Ok(());
+            }
             json!({ "key": r.key.map(key_json), "api_key": r.api_key,
                     "note": "shown once: store it now; the server keeps only a hash" })
         }
