@@ -50,6 +50,8 @@ names! {
         SetAllowlist => "admin.allowlist.set",
         SetRetention => "admin.retention.set",
         AdminDenied => "admin.denied",
+        QueryAudit => "admin.audit.query",
+        VerifyAudit => "admin.audit.verify",
     }
 }
 
@@ -72,7 +74,14 @@ names! {
 impl Operation {
     /// Whether the operation changed state: its record is made durable before the reply.
     pub fn is_change(self) -> bool {
-        !matches!(self, Operation::GetTranscript | Operation::ListTranscripts | Operation::GetSubject)
+        !matches!(
+            self,
+            Operation::GetTranscript
+                | Operation::ListTranscripts
+                | Operation::GetSubject
+                | Operation::QueryAudit
+                | Operation::VerifyAudit
+        )
     }
 }
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{timestamp_in, timestamp_out};
 use super::credentials::bearer;
-use super::gate::audit_status;
+use super::gate::{audit_status, detached};
 use super::pb::{self, admin_service_server::AdminService};
 use super::status::{outcome_of, tenancy_status, to_status};
 use crate::audit::{AuditLog, Event, Filter, Operation, Outcome, Record};
@@ -83,6 +83,24 @@ fn record_out(r: Record) -> pb::AuditRecord {
     }
 }
 
+async fn record_change<T>(
+    audit: &AuditLog,
+    vault: &Vault,
+    source: String,
+    op: Operation,
+    tenant: &str,
+    key_id: &str,
+    result: Result<T, Status>,
+) -> Result<T, Status> {
+    let ev = Event { tenant: tenant.to_owned(), key_id: key_id.to_owned(), source, ..Event::default() };
+    audit.append(op, outcome_of(&result), ev).map_err(audit_status)?;
+    if !op.is_change() {
+        return result;
+    }
+    vault.wait_durable().await.map_err(to_status)?;
+    result
+}
+
 impl Admin {
     /// Checks the operator token; a refusal is recorded with the caller's address.
     fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
@@ -117,10 +135,7 @@ impl Admin {
         key_id: &str,
         result: Result<T, Status>,
     ) -> Result<T, Status> {
-        let ev = Event { tenant: tenant.to_owned(), key_id: key_id.to_owned(), source, ..Event::default() };
-        self.audit.append(op, outcome_of(&result), ev).map_err(audit_status)?;
-        self.vault.wait_durable().await.map_err(to_status)?;
-        result
+        record_change(&self.audit, &self.vault, source, op, tenant, key_id, result).await
     }
 
     fn tenant_change(
@@ -181,20 +196,30 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
-        let result = async {
-            let tid = tenant_id(&id)?;
-            if self.registry.status(&tid).map_err(tenancy_status)?.is_none() {
-                return Err(tenancy_status(tenancy::TenancyError::NotFound(id.clone())));
+        let (registry, vault, audit, now) =
+            (self.registry.clone(), self.vault.clone(), self.audit.clone(), self.clock.now());
+        // Detached: a client that goes away mid-erasure leaves neither half an erasure
+        // nor an unrecorded one.
+        let reply = detached(async move {
+            let result = async {
+                let tid = tenant_id(&id)?;
+                if registry.status(&tid).map_err(tenancy_status)?.is_none() {
+                    return Err(tenancy_status(tenancy::TenancyError::NotFound(id.clone())));
+                }
+                // First no call is admitted, then the keys go; a retry after a failure
+                // finishes the erasure.
+                registry.mark_deleted(&tid, now).map_err(tenancy_status)?;
+                let erased = vault.erase_tenant(&tid).await.map_err(to_status)?;
+                tracing::info!(tenant = %id, subjects = erased.subjects_shredded, "tenant deleted and shredded");
+                Ok(pb::DeleteTenantResponse {
+                    subjects_shredded: erased.subjects_shredded,
+                    key_epoch: erased.key_epoch,
+                })
             }
-            // First no call is admitted, then the keys go; a retry after a failure
-            // finishes the erasure.
-            self.registry.mark_deleted(&tid, self.clock.now()).map_err(tenancy_status)?;
-            let erased = self.vault.erase_tenant(&tid).await.map_err(to_status)?;
-            tracing::info!(tenant = %id, subjects = erased.subjects_shredded, "tenant deleted and shredded");
-            Ok(pb::DeleteTenantResponse { subjects_shredded: erased.subjects_shredded, key_epoch: erased.key_epoch })
-        }
-        .await;
-        Ok(Response::new(self.record(source, Operation::DeleteTenant, &id, "", result).await?))
+            .await;
+            record_change(&audit, &vault, source, Operation::DeleteTenant, &id, "", result).await
+        });
+        Ok(Response::new(reply.await?))
     }
 
     async fn issue_api_key(
@@ -204,16 +229,20 @@ impl AdminService for Admin {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
         let (registry, params, now) = (self.registry.clone(), self.key_hash, self.clock.now());
-        let result = match tenant_id(&id) {
-            // argon2 hashing is slow on purpose: off the executor.
-            Ok(tid) => tokio::task::spawn_blocking(move || registry.issue_key(&tid, params, now))
-                .await
-                .map_err(|_| Status::internal("worker failed"))
-                .and_then(|r| r.map_err(tenancy_status)),
-            Err(e) => Err(e),
-        };
-        let key_id = result.as_ref().map(|(info, _)| info.id.as_str().to_owned()).unwrap_or_default();
-        let (info, key) = self.record(source, Operation::IssueApiKey, &id, &key_id, result).await?;
+        let (vault, audit) = (self.vault.clone(), self.audit.clone());
+        let (info, key) = detached(async move {
+            let result = match tenant_id(&id) {
+                // argon2 hashing is slow on purpose: off the executor.
+                Ok(tid) => tokio::task::spawn_blocking(move || registry.issue_key(&tid, params, now))
+                    .await
+                    .map_err(|_| Status::internal("worker failed"))
+                    .and_then(|r| r.map_err(tenancy_status)),
+                Err(e) => Err(e),
+            };
+            let key_id = result.as_ref().map(|(info, _)| info.id.as_str().to_owned()).unwrap_or_default();
+            record_change(&audit, &vault, source, Operation::IssueApiKey, &id, &key_id, result).await
+        })
+        .await?;
         Ok(Response::new(pb::IssueApiKeyResponse { key: Some(key_out(&info)), api_key: key.expose().to_owned() }))
     }
 
@@ -258,7 +287,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<pb::QueryAuditResponse>, Status> {
-        self.operator(&req)?;
+        let source = self.operator(&req)?;
         let q = req.into_inner();
         let mut filter = Filter {
             tenant: (!q.tenant_id.is_empty()).then(|| q.tenant_id.clone()),
@@ -293,11 +322,15 @@ impl AdminService for Admin {
         let audit = self.audit.clone();
         let page = tokio::task::spawn_blocking(move || audit.query(&filter, after, size))
             .await
-            .map_err(|_| Status::internal("worker failed"))?
-            .map_err(|e| {
-                tracing::error!(error = %e, "audit query failed");
-                Status::data_loss(e.to_string())
-            })?;
+            .map_err(|_| Status::internal("worker failed"))
+            .and_then(|r| {
+                r.map_err(|e| {
+                    tracing::error!(error = %e, "audit query failed");
+                    Status::data_loss(e.to_string())
+                })
+            });
+        // Who read the trail is on the trail.
+        let page = self.record(source, Operation::QueryAudit, &q.tenant_id, &q.key_id, page).await?;
         Ok(Response::new(pb::QueryAuditResponse {
             records: page.records.into_iter().map(record_out).collect(),
             next_page_token: page.next_after.map(|s| s.to_string()).unwrap_or_default(),
@@ -308,12 +341,13 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        self.operator(&req)?;
+        let source = self.operator(&req)?;
         let audit = self.audit.clone();
         let v = tokio::task::spawn_blocking(move || audit.verify())
             .await
-            .map_err(|_| Status::internal("worker failed"))?
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|_| Status::internal("worker failed"))
+            .and_then(|r| r.map_err(|e| Status::unavailable(e.to_string())));
+        let v = self.record(source, Operation::VerifyAudit, "", "", v).await?;
         let (first_bad_sequence, problem) = v.broken.clone().unwrap_or_default();
         Ok(Response::new(pb::VerifyAuditResponse {
             intact: v.broken.is_none(),

@@ -1,6 +1,7 @@
 //! The gate every data call passes: authenticate (tenant from the credential only),
 //! then, after the vault answered, record the call in the audit trail.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tonic::{Request, Status};
@@ -8,7 +9,7 @@ use tonic::{Request, Status};
 use super::credentials::{bearer, forwarded_for};
 use super::status::{auth_status, outcome_of, to_status};
 use crate::audit::{AuditError, AuditLog, Event, Operation, Outcome};
-use crate::tenancy::{Authenticator, Culprit, Denied, Principal};
+use crate::tenancy::{AuthError, Authenticator, Culprit, Denied, Principal};
 use crate::vault::Vault;
 
 pub struct Gate {
@@ -41,7 +42,11 @@ impl Gate {
             Ok(p) => Ok(p),
             Err(denied) => {
                 let status = auth_status(&denied.error);
-                self.record_denial(&denied, outcome_of::<()>(&Err(status.clone())));
+                // Attempts refused during a lockout are not recorded one by one (the lockout
+                // itself was): a flood must not be able to fill the trail.
+                if !matches!(denied.error, AuthError::LockedOut { .. }) {
+                    self.record_denial(&denied, outcome_of::<()>(&Err(status.clone())));
+                }
                 Err(status)
             }
         }
@@ -95,6 +100,14 @@ impl Gate {
         }
         Ok(())
     }
+}
+
+/// Runs a call to its end on its own task, even if the client goes away or the deadline
+/// passes: a change that was applied is always recorded.
+pub async fn detached<T: Send + 'static>(
+    call: impl Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(call).await.map_err(|_| Status::internal("worker failed"))?
 }
 
 pub fn audit_status(e: AuditError) -> Status {

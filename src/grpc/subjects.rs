@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{receipt_out, subject_out};
-use super::gate::{Gate, Ids};
+use super::gate::{Gate, Ids, detached};
 use super::pb::{self, subject_service_server::SubjectService};
 use super::status::to_status;
 use crate::audit::Operation;
@@ -28,13 +28,21 @@ impl SubjectService for Subjects {
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::ShredSubjectRequest { subject_id } = req.into_inner();
-        let result = self.gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
-        self.gate
-            .record(&who, Operation::ShredSubject, Ids { subject_id: Some(&subject_id), ..Ids::default() }, &result)
+        let gate = self.gate.clone();
+        detached(async move {
+            let result = gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
+            gate.record(
+                &who,
+                Operation::ShredSubject,
+                Ids { subject_id: Some(&subject_id), ..Ids::default() },
+                &result,
+            )
             .await?;
-        let receipt = result?;
-        tracing::info!(tenant = who.tenant.as_str(), subject = %receipt.subject_blind_id, "subject shredded");
-        Ok(Response::new(pb::ShredSubjectResponse { receipt: Some(receipt_out(receipt)) }))
+            let receipt = result?;
+            tracing::info!(tenant = who.tenant.as_str(), subject = %receipt.subject_blind_id, "subject shredded");
+            Ok(Response::new(pb::ShredSubjectResponse { receipt: Some(receipt_out(receipt)) }))
+        })
+        .await
     }
 
     async fn get_subject(

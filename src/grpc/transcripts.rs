@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{messages_in, timestamp_in, timestamp_out, transcript_in, transcript_out};
-use super::gate::{Gate, Ids};
+use super::gate::{Gate, Ids, detached};
 use super::pb::{self, transcript_service_server::TranscriptService};
 use super::status::to_status;
 use crate::audit::Operation;
@@ -39,15 +39,19 @@ impl TranscriptService for Transcripts {
     ) -> Result<Response<pb::PutTranscriptResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::PutTranscriptRequest { transcript } = req.into_inner();
-        let (tid, sid) =
-            transcript.as_ref().map(|t| (t.transcript_id.clone(), t.subject_id.clone())).unwrap_or_default();
-        let result = match transcript_in(transcript) {
-            Ok(t) => self.gate.vault.put_transcript(&who.tenant, t).await.map_err(to_status),
-            Err(e) => Err(e),
-        };
-        let ids = Ids { subject_id: Some(&sid), transcript_id: Some(&tid), subject_blind: None };
-        self.gate.record(&who, Operation::PutTranscript, ids, &result).await?;
-        Ok(Response::new(pb::PutTranscriptResponse { replaced: result? }))
+        let gate = self.gate.clone();
+        detached(async move {
+            let (tid, sid) =
+                transcript.as_ref().map(|t| (t.transcript_id.clone(), t.subject_id.clone())).unwrap_or_default();
+            let result = match transcript_in(transcript) {
+                Ok(t) => gate.vault.put_transcript(&who.tenant, t).await.map_err(to_status),
+                Err(e) => Err(e),
+            };
+            let ids = Ids { subject_id: Some(&sid), transcript_id: Some(&tid), subject_blind: None };
+            gate.record(&who, Operation::PutTranscript, ids, &result).await?;
+            Ok(Response::new(pb::PutTranscriptResponse { replaced: result? }))
+        })
+        .await
     }
 
     async fn append_messages(
@@ -56,21 +60,24 @@ impl TranscriptService for Transcripts {
     ) -> Result<Response<pb::AppendMessagesResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::AppendMessagesRequest { transcript_id, messages, expected_message_count } = req.into_inner();
-        let result = match messages_in("messages", messages) {
-            Ok(m) => self
-                .gate
-                .vault
-                .append_messages(&who.tenant, &transcript_id, m, expected_message_count)
-                .await
-                .map_err(to_status),
-            Err(e) => Err(e),
-        };
-        let ids = Ids {
-            subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
-            ..transcript(&transcript_id)
-        };
-        self.gate.record(&who, Operation::AppendMessages, ids, &result).await?;
-        Ok(Response::new(pb::AppendMessagesResponse { message_count: result?.value }))
+        let gate = self.gate.clone();
+        detached(async move {
+            let result = match messages_in("messages", messages) {
+                Ok(m) => gate
+                    .vault
+                    .append_messages(&who.tenant, &transcript_id, m, expected_message_count)
+                    .await
+                    .map_err(to_status),
+                Err(e) => Err(e),
+            };
+            let ids = Ids {
+                subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
+                ..transcript(&transcript_id)
+            };
+            gate.record(&who, Operation::AppendMessages, ids, &result).await?;
+            Ok(Response::new(pb::AppendMessagesResponse { message_count: result?.value }))
+        })
+        .await
     }
 
     async fn close_transcript(
@@ -79,16 +86,20 @@ impl TranscriptService for Transcripts {
     ) -> Result<Response<pb::CloseTranscriptResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::CloseTranscriptRequest { transcript_id, ended_at } = req.into_inner();
-        let result = match timestamp_in("ended_at", ended_at) {
-            Ok(at) => self.gate.vault.close_transcript(&who.tenant, &transcript_id, at).await.map_err(to_status),
-            Err(e) => Err(e),
-        };
-        let ids = Ids {
-            subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
-            ..transcript(&transcript_id)
-        };
-        self.gate.record(&who, Operation::CloseTranscript, ids, &result).await?;
-        Ok(Response::new(pb::CloseTranscriptResponse { ended_at: Some(timestamp_out(result?.value)) }))
+        let gate = self.gate.clone();
+        detached(async move {
+            let result = match timestamp_in("ended_at", ended_at) {
+                Ok(at) => gate.vault.close_transcript(&who.tenant, &transcript_id, at).await.map_err(to_status),
+                Err(e) => Err(e),
+            };
+            let ids = Ids {
+                subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
+                ..transcript(&transcript_id)
+            };
+            gate.record(&who, Operation::CloseTranscript, ids, &result).await?;
+            Ok(Response::new(pb::CloseTranscriptResponse { ended_at: Some(timestamp_out(result?.value)) }))
+        })
+        .await
     }
 
     async fn get_transcript(
@@ -128,13 +139,17 @@ impl TranscriptService for Transcripts {
     ) -> Result<Response<pb::DeleteTranscriptResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::DeleteTranscriptRequest { transcript_id } = req.into_inner();
-        let result = self.gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
-        let ids = Ids {
-            subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
-            ..transcript(&transcript_id)
-        };
-        self.gate.record(&who, Operation::DeleteTranscript, ids, &result).await?;
-        result?;
-        Ok(Response::new(pb::DeleteTranscriptResponse {}))
+        let gate = self.gate.clone();
+        detached(async move {
+            let result = gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
+            let ids = Ids {
+                subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
+                ..transcript(&transcript_id)
+            };
+            gate.record(&who, Operation::DeleteTranscript, ids, &result).await?;
+            result?;
+            Ok(Response::new(pb::DeleteTranscriptResponse {}))
+        })
+        .await
     }
 }

@@ -118,6 +118,17 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(registry: Arc<Registry>, cfg: AuthConfig) -> Result<Self, super::TenancyError> {
+        const DAY: u64 = 86_400;
+        for (field, v) in [
+            ("auth.cache_ttl_secs", cfg.cache_ttl_secs),
+            ("auth.verify_wait_ms", cfg.verify_wait_ms / 1000),
+            ("auth.lockout.window_secs", cfg.lockout.window_secs),
+            ("auth.lockout.backoff_secs", cfg.lockout.backoff_secs),
+        ] {
+            if v > DAY {
+                return Err(super::TenancyError::invalid(field, "must be at most one day"));
+            }
+        }
         let trusted = super::cidr::parse_list(&cfg.trusted_proxies)
             .map_err(|e| super::TenancyError::invalid("auth.trusted_proxies", e.to_string()))?;
         let (_, _, decoy_hash) = apikey::generate(cfg.key_hash)?;
@@ -153,8 +164,25 @@ impl Authenticator {
         };
         let ClientAddress { ip, forwarded_ignored } = client_address(peer, forwarded_for, &self.trusted)
             .map_err(|e| deny(AuthError::BadForwardedFor(e.to_string()), None, peer))?;
-        let token = bearer.ok_or_else(|| deny(AuthError::Missing, None, ip))?;
-        let (key_id, secret) = apikey::parse(token).map_err(|_| deny(AuthError::Malformed, None, ip))?;
+        let parsed = match bearer {
+            None => Err(AuthError::Missing),
+            Some(token) => {
+                apikey::parse(token).map(|(id, secret)| (token, id, secret)).map_err(|_| AuthError::Malformed)
+            }
+        };
+        let (token, key_id, secret) = match parsed {
+            Ok(p) => p,
+            // Cheap to send, so counted against the address like a wrong key: a flood of
+            // junk ends in a lockout instead of an endless stream of audit records.
+            Err(error) => {
+                let source = [Culprit::source(ip)];
+                if let Some(retry_after) = self.lockout.locked(&source, Instant::now()) {
+                    return Err(deny(AuthError::LockedOut { retry_after }, None, ip));
+                }
+                let locked = self.lockout.failed(&source, Instant::now());
+                return Err(Denied { locked, ..deny(error, None, ip) });
+            }
+        };
         let digest = blind_index(&self.cache_key, b"api-key-cache", token.as_bytes());
         if !self.cached(&digest, &key_id) {
             self.verify(&key_id, secret, ip).await?;
@@ -208,7 +236,7 @@ impl Authenticator {
 
     /// The slow path: lockout, then argon2 under the concurrency cap.
     async fn verify(&self, key_id: &KeyId, secret: &str, ip: IpAddr) -> Result<(), Denied> {
-        let culprits = [Culprit::Key(key_id.clone()), Culprit::Source(ip)];
+        let culprits = [Culprit::Key(key_id.clone()), Culprit::source(ip)];
         let denied = |error, locked| Denied { error, key_id: Some(key_id.clone()), tenant: None, source: ip, locked };
         if let Some(retry_after) = self.lockout.locked(&culprits, Instant::now()) {
             return Err(denied(AuthError::LockedOut { retry_after }, Vec::new()));

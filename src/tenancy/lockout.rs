@@ -32,7 +32,17 @@ impl Default for LockoutConfig {
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum Culprit {
     Key(KeyId),
+    /// An IPv4 address, or an IPv6 /64 (one host usually owns a whole /64).
     Source(IpAddr),
+}
+
+impl Culprit {
+    pub fn source(ip: IpAddr) -> Culprit {
+        match super::cidr::canonical(ip) {
+            IpAddr::V6(v6) => Culprit::Source(IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())),
+            v4 => Culprit::Source(v4),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -114,6 +124,16 @@ mod tests {
         assert_eq!(l.locked(std::slice::from_ref(&ip), t0 + Duration::from_secs(11)), None);
         // After the back-off the count starts again.
         assert!(l.failed(std::slice::from_ref(&ip), t0 + Duration::from_secs(11)).is_empty());
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_per_slash_64() {
+        let a = Culprit::source("2001:db8:1:2::1".parse().unwrap());
+        let b = Culprit::source("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = Culprit::source("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(Culprit::source("::ffff:10.0.0.1".parse().unwrap()), Culprit::Source("10.0.0.1".parse().unwrap()));
     }
 
     #[test]

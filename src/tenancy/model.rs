@@ -26,13 +26,24 @@ pub struct RetentionPolicy {
     pub close_inactive_after_secs: u64,
 }
 
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
     pub id: KeyId,
     /// argon2id PHC string, parameters included.
     pub hash: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+}
+
+/// The hash stays out of logs: it is what an offline guess would be checked against.
+impl std::fmt::Debug for ApiKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyRecord")
+            .field("id", &self.id)
+            .field("created_at", &self.created_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApiKeyRecord {

@@ -187,17 +187,11 @@ impl Vault {
     /// the caller must hold `epoch_guard` (shared) — taking it here again could deadlock
     /// behind a waiting rotation.
     fn tenant_key(&self, tenant: &TenantId, create: bool) -> Result<Option<Arc<SecretKey>>, VaultError> {
+        // Checked before the cache: a reader racing an erasure may re-insert the key.
+        self.check_open(tenant)?;
         let cache_ref = KeyRef::Tenant(tenant.as_str().to_owned());
         if let Some(k) = self.cache.get(&cache_ref) {
             return Ok(Some(k));
-        }
-        if self
-            .closed_tenants
-            .read()
-            .map_err(|_| VaultError::Internal("closed tenants lock".into()))?
-            .contains(tenant.as_str())
-        {
-            return Err(VaultError::NotFound("tenant"));
         }
         let slot = layout::tenant_key(tenant.as_str());
         let aad = || Aad::new(RecordKind::TenantKey).bytes(tenant.as_str().as_bytes());
@@ -243,6 +237,12 @@ impl Vault {
         let Some(tkey) = self.tenant_key(tenant, false)? else { return Ok((None, None)) };
         let (s, t) = self.blinds(&tkey, subject_id, transcript_id);
         Ok((subject_id.map(|_| hex::encode(s)), transcript_id.map(|_| hex::encode(t))))
+    }
+
+    /// Refuses a tenant erased in this process.
+    fn check_open(&self, tenant: &TenantId) -> Result<(), VaultError> {
+        let closed = self.closed_tenants.read().map_err(|_| VaultError::Internal("closed tenants lock".into()))?;
+        if closed.contains(tenant.as_str()) { Err(VaultError::NotFound("tenant")) } else { Ok(()) }
     }
 
     fn blinds(&self, tkey: &SecretKey, subject_id: Option<&str>, transcript_id: Option<&str>) -> (Blind, Blind) {

@@ -28,10 +28,12 @@ impl Vault {
                 .insert(tenant.as_str().to_owned());
             self.cache.remove(&KeyRef::Tenant(tenant.as_str().to_owned()));
         }
-        // Every writer that took the tenant key before it was closed holds the epoch guard
-        // until its batch is applied: once we get it exclusively, no new subject key of
-        // this tenant can appear.
+        // Every writer (put, append, close, delete, shred) takes the epoch guard before the
+        // tenant key and holds it until its batch is applied: once we get the guard
+        // exclusively, the writers that saw the tenant open are done, and every later one
+        // is refused. Nothing more is written under this tenant.
         drop(self.epoch_guard.write().map_err(|_| VaultError::Internal("epoch lock poisoned".into()))?);
+        self.cache.remove_tenant(tenant.as_str());
         let mut subjects = 0u64;
         let mut epoch = self.keys.current_epoch();
         let mut first = true;

@@ -393,6 +393,9 @@ impl Vault {
         transcript_id: &str,
         f: impl FnOnce(&Blind, Header, &mut Batch) -> Result<R, VaultError>,
     ) -> Result<((R, Blind), crate::store::CommitTicket), VaultError> {
+        // Held until the batch is applied, like every writer: an erasure of the tenant
+        // waits for it, and nothing is written under a tenant after it was erased.
+        let _epoch = self.epoch_shared()?;
         let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
         let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
         let hkey = layout::header(tenant.as_str(), &tb);
