@@ -110,6 +110,13 @@ print("""
   ~39% of its CPU samples are in sled's I/O thread pool (log writes, node frees), competing
   with gRPC for the same 2 cores; `sled::Mode::HighThroughput` made no measurable difference.
   Durable group commit itself costs little: fsync vs durability none is within target.
+* **Authentication and the audit trail (since tenancy landed).** The load now runs as a real
+  tenant: an API key (argon2id once per client, then a cached keyed digest), the allowlist,
+  and one audit record per call. The record is a sled insert under the chain's lock, so every
+  read now also writes: GetTranscript over gRPC went from ~0.5x to ~0.2x of the echo floor
+  (commit de9465a vs this run), and appends pay a second durable wait for their record.
+  The next step is an append-only audit file beside sled, written in batches and synced by
+  the same group commit, instead of a sled insert per call.
 * **Disk.** sled's own space amplification (~1.84x, shared/notes) times ~1.1x record overhead
   (30-byte envelope, key, ids) lands just above the 2.0x target.
 * **Not measured yet.** Export over gRPC and server RSS while exporting a 1 GB tenant need the

@@ -3,8 +3,9 @@
 
 use std::fmt;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use subtle::ConstantTimeEq;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -97,13 +98,26 @@ pub fn generate(params: KeyHashParams) -> Result<(KeyId, ApiKey, String), Crypto
     Ok((id, key, hash))
 }
 
-/// Checks a secret against a stored hash, with the parameters recorded in the hash.
-/// Slow on purpose: callers cap how many run at once.
-pub fn verify(secret: &str, stored_hash: &str) -> bool {
-    match PasswordHash::new(stored_hash) {
-        Ok(h) => Argon2::default().verify_password(secret.as_bytes(), &h).is_ok(),
-        Err(_) => false,
+/// Checks a secret against a stored argon2id hash, with the parameters recorded in it.
+/// Slow on purpose: callers cap how many run at once. `memory` is argon2's working
+/// memory, reused from call to call: allocating ~19 MiB per check grows the heap of
+/// every thread that ever verifies, and it stays grown.
+pub fn verify(secret: &str, stored_hash: &str, memory: &mut Vec<Block>) -> bool {
+    let Ok(h) = PasswordHash::new(stored_hash) else { return false };
+    if h.algorithm != argon2::ARGON2ID_IDENT {
+        return false;
     }
+    let (Ok(params), Some(salt), Some(expected)) = (Params::try_from(&h), h.salt, h.hash) else { return false };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
+    let version = h.version.and_then(|v| Version::try_from(v).ok()).unwrap_or(Version::V0x13);
+    let mut out = Zeroizing::new(vec![0u8; expected.len()]);
+    memory.resize(params.block_count(), Block::default());
+    let argon = Argon2::new(Algorithm::Argon2id, version, params);
+    if argon.hash_password_into_with_memory(secret.as_bytes(), salt, &mut out, &mut memory[..]).is_err() {
+        return false;
+    }
+    out.ct_eq(expected.as_bytes()).into()
 }
 
 #[cfg(test)]
@@ -121,11 +135,13 @@ mod tests {
         assert_eq!(parsed_id, id);
         assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{hash}");
         assert!(!hash.contains(secret));
-        assert!(verify(secret, &hash));
+        let mut mem = Vec::new();
+        assert!(verify(secret, &hash, &mut mem));
         let mut other = secret.to_owned();
         other.replace_range(0..1, if secret.starts_with('0') { "1" } else { "0" });
-        assert!(!verify(&other, &hash));
-        assert!(!verify(secret, "not a hash"));
+        assert!(!verify(&other, &hash, &mut mem));
+        assert!(!verify(secret, "not a hash", &mut mem));
+        assert!(!verify(secret, &hash.replace("argon2id", "argon2i"), &mut mem));
         assert_eq!(format!("{key:?}"), "ApiKey(<redacted>)");
     }
 

@@ -109,6 +109,8 @@ pub struct Authenticator {
     trusted: Vec<Cidr>,
     lockout: Lockout,
     verify_slots: Arc<Semaphore>,
+    /// argon2 working memory, one per slot, reused: memory stays bounded by the slots.
+    verify_memory: Arc<Mutex<Vec<Vec<argon2::Block>>>>,
     /// Per-process key for cache digests: the cache never holds a secret or its plain hash.
     cache_key: SecretKey,
     cache: Mutex<lru::LruCache<[u8; 32], Cached>>,
@@ -137,6 +139,7 @@ impl Authenticator {
             trusted,
             lockout: Lockout::new(cfg.lockout),
             verify_slots: Arc::new(Semaphore::new(cfg.max_concurrent_verifications.max(1))),
+            verify_memory: Arc::default(),
             cache_key: SecretKey::generate()?,
             cache: Mutex::new(lru::LruCache::new(NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN))),
             decoy_hash,
@@ -249,8 +252,13 @@ impl Authenticator {
             _ => return Err(denied(AuthError::Busy, Vec::new())),
         };
         let secret = Zeroizing::new(secret.to_owned());
+        let pool = self.verify_memory.clone();
         let matches = tokio::task::spawn_blocking(move || {
-            let ok = apikey::verify(&secret, &hash);
+            let mut memory = pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_default();
+            let ok = apikey::verify(&secret, &hash, &mut memory);
+            if let Ok(mut p) = pool.lock() {
+                p.push(memory);
+            }
             drop(permit);
             ok
         })
