@@ -5,8 +5,8 @@ use std::fmt;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
-use subtle::ConstantTimeEq;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::crypto::{CryptoError, random_bytes};
