@@ -31,7 +31,8 @@ pub struct Bearer(MetadataValue<Ascii>);
 
 impl Bearer {
     pub fn new(token: &str) -> Result<Self, Status> {
-        let mut v: MetadataValue<Ascii> = format!("Bearer {token}")
+        // The header value itself cannot be zeroized (tonic owns it); the copy made here is.
+        let mut v: MetadataValue<Ascii> = zeroize::Zeroizing::new(format!("Bearer {token}"))
             .parse()
             .map_err(|_| Status::invalid_argument("credential: not a valid header value"))?;
         v.set_sensitive(true);

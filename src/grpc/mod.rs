@@ -17,7 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
 pub use admin::Admin;
-pub use credentials::{AUTHORIZATION, Bearer, FORWARDED_FOR};
+pub use credentials::Bearer;
 pub use gate::Gate;
 
 /// Generated wire types and stubs of `proto/chatvault/v1`.

@@ -147,10 +147,6 @@ impl Authenticator {
         })
     }
 
-    pub fn config(&self) -> &AuthConfig {
-        &self.cfg
-    }
-
     /// Verifies `bearer` (the key, without "Bearer ") sent from `peer`.
     pub async fn authenticate(
         &self,
@@ -210,7 +206,7 @@ impl Authenticator {
         };
         match tenant.status {
             TenantStatus::Deleted => return Err(known(AuthError::Unrecognised)),
-            _ if !owner.key.is_live() => return Err(known(AuthError::Revoked)),
+            _ if !owner.key().is_live() => return Err(known(AuthError::Revoked)),
             TenantStatus::Suspended => return Err(known(AuthError::Suspended)),
             TenantStatus::Active => {}
         }
@@ -245,7 +241,7 @@ impl Authenticator {
             return Err(denied(AuthError::LockedOut { retry_after }, Vec::new()));
         }
         let owner = self.registry.key_owner(key_id).map_err(|_| denied(AuthError::Internal, Vec::new()))?;
-        let hash = owner.as_ref().map(|o| o.key.hash.clone()).unwrap_or_else(|| self.decoy_hash.clone());
+        let hash = owner.as_ref().map(|o| o.key().hash.clone()).unwrap_or_else(|| self.decoy_hash.clone());
         let wait = Duration::from_millis(self.cfg.verify_wait_ms);
         let permit = match tokio::time::timeout(wait, self.verify_slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,

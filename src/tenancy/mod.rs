@@ -16,7 +16,7 @@ pub use cidr::{Cidr, CidrError, parse_list};
 pub use lockout::{Culprit, LockoutConfig};
 pub use model::{ApiKeyInfo, RetentionPolicy, Tenant, TenantStatus};
 pub use operator::OperatorToken;
-pub use registry::{KeyOwner, MAX_ALLOWLIST, MAX_LIVE_KEYS, Registry};
+pub use registry::{KeyOwner, Registry};
 
 use crate::crypto::CryptoError;
 use crate::store::StoreError;

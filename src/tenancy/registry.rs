@@ -20,11 +20,18 @@ pub const MAX_ALLOWLIST: usize = 256;
 /// Live keys per tenant: rotation needs two; a handful of backends may each have one.
 pub const MAX_LIVE_KEYS: usize = 16;
 
-/// A key and the tenant it belongs to, as the request path needs them.
+/// A key and the tenant it belongs to, as the request path needs them: a shared
+/// pointer and an index, so a request copies no hash.
 #[derive(Clone, Debug)]
 pub struct KeyOwner {
     pub tenant: Arc<Tenant>,
-    pub key: ApiKeyRecord,
+    index: usize,
+}
+
+impl KeyOwner {
+    pub fn key(&self) -> &ApiKeyRecord {
+        &self.tenant.keys[self.index]
+    }
 }
 
 pub struct Registry {
@@ -267,8 +274,8 @@ impl Registry {
     pub fn key_owner(&self, key_id: &KeyId) -> Result<Option<KeyOwner>, TenancyError> {
         let state = self.read()?;
         let Some(tenant) = state.key_owner.get(key_id).and_then(|t| state.tenants.get(t)) else { return Ok(None) };
-        let key = tenant.keys.iter().find(|k| &k.id == key_id).cloned();
-        Ok(key.map(|key| KeyOwner { tenant: tenant.clone(), key }))
+        let index = tenant.keys.iter().position(|k| &k.id == key_id);
+        Ok(index.map(|index| KeyOwner { tenant: tenant.clone(), index }))
     }
 }
 
