@@ -129,6 +129,15 @@ mod tests {
         d.delete(vec![b'a', 0]);
         store.apply(d).unwrap();
         assert_eq!(store.get(&[b'a', 0]).unwrap(), None);
+        // A batch of one write takes the engine's single-write path.
+        let mut one = Batch::default();
+        one.put(vec![b'a', 0], vec![42]);
+        store.apply(one).unwrap();
+        assert_eq!(store.get(&[b'a', 0]).unwrap(), Some(vec![42]));
+        let mut gone = Batch::default();
+        gone.delete(vec![b'a', 0]);
+        store.apply(gone).unwrap();
+        assert_eq!(store.get(&[b'a', 0]).unwrap(), None);
         assert!(store.compare_and_swap(b"b", Some(b"x"), Some(b"y".to_vec())).unwrap());
         assert!(!store.compare_and_swap(b"b", Some(b"x"), Some(b"z".to_vec())).unwrap());
         assert!(store.compare_and_swap(b"b", Some(b"y"), None).unwrap());

@@ -69,7 +69,18 @@ impl KvStore for SledStore {
         Ok(self.tree.get(key).map_err(engine)?.map(|v| v.to_vec()))
     }
 
-    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+    fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
+        // A single write is atomic by itself; sled's batch path pins the log and writes
+        // a batch manifest, which costs more than the write.
+        if batch.ops.len() == 1
+            && let Some(op) = batch.ops.pop()
+        {
+            match op {
+                Op::Put(k, v) => self.tree.insert(k, v).map_err(engine)?,
+                Op::Delete(k) => self.tree.remove(k).map_err(engine)?,
+            };
+            return Ok(());
+        }
         let mut b = sled::Batch::default();
         for op in batch.ops {
             match op {
