@@ -30,6 +30,8 @@ struct Args {
     seconds: f64,
     sizes: Vec<usize>,
     out: String,
+    /// Only the per-size runs (no listing, no shred): for profiling one change quickly.
+    sizes_only: bool,
 }
 
 fn args() -> Args {
@@ -39,6 +41,7 @@ fn args() -> Args {
         seconds: 5.0,
         sizes: vec![256, 1024, 16384],
         out: "target/bench-load.md".into(),
+        sizes_only: false,
     };
     // `cargo test --benches` runs this without `--bench`: a quick smoke run, not a measurement.
     if !std::env::args().any(|a| a == "--bench") {
@@ -62,6 +65,7 @@ fn args() -> Args {
                 a.sizes = it.next().expect("--sizes").split(',').map(|s| s.parse().expect("size")).collect();
             }
             "--out" => a.out = it.next().expect("--out FILE"),
+            "--sizes-only" => a.sizes_only = true,
             _ => {} // cargo bench passes --bench
         }
     }
@@ -483,6 +487,9 @@ fn main() {
             out += &format!("\nDurable group commit (fsync) vs durability none: {:.2}x (target >= 0.5x); vs echo floor {:.2}x (target >= 0.25x).\n", fsync.rate() / none.rate(), fsync.rate() / echo.rate());
             out += &format!("Disk after the durable run: {disk:.2}x the message text acknowledged (target <= 2.0x; envelope overhead is 30 B per message).\n");
             eprintln!("{size} B done");
+        }
+        if a.sizes_only {
+            return;
         }
         let srv = Proc::chatvault("fsync").await;
         out += &format!("\n#### listing\n\n{head}\n{}\n", list_run(&srv, &a).await.row(None));

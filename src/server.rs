@@ -68,7 +68,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         vault.control_key(b"chatvault/control/tenant-registry/v1"),
         vault.algorithm(),
     )?);
-    let audit = Arc::new(AuditLog::open(store, vault.control_key(b"chatvault/control/audit-chain/v1"), clock.clone())?);
+    let audit = Arc::new(AuditLog::open(
+        &config.data_dir.join("audit"),
+        store.as_ref(),
+        vault.control_key(b"chatvault/control/audit-chain/v1"),
+        clock.clone(),
+    )?);
+    vault.attach_durable(audit.clone());
     let auth = Arc::new(Authenticator::new(registry.clone(), config.auth.clone())?);
     let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone()));
     let admin = Admin { registry, vault: vault.clone(), audit, token, key_hash: config.auth.key_hash, clock };

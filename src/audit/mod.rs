@@ -1,23 +1,37 @@
 //! Records of processing: an append-only, tamper-evident trail of every data access,
-//! erasure, admin change and failed authentication. Each record carries the MAC of the
-//! one before it (HMAC-SHA256 under a root-derived key), so editing, removing or
+//! erasure, admin change and failed authentication. Each record's MAC (HMAC-SHA256 under
+//! a root-derived key) covers the MAC of the record before it, so editing, removing or
 //! reordering records breaks the chain; `verify` walks it. Cutting off the newest
 //! records is only visible against a head published elsewhere (see SECURITY.md).
+//!
+//! The trail lives in append-only segment files beside the store (`segment.rs`), not in
+//! the B-tree: a record is one `write`, made durable by the same group commit as the
+//! change it records. Trails written by earlier versions into the store are moved over
+//! once, at open (`legacy.rs`).
 
+mod legacy;
 mod record;
+mod segment;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 pub use record::{Event, Operation, Outcome, Record};
+use segment::{FrameError, Reader, SegmentView, Segments};
 
 use crate::clock::Clock;
 use crate::crypto::{SecretKey, blind_index};
-use crate::store::{Batch, KvStore, StoreError, space};
+use crate::store::{Durability, KvStore, StoreError, SyncTarget};
 
-const RECORD_V1: u8 = 1;
+const RECORD_V2: u8 = 2;
 const MAC_LEN: usize = 32;
+const MAC_DOMAIN: &[u8] = b"chatvault/audit/v2";
 /// Records a query examines per call; it returns a page token to go on.
 const SCAN_BUDGET: usize = 50_000;
+/// A segment holds ~90,000 records: the unit a reader starts from and, later, archiving removes.
+const SEGMENT_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -27,8 +41,18 @@ pub enum AuditError {
     Corrupt(u64),
     #[error("audit record {0} fails its MAC: altered, or written under another root key")]
     BadMac(u64),
+    #[error(
+        "the audit trail kept in the store by an earlier version is broken at record {0} ({1}); it was not migrated"
+    )]
+    Legacy(u64, String),
     #[error("internal lock poisoned")]
     Poisoned,
+}
+
+impl From<std::io::Error> for AuditError {
+    fn from(e: std::io::Error) -> Self {
+        AuditError::Store(e.into())
+    }
 }
 
 /// Which records a query wants; empty fields match everything.
@@ -71,97 +95,184 @@ pub struct Verification {
     pub broken: Option<(u64, String)>,
 }
 
+/// A blind id as stored: 32 raw bytes instead of 64 hex characters.
+#[derive(Serialize, Deserialize)]
+enum StoredId {
+    None,
+    Blind([u8; 32]),
+    Other(String),
+}
+
+impl StoredId {
+    fn pack(s: String) -> StoredId {
+        if s.is_empty() {
+            return StoredId::None;
+        }
+        let mut b = [0u8; 32];
+        match hex::decode_to_slice(&s, &mut b) {
+            Ok(()) if s.bytes().all(|c| !c.is_ascii_uppercase()) => StoredId::Blind(b),
+            _ => StoredId::Other(s),
+        }
+    }
+    fn unpack(self) -> String {
+        match self {
+            StoredId::None => String::new(),
+            StoredId::Blind(b) => hex::encode(b),
+            StoredId::Other(s) => s,
+        }
+    }
+}
+
+/// A record as stored; its chain link is in the MAC, not in the body.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    seq: u64,
+    at_micros: i64,
+    operation: Operation,
+    outcome: Outcome,
+    tenant: String,
+    key_id: String,
+    subject: StoredId,
+    transcript: StoredId,
+    source: String,
+}
+
 struct Head {
     next_seq: u64,
     prev: [u8; MAC_LEN],
 }
 
 pub struct AuditLog {
-    store: Arc<dyn KvStore>,
+    segments: Segments,
     key: SecretKey,
     clock: Arc<dyn Clock>,
     head: Mutex<Head>,
 }
 
-fn slot(seq: u64) -> Vec<u8> {
-    let mut k = vec![space::AUDIT];
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 impl AuditLog {
-    /// Opens the trail and checks its newest record, which the next one will chain to.
-    pub fn open(store: Arc<dyn KvStore>, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
-        let log = AuditLog { store, key, clock, head: Mutex::new(Head { next_seq: 1, prev: [0; MAC_LEN] }) };
-        if let Some((k, v)) = log.store.last(&[space::AUDIT])? {
-            let seq = seq_of(&k).ok_or(AuditError::Corrupt(0))?;
-            let (rec, mac) = log.decode(seq, &v)?;
-            *log.head.lock().map_err(|_| AuditError::Poisoned)? = Head { next_seq: rec.seq + 1, prev: mac };
+    /// Opens the trail in `dir` and finds its newest record, which the next one chains to.
+    /// A trail an earlier version kept in `store` is moved into `dir` first.
+    pub fn open(dir: &Path, store: &dyn KvStore, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
+        legacy::migrate(dir, store, &key, SEGMENT_BYTES)?;
+        Self::open_segments(Segments::open(dir, SEGMENT_BYTES)?, key, clock)
+    }
+
+    fn open_segments(segments: Segments, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
+        let log = AuditLog { segments, key, clock, head: Mutex::new(Head { next_seq: 1, prev: [0; MAC_LEN] }) };
+        if let Some(view) = log.segments.snapshot()?.pop() {
+            // Only the newest record is checked here (the rest is `verify`'s job): a damaged
+            // trail must not keep the server, and with it the verify call, from starting.
+            let mut r = Reader::open(&view).map_err(|e| frame_err(e, view.first_seq))?;
+            let (mut prev, mut last, mut before) = (r.header.prev, None, r.header.prev);
+            while let Some(p) = r.next_frame().map_err(|e| frame_err(e, view.first_seq))? {
+                before = prev;
+                prev = stored_mac(&p).ok_or(AuditError::Corrupt(view.first_seq))?;
+                last = Some(p);
+            }
+            let head = match last {
+                Some(p) => {
+                    let seq = match log.decode(&p, &before, view.first_seq) {
+                        Ok((rec, _)) => rec.seq,
+                        // Serving goes on (so `verify` can be asked); new records chain to
+                        // what is stored, and the break stays where verify will find it.
+                        Err(AuditError::BadMac(seq)) => {
+                            tracing::error!(
+                                seq,
+                                "audit trail: the newest record fails its MAC; run `admin audit verify`"
+                            );
+                            seq
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    Head { next_seq: seq + 1, prev }
+                }
+                None => Head { next_seq: view.first_seq, prev: r.header.prev },
+            };
+            *log.head.lock().map_err(|_| AuditError::Poisoned)? = head;
         }
         Ok(log)
     }
 
-    fn mac(&self, body: &[u8]) -> [u8; MAC_LEN] {
-        blind_index(&self.key, b"chatvault/audit/v1", body)
+    fn mac(&self, prev: &[u8; MAC_LEN], body: &[u8]) -> [u8; MAC_LEN] {
+        let mut linked = Vec::with_capacity(MAC_LEN + body.len());
+        linked.extend_from_slice(prev);
+        linked.extend_from_slice(body);
+        blind_index(&self.key, MAC_DOMAIN, &linked)
     }
 
-    fn decode(&self, seq: u64, value: &[u8]) -> Result<(Record, [u8; MAC_LEN]), AuditError> {
-        let (&v, rest) = value.split_first().ok_or(AuditError::Corrupt(seq))?;
-        if v != RECORD_V1 || rest.len() < MAC_LEN {
-            return Err(AuditError::Corrupt(seq));
+    /// Checks one stored record against the MAC of the one before it. `near` names a
+    /// sequence number for errors when the record's own cannot be read.
+    fn decode(&self, payload: &[u8], prev: &[u8; MAC_LEN], near: u64) -> Result<(Record, [u8; MAC_LEN]), AuditError> {
+        let (&v, rest) = payload.split_first().ok_or(AuditError::Corrupt(near))?;
+        if v != RECORD_V2 || rest.len() < MAC_LEN {
+            return Err(AuditError::Corrupt(near));
         }
         let (body, mac) = rest.split_at(rest.len() - MAC_LEN);
-        if self.mac(body) != mac {
-            return Err(AuditError::BadMac(seq));
+        let s: Stored = postcard::from_bytes(body).map_err(|_| AuditError::Corrupt(near))?;
+        if self.mac(prev, body) != mac {
+            return Err(AuditError::BadMac(s.seq));
         }
-        let rec: Record = postcard::from_bytes(body).map_err(|_| AuditError::Corrupt(seq))?;
-        if rec.seq != seq {
-            return Err(AuditError::Corrupt(seq));
-        }
-        Ok((rec, mac.try_into().map_err(|_| AuditError::Corrupt(seq))?))
+        let rec = Record {
+            seq: s.seq,
+            at_micros: s.at_micros,
+            operation: s.operation,
+            outcome: s.outcome,
+            tenant: s.tenant,
+            key_id: s.key_id,
+            subject: s.subject.unpack(),
+            transcript: s.transcript.unpack(),
+            source: s.source,
+            prev: *prev,
+        };
+        Ok((rec, mac.try_into().map_err(|_| AuditError::Corrupt(near))?))
     }
 
-    /// Appends one record. The write is applied now; it becomes durable with the next
-    /// group commit, which callers wait for when the operation changed state.
+    /// Appends one record, at `at_micros` (now, unless migrating). It reaches the kernel
+    /// now and the disk with the next group commit, which callers wait for when the
+    /// operation changed state.
     pub fn append(&self, operation: Operation, outcome: Outcome, ev: Event) -> Result<u64, AuditError> {
+        self.append_at(self.clock.now().micros(), operation, outcome, ev)
+    }
+
+    fn append_at(&self, at_micros: i64, operation: Operation, outcome: Outcome, ev: Event) -> Result<u64, AuditError> {
         let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
-        let rec = Record {
-            seq: head.next_seq,
-            at_micros: self.clock.now().micros(),
+        let seq = head.next_seq;
+        let stored = Stored {
+            seq,
+            at_micros,
             operation,
             outcome,
             tenant: ev.tenant,
             key_id: ev.key_id,
-            subject: ev.subject,
-            transcript: ev.transcript,
+            subject: StoredId::pack(ev.subject),
+            transcript: StoredId::pack(ev.transcript),
             source: ev.source,
-            prev: head.prev,
         };
-        let mut value = vec![RECORD_V1];
-        postcard::to_io(&rec, &mut value).map_err(|_| AuditError::Corrupt(rec.seq))?;
-        let mac = self.mac(&value[1..]);
-        value.extend_from_slice(&mac);
-        let mut b = Batch::default();
-        b.put(slot(rec.seq), value);
-        self.store.apply(b)?;
-        *head = Head { next_seq: rec.seq + 1, prev: mac };
-        Ok(rec.seq)
+        let mut payload = vec![RECORD_V2];
+        postcard::to_io(&stored, &mut payload).map_err(|_| AuditError::Corrupt(seq))?;
+        let mac = self.mac(&head.prev, &payload[1..]);
+        payload.extend_from_slice(&mac);
+        self.segments.append(seq, &head.prev, &payload)?;
+        *head = Head { next_seq: seq + 1, prev: mac };
+        Ok(seq)
     }
 
     /// Records after `after` (a sequence number) that match, oldest first, up to `limit`.
     pub fn query(&self, filter: &Filter, after: u64, limit: usize) -> Result<Page, AuditError> {
         let limit = limit.clamp(1, 1000);
+        let views = self.segments.snapshot()?;
+        // The segment holding record `after + 1` is the last one starting at or before it.
+        let start = views.partition_point(|v| v.first_seq <= after.saturating_add(1)).saturating_sub(1);
         let mut records = Vec::new();
-        let mut cursor = slot(after);
         let mut scanned = 0;
-        loop {
-            let page = self.store.scan(&[space::AUDIT], Some(&cursor), 512)?;
-            let Some((last, _)) = page.last() else { return Ok(Page { records, next_after: None }) };
-            cursor = last.clone();
-            for (k, v) in &page {
-                let seq = seq_of(k).ok_or(AuditError::Corrupt(0))?;
-                let (rec, _) = self.decode(seq, v)?;
+        for view in views.get(start..).unwrap_or_default() {
+            let mut walk = Walk::open(self, view)?;
+            while let Some(rec) = walk.next_record()? {
+                if rec.seq <= after {
+                    continue;
+                }
                 scanned += 1;
+                let seq = rec.seq;
                 if filter.matches(&rec) {
                     records.push(rec);
                 }
@@ -170,50 +281,105 @@ impl AuditLog {
                 }
             }
         }
+        Ok(Page { records, next_after: None })
     }
 
     /// Walks the whole chain: every MAC, every link, no gaps in the sequence.
     pub fn verify(&self) -> Result<Verification, AuditError> {
         let mut expect_seq = 1u64;
         let mut prev = [0u8; MAC_LEN];
-        let mut after: Option<Vec<u8>> = None;
         let mut records = 0;
-        let broken = |seq, why: String| Some((seq, why));
-        loop {
-            let page = self.store.scan(&[space::AUDIT], after.as_deref(), 1024)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (k, v) in &page {
-                let Some(seq) = seq_of(k) else {
-                    return Ok(self.report(records, expect_seq, prev, broken(expect_seq, "malformed key".into())));
-                };
-                if seq != expect_seq {
-                    let why = format!("records {expect_seq}..{seq} are missing");
-                    return Ok(self.report(records, expect_seq, prev, broken(expect_seq, why)));
+        let report = |records, next_seq: u64, prev: [u8; MAC_LEN], broken| Verification {
+            records,
+            head_seq: next_seq.saturating_sub(1),
+            head_mac: hex::encode(prev),
+            broken,
+        };
+        for view in self.segments.snapshot()? {
+            let header = match Reader::open(&view) {
+                Ok(r) => r.header,
+                Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, frame_why(e))))),
+            };
+            if header.first_seq != expect_seq {
+                let why = format!("records {expect_seq}..{} are missing", header.first_seq);
+                return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
+            }
+            if header.prev != prev {
+                let why = "its segment does not chain to the record before it".to_string();
+                return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
+            }
+            let mut walk = Walk::open(self, &view)?;
+            loop {
+                match walk.next_record() {
+                    Ok(None) => break,
+                    Ok(Some(rec)) if rec.seq != expect_seq => {
+                        let why = if rec.seq > expect_seq {
+                            format!("records {expect_seq}..{} are missing", rec.seq)
+                        } else {
+                            format!("record {} appears again", rec.seq)
+                        };
+                        return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
+                    }
+                    Ok(Some(_)) => {
+                        prev = walk.prev;
+                        records += 1;
+                        expect_seq += 1;
+                    }
+                    Err(AuditError::Store(e)) => return Err(AuditError::Store(e)),
+                    Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, e.to_string())))),
                 }
-                let (rec, mac) = match self.decode(seq, v) {
-                    Ok(r) => r,
-                    Err(e) => return Ok(self.report(records, seq, prev, broken(seq, e.to_string()))),
-                };
-                if rec.prev != prev {
-                    let why = "does not chain to the record before it".to_string();
-                    return Ok(self.report(records, seq, prev, broken(seq, why)));
-                }
-                prev = mac;
-                records += 1;
-                expect_seq += 1;
             }
         }
-        Ok(self.report(records, expect_seq, prev, None))
-    }
-
-    fn report(&self, records: u64, next_seq: u64, prev: [u8; MAC_LEN], broken: Option<(u64, String)>) -> Verification {
-        Verification { records, head_seq: next_seq.saturating_sub(1), head_mac: hex::encode(prev), broken }
+        Ok(report(records, expect_seq, prev, None))
     }
 }
 
-fn seq_of(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+impl SyncTarget for AuditLog {
+    fn sync(&self, mode: Durability) -> Result<(), StoreError> {
+        self.segments.sync(mode)
+    }
+}
+
+/// Records of one segment in order, each checked against the MAC before it.
+struct Walk<'a> {
+    log: &'a AuditLog,
+    reader: Reader,
+    prev: [u8; MAC_LEN],
+    near: u64,
+}
+
+impl<'a> Walk<'a> {
+    fn open(log: &'a AuditLog, view: &SegmentView) -> Result<Self, AuditError> {
+        let reader = Reader::open(view).map_err(|e| frame_err(e, view.first_seq))?;
+        let prev = reader.header.prev;
+        Ok(Walk { log, reader, prev, near: view.first_seq })
+    }
+
+    fn next_record(&mut self) -> Result<Option<Record>, AuditError> {
+        let Some(p) = self.reader.next_frame().map_err(|e| frame_err(e, self.near))? else { return Ok(None) };
+        let (rec, mac) = self.log.decode(&p, &self.prev, self.near)?;
+        self.prev = mac;
+        self.near = rec.seq + 1;
+        Ok(Some(rec))
+    }
+}
+
+fn stored_mac(payload: &[u8]) -> Option<[u8; MAC_LEN]> {
+    payload.get(payload.len().checked_sub(MAC_LEN)?..)?.try_into().ok()
+}
+
+fn frame_err(e: FrameError, near: u64) -> AuditError {
+    match e {
+        FrameError::Io(e) => e.into(),
+        FrameError::Damaged => AuditError::Corrupt(near),
+    }
+}
+
+fn frame_why(e: FrameError) -> String {
+    match e {
+        FrameError::Io(e) => format!("cannot be read: {e}"),
+        FrameError::Damaged => "its segment header is damaged".into(),
+    }
 }
 
 #[cfg(test)]
@@ -222,20 +388,44 @@ mod tests {
     use crate::clock::SystemClock;
     use crate::store::SledStore;
 
-    fn log(dir: &std::path::Path) -> (Arc<dyn KvStore>, AuditLog) {
-        let store: Arc<dyn KvStore> = Arc::new(SledStore::open(dir, 1 << 20).unwrap());
+    fn log_in(dir: &Path, segment_bytes: u64) -> AuditLog {
         let key = SecretKey::from_slice(&[7; 32]).unwrap();
-        (store.clone(), AuditLog::open(store, key, Arc::new(SystemClock)).unwrap())
+        AuditLog::open_segments(Segments::open(&dir.join("audit"), segment_bytes).unwrap(), key, Arc::new(SystemClock))
+            .unwrap()
+    }
+
+    fn log(dir: &Path) -> AuditLog {
+        log_in(dir, SEGMENT_BYTES)
     }
 
     fn ev(tenant: &str, subject: &str) -> Event {
         Event { tenant: tenant.into(), key_id: "k1".into(), subject: subject.into(), ..Event::default() }
     }
 
+    /// Rewrites the payload of record `seq` in the segment files with `edit`, fixing the
+    /// frame's CRC as an insider with disk access would (the MAC they cannot fix).
+    fn edit_record(dir: &Path, seq: u64, edit: impl FnOnce(&mut Vec<u8>)) {
+        let views = Segments::open(&dir.join("audit"), u64::MAX).unwrap().snapshot().unwrap();
+        let view = views.iter().rev().find(|v| v.first_seq <= seq).unwrap();
+        let mut bytes = std::fs::read(&view.path).unwrap();
+        let mut at = segment::HEADER_LEN;
+        for _ in view.first_seq..seq {
+            at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        }
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let mut payload = bytes[at + 8..at + 8 + len].to_vec();
+        edit(&mut payload);
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        bytes.splice(at..at + 8 + len, frame);
+        std::fs::write(&view.path, bytes).unwrap();
+    }
+
     #[test]
     fn an_intact_chain_verifies_and_queries_filter_by_tenant_and_operation() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, log) = log(dir.path());
+        let log = log(dir.path());
         log.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s1")).unwrap();
         log.append(Operation::ShredSubject, Outcome::Ok, ev("b", "s2")).unwrap();
         log.append(Operation::GetTranscript, Outcome::NotFound, ev("a", "s3")).unwrap();
@@ -251,47 +441,74 @@ mod tests {
     }
 
     #[test]
+    fn blind_ids_are_stored_as_bytes_and_read_back_as_the_same_hex() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log(dir.path());
+        let blind = "0f".repeat(32);
+        log.append(Operation::GetTranscript, Outcome::Ok, Event { transcript: blind.clone(), ..ev("a", &blind) })
+            .unwrap();
+        let r = &log.query(&Filter::default(), 0, 1).unwrap().records[0];
+        assert_eq!((r.subject.as_str(), r.transcript.as_str()), (blind.as_str(), blind.as_str()));
+        // Record + MAC + frame: well under the ~300 bytes a hex record in the store took.
+        let size = std::fs::metadata(&log.segments.snapshot().unwrap()[0].path).unwrap().len();
+        assert!(size - (segment::HEADER_LEN as u64) < 140, "{size}");
+    }
+
+    #[test]
     fn the_chain_survives_reopening_and_detects_an_edit_and_a_removal() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let (_, log) = log(dir.path());
-            log.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s1")).unwrap();
-        }
-        let (store, log) = log(dir.path());
-        log.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s2")).unwrap();
-        log.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s3")).unwrap();
-        assert_eq!(log.verify().unwrap().broken, None);
+        log(dir.path()).append(Operation::GetTranscript, Outcome::Ok, ev("a", "s1")).unwrap();
+        let log2 = log(dir.path());
+        log2.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s2")).unwrap();
+        log2.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s3")).unwrap();
+        assert_eq!(log2.verify().unwrap().broken, None);
+        drop(log2);
 
         // Flip one byte of record 2's body: its MAC no longer holds.
-        let mut v = store.get(&slot(2)).unwrap().unwrap();
-        v[5] ^= 1;
-        let mut b = Batch::default();
-        b.put(slot(2), v);
-        store.apply(b).unwrap();
-        assert_eq!(log.verify().unwrap().broken.map(|(s, _)| s), Some(2));
+        edit_record(dir.path(), 2, |p| p[5] ^= 1);
+        assert_eq!(log(dir.path()).verify().unwrap().broken.map(|(s, _)| s), Some(2));
+    }
 
-        // Remove record 2 altogether: a gap.
-        let mut b = Batch::default();
-        b.delete(slot(2));
-        store.apply(b).unwrap();
-        let broken = log.verify().unwrap().broken.unwrap();
-        assert_eq!(broken.0, 2);
+    #[test]
+    fn a_removed_record_and_a_removed_segment_are_found_as_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let log1 = log_in(dir.path(), 300);
+        for i in 0..12 {
+            log1.append(Operation::GetTranscript, Outcome::Ok, ev("a", &format!("s{i}"))).unwrap();
+        }
+        let views = log1.segments.snapshot().unwrap();
+        assert!(views.len() >= 3, "{views:?}");
+        let query = log1.query(&Filter::default(), views[1].first_seq, 100).unwrap();
+        assert_eq!(query.records.first().map(|r| r.seq), Some(views[1].first_seq + 1));
+        assert_eq!(log1.verify().unwrap().broken, None);
+        drop(log1);
+        std::fs::remove_file(&views[1].path).unwrap();
+        let broken = log_in(dir.path(), 300).verify().unwrap().broken.unwrap();
+        assert_eq!(broken.0, views[1].first_seq);
         assert!(broken.1.contains("missing"), "{}", broken.1);
     }
 
     #[test]
     fn a_record_moved_to_another_place_in_the_chain_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, log) = log(dir.path());
+        let log1 = log(dir.path());
         for s in ["s1", "s2", "s3"] {
-            log.append(Operation::GetTranscript, Outcome::Ok, ev("a", s)).unwrap();
+            log1.append(Operation::GetTranscript, Outcome::Ok, ev("a", s)).unwrap();
         }
-        // Swap the values of records 2 and 3.
-        let (v2, v3) = (store.get(&slot(2)).unwrap().unwrap(), store.get(&slot(3)).unwrap().unwrap());
-        let mut b = Batch::default();
-        b.put(slot(2), v3);
-        b.put(slot(3), v2);
-        store.apply(b).unwrap();
-        assert_eq!(log.verify().unwrap().broken.map(|(s, _)| s), Some(2));
+        drop(log1);
+        // Put record 3's payload in record 2's place: its MAC was made over another link.
+        let mut third = Vec::new();
+        edit_record(dir.path(), 3, |p| third = p.clone());
+        edit_record(dir.path(), 2, |p| *p = third);
+        assert_eq!(log(dir.path()).verify().unwrap().broken.map(|(s, _)| s), Some(2));
+    }
+
+    #[test]
+    fn a_store_that_never_held_a_trail_opens_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let key = SecretKey::from_slice(&[7; 32]).unwrap();
+        let log = AuditLog::open(&dir.path().join("audit"), &store, key, Arc::new(SystemClock)).unwrap();
+        assert_eq!(log.append(Operation::GetTranscript, Outcome::Ok, ev("a", "s")).unwrap(), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-use super::{Durability, KvStore, StoreError};
+use super::{Durability, KvStore, StoreError, SyncTarget};
 
 /// A position in the write order: durable once the committer has synced past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,6 +22,8 @@ struct Progress {
 
 struct Shared {
     requested: AtomicU64,
+    /// Synced after the store in every round.
+    attached: Mutex<Vec<Arc<dyn SyncTarget>>>,
     wake: Mutex<bool>,
     cv: Condvar,
 }
@@ -35,7 +37,12 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Result<Self, StoreError> {
-        let shared = Arc::new(Shared { requested: AtomicU64::new(0), wake: Mutex::new(false), cv: Condvar::new() });
+        let shared = Arc::new(Shared {
+            requested: AtomicU64::new(0),
+            attached: Mutex::new(Vec::new()),
+            wake: Mutex::new(false),
+            cv: Condvar::new(),
+        });
         let (tx, rx) = watch::channel(Progress { durable: 0, failed: false });
         let thread = {
             let shared = shared.clone();
@@ -65,6 +72,18 @@ impl GroupCommit {
         let mut rx = self.progress.clone();
         let p = rx.wait_for(|p| p.failed || p.durable >= ticket.0).await.map_err(|_| StoreError::Failed)?;
         if p.failed { Err(StoreError::Failed) } else { Ok(()) }
+    }
+
+    /// Makes `target` durable in every round from now on, after the store.
+    pub fn attach(&self, target: Arc<dyn SyncTarget>) {
+        if let Ok(mut a) = self.shared.attached.lock() {
+            a.push(target);
+        }
+    }
+
+    /// Syncs everything attached, now, on the caller's thread (at shutdown).
+    pub fn sync_attached(&self, mode: Durability) -> Result<(), StoreError> {
+        sync_attached(&self.shared, mode)
     }
 
     /// True once a sync has failed: from then on nothing may be written.
@@ -103,7 +122,7 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
         let target = shared.requested.load(Ordering::SeqCst);
         let stopping = target == u64::MAX;
         if target > durable || stopping {
-            if let Err(e) = store.sync(mode) {
+            if let Err(e) = store.sync(mode).and_then(|()| sync_attached(&shared, mode)) {
                 tracing::error!(error = %e, "durable sync failed; refusing further writes");
                 let _ = tx.send(Progress { durable, failed: true });
                 return;
@@ -115,4 +134,9 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
             return;
         }
     }
+}
+
+fn sync_attached(shared: &Shared, mode: Durability) -> Result<(), StoreError> {
+    let targets = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
+    targets.iter().try_for_each(|t| t.sync(mode))
 }

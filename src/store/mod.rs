@@ -13,7 +13,7 @@ pub use sled_store::SledStore;
 pub mod space {
     /// Tenant registry: settings and API key hashes.
     pub const TENANCY: u8 = 0x10;
-    /// The audit trail, one record per sequence number.
+    /// The audit trail of versions before it moved to its own files (migrated at open).
     pub const AUDIT: u8 = 0x11;
 }
 
@@ -88,6 +88,12 @@ pub trait KvStore: Send + Sync + 'static {
     fn sync(&self, mode: Durability) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// Something kept beside the store (the audit trail's files) that the group commit makes
+/// durable together with it, so one wait covers both.
+pub trait SyncTarget: Send + Sync + 'static {
+    fn sync(&self, mode: Durability) -> Result<(), StoreError>;
 }
 
 /// Why storage failed. The message names no key or value.

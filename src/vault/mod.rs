@@ -29,7 +29,7 @@ pub use validate::Limits;
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, OpenReport, RootKeySource};
-use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore};
+use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget};
 use layout::Blind;
 use records::{KeyRecord, SubjectRecord};
 use seal::{crypto_err, seal_err};
@@ -180,7 +180,13 @@ impl Vault {
 
     /// Makes everything written so far durable (used at shutdown).
     pub fn sync(&self) -> Result<(), VaultError> {
-        Ok(self.store.sync(Durability::Fsync)?)
+        self.store.sync(Durability::Fsync)?;
+        Ok(self.commit.sync_attached(Durability::Fsync)?)
+    }
+
+    /// Files kept beside the store (the audit trail) that every durable wait must cover.
+    pub fn attach_durable(&self, target: Arc<dyn SyncTarget>) {
+        self.commit.attach(target);
     }
 
     /// The tenant's blind-index key; created on first write if `create`, in which case

@@ -1,4 +1,4 @@
-//! An acknowledged write survives `kill -9`.
+//! An acknowledged write survives `kill -9`, and so does its audit record.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +9,7 @@ use chatvault::grpc::pb::{self, AuthorRole};
 use super::common::*;
 
 #[tokio::test]
-async fn every_acknowledged_write_survives_sigkill_under_load() {
+async fn every_acknowledged_write_and_its_audit_record_survive_sigkill_under_load() {
     let dirs = Dirs::new();
     let server = Server::start(&dirs);
     // transcript id -> messages acknowledged (put counts as 1).
@@ -58,4 +58,36 @@ async fn every_acknowledged_write_survives_sigkill_under_load() {
         assert!(t.message_count >= *count, "{id}: {} messages, {count} acknowledged", t.message_count);
         assert_eq!(t.messages.len() as u32, t.message_count);
     }
+
+    // Every acknowledged change was recorded before its reply: at least as many records
+    // of successful puts and appends as acknowledgements, and the chain is intact.
+    let mut admin = server.admin().await;
+    let mut recorded: HashMap<String, u32> = HashMap::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .query_audit(pb::QueryAuditRequest {
+                tenant_id: "acme".into(),
+                operations: vec!["transcript.put".into(), "transcript.append".into()],
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in page.records.iter().filter(|r| r.outcome == "ok") {
+            *recorded.entry(r.operation.clone()).or_default() += 1;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let puts = acked.len() as u32;
+    let appends: u32 = acked.values().map(|n| n - 1).sum();
+    assert!(recorded.get("transcript.put").copied().unwrap_or(0) >= puts, "{recorded:?} vs {puts} puts");
+    assert!(recorded.get("transcript.append").copied().unwrap_or(0) >= appends, "{recorded:?} vs {appends} appends");
+    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(v.intact, "{v:?}");
 }

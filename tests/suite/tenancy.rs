@@ -393,15 +393,22 @@ async fn a_tampered_audit_record_is_found_by_verify() {
     get(&mut a, "chat-1").await.unwrap();
     server.stop().await;
     {
-        // Rewrite the outcome of record 3 (the get) by hand, as an insider with disk access could.
-        let (_db, tree) = raw_tree(&dirs);
-        let mut k = vec![0x11];
-        k.extend_from_slice(&3u64.to_be_bytes());
-        let mut v = tree.get(&k).unwrap().expect("record 3").to_vec();
-        let at = v.len() - 40;
-        v[at] ^= 0x01;
-        tree.insert(k, v).unwrap();
-        tree.flush().unwrap();
+        // Rewrite the outcome of record 3 (the get) by hand, as an insider with disk access
+        // could, fixing the frame's CRC too: only the MAC can tell.
+        let segment = std::fs::read_dir(dirs.data().join("audit")).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let mut at = 48; // magic, first sequence number, previous MAC
+        let frame_len = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        for _ in 1..3 {
+            at += 8 + frame_len(&bytes, at);
+        }
+        let len = frame_len(&bytes, at);
+        let payload = &mut bytes[at + 8..at + 8 + len];
+        let outcome = payload.len() - 32 - 30;
+        payload[outcome] ^= 0x01;
+        let crc = crc32fast::hash(payload).to_le_bytes();
+        bytes[at + 4..at + 8].copy_from_slice(&crc);
+        std::fs::write(&segment, bytes).unwrap();
     }
     let server = Server::start(&dirs);
     let v = server.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();

@@ -1,0 +1,336 @@
+//! The trail's files: append-only segments of framed records beside the store. A record
+//! costs one `write` (no B-tree update, no page rewrite); the group commit `fdatasync`s
+//! the active segment with the store. Each segment starts with the sequence number of
+//! its first record and the MAC of the record before it, so a segment verifies on its
+//! own and old segments can later be archived whole.
+//!
+//! Segment file: `MAGIC | first_seq (u64 LE) | prev MAC (32)`, then frames
+//! `len (u32 LE) | crc32 (u32 LE) | payload`. The CRC tells a torn write from a
+//! complete one; tampering is the MAC's business, one level up.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::store::{Durability, StoreError};
+
+const MAGIC: &[u8; 8] = b"CVAUDIT\x02";
+pub const HEADER_LEN: usize = 8 + 8 + 32;
+const FRAME_HEAD: usize = 8;
+/// Larger frames are refused on write and taken for damage on read.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+const SUFFIX: &str = ".trail";
+
+/// Where a segment's chain picks up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub first_seq: u64,
+    pub prev: [u8; 32],
+}
+
+/// A segment as far as it was written when a reader asked.
+#[derive(Clone, Debug)]
+pub struct SegmentView {
+    pub path: PathBuf,
+    pub first_seq: u64,
+    len: u64,
+}
+
+struct Active {
+    file: Arc<File>,
+    view: SegmentView,
+}
+
+pub struct Segments {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Older segments, oldest first, then the one written to.
+    closed: Mutex<Vec<SegmentView>>,
+    active: Mutex<Option<Active>>,
+}
+
+fn name(first_seq: u64) -> String {
+    format!("{first_seq:020}{SUFFIX}")
+}
+
+impl Segments {
+    /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the very end
+    /// of the newest segment (a crash mid-write, never acknowledged) is cut off.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(SUFFIX)) else {
+                continue;
+            };
+            if let Ok(first) = stem.parse::<u64>() {
+                found.push((first, path));
+            }
+        }
+        found.sort();
+        let mut views: Vec<SegmentView> = Vec::with_capacity(found.len());
+        for (first_seq, path) in found {
+            let len = fs::metadata(&path)?.len();
+            views.push(SegmentView { path, first_seq, len });
+        }
+        // A crash while a segment was being created can leave it without its whole header
+        // (it is synced before any record goes in): such a file holds nothing; drop it.
+        if let Some(last) = views.last()
+            && last.len < HEADER_LEN as u64
+        {
+            tracing::warn!(segment = %last.path.display(), "audit trail: removing a segment cut short at creation");
+            fs::remove_file(&last.path)?;
+            views.pop();
+        }
+        let active = match views.pop() {
+            Some(mut last) => {
+                let valid = valid_length(&last)?;
+                let file = OpenOptions::new().append(true).open(&last.path)?;
+                if valid < last.len {
+                    tracing::warn!(
+                        segment = %last.path.display(), cut = last.len - valid,
+                        "audit trail: cutting off a torn record at the end (a crash mid-write; it was never acknowledged)"
+                    );
+                    file.set_len(valid)?;
+                    file.sync_all()?;
+                    last.len = valid;
+                }
+                Some(Active { file: Arc::new(file), view: last })
+            }
+            None => None,
+        };
+        Ok(Segments { dir: dir.to_path_buf(), max_bytes, closed: Mutex::new(views), active: Mutex::new(active) })
+    }
+
+    /// Appends one record. `seq` and `prev` (its predecessor's MAC) head a new segment
+    /// when the current one is full.
+    pub fn append(&self, seq: u64, prev: &[u8; 32], payload: &[u8]) -> Result<(), StoreError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(StoreError::Engine(format!("audit record of {} bytes is too large", payload.len())));
+        }
+        let mut frame = Vec::with_capacity(FRAME_HEAD + payload.len());
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        frame.extend_from_slice(payload);
+        let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
+        let full = active
+            .as_ref()
+            .is_none_or(|a| a.view.len > HEADER_LEN as u64 && a.view.len + frame.len() as u64 > self.max_bytes);
+        if full {
+            let next = self.create(SegmentHeader { first_seq: seq, prev: *prev })?;
+            if let Some(old) = active.replace(next) {
+                // Closed segments are durable before the next one exists: `sync` only
+                // ever needs the active file.
+                old.file.sync_data()?;
+                self.closed.lock().map_err(|_| StoreError::Failed)?.push(old.view);
+            }
+        }
+        let a = active.as_mut().ok_or(StoreError::Failed)?;
+        // One write of the whole frame: a reader or a crash sees all of it or a torn tail.
+        if let Err(e) = (&*a.file).write_all(&frame) {
+            // Part of the frame may be in the file (a full disk): cut it off, or every
+            // later record would sit behind a torn one.
+            let _ = a.file.set_len(a.view.len);
+            return Err(e.into());
+        }
+        a.view.len += frame.len() as u64;
+        Ok(())
+    }
+
+    fn create(&self, header: SegmentHeader) -> Result<Active, StoreError> {
+        let path = self.dir.join(name(header.first_seq));
+        let mut file = OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path)?;
+        let mut head = Vec::with_capacity(HEADER_LEN);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&header.first_seq.to_le_bytes());
+        head.extend_from_slice(&header.prev);
+        file.write_all(&head)?;
+        file.sync_all()?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(Active {
+            file: Arc::new(file),
+            view: SegmentView { path, first_seq: header.first_seq, len: HEADER_LEN as u64 },
+        })
+    }
+
+    /// Makes every appended record durable to the level `mode` asks. Each record is
+    /// already in the kernel when `append` returns, so it survives a process kill.
+    pub fn sync(&self, mode: Durability) -> Result<(), StoreError> {
+        if mode != Durability::Fsync {
+            return Ok(());
+        }
+        let file = self.active.lock().map_err(|_| StoreError::Failed)?.as_ref().map(|a| a.file.clone());
+        if let Some(f) = file {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Every segment, oldest first, cut at what was written when this was called.
+    pub fn snapshot(&self) -> Result<Vec<SegmentView>, StoreError> {
+        // Active first: a roll between the two locks then shows a segment twice, never none.
+        let active = self.active.lock().map_err(|_| StoreError::Failed)?.as_ref().map(|a| a.view.clone());
+        let mut all = self.closed.lock().map_err(|_| StoreError::Failed)?.clone();
+        if let Some(a) = active
+            && all.last().is_none_or(|l| l.first_seq != a.first_seq)
+        {
+            all.push(a);
+        }
+        Ok(all)
+    }
+}
+
+/// Reads one segment's frames in order, up to the length it had when snapshotted.
+pub struct Reader {
+    inner: BufReader<std::io::Take<File>>,
+    pub header: SegmentHeader,
+    left: u64,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub enum FrameError {
+    Io(std::io::Error),
+    /// A frame (or the header) is cut short, too long, or fails its CRC.
+    Damaged,
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> Self {
+        FrameError::Io(e)
+    }
+}
+
+impl Reader {
+    pub fn open(view: &SegmentView) -> Result<Self, FrameError> {
+        let file = File::open(&view.path)?;
+        let mut inner = BufReader::with_capacity(256 * 1024, file.take(view.len));
+        let mut head = [0u8; HEADER_LEN];
+        if view.len < HEADER_LEN as u64 {
+            return Err(FrameError::Damaged);
+        }
+        inner.read_exact(&mut head)?;
+        if &head[..8] != MAGIC {
+            return Err(FrameError::Damaged);
+        }
+        let first_seq = u64::from_le_bytes(head[8..16].try_into().map_err(|_| FrameError::Damaged)?);
+        let prev = head[16..].try_into().map_err(|_| FrameError::Damaged)?;
+        if first_seq != view.first_seq {
+            return Err(FrameError::Damaged);
+        }
+        Ok(Reader { inner, header: SegmentHeader { first_seq, prev }, left: view.len - HEADER_LEN as u64 })
+    }
+
+    /// The next frame's payload; `None` at the end.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let mut head = [0u8; FRAME_HEAD];
+        self.inner.read_exact(&mut head).map_err(eof_is_damage)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len == 0 || len > MAX_PAYLOAD || (FRAME_HEAD + len) as u64 > self.left {
+            return Err(FrameError::Damaged);
+        }
+        let mut payload = vec![0u8; len];
+        self.inner.read_exact(&mut payload).map_err(eof_is_damage)?;
+        if crc32fast::hash(&payload) != crc {
+            return Err(FrameError::Damaged);
+        }
+        self.left -= (FRAME_HEAD + len) as u64;
+        Ok(Some(payload))
+    }
+}
+
+fn eof_is_damage(e: std::io::Error) -> FrameError {
+    if e.kind() == ErrorKind::UnexpectedEof { FrameError::Damaged } else { FrameError::Io(e) }
+}
+
+/// Bytes of `view` that hold a header and whole frames.
+fn valid_length(view: &SegmentView) -> Result<u64, StoreError> {
+    let mut r = match Reader::open(view) {
+        Ok(r) => r,
+        // A segment is created with its header synced, so a bad header is damage, not a crash.
+        Err(FrameError::Damaged) => {
+            return Err(StoreError::Engine(format!("audit segment {} has no valid header", view.path.display())));
+        }
+        Err(FrameError::Io(e)) => return Err(e.into()),
+    };
+    let mut valid = HEADER_LEN as u64;
+    loop {
+        match r.next_frame() {
+            Ok(Some(p)) => valid += (FRAME_HEAD + p.len()) as u64,
+            Ok(None) | Err(FrameError::Damaged) => return Ok(valid),
+            Err(FrameError::Io(e)) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_payloads(s: &Segments) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for v in s.snapshot().unwrap() {
+            let mut r = Reader::open(&v).unwrap();
+            while let Some(p) = r.next_frame().unwrap() {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn frames_roll_over_into_new_segments_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Segments::open(dir.path(), 200).unwrap();
+        for i in 1u64..=10 {
+            s.append(i, &[i as u8; 32], &[i as u8; 50]).unwrap();
+        }
+        let views = s.snapshot().unwrap();
+        assert!(views.len() > 3, "{views:?}");
+        assert_eq!(views[1].first_seq, 3);
+        assert_eq!(Reader::open(&views[1]).unwrap().header.prev, [3; 32]);
+        drop(s);
+        let s = Segments::open(dir.path(), 200).unwrap();
+        s.append(11, &[11; 32], &[11; 50]).unwrap();
+        let got = all_payloads(&s);
+        assert_eq!(got, (1u8..=11).map(|i| vec![i; 50]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_cut_off_at_open_and_writing_goes_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+        s.append(1, &[0; 32], b"first").unwrap();
+        s.append(2, &[1; 32], b"second").unwrap();
+        let path = s.snapshot().unwrap()[0].path.clone();
+        drop(s);
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+        s.append(2, &[1; 32], b"again").unwrap();
+        assert_eq!(all_payloads(&s), vec![b"first".to_vec(), b"again".to_vec()]);
+    }
+
+    #[test]
+    fn a_flipped_bit_inside_a_frame_reads_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+        s.append(1, &[0; 32], b"payload").unwrap();
+        let view = s.snapshot().unwrap()[0].clone();
+        let mut bytes = fs::read(&view.path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&view.path, bytes).unwrap();
+        assert!(matches!(Reader::open(&view).unwrap().next_frame(), Err(FrameError::Damaged)));
+    }
+}
