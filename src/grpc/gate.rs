@@ -102,12 +102,13 @@ impl Gate {
     }
 }
 
-/// Runs a call to its end on its own task, even if the client goes away or the deadline
-/// passes: a change that was applied is always recorded.
+/// Runs a change to its end on its own task, even if the client goes away or the deadline
+/// passes: a change that was applied is always recorded. The vault does not wait for
+/// durability inside it; the recording does, once, for the change and its record.
 pub async fn detached<T: Send + 'static>(
     call: impl Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(call).await.map_err(|_| Status::internal("worker failed"))?
+    tokio::spawn(Vault::deferring_durability(call)).await.map_err(|_| Status::internal("worker failed"))?
 }
 
 pub fn audit_status(e: AuditError) -> Status {

@@ -67,6 +67,11 @@ impl VaultOptions {
     }
 }
 
+tokio::task_local! {
+    /// Set while a caller has taken over the durable wait (see `deferring_durability`).
+    static DEFERRED: ();
+}
+
 pub struct Vault {
     store: Arc<dyn KvStore>,
     commit: GroupCommit,
@@ -175,6 +180,22 @@ impl Vault {
     /// Waits until every write applied so far (by anyone) is durable to the configured level.
     pub async fn wait_durable(&self) -> Result<(), VaultError> {
         let ticket = self.commit.ticket();
+        Ok(self.commit.wait(ticket).await?)
+    }
+
+    /// Runs `f` with the vault's writes returning once applied instead of once durable.
+    /// The caller takes the wait over: it must call [`Vault::wait_durable`] before it
+    /// acknowledges anything. One wait then covers the change and what the caller wrote
+    /// after it (the gRPC gate: its audit record), instead of one group commit each.
+    pub async fn deferring_durability<F: std::future::Future>(f: F) -> F::Output {
+        DEFERRED.scope((), f).await
+    }
+
+    /// The end of every write: wait for its ticket, unless the caller deferred that.
+    async fn durable(&self, ticket: crate::store::CommitTicket) -> Result<(), VaultError> {
+        if DEFERRED.try_with(|_| ()).is_ok() {
+            return Ok(());
+        }
         Ok(self.commit.wait(ticket).await?)
     }
 

@@ -53,7 +53,7 @@ impl Vault {
             }
             (sb, shredded, epoch, self.commit.ticket())
         };
-        self.commit.wait(ticket).await?;
+        self.durable(ticket).await?;
         Ok(ShredReceipt {
             subject_blind_id: hex::encode(sb),
             shredded_at: now,

@@ -93,7 +93,7 @@ impl Vault {
                 break (old.is_some(), self.commit.ticket());
             }
         };
-        self.commit.wait(ticket).await?;
+        self.durable(ticket).await?;
         Ok(replaced)
     }
 
@@ -175,7 +175,7 @@ impl Vault {
             self.set_count(tenant, tb, &h, Some(total as u32));
             Ok(total as u32)
         })?;
-        self.commit.wait(ticket).await?;
+        self.durable(ticket).await?;
         Ok(Touched::new(count, &subject))
     }
 
@@ -199,7 +199,7 @@ impl Vault {
             batch.put(layout::header(tenant.as_str(), tb), records::encode(&h)?);
             Ok(ended)
         })?;
-        self.commit.wait(ticket).await?;
+        self.durable(ticket).await?;
         Ok(Touched::new(ended, &subject))
     }
 
@@ -224,7 +224,7 @@ impl Vault {
             )?;
             Ok(())
         })?;
-        self.commit.wait(ticket).await?;
+        self.durable(ticket).await?;
         Ok(Touched::new((), &subject))
     }
 
