@@ -31,7 +31,7 @@ use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, OpenReport, RootKeySource};
 use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget};
 use layout::Blind;
-use records::{KeyRecord, SubjectRecord};
+use records::{BodyRecord, KeyRecord, SubjectRecord};
 use seal::{crypto_err, seal_err};
 
 /// Everything needed to open a vault.
@@ -94,6 +94,10 @@ pub struct Vault {
     /// reverse seek (slow in sled 0.34). Only read and updated under the subject's stripe
     /// lock; a miss falls back to the store.
     counts: Mutex<lru::LruCache<(String, Blind, u64), u32>>,
+    /// Body records (wrapped transcript key and sealed body) of recent incarnations. One is
+    /// written once and never changed, so an entry is never stale; callers reach it only
+    /// through a live header. Ciphertext only: useless once its subject key is shredded.
+    bodies: Mutex<lru::LruCache<(String, Blind, u64), Arc<BodyRecord>>>,
 }
 
 const SUBJECT_DOMAIN: &[u8] = b"subject";
@@ -112,6 +116,8 @@ impl Vault {
         let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
         bind_store_to_keys(store.as_ref(), &keydir)?;
+        let cache_entries =
+            std::num::NonZeroUsize::new(opts.key_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         let vault = Vault {
             commit: GroupCommit::start(store.clone(), opts.durability)?,
             store,
@@ -125,9 +131,8 @@ impl Vault {
             rotation: Mutex::new(()),
             tenant_key_init: Mutex::new(()),
             closed_tenants: RwLock::new(Default::default()),
-            counts: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(opts.key_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN),
-            )),
+            counts: Mutex::new(lru::LruCache::new(cache_entries)),
+            bodies: Mutex::new(lru::LruCache::new(cache_entries)),
             reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };
         vault.resume_rotation()?;

@@ -1,6 +1,8 @@
 //! Transcript operations. Writes hold their subject's stripe lock from the first read
 //! to the batch, then wait for group commit outside it.
 
+use std::sync::Arc;
+
 use super::layout::{self, Blind};
 use super::model::{Message, TenantId, Timestamp, Touched, Transcript, TranscriptPage};
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
@@ -435,12 +437,20 @@ impl Vault {
         }
     }
 
-    fn body_record(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<BodyRecord, VaultError> {
+    fn body_record(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Arc<BodyRecord>, VaultError> {
+        let slot = (tenant.as_str().to_owned(), *tb, h.incarnation);
+        if let Some(b) = self.bodies.lock().ok().and_then(|mut c| c.get(&slot).cloned()) {
+            return Ok(b);
+        }
         let bytes = self
             .store
             .get(&layout::body(tenant.as_str(), tb, h.incarnation))?
             .ok_or(VaultError::Corrupt("transcript body"))?;
-        records::decode(&bytes, "transcript body")
+        let body: Arc<BodyRecord> = Arc::new(records::decode(&bytes, "transcript body")?);
+        if let Ok(mut c) = self.bodies.lock() {
+            c.put(slot, body.clone());
+        }
+        Ok(body)
     }
 
     /// A transcript's key and body record. Transcript keys are not cached: unwrapping one
@@ -451,7 +461,7 @@ impl Vault {
         tenant: &TenantId,
         tb: &Blind,
         h: &Header,
-    ) -> Result<(Box<SecretKey>, BodyRecord), VaultError> {
+    ) -> Result<(Box<SecretKey>, Arc<BodyRecord>), VaultError> {
         let dek = self.subject_key(tenant, &h.subject, h.generation)?;
         let body = self.body_record(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
