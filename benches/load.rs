@@ -84,7 +84,7 @@ struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command, ready_prefix: &str, dir: Option<tempfile::TempDir>) -> Proc {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn server");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn server");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut admin = String::new();
         let addr = loop {

@@ -47,7 +47,12 @@ impl SledStore {
         for entry in entries {
             let path = entry?.path();
             if !synced.contains(&path) {
-                File::open(&path)?.sync_all()?;
+                match File::open(&path) {
+                    Ok(f) => f.sync_all()?,
+                    // sled removed it since the listing (its value was replaced): nothing to sync.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                }
                 any_new = true;
             }
             present.insert(path);
