@@ -93,32 +93,43 @@ except OSError:
     print("(SQLCipher peer not run: needs libsqlcipher-dev)")
 
 print("""
-## Reading the misses (profile of 2026-11-23)
+## Reading the misses (profiles of 2026-11-23)
 
-* **In-process store and get vs raw sled.** The baseline is one sled insert (or a hot
-  `get` that returns a reference-counted buffer without copying). chatvault's append does
-  4 point reads (the header twice, around taking the subject's lock; the subject record; the
-  body record holding the wrapped transcript key), then writes only the message records (the
-  message count lives in memory, not in a rewritten header). GetTranscript does 4 point reads and a range scan, and decrypts the body and each
-  message. `perf` on the engine bench shows sled's own costs dominating: copying and
-  freeing whole leaf nodes on every update (`sled::node::Data` clone/drop), allocation, and
-  its background log writes. AES-GCM and the HMAC blind index together are ~3% (see above).
-  Reaching 0.85x of a bare insert would need the metadata lookups cached in memory or a
-  storage engine without sled's per-update node copy; the `KvStore` trait is where another
-  engine would go (garage replaced sled for the same reasons).
+* **In-process store vs a raw sled insert.** Profiling the store bench showed sled's
+  `apply_batch` dominating: it pins the log and writes a batch manifest, which costs more
+  than the insert itself. A batch of one write now uses sled's plain insert (still atomic):
+  the 1 KiB append went from ~65 µs to ~27 µs, from 0.19x to about 0.5x of the baseline in
+  back-to-back runs. Across runs on this shared machine the same bench ranged from 26 to
+  43 µs while the baseline stayed at 11–16 µs: read the table's ratio as 0.25–0.5x.
+  What is left is metadata: an append still reads the transcript header twice (before and
+  after taking the subject's lock) and the subject record, then unwraps the transcript key;
+  body records (the wrapped key) are now cached, since one never changes after it is
+  written. 0.85x of a bare insert would need the header and subject lookups cached as well,
+  or a storage engine without sled's per-update leaf copy (the `KvStore` trait is where one
+  would go).
+* **In-process get vs a raw sled get.** The baseline is a hot point `get` returning a
+  reference-counted buffer (~0.3–0.4 µs). GetTranscript reads the header and subject, opens
+  the body and every message (AES-GCM), and range-scans the messages: sled 0.34's iterator
+  alone costs several µs. 0.5x of a point get is below the cost of one AES-GCM open of the
+  message; this target cannot be met with per-record encryption on sled. Point reads of the
+  known message count instead of a scan are the next thing to try.
+* **The audit trail.** Every call writes one record. It used to be a sled insert under the
+  chain's lock, so every read also wrote to the B-tree. Measured the same day with the record
+  writes switched off: appends +28%, gets +37%, disk at 256 B from 6.3x to 4.0x. The trail now
+  lives in append-only segment files beside sled (one `write` per record, ~130 bytes, synced
+  by the same group commit), and a change waits for durability once, after its record, instead
+  of once in the vault and again for the record (fsync vs durability none at 256 B: 0.64x
+  before, 0.75x after, in back-to-back 4-second runs; the table's run is noisier).
 * **gRPC store vs the echo floor.** With the server profiled under 32-client append load,
-  ~39% of its CPU samples are in sled's I/O thread pool (log writes, node frees), competing
-  with gRPC for the same 2 cores; `sled::Mode::HighThroughput` made no measurable difference.
-  Durable group commit itself costs little: fsync vs durability none is within target.
-* **Authentication and the audit trail (since tenancy landed).** The load now runs as a real
-  tenant: an API key (argon2id once per client, then a cached keyed digest), the allowlist,
-  and one audit record per call. The record is a sled insert under the chain's lock, so every
-  read now also writes: GetTranscript over gRPC went from ~0.5x to ~0.2x of the echo floor
-  (commit de9465a vs this run), and appends pay a second durable wait for their record.
-  The next step is an append-only audit file beside sled, written in batches and synced by
-  the same group commit, instead of a sled insert per call.
-* **Disk.** sled's own space amplification (~1.84x, shared/notes) times ~1.1x record overhead
-  (30-byte envelope, key, ids) lands just above the 2.0x target.
+  sled's I/O threads (log writes, node frees) take a large share of the 2 cores that gRPC
+  also needs. At 16 KiB the durable run falls well below durability none: a leaf full of
+  16 KiB values is larger than sled's inline limit (segment size / 4 = 128 KiB), so leaf
+  rewrites become blob files (3,000 such inserts into plain sled left 418 of them), which
+  sled never syncs and our `Fsync` mode must `fsync` one by one. A larger `segment_size` would keep rewrites in the log; sled records that setting in
+  the data directory, so changing it needs a migration, and it is left for a measured change.
+* **Disk.** sled's space amplification (~1.84x, shared/notes) and per-record overhead (a
+  30-byte envelope, a ~50-byte key, the message's id, author and time) dominate at small
+  payloads; the audit record adds ~130 bytes per call. At 16 KiB the store is near 2.0x.
 * **Not measured yet.** Export over gRPC and server RSS while exporting a 1 GB tenant need the
   export API (its own issue); the in-process export path above is its stand-in.
 """)
