@@ -296,10 +296,11 @@ impl AuditLog {
             broken,
         };
         for view in self.segments.snapshot()? {
-            let header = match Reader::open(&view) {
-                Ok(r) => r.header,
+            let reader = match Reader::open(&view) {
+                Ok(r) => r,
                 Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, frame_why(e))))),
             };
+            let header = reader.header;
             if header.first_seq != expect_seq {
                 let why = format!("records {expect_seq}..{} are missing", header.first_seq);
                 return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
@@ -308,7 +309,7 @@ impl AuditLog {
                 let why = "its segment does not chain to the record before it".to_string();
                 return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
             }
-            let mut walk = Walk::open(self, &view)?;
+            let mut walk = Walk::new(self, reader, view.first_seq);
             loop {
                 match walk.next_record() {
                     Ok(None) => break,
@@ -351,8 +352,12 @@ struct Walk<'a> {
 impl<'a> Walk<'a> {
     fn open(log: &'a AuditLog, view: &SegmentView) -> Result<Self, AuditError> {
         let reader = Reader::open(view).map_err(|e| frame_err(e, view.first_seq))?;
+        Ok(Walk::new(log, reader, view.first_seq))
+    }
+
+    fn new(log: &'a AuditLog, reader: Reader, first_seq: u64) -> Self {
         let prev = reader.header.prev;
-        Ok(Walk { log, reader, prev, near: view.first_seq })
+        Walk { log, reader, prev, near: first_seq }
     }
 
     fn next_record(&mut self) -> Result<Option<Record>, AuditError> {

@@ -290,17 +290,22 @@ mod tests {
 
     #[test]
     fn frames_roll_over_into_new_segments_and_read_back_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Segments::open(dir.path(), 200).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("audit");
+        let s = Segments::open(&dir, 200).unwrap();
         for i in 1u64..=10 {
             s.append(i, &[i as u8; 32], &[i as u8; 50]).unwrap();
         }
         let views = s.snapshot().unwrap();
         assert!(views.len() > 3, "{views:?}");
+        // Only the server's user may read the trail (README says 0600 / 0700).
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&views[0].path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(views[1].first_seq, 3);
         assert_eq!(Reader::open(&views[1]).unwrap().header.prev, [3; 32]);
         drop(s);
-        let s = Segments::open(dir.path(), 200).unwrap();
+        let s = Segments::open(&dir, 200).unwrap();
         s.append(11, &[11; 32], &[11; 50]).unwrap();
         let got = all_payloads(&s);
         assert_eq!(got, (1u8..=11).map(|i| vec![i; 50]).collect::<Vec<_>>());
