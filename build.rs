@@ -4,8 +4,12 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] =
-    &["proto/chatvault/v1/transcript.proto", "proto/chatvault/v1/subject.proto", "proto/chatvault/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "proto/chatvault/v1/transcript.proto",
+    "proto/chatvault/v1/subject.proto",
+    "proto/chatvault/v1/export.proto",
+    "proto/chatvault/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build 0.14 no longer emits these itself.

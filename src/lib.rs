@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod export;
 pub mod grpc;
 pub mod keys;
 pub mod server;

@@ -52,6 +52,9 @@ names! {
         AdminDenied => "admin.denied",
         QueryAudit => "admin.audit.query",
         VerifyAudit => "admin.audit.verify",
+        // Appended, never inserted: stored records name operations by position.
+        ExportSubject => "subject.export",
+        ExportTenant => "tenant.export",
     }
 }
 
@@ -78,6 +81,8 @@ impl Operation {
             self,
             Operation::GetTranscript
                 | Operation::ListTranscripts
+                | Operation::ExportSubject
+                | Operation::ExportTenant
                 | Operation::GetSubject
                 | Operation::QueryAudit
                 | Operation::VerifyAudit
@@ -111,4 +116,19 @@ pub struct Record {
     pub source: String,
     /// MAC of the previous record: the chain link.
     pub prev: [u8; 32],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_operation_codes_never_move() {
+        // Records on disk name an operation by its position: a new one goes last.
+        let code = |op: Operation| postcard::to_allocvec(&op).unwrap();
+        assert_eq!(code(Operation::PutTranscript), [0]);
+        assert_eq!(code(Operation::VerifyAudit), [20]);
+        assert_eq!(code(Operation::ExportTenant), [22]);
+        assert_eq!(Operation::ALL.len(), 23);
+    }
 }

@@ -1,6 +1,8 @@
 //! Client commands: a newcomer's way to see chatvault work from a shell. Output is JSON.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -8,6 +10,7 @@ use tonic::Status;
 
 use super::connect::{Authed, TlsArgs, channel, credential};
 use crate::grpc::pb;
+use crate::grpc::pb::export_service_client::ExportServiceClient;
 use crate::grpc::pb::subject_service_client::SubjectServiceClient;
 use crate::grpc::pb::transcript_service_client::TranscriptServiceClient;
 
@@ -100,6 +103,19 @@ pub enum ClientCommand {
         #[arg(long)]
         subject: String,
     },
+    /// Export decrypted transcripts as one JSON document: a subject's, or with
+    /// --whole-tenant every readable one of the tenant.
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, required_unless_present = "whole_tenant", conflicts_with = "whole_tenant")]
+        subject: Option<String>,
+        #[arg(long)]
+        whole_tenant: bool,
+        /// Write the document here (created with mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 async fn transcripts(conn: &Conn) -> Result<TranscriptServiceClient<Authed>, String> {
@@ -112,12 +128,48 @@ async fn subjects(conn: &Conn) -> Result<SubjectServiceClient<Authed>, String> {
     Ok(SubjectServiceClient::with_interceptor(channel(&conn.server, &conn.tls).await?, key))
 }
 
+async fn exports(conn: &Conn) -> Result<ExportServiceClient<Authed>, String> {
+    let key = credential(API_KEY_ENV, conn.api_key_file.as_deref(), "API key")?;
+    Ok(ExportServiceClient::with_interceptor(channel(&conn.server, &conn.tls).await?, key))
+}
+
+/// Streams an export to a file or standard output as it arrives. A stream that ends in
+/// an error leaves what arrived (not valid JSON) and fails the command.
+async fn export(conn: &Conn, subject: Option<String>, out: Option<&Path>) -> Result<(), String> {
+    let mut client = exports(conn).await?;
+    let mut stream = match subject {
+        Some(subject_id) => client.export_subject(pb::ExportSubjectRequest { subject_id }).await,
+        None => client.export_tenant(pb::ExportTenantRequest {}).await,
+    }
+    .map_err(status)?
+    .into_inner();
+    let mut sink: Box<dyn Write> = match out {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("--out {}: {e}", path.display()))?;
+            Box::new(std::io::BufWriter::new(file))
+        }
+        None => Box::new(std::io::stdout().lock()),
+    };
+    while let Some(chunk) = stream.message().await.map_err(status)? {
+        sink.write_all(&chunk.data).map_err(|e| format!("writing the export: {e}"))?;
+    }
+    sink.write_all(b"\n").and_then(|()| sink.flush()).map_err(|e| format!("writing the export: {e}"))
+}
+
 pub fn status(s: Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
 pub async fn run(cmd: ClientCommand) -> Result<(), String> {
     let out = match cmd {
+        ClientCommand::Export { conn, subject, whole_tenant: _, out } => {
+            return export(&conn, subject, out.as_deref()).await;
+        }
         ClientCommand::Put { conn, subject, transcript, channel, messages, metadata } => {
             let transcript = pb::Transcript {
                 transcript_id: transcript,

@@ -3,6 +3,7 @@
 mod admin;
 mod convert;
 mod credentials;
+mod export;
 mod gate;
 mod status;
 mod subjects;
@@ -58,18 +59,23 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    use pb::export_service_server::ExportServiceServer;
     use pb::subject_service_server::SubjectServiceServer;
     use pb::transcript_service_server::TranscriptServiceServer;
 
     let transcripts = TranscriptServiceServer::new(transcripts::Transcripts::new(gate.clone()))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes.max(64 * 1024 * 1024));
-    let subjects = SubjectServiceServer::new(subjects::Subjects::new(gate))
+    let subjects = SubjectServiceServer::new(subjects::Subjects::new(gate.clone()))
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    let exports = ExportServiceServer::new(export::Exports::new(gate))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TranscriptServiceServer<transcripts::Transcripts>>().await;
     health.set_serving::<SubjectServiceServer<subjects::Subjects>>().await;
+    health.set_serving::<ExportServiceServer<export::Exports>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -79,6 +85,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(transcripts)
         .add_service(subjects)
+        .add_service(exports)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())

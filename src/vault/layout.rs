@@ -94,8 +94,13 @@ pub fn subject(tenant: &str, subject: &Blind) -> Vec<u8> {
     k
 }
 
+/// Every transcript header of one tenant, in blind-id order.
+pub fn headers_prefix(tenant: &str) -> Vec<u8> {
+    with_tenant(kind::HEADER, tenant, 32)
+}
+
 pub fn header(tenant: &str, transcript: &Blind) -> Vec<u8> {
-    let mut k = with_tenant(kind::HEADER, tenant, 32);
+    let mut k = headers_prefix(tenant);
     k.extend_from_slice(transcript);
     k
 }
@@ -115,8 +120,8 @@ pub fn by_subject(tenant: &str, subject: &Blind, generation: u32, started_micros
     k
 }
 
-/// The transcript blind id at the end of a [`by_subject`] key.
-pub fn by_subject_transcript(key: &[u8]) -> Option<Blind> {
+/// The transcript blind id at the end of a [`by_subject`] or [`header`] key.
+pub fn trailing_blind(key: &[u8]) -> Option<Blind> {
     key.get(key.len().checked_sub(32)?..)?.try_into().ok()
 }
 

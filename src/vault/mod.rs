@@ -2,6 +2,7 @@
 //! data keys, wrapped by key-store keys, wrapped by the root key. It knows nothing of
 //! gRPC; `grpc` translates to and from it.
 
+mod bulk;
 mod error;
 mod layout;
 mod locks;
@@ -18,6 +19,7 @@ mod validate;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use bulk::{Scope, Visit, Walked};
 pub use error::VaultError;
 pub use model::{
     AuthorRole, Message, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched,
@@ -175,6 +177,11 @@ impl Vault {
     /// A key for one control-plane purpose, derived from the root key.
     pub fn control_key(&self, purpose: &[u8]) -> SecretKey {
         self.keys.control_key(purpose)
+    }
+
+    /// The vault's clock: what writes stamp as "now".
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
     }
 
     /// The AEAD new records are sealed with.

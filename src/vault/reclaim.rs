@@ -67,7 +67,7 @@ impl Vault {
                     let mut b = Batch::default();
                     let n = page.len();
                     for (k, _) in &page {
-                        let tb = layout::by_subject_transcript(k).ok_or(VaultError::Corrupt("subject index"))?;
+                        let tb = layout::trailing_blind(k).ok_or(VaultError::Corrupt("subject index"))?;
                         let hkey = layout::header(tenant.as_str(), &tb);
                         if let Some(bytes) = self.store.get(&hkey)? {
                             let h: Header = records::decode(&bytes, "transcript header")?;

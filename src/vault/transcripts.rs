@@ -1,6 +1,7 @@
 //! Transcript operations. Writes hold their subject's stripe lock from the first read
 //! to the batch, then wait for group commit outside it.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use super::layout::{self, Blind};
@@ -251,7 +252,7 @@ impl Vault {
 
     /// A read that failed because a concurrent replace, delete or shred removed what it
     /// was reading is a NOT_FOUND (or erased), not data loss: re-check before blaming the disk.
-    fn unless_replaced<T>(
+    pub(super) fn unless_replaced<T>(
         &self,
         e: VaultError,
         tenant: &TenantId,
@@ -272,35 +273,55 @@ impl Vault {
     }
 
     fn read_transcript(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
-        let tb = *tb;
-        let (mut t, tk) = self.summary(tenant, &tb, h)?;
-        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: &tb, incarnation: h.incarnation };
-        let prefix = layout::messages_prefix(tenant.as_str(), &tb, h.incarnation);
-        let mut after: Option<Vec<u8>> = None;
+        let (mut t, tk) = self.summary(tenant, tb, h)?;
         let mut bytes = 0usize;
+        let limit = self.limits.max_response_bytes;
+        self.read_messages(tenant, tb, h, &tk, MESSAGE_CHUNK, &mut |chunk, sealed_bytes| {
+            bytes += sealed_bytes;
+            if bytes > limit {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "transcript is larger than max_response_bytes ({limit})"
+                )));
+            }
+            t.messages.extend(chunk);
+            Ok(ControlFlow::Continue(()))
+        })?;
+        t.message_count = t.messages.len() as u32;
+        Ok(t)
+    }
+
+    /// Decrypts an incarnation's messages in order, up to `chunk` per store scan, and hands
+    /// each batch to `f` with its stored size. Returns how many messages were read.
+    pub(super) fn read_messages(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        h: &Header,
+        tk: &SecretKey,
+        chunk: usize,
+        f: &mut dyn FnMut(Vec<Message>, usize) -> Result<ControlFlow<()>, VaultError>,
+    ) -> Result<u32, VaultError> {
+        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let prefix = layout::messages_prefix(tenant.as_str(), tb, h.incarnation);
+        let mut after: Option<Vec<u8>> = None;
+        let mut seq = 0u32;
         loop {
-            let chunk = self.store.scan(&prefix, after.as_deref(), MESSAGE_CHUNK)?;
-            for (key, value) in &chunk {
-                let seq = t.messages.len() as u32;
+            let entries = self.store.scan(&prefix, after.as_deref(), chunk)?;
+            let mut messages = Vec::with_capacity(entries.len());
+            let mut sealed_bytes = 0;
+            for (key, value) in &entries {
                 if layout::message_seq(key) != Some(seq) {
                     return Err(VaultError::Corrupt("transcript messages"));
                 }
-                bytes += value.len();
-                if bytes > self.limits.max_response_bytes {
-                    return Err(VaultError::FailedPrecondition(format!(
-                        "transcript is larger than max_response_bytes ({})",
-                        self.limits.max_response_bytes
-                    )));
-                }
-                t.messages.push(place.open_message(&tk, seq, value)?);
+                sealed_bytes += value.len();
+                messages.push(place.open_message(tk, seq, value)?);
+                seq += 1;
             }
-            if chunk.len() < MESSAGE_CHUNK {
-                break;
+            if f(messages, sealed_bytes)?.is_break() || entries.len() < chunk {
+                return Ok(seq);
             }
-            after = chunk.last().map(|(k, _)| k.clone());
+            after = entries.last().map(|(k, _)| k.clone());
         }
-        t.message_count = t.messages.len() as u32;
-        Ok(t)
     }
 
     /// The message count for an append: from the in-memory count if present, else the
@@ -366,7 +387,7 @@ impl Vault {
         let entries = self.store.scan(&prefix, start.as_deref(), page_size + 1)?;
         let mut transcripts = Vec::with_capacity(entries.len().min(page_size));
         for (key, _) in entries.iter().take(page_size) {
-            let tb = layout::by_subject_transcript(key).ok_or(VaultError::Corrupt("subject index"))?;
+            let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("subject index"))?;
             let hkey = layout::header(tenant.as_str(), &tb);
             let Some(h) = self.read_header(&hkey)? else { continue };
             if h.subject != sb || h.generation != subj.generation {
@@ -422,7 +443,7 @@ impl Vault {
         }
     }
 
-    fn read_header(&self, key: &[u8]) -> Result<Option<Header>, VaultError> {
+    pub(super) fn read_header(&self, key: &[u8]) -> Result<Option<Header>, VaultError> {
         match self.store.get(key)? {
             Some(b) => Ok(Some(records::decode(&b, "transcript header")?)),
             None => Ok(None),
@@ -430,7 +451,7 @@ impl Vault {
     }
 
     /// A transcript is readable only while its subject generation's key lives.
-    fn check_live(&self, tenant: &TenantId, h: &Header) -> Result<(), VaultError> {
+    pub(super) fn check_live(&self, tenant: &TenantId, h: &Header) -> Result<(), VaultError> {
         match self.read_subject(tenant, &h.subject)? {
             Some(s) if s.active && s.generation == h.generation => Ok(()),
             _ => Err(VaultError::Erased("transcript not found")),
@@ -470,7 +491,12 @@ impl Vault {
 
     /// A transcript without messages (and a zero count): header fields plus the decrypted
     /// body. Returns the transcript key too, for callers that go on to read messages.
-    fn summary(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<(Transcript, Box<SecretKey>), VaultError> {
+    pub(super) fn summary(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        h: &Header,
+    ) -> Result<(Transcript, Box<SecretKey>), VaultError> {
         let (tk, body) = self.transcript_key(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut t = place.open_body(&tk, &body.body)?;

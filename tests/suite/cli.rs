@@ -55,6 +55,8 @@ fn an_operator_creates_a_tenant_and_its_backend_stores_reads_and_shreds() {
     assert!(ok && out.contains("Where is my order?") && out.contains("AUTHOR_ROLE_AGENT"), "{out}");
     let (ok, out, _) = run(&c, &["list", "--subject", "alice@example.com"]);
     assert!(ok && out.contains("chat-1"), "{out}");
+    let (ok, out, err) = run(&c, &["export", "--subject", "alice@example.com"]);
+    assert!(ok && json(&out)["transcripts"][0]["messages"][2]["text"] == "Thanks!", "{out}{err}");
     let (ok, out, _) = run(&c, &["shred", "--subject", "alice@example.com"]);
     assert!(ok && out.contains("\"transcripts_shredded\": 1"), "{out}");
     let (ok, _, err) = run(&c, &["get", "--transcript", "chat-1"]);
@@ -70,7 +72,10 @@ fn an_operator_creates_a_tenant_and_its_backend_stores_reads_and_shreds() {
     let ops: Vec<String> =
         json(&out)["records"].as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap().into()).collect();
     // The get after the shred touched nothing: it is recorded, but with no subject.
-    assert_eq!(ops, ["transcript.put", "transcript.append", "transcript.get", "transcript.list", "subject.shred"]);
+    assert_eq!(
+        ops,
+        ["transcript.put", "transcript.append", "transcript.get", "transcript.list", "subject.export", "subject.shred"]
+    );
     assert!(!out.contains("alice"), "the audit trail shows a raw subject id");
     let (ok, out, err) = run(&op, &["admin", "audit", "verify"]);
     assert!(ok && json(&out)["intact"] == true, "{out}{err}");

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use chatvault::grpc::Bearer;
 use chatvault::grpc::pb;
 use chatvault::grpc::pb::admin_service_client::AdminServiceClient;
+use chatvault::grpc::pb::export_service_client::ExportServiceClient;
 use chatvault::grpc::pb::subject_service_client::SubjectServiceClient;
 use chatvault::grpc::pb::transcript_service_client::TranscriptServiceClient;
 use tonic::service::interceptor::InterceptedService;
@@ -24,6 +25,7 @@ pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789abcdef";
 
 pub type Transcripts = TranscriptServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Subjects = SubjectServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Exports = ExportServiceClient<InterceptedService<Channel, Bearer>>;
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A data directory and a key directory that outlive server restarts, and the API key
@@ -183,6 +185,11 @@ impl Server {
     pub async fn subjects(&self, tenant: &str) -> Subjects {
         let key = self.api_key(tenant).await;
         SubjectServiceClient::with_interceptor(self.channel().await, Bearer::new(&key).unwrap())
+    }
+
+    pub async fn exports(&self, tenant: &str) -> Exports {
+        let key = self.api_key(tenant).await;
+        ExportServiceClient::with_interceptor(self.channel().await, Bearer::new(&key).unwrap())
     }
 
     pub fn pid(&self) -> String {

@@ -3,6 +3,7 @@ mod at_rest;
 mod cli;
 mod common;
 mod durability;
+mod export;
 mod shredding;
 mod tenancy;
 mod tls;

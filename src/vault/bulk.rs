@@ -1,0 +1,130 @@
+//! Bulk reads for export: every readable transcript of a subject or of a tenant, one
+//! transcript at a time and its messages in chunks, so memory stays bounded by one chunk
+//! whatever the size of the transcript or the tenant.
+
+use std::ops::ControlFlow;
+
+use super::layout::{self, Blind};
+use super::model::{Message, TenantId, Transcript};
+use super::records::Header;
+use super::{Vault, VaultError};
+
+/// Header and subject-index entries read per store scan.
+const INDEX_CHUNK: usize = 256;
+/// Messages decrypted per store scan: at 16 KiB each, about 1 MiB in memory at a time.
+const MESSAGE_CHUNK: usize = 64;
+
+/// Whose transcripts a walk visits.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// One subject's current (not shredded) transcripts, newest `started_at` first.
+    Subject(&'a str),
+    /// Every readable transcript of the tenant, in an order that is stable but not
+    /// meaningful (blind-id order). Transcripts of shredded subjects are not readable.
+    Tenant,
+}
+
+/// What a walk hands its visitor. Per transcript: one `Begin` (everything but the
+/// messages), then `Messages` in order (possibly none), then `End` with the count.
+pub enum Visit<'a> {
+    Begin(&'a Transcript),
+    Messages(&'a [Message]),
+    End { message_count: u32 },
+}
+
+/// How much a walk visited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Walked {
+    pub transcripts: u64,
+    pub messages: u64,
+    /// The visitor asked to stop before the end.
+    pub stopped: bool,
+}
+
+impl Vault {
+    /// Visits every readable transcript in `scope` with its messages, decrypted.
+    ///
+    /// Not a snapshot: a transcript is read as it is when the walk reaches it. One that is
+    /// replaced, deleted or shredded before that is skipped, or read as it was (its
+    /// ciphertext outlives it by `reclaim_min_age_ms`). A failure after a transcript's
+    /// `Begin` is returned, never skipped, so a visitor never sees half a transcript as whole.
+    pub fn walk_transcripts(
+        &self,
+        tenant: &TenantId,
+        scope: Scope<'_>,
+        visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
+    ) -> Result<Walked, VaultError> {
+        let mut walked = Walked::default();
+        let (prefix, subject) = match scope {
+            Scope::Subject(subject_id) => {
+                self.limits.id("subject_id", subject_id)?;
+                let Some(tkey) = self.tenant_key(tenant, false)? else { return Ok(walked) };
+                let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
+                match self.read_subject(tenant, &sb)? {
+                    Some(s) if s.active => {
+                        (layout::by_subject_prefix(tenant.as_str(), &sb, s.generation), Some((sb, s.generation)))
+                    }
+                    _ => return Ok(walked),
+                }
+            }
+            Scope::Tenant => {
+                self.check_open(tenant)?;
+                (layout::headers_prefix(tenant.as_str()), None)
+            }
+        };
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let entries = self.store.scan(&prefix, after.as_deref(), INDEX_CHUNK)?;
+            for (key, _) in &entries {
+                let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("transcript index"))?;
+                let hkey = layout::header(tenant.as_str(), &tb);
+                let Some(h) = self.read_header(&hkey)? else { continue };
+                if subject.is_some_and(|(sb, generation)| h.subject != sb || h.generation != generation) {
+                    continue;
+                }
+                if self.walk_one(tenant, &tb, &hkey, &h, visit, &mut walked)?.is_break() {
+                    walked.stopped = true;
+                    return Ok(walked);
+                }
+            }
+            if entries.len() < INDEX_CHUNK {
+                return Ok(walked);
+            }
+            after = entries.last().map(|(k, _)| k.clone());
+        }
+    }
+
+    fn walk_one(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        hkey: &[u8],
+        h: &Header,
+        visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
+        walked: &mut Walked,
+    ) -> Result<ControlFlow<()>, VaultError> {
+        let summary = self.check_live(tenant, h).and_then(|()| self.summary(tenant, tb, h));
+        let (t, tk) = match summary.or_else(|e| self.unless_replaced(e, tenant, hkey, h)) {
+            Ok(s) => s,
+            // Gone (deleted, replaced or shredded) since the index was read.
+            Err(VaultError::NotFound(_) | VaultError::Aborted(_) | VaultError::Erased(_)) => {
+                return Ok(ControlFlow::Continue(()));
+            }
+            Err(e) => return Err(e),
+        };
+        if visit(Visit::Begin(&t)).is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
+        let mut flow = ControlFlow::Continue(());
+        let count = self.read_messages(tenant, tb, h, &tk, MESSAGE_CHUNK, &mut |chunk, _| {
+            walked.messages += chunk.len() as u64;
+            flow = visit(Visit::Messages(&chunk));
+            Ok(flow)
+        })?;
+        if flow.is_break() {
+            return Ok(flow);
+        }
+        walked.transcripts += 1;
+        Ok(visit(Visit::End { message_count: count }))
+    }
+}
