@@ -1,8 +1,10 @@
 //! Load generator over real gRPC on loopback, with its baselines measured in the same run:
 //! a tonic echo service with the same payload and client (the gRPC floor), and chatvault
-//! itself with durability off. Also: shred latency with 10 vs 100,000 transcripts.
+//! itself with durability off. Also: shred latency with 10 vs 100,000 transcripts, and the
+//! export of a large tenant (JSON throughput, server RSS while exporting).
 //!
-//! `cargo bench --bench load -- [--quick] [--clients N] [--seconds S] [--sizes 256,1024,16384] [--out FILE]`
+//! `cargo bench --bench load -- [--quick] [--clients N] [--seconds S] [--sizes 256,1024,16384]
+//!  [--export-mib M] [--out FILE]`
 //! Prints a markdown report (also written to --out, default target/bench-load.md).
 
 use std::io::{BufRead, BufReader};
@@ -30,8 +32,12 @@ struct Args {
     seconds: f64,
     sizes: Vec<usize>,
     out: String,
-    /// Only the per-size runs (no listing, no shred): for profiling one change quickly.
+    /// Only the per-size runs (no listing, no shred, no export): for profiling one change quickly.
     sizes_only: bool,
+    /// Message text loaded into the tenant that is then exported.
+    export_mib: u64,
+    /// Only the export run.
+    export_only: bool,
 }
 
 fn args() -> Args {
@@ -42,6 +48,8 @@ fn args() -> Args {
         sizes: vec![256, 1024, 16384],
         out: "target/bench-load.md".into(),
         sizes_only: false,
+        export_mib: 1024,
+        export_only: false,
     };
     // `cargo test --benches` runs this without `--bench`: a quick smoke run, not a measurement.
     if !std::env::args().any(|a| a == "--bench") {
@@ -49,6 +57,7 @@ fn args() -> Args {
         a.seconds = 0.3;
         a.clients = 2;
         a.sizes = vec![1024];
+        a.export_mib = 4;
     }
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,14 +67,20 @@ fn args() -> Args {
                 a.seconds = 0.5;
                 a.clients = 4;
                 a.sizes = vec![1024];
+                a.export_mib = 16;
             }
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).expect("--clients N"),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
             "--sizes" => {
                 a.sizes = it.next().expect("--sizes").split(',').map(|s| s.parse().expect("size")).collect();
             }
+            "--export-mib" => a.export_mib = it.next().and_then(|v| v.parse().ok()).expect("--export-mib M"),
             "--out" => a.out = it.next().expect("--out FILE"),
             "--sizes-only" => a.sizes_only = true,
+            "--export-only" => {
+                a.export_only = true;
+                a.sizes.clear();
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -121,7 +136,11 @@ impl Proc {
     }
 
     async fn chatvault(durability: &str) -> Proc {
-        let dir = tempfile::tempdir().unwrap();
+        Proc::serve(tempfile::tempdir().unwrap(), durability, None).provision().await
+    }
+
+    /// `cache_mib`: sled's page cache (`store_cache_bytes`) if not the default.
+    fn serve(dir: tempfile::TempDir, durability: &str, cache_mib: Option<u64>) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatvault"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--durability", durability])
             .arg("--data-dir")
@@ -131,7 +150,28 @@ impl Proc {
             .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
             .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("CHATVAULT_LOG", "warn");
-        Proc::spawn(cmd, "chatvault listening on ", Some(dir)).provision().await
+        if let Some(mib) = cache_mib {
+            let config = dir.path().join("chatvault.toml");
+            std::fs::write(&config, format!("store_cache_bytes = {}\n", mib << 20)).unwrap();
+            cmd.arg("--config").arg(config);
+        }
+        Proc::spawn(cmd, "chatvault listening on ", Some(dir))
+    }
+
+    /// Stops the server gracefully and starts it again on the same directories, so the
+    /// store is freshly opened (sled's cache empty; the OS page cache is not dropped).
+    fn restart(mut self, durability: &str, cache_mib: Option<u64>) -> Proc {
+        let api_key = std::mem::take(&mut self.api_key);
+        let mut fresh = Proc::serve(self.stop(), durability, cache_mib);
+        fresh.api_key = api_key;
+        fresh
+    }
+
+    /// Stops the server gracefully and hands back its directories.
+    fn stop(mut self) -> tempfile::TempDir {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        self._dir.take().expect("a chatvault server")
     }
 
     fn echo() -> Proc {
@@ -158,12 +198,7 @@ impl Proc {
     }
 
     fn status_kib(&self, field: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        s.lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        status_kib(self.child.id(), field)
     }
 
     /// CPU seconds used so far (user + system).
@@ -175,6 +210,16 @@ impl Proc {
             + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         ticks / 100.0
     }
+}
+
+/// A field of /proc/PID/status, in KiB (0 if the process is gone).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Proc {
@@ -388,6 +433,150 @@ async fn list_run(server: &Proc, a: &Args) -> Run {
     .await
 }
 
+/// What exporting a large tenant cost.
+struct ExportRun {
+    cache: String,
+    text_bytes: u64,
+    json_bytes: u64,
+    transcripts: u64,
+    secs: f64,
+    idle_rss_mib: f64,
+    peak_rss_mib: f64,
+    cpu: f64,
+}
+
+impl ExportRun {
+    fn row(&self) -> String {
+        format!(
+            "| {} | {:.0} MiB | {} | {:.0} MiB | {:.2} | {:.0} | {:.0}% | {:.0} / {:.0} | {:.0} |",
+            self.cache,
+            self.text_bytes as f64 / (1 << 20) as f64,
+            self.transcripts,
+            self.json_bytes as f64 / (1 << 20) as f64,
+            self.secs,
+            self.json_bytes as f64 / 1e6 / self.secs,
+            100.0 * self.cpu / self.secs,
+            self.idle_rss_mib,
+            self.peak_rss_mib,
+            self.peak_rss_mib - self.idle_rss_mib,
+        )
+    }
+}
+
+const EXPORT_MESSAGE: usize = 16 * 1024;
+const EXPORT_PER_TRANSCRIPT: usize = 64;
+
+/// Loads `mib` MiB of 16 KiB messages into one tenant (1 MiB transcripts, 16 per subject;
+/// durability none: loading is not measured). Returns the server and the transcript count.
+async fn load_tenant(a: &Args, mib: u64) -> (Proc, usize) {
+    let srv = Proc::chatvault("none").await;
+    let transcripts = (mib as usize).max(1);
+    let writers = a.clients.clamp(1, 8);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let ch = Channel::from_shared(srv.url.clone()).unwrap().connect().await.expect("connect");
+        let mut client = tenant_client(ch, &srv.api_key);
+        tasks.push(tokio::spawn(async move {
+            for t in (w..transcripts).step_by(writers) {
+                let tr = pb::Transcript {
+                    transcript_id: format!("export-{t}"),
+                    subject_id: format!("exported-{}", t / 16),
+                    messages: (0..EXPORT_PER_TRANSCRIPT).map(|i| message(i, EXPORT_MESSAGE)).collect(),
+                    ..Default::default()
+                };
+                client.put_transcript(pb::PutTranscriptRequest { transcript: Some(tr) }).await.expect("put");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (srv, transcripts)
+}
+
+/// Reads ExportTenant to the end with one client, sampling the server's RSS meanwhile.
+async fn export_run(srv: &Proc, cache: &str, transcripts: usize) -> ExportRun {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = srv.status_kib("VmRSS:") as f64 / 1024.0;
+    let cpu0 = srv.cpu_seconds();
+    let ch = Channel::from_shared(srv.url.clone()).unwrap().connect().await.expect("connect");
+    let mut client =
+        pb::export_service_client::ExportServiceClient::with_interceptor(ch, Bearer::new(&srv.api_key).unwrap());
+    let pid = srv.child.id();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(status_kib(pid, "VmRSS:"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let start = Instant::now();
+    let mut stream = client.export_tenant(pb::ExportTenantRequest {}).await.expect("export").into_inner();
+    let mut json_bytes = 0u64;
+    let mut tail = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("export chunk") {
+        json_bytes += chunk.data.len() as u64;
+        tail = chunk.data;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = srv.cpu_seconds() - cpu0;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap() as f64 / 1024.0;
+    let expected = format!("\"transcript_count\":{transcripts},");
+    assert!(String::from_utf8_lossy(&tail).contains(&expected), "the export did not hold every transcript");
+    ExportRun {
+        cache: cache.into(),
+        text_bytes: (transcripts * EXPORT_PER_TRANSCRIPT * EXPORT_MESSAGE) as u64,
+        json_bytes,
+        transcripts: transcripts as u64,
+        secs,
+        idle_rss_mib: idle,
+        peak_rss_mib: peak.max(idle),
+        cpu,
+    }
+}
+
+/// The floor under the export's memory: a fresh process that opens the same sled data
+/// directory with the same cache and reads every value once, in key order (no decryption,
+/// no JSON, no gRPC). Returns its RSS (MiB) after opening and at its peak.
+fn raw_scan_rss(data: &std::path::Path, cache_mib: u64) -> (f64, f64) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("sled-scan")
+        .arg(data)
+        .arg(cache_mib.to_string())
+        .output()
+        .expect("run sled-scan");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("sled-scan said: {text}{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    (field("idle_kib=") / 1024.0, field("peak_kib=") / 1024.0)
+}
+
+fn sled_scan(data: &str, cache_mib: u64) {
+    let me = std::process::id();
+    let db = sled::Config::new().path(data).cache_capacity(cache_mib << 20).open().expect("open sled");
+    let tree = db.open_tree("vault").expect("open tree");
+    let idle = status_kib(me, "VmRSS:");
+    let (mut peak, mut bytes) = (idle, 0usize);
+    for (i, kv) in tree.iter().enumerate() {
+        bytes += kv.expect("read").1.len();
+        if i % 256 == 0 {
+            peak = peak.max(status_kib(me, "VmRSS:"));
+        }
+    }
+    peak = peak.max(status_kib(me, "VmRSS:"));
+    println!("idle_kib={idle} peak_kib={peak} bytes={bytes}");
+}
+
 /// Shred latency, in process, durable (fsync). Small and large subjects live in the same
 /// store and are shredded alternately, so the only difference between the two series is
 /// how many transcripts the subject has.
@@ -458,6 +647,10 @@ async fn run_echo_server() {
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("sled-scan") {
+        return sled_scan(&argv[2], argv[3].parse().expect("cache MiB"));
+    }
     if std::env::args().nth(1).as_deref() == Some("echo-server") {
         return rt.block_on(run_echo_server());
     }
@@ -491,9 +684,34 @@ fn main() {
         if a.sizes_only {
             return;
         }
-        let srv = Proc::chatvault("fsync").await;
-        out += &format!("\n#### listing\n\n{head}\n{}\n", list_run(&srv, &a).await.row(None));
-        drop(srv);
+        if !a.export_only {
+            let srv = Proc::chatvault("fsync").await;
+            out += &format!("\n#### listing\n\n{head}\n{}\n", list_run(&srv, &a).await.row(None));
+        }
+
+        let (srv, transcripts) = load_tenant(&a, a.export_mib).await;
+        let srv = srv.restart("none", None);
+        let default_cache = export_run(&srv, "256 MiB (default)", transcripts).await;
+        let srv = srv.restart("none", Some(32));
+        let small_cache = export_run(&srv, "32 MiB", transcripts).await;
+        let dir = srv.stop();
+        let (scan_idle, scan_peak) = raw_scan_rss(&dir.path().join("data"), 32);
+        let (grown, floor) = (small_cache.peak_rss_mib - small_cache.idle_rss_mib, scan_peak - scan_idle);
+        out += &format!(
+            "\n#### export of one tenant over gRPC (ExportTenant, one client, store freshly opened)\n\n\
+             | sled cache | message text | transcripts | JSON | seconds | JSON MB/s | server CPU | server RSS idle / peak MiB | peak - idle MiB |\n\
+             |---|---|---|---|---|---|---|---|---|\n{}\n{}\n\
+             | baseline: raw sled scan of the same data directory, 32 MiB cache, fresh process | | | | | | | {scan_idle:.0} / {scan_peak:.0} | {floor:.0} |\n\n\
+             Server RSS growth while exporting, 32 MiB cache: {grown:.0} MiB, {:.2}x the raw sled scan's growth (target: within 64 MB of idle).\n\
+             JSON MB/s is compared with the in-process export in BENCHMARKS.md (target >= 0.5x).\n",
+            default_cache.row(),
+            small_cache.row(),
+            grown / floor.max(1.0),
+        );
+        eprintln!("export done");
+        if a.export_only {
+            return;
+        }
 
         let (n_small, n_big, subjects) = if a.quick { (10, 1_000, 3) } else { (10, 100_000, 5) };
         let (small, big) = shred_latencies((subjects, n_small), (subjects, n_big)).await;

@@ -13,10 +13,11 @@ use std::ops::ControlFlow;
 
 use serde::Serialize;
 
-pub use time::rfc3339;
+pub use time::{Rfc3339, rfc3339};
 
 use crate::vault::{
-    AuthorRole, Message, Scope, SubjectInfo, SubjectStatus, TenantId, Timestamp, Transcript, Vault, VaultError, Visit,
+    AuthorRole, MessageRef, Scope, SubjectInfo, SubjectStatus, TenantId, Timestamp, Transcript, Vault, VaultError,
+    Visit,
 };
 
 pub const FORMAT: &str = "chatvault.export.v1";
@@ -87,7 +88,7 @@ impl Export {
         let walked = vault.walk_transcripts(&self.tenant, scope, &mut |v| {
             let step = match v {
                 Visit::Begin(t) => out.open_object(&TranscriptHead::of(t), "messages"),
-                Visit::Messages(ms) => ms.iter().try_for_each(|m| out.element(&MessageJson::of(m))),
+                Visit::Message(m) => out.element(&MessageJson::of(m)),
                 Visit::End { message_count } => out.close_object(&[("message_count", u64::from(message_count))]),
             };
             match step {
@@ -200,7 +201,7 @@ struct DocumentHead<'a> {
     subject_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     subject_status: Option<&'static str>,
-    exported_at: String,
+    exported_at: Rfc3339,
 }
 
 #[derive(Serialize)]
@@ -208,8 +209,8 @@ struct TranscriptHead<'a> {
     transcript_id: &'a str,
     subject_id: &'a str,
     channel: &'a str,
-    started_at: Option<String>,
-    ended_at: Option<String>,
+    started_at: Option<Rfc3339>,
+    ended_at: Option<Rfc3339>,
     metadata: &'a std::collections::BTreeMap<String, String>,
 }
 
@@ -231,18 +232,18 @@ struct MessageJson<'a> {
     message_id: &'a str,
     author_role: &'static str,
     author_name: &'a str,
-    sent_at: Option<String>,
+    sent_at: Rfc3339,
     text: &'a str,
 }
 
 impl<'a> MessageJson<'a> {
-    fn of(m: &'a Message) -> Self {
+    fn of(m: MessageRef<'a>) -> Self {
         MessageJson {
-            message_id: &m.message_id,
+            message_id: m.message_id,
             author_role: role_name(m.author_role),
-            author_name: &m.author_name,
-            sent_at: m.sent_at.map(rfc3339),
-            text: &m.text,
+            author_name: m.author_name,
+            sent_at: rfc3339(m.sent_at),
+            text: m.text,
         }
     }
 }

@@ -1,15 +1,59 @@
 //! RFC 3339 for exported timestamps: UTC, microseconds, always the same width, so the
-//! strings sort as the times do.
+//! strings sort as the times do. Formatted on the stack: an export writes one per message.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
 
 use crate::vault::Timestamp;
 
-/// `2026-11-23T10:00:00.000000Z`.
-pub fn rfc3339(t: Timestamp) -> String {
+const LEN: usize = "2026-11-23T10:00:00.000000Z".len();
+
+/// A formatted time, e.g. `2026-11-23T10:00:00.000000Z`.
+#[derive(Clone, Copy)]
+pub struct Rfc3339([u8; LEN]);
+
+impl Rfc3339 {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+pub fn rfc3339(t: Timestamp) -> Rfc3339 {
     let secs = t.seconds();
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    let micros = t.micros().rem_euclid(1_000_000);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    // Timestamps are years 1970-9999, so four digits always hold the year.
+    digits(&mut out[0..4], y as u64);
+    digits(&mut out[5..7], u64::from(m));
+    digits(&mut out[8..10], u64::from(d));
+    digits(&mut out[11..13], (rem / 3600) as u64);
+    digits(&mut out[14..16], (rem / 60 % 60) as u64);
+    digits(&mut out[17..19], (rem % 60) as u64);
+    digits(&mut out[20..26], t.micros().rem_euclid(1_000_000) as u64);
+    Rfc3339(out)
+}
+
+/// Writes `n` as zero-padded decimal filling `out`.
+fn digits(out: &mut [u8], mut n: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 /// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
@@ -31,7 +75,7 @@ mod tests {
     use super::*;
 
     fn at(micros: i64) -> String {
-        rfc3339(Timestamp::from_micros(micros).unwrap())
+        rfc3339(Timestamp::from_micros(micros).unwrap()).to_string()
     }
 
     #[test]

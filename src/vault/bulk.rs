@@ -5,13 +5,14 @@
 use std::ops::ControlFlow;
 
 use super::layout::{self, Blind};
-use super::model::{Message, TenantId, Transcript};
+use super::model::{MessageRef, TenantId, Transcript};
 use super::records::Header;
+use super::seal::Place;
 use super::{Vault, VaultError};
 
 /// Header and subject-index entries read per store scan.
 const INDEX_CHUNK: usize = 256;
-/// Messages decrypted per store scan: at 16 KiB each, about 1 MiB in memory at a time.
+/// Sealed messages read per store scan: at 16 KiB each, about 1 MiB in memory at a time.
 const MESSAGE_CHUNK: usize = 64;
 
 /// Whose transcripts a walk visits.
@@ -25,10 +26,11 @@ pub enum Scope<'a> {
 }
 
 /// What a walk hands its visitor. Per transcript: one `Begin` (everything but the
-/// messages), then `Messages` in order (possibly none), then `End` with the count.
+/// messages), then each `Message` in order, then `End` with the count. A message is lent
+/// for the call only: its plaintext is zeroized when the visitor returns.
 pub enum Visit<'a> {
     Begin(&'a Transcript),
-    Messages(&'a [Message]),
+    Message(MessageRef<'a>),
     End { message_count: u32 },
 }
 
@@ -115,10 +117,11 @@ impl Vault {
         if visit(Visit::Begin(&t)).is_break() {
             return Ok(ControlFlow::Break(()));
         }
+        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut flow = ControlFlow::Continue(());
-        let count = self.read_messages(tenant, tb, h, &tk, MESSAGE_CHUNK, &mut |chunk, _| {
-            walked.messages += chunk.len() as u64;
-            flow = visit(Visit::Messages(&chunk));
+        let count = self.read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
+            flow = place.open_message_with(&tk, seq, sealed, |m| visit(Visit::Message(m)))?;
+            walked.messages += 1;
             Ok(flow)
         })?;
         if flow.is_break() {

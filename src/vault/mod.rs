@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use bulk::{Scope, Visit, Walked};
 pub use error::VaultError;
 pub use model::{
-    AuthorRole, Message, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched,
-    Transcript, TranscriptPage,
+    AuthorRole, Message, MessageRef, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp,
+    Touched, Transcript, TranscriptPage,
 };
 pub use tenants::TenantErasure;
 pub use validate::Limits;

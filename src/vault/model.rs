@@ -123,6 +123,25 @@ impl fmt::Debug for Message {
     }
 }
 
+/// A message as read, lent out without copying (see `Vault::walk_transcripts`).
+#[derive(Clone, Copy)]
+pub struct MessageRef<'a> {
+    pub message_id: &'a str,
+    pub author_role: AuthorRole,
+    pub author_name: &'a str,
+    pub sent_at: Timestamp,
+    pub text: &'a str,
+}
+
+impl fmt::Debug for MessageRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageRef")
+            .field("author_role", &self.author_role)
+            .field("text_len", &self.text.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A transcript as written and as read back. On read, timestamps are always set.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Transcript {

@@ -85,24 +85,16 @@ pub struct BodyRef<'a> {
     pub metadata: Vec<(&'a str, &'a str)>,
 }
 
-/// [`StoredMessage`] borrowing from the request, for the same reason as [`BodyRef`].
-#[derive(Serialize)]
+/// One message; only ever stored encrypted. Borrowed both ways: written straight from the
+/// request into a zeroizing buffer, and read as a view into the decrypted plaintext, so
+/// no extra owned copy of the personal data is made on the way in or out.
+#[derive(Serialize, Deserialize)]
 pub struct StoredMessageRef<'a> {
     pub message_id: &'a str,
     pub role: u8,
     pub author_name: &'a str,
     pub sent_at: i64,
     pub text: &'a str,
-}
-
-/// One message; only ever stored encrypted.
-#[derive(Serialize, Deserialize)]
-pub struct StoredMessage {
-    pub message_id: String,
-    pub role: u8,
-    pub author_name: String,
-    pub sent_at: i64,
-    pub text: String,
 }
 
 /// Work for the background reclaimer: ciphertext nobody can read any more.

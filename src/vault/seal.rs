@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::VaultError;
 use super::layout::Blind;
-use super::model::{AuthorRole, Message, Timestamp, Transcript};
-use super::records::{self, Body, BodyRef, StoredMessage, StoredMessageRef};
+use super::model::{AuthorRole, Message, MessageRef, Timestamp, Transcript};
+use super::records::{self, Body, BodyRef, StoredMessageRef};
 use crate::crypto::{self, Aad, Algorithm, CryptoError, RecordKind, SecretKey};
 
 /// Where a transcript's records belong.
@@ -99,16 +99,34 @@ impl Place<'_> {
     }
 
     pub fn open_message(&self, tk: &SecretKey, seq: u32, sealed: &[u8]) -> Result<Message, VaultError> {
+        self.open_message_with(tk, seq, sealed, |m| Message {
+            message_id: m.message_id.to_owned(),
+            author_role: m.author_role,
+            author_name: m.author_name.to_owned(),
+            sent_at: Some(m.sent_at),
+            text: m.text.to_owned(),
+        })
+    }
+
+    /// Decrypts a message and lends `f` a view of it: the plaintext is zeroized when `f`
+    /// returns, and nothing of it is copied unless `f` copies it.
+    pub fn open_message_with<R>(
+        &self,
+        tk: &SecretKey,
+        seq: u32,
+        sealed: &[u8],
+        f: impl FnOnce(MessageRef<'_>) -> R,
+    ) -> Result<R, VaultError> {
         let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
         let plain = crypto::open(tk, aad.as_slice(), sealed).map_err(crypto_err("message"))?;
-        let s: StoredMessage = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("message"))?;
-        Ok(Message {
+        let s: StoredMessageRef<'_> = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("message"))?;
+        Ok(f(MessageRef {
             message_id: s.message_id,
             author_role: AuthorRole::from_code(s.role).ok_or(VaultError::Corrupt("message"))?,
             author_name: s.author_name,
-            sent_at: Some(Timestamp::from_micros(s.sent_at).ok_or(VaultError::Corrupt("message"))?),
+            sent_at: Timestamp::from_micros(s.sent_at).ok_or(VaultError::Corrupt("message"))?,
             text: s.text,
-        })
+        }))
     }
 }
 

@@ -15,6 +15,9 @@ use crate::store::Batch;
 /// Messages read per store scan when reading a transcript.
 const MESSAGE_CHUNK: usize = 1024;
 
+/// Takes a sealed message with its sequence number; breaks to stop the read.
+pub(super) type SealedMessageVisitor<'a> = dyn FnMut(u32, &[u8]) -> Result<ControlFlow<()>, VaultError> + 'a;
+
 /// Default and maximum page sizes of `list_transcripts`.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -274,50 +277,49 @@ impl Vault {
 
     fn read_transcript(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
         let (mut t, tk) = self.summary(tenant, tb, h)?;
+        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut bytes = 0usize;
         let limit = self.limits.max_response_bytes;
-        self.read_messages(tenant, tb, h, &tk, MESSAGE_CHUNK, &mut |chunk, sealed_bytes| {
-            bytes += sealed_bytes;
+        self.read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
+            bytes += sealed.len();
             if bytes > limit {
                 return Err(VaultError::FailedPrecondition(format!(
                     "transcript is larger than max_response_bytes ({limit})"
                 )));
             }
-            t.messages.extend(chunk);
+            t.messages.push(place.open_message(&tk, seq, sealed)?);
             Ok(ControlFlow::Continue(()))
         })?;
         t.message_count = t.messages.len() as u32;
         Ok(t)
     }
 
-    /// Decrypts an incarnation's messages in order, up to `chunk` per store scan, and hands
-    /// each batch to `f` with its stored size. Returns how many messages were read.
+    /// Hands `f` an incarnation's sealed messages in order with their sequence numbers,
+    /// reading up to `chunk` per store scan, until `f` breaks. Returns how many it handed out.
     pub(super) fn read_messages(
         &self,
         tenant: &TenantId,
         tb: &Blind,
         h: &Header,
-        tk: &SecretKey,
         chunk: usize,
-        f: &mut dyn FnMut(Vec<Message>, usize) -> Result<ControlFlow<()>, VaultError>,
+        f: &mut SealedMessageVisitor<'_>,
     ) -> Result<u32, VaultError> {
-        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let prefix = layout::messages_prefix(tenant.as_str(), tb, h.incarnation);
         let mut after: Option<Vec<u8>> = None;
         let mut seq = 0u32;
         loop {
             let entries = self.store.scan(&prefix, after.as_deref(), chunk)?;
-            let mut messages = Vec::with_capacity(entries.len());
-            let mut sealed_bytes = 0;
             for (key, value) in &entries {
                 if layout::message_seq(key) != Some(seq) {
                     return Err(VaultError::Corrupt("transcript messages"));
                 }
-                sealed_bytes += value.len();
-                messages.push(place.open_message(tk, seq, value)?);
+                let flow = f(seq, value)?;
                 seq += 1;
+                if flow.is_break() {
+                    return Ok(seq);
+                }
             }
-            if f(messages, sealed_bytes)?.is_break() || entries.len() < chunk {
+            if entries.len() < chunk {
                 return Ok(seq);
             }
             after = entries.last().map(|(k, _)| k.clone());
