@@ -708,6 +708,16 @@ fn main() {
             small_cache.row(),
             grown / floor.max(1.0),
         );
+        // For scripts/bench_report.py, which sets these beside the in-process export.
+        let summary = format!(
+            "{{\"text_mib\": {:.1}, \"json_mb_s\": {:.1}, \"json_mb_s_small_cache\": {:.1}, \
+             \"rss_growth_mib\": {grown:.1}, \"rss_growth_default_cache_mib\": {:.1}, \"raw_scan_growth_mib\": {floor:.1}}}\n",
+            small_cache.text_bytes as f64 / (1 << 20) as f64,
+            default_cache.json_bytes as f64 / 1e6 / default_cache.secs,
+            small_cache.json_bytes as f64 / 1e6 / small_cache.secs,
+            default_cache.peak_rss_mib - default_cache.idle_rss_mib,
+        );
+        let _ = std::fs::write(std::path::Path::new(&a.out).with_extension("export.json"), summary);
         eprintln!("export done");
         if a.export_only {
             return;
