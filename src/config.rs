@@ -48,7 +48,8 @@ pub struct Config {
     pub cipher: Algorithm,
     /// What an acknowledged write survives (see `store::Durability`).
     pub durability: Durability,
-    /// Server-side deadline of every request.
+    /// Server-side deadline of every request; for an export, the longest a reader may
+    /// take no data before the export is stopped (DEADLINE_EXCEEDED).
     pub request_timeout_ms: u64,
     /// Largest gRPC request accepted.
     pub max_request_bytes: usize,

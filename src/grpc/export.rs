@@ -2,10 +2,13 @@
 //! document from a blocking thread through a small channel, so a slow reader holds back
 //! the vault walk instead of letting chunks pile up in memory.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::SendTimeoutError};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::gate::{Gate, Ids};
@@ -20,15 +23,18 @@ use crate::vault::Scope;
 /// stalled reader costs the server a few hundred KiB, not the export.
 const CHANNEL_CHUNKS: usize = 4;
 
-pub type ChunkStream = ReceiverStream<Result<pb::ExportChunk, Status>>;
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
 pub struct Exports {
     gate: Arc<Gate>,
+    /// A reader that takes no data for this long is given up on, so a stalled client
+    /// cannot hold a thread of the blocking pool (shared with every read) for ever.
+    stall_limit: Duration,
 }
 
 impl Exports {
-    pub fn new(gate: Arc<Gate>) -> Self {
-        Exports { gate }
+    pub fn new(gate: Arc<Gate>, stall_limit: Duration) -> Self {
+        Exports { gate, stall_limit }
     }
 
     async fn stream(&self, who: Principal, subject_id: Option<String>) -> Result<Response<ChunkStream>, Status> {
@@ -42,28 +48,52 @@ impl Exports {
         self.gate.record(&who, op, ids, &export).await?;
         let export = export?;
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        // The closing status has a channel of its own, so it follows the chunks even when a
+        // stalled reader has left the chunk channel full.
+        let (end_tx, end_rx) = mpsc::channel(1);
         let gate = self.gate.clone();
+        let (rt, stall_limit) = (tokio::runtime::Handle::current(), self.stall_limit);
         tokio::task::spawn_blocking(move || {
-            let mut send = |data| tx.blocking_send(Ok(pb::ExportChunk { data })).is_ok();
-            match export.write(&gate.vault, DEFAULT_CHUNK_BYTES, &mut send) {
-                Ok(done) => tracing::info!(
-                    tenant = who.tenant.as_str(),
-                    operation = %op,
-                    transcripts = done.transcripts,
-                    messages = done.messages,
-                    bytes = done.bytes,
-                    "export finished"
-                ),
+            let mut stalled = false;
+            let mut send = |data| match rt.block_on(tx.send_timeout(Ok(pb::ExportChunk { data }), stall_limit)) {
+                Ok(()) => true,
+                Err(SendTimeoutError::Timeout(_)) => {
+                    stalled = true;
+                    false
+                }
+                Err(SendTimeoutError::Closed(_)) => false,
+            };
+            let result = export.write(&gate.vault, DEFAULT_CHUNK_BYTES, &mut send);
+            let tenant = who.tenant.as_str();
+            let end = match result {
+                Ok(done) => {
+                    tracing::info!(
+                        tenant,
+                        operation = %op,
+                        transcripts = done.transcripts,
+                        messages = done.messages,
+                        bytes = done.bytes,
+                        "export finished"
+                    );
+                    return;
+                }
+                Err(ExportError::Cancelled) if stalled => {
+                    tracing::warn!(tenant, operation = %op, "export stopped: its reader took no data in time");
+                    Status::deadline_exceeded(format!(
+                        "the export stopped: no data was read for {} ms",
+                        stall_limit.as_millis()
+                    ))
+                }
                 Err(ExportError::Cancelled) => {
-                    tracing::info!(tenant = who.tenant.as_str(), operation = %op, "export cancelled by its reader")
+                    tracing::info!(tenant, operation = %op, "export cancelled by its reader");
+                    return;
                 }
-                Err(e) => {
-                    // The reader gets the status after a partial document: not valid JSON.
-                    let _ = tx.blocking_send(Err(export_status(e)));
-                }
-            }
+                Err(e) => export_status(e),
+            };
+            // The reader gets the status after a partial document: not valid JSON.
+            let _ = end_tx.try_send(Err(end));
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).chain(ReceiverStream::new(end_rx)))))
     }
 }
 

@@ -69,9 +69,10 @@ pub async fn serve(
     let subjects = SubjectServiceServer::new(subjects::Subjects::new(gate.clone()))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
-    let exports = ExportServiceServer::new(export::Exports::new(gate))
+    // A chunk is 64 KiB plus at most one message as JSON: not bounded by the request limit.
+    let exports = ExportServiceServer::new(export::Exports::new(gate, opts.request_timeout))
         .max_decoding_message_size(opts.max_message_bytes)
-        .max_encoding_message_size(opts.max_message_bytes);
+        .max_encoding_message_size(opts.max_message_bytes.max(64 * 1024 * 1024));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TranscriptServiceServer<transcripts::Transcripts>>().await;
     health.set_serving::<SubjectServiceServer<subjects::Subjects>>().await;

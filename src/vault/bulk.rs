@@ -2,6 +2,7 @@
 //! transcript at a time and its messages in chunks, so memory stays bounded by one chunk
 //! whatever the size of the transcript or the tenant.
 
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use super::layout::{self, Blind};
@@ -14,6 +15,9 @@ use super::{Vault, VaultError};
 const INDEX_CHUNK: usize = 256;
 /// Sealed messages read per store scan: at 16 KiB each, about 1 MiB in memory at a time.
 const MESSAGE_CHUNK: usize = 64;
+
+/// Takes one index or header key; breaks to stop the scan.
+type KeyVisitor<'a> = dyn FnMut(&[u8]) -> Result<ControlFlow<()>, VaultError> + 'a;
 
 /// Whose transcripts a walk visits.
 #[derive(Clone, Copy, Debug)]
@@ -47,9 +51,9 @@ impl Vault {
     /// Visits every readable transcript in `scope` with its messages, decrypted.
     ///
     /// Not a snapshot: a transcript is read as it is when the walk reaches it. One that is
-    /// replaced, deleted or shredded before that is skipped, or read as it was (its
-    /// ciphertext outlives it by `reclaim_min_age_ms`). A failure after a transcript's
-    /// `Begin` is returned, never skipped, so a visitor never sees half a transcript as whole.
+    /// replaced, deleted or shredded before that is skipped; one that changes while it is
+    /// read fails the walk with `Aborted`. A failure after a transcript's `Begin` is
+    /// returned, never skipped, so a visitor never sees half a transcript as whole.
     pub fn walk_transcripts(
         &self,
         tenant: &TenantId,
@@ -57,43 +61,84 @@ impl Vault {
         visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
     ) -> Result<Walked, VaultError> {
         let mut walked = Walked::default();
-        let (prefix, subject) = match scope {
+        let flow = match scope {
             Scope::Subject(subject_id) => {
                 self.limits.id("subject_id", subject_id)?;
                 let Some(tkey) = self.tenant_key(tenant, false)? else { return Ok(walked) };
                 let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
-                match self.read_subject(tenant, &sb)? {
-                    Some(s) if s.active => {
-                        (layout::by_subject_prefix(tenant.as_str(), &sb, s.generation), Some((sb, s.generation)))
-                    }
+                let generation = match self.read_subject(tenant, &sb)? {
+                    Some(s) if s.active => s.generation,
                     _ => return Ok(walked),
+                };
+                // The subject index is ordered by started_at, which a replace may change: a
+                // cursor over it could meet a moved transcript twice, or pass it by. So the
+                // ids come first (32 bytes each), then each transcript as it is when reached.
+                let mut order = Vec::new();
+                let mut seen = HashSet::new();
+                let _all =
+                    self.for_each_key(&layout::by_subject_prefix(tenant.as_str(), &sb, generation), &mut |key| {
+                        let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("subject index"))?;
+                        if seen.insert(tb) {
+                            order.push(tb);
+                        }
+                        Ok(ControlFlow::Continue(()))
+                    })?;
+                let mut flow = ControlFlow::Continue(());
+                for tb in &order {
+                    flow = self.walk_blind(tenant, tb, Some((sb, generation)), visit, &mut walked)?;
+                    if flow.is_break() {
+                        break;
+                    }
                 }
+                flow
             }
             Scope::Tenant => {
                 self.check_open(tenant)?;
-                (layout::headers_prefix(tenant.as_str()), None)
+                // Header keys never move, so a cursor over them meets each transcript once.
+                self.for_each_key(&layout::headers_prefix(tenant.as_str()), &mut |key| {
+                    let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("transcript header"))?;
+                    self.walk_blind(tenant, &tb, None, visit, &mut walked)
+                })?
             }
         };
+        walked.stopped = flow.is_break();
+        Ok(walked)
+    }
+
+    /// Calls `f` with every key under `prefix`, in order, a store scan of `INDEX_CHUNK` at
+    /// a time, until `f` breaks.
+    fn for_each_key(&self, prefix: &[u8], f: &mut KeyVisitor<'_>) -> Result<ControlFlow<()>, VaultError> {
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let entries = self.store.scan(&prefix, after.as_deref(), INDEX_CHUNK)?;
+            let entries = self.store.scan(prefix, after.as_deref(), INDEX_CHUNK)?;
             for (key, _) in &entries {
-                let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("transcript index"))?;
-                let hkey = layout::header(tenant.as_str(), &tb);
-                let Some(h) = self.read_header(&hkey)? else { continue };
-                if subject.is_some_and(|(sb, generation)| h.subject != sb || h.generation != generation) {
-                    continue;
-                }
-                if self.walk_one(tenant, &tb, &hkey, &h, visit, &mut walked)?.is_break() {
-                    walked.stopped = true;
-                    return Ok(walked);
+                if f(key)?.is_break() {
+                    return Ok(ControlFlow::Break(()));
                 }
             }
             if entries.len() < INDEX_CHUNK {
-                return Ok(walked);
+                return Ok(ControlFlow::Continue(()));
             }
             after = entries.last().map(|(k, _)| k.clone());
         }
+    }
+
+    /// Visits one transcript by blind id, if it is still there (and, for a subject walk,
+    /// still that subject generation's).
+    fn walk_blind(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        subject: Option<(Blind, u32)>,
+        visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
+        walked: &mut Walked,
+    ) -> Result<ControlFlow<()>, VaultError> {
+        let hkey = layout::header(tenant.as_str(), tb);
+        let Some(h) = self.read_header(&hkey)? else { return Ok(ControlFlow::Continue(())) };
+        if subject.is_some_and(|(sb, generation)| h.subject != sb || h.generation != generation) {
+            return Ok(ControlFlow::Continue(()));
+        }
+        self.walk_one(tenant, tb, &hkey, &h, visit, walked)
     }
 
     fn walk_one(
@@ -119,15 +164,37 @@ impl Vault {
         }
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut flow = ControlFlow::Continue(());
-        let count = self.read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
-            flow = place.open_message_with(&tk, seq, sealed, |m| visit(Visit::Message(m)))?;
-            walked.messages += 1;
-            Ok(flow)
-        })?;
+        let count = self
+            .read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
+                flow = place.open_message_with(&tk, seq, sealed, |m| visit(Visit::Message(m)))?;
+                walked.messages += 1;
+                Ok(flow)
+            })
+            .or_else(|e| self.unless_replaced(e, tenant, hkey, h))
+            .map_err(changed_while_read)?;
         if flow.is_break() {
             return Ok(flow);
         }
+        // A transcript replaced, deleted or shredded during the read has its messages
+        // reclaimed after `reclaim_min_age_ms`; if that happened (a reader that stalled), the
+        // messages read may stop short. What looks whole must be whole: stop instead.
+        match self.read_header(hkey)? {
+            // A close meanwhile changes only ended_at, not the messages: that read stands.
+            Some(now) if now.incarnation == h.incarnation => self.check_live(tenant, h).map_err(changed_while_read)?,
+            _ => return Err(changed_while_read(VaultError::Aborted(String::new()))),
+        }
         walked.transcripts += 1;
         Ok(visit(Visit::End { message_count: count }))
+    }
+}
+
+/// A transcript that went away after the walk began writing it: the reader has part of it,
+/// so the export cannot go on, but nothing is corrupt. The client retries.
+fn changed_while_read(e: VaultError) -> VaultError {
+    match e {
+        VaultError::NotFound(_) | VaultError::Erased(_) | VaultError::Aborted(_) => {
+            VaultError::Aborted("a transcript changed while it was exported; retry".into())
+        }
+        other => other,
     }
 }

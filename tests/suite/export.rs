@@ -189,3 +189,65 @@ async fn every_export_is_recorded_with_the_subject_blinded() {
     assert!(records.iter().all(|r| r.tenant_id == "acme"));
     assert!(!format!("{records:?}").contains("erin"), "the trail holds the raw subject id");
 }
+
+#[tokio::test]
+async fn exports_page_past_one_index_scan_and_meet_a_transcript_moved_meanwhile_once() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    let text = "y".repeat(32 * 1024);
+    for i in 0..300 {
+        put(&mut c, transcript(&format!("p{i:03}"), "pat", 1_700_000_000 + i, &[&text])).await;
+    }
+    let mut e = server.exports("acme").await;
+    let req = pb::ExportSubjectRequest { subject_id: "pat".into() };
+    let mut stream = e.export_subject(req).await.unwrap().into_inner();
+    let mut doc = Vec::new();
+    // Newest first: once p298 has begun, p299 was written whole.
+    while !String::from_utf8_lossy(&doc).contains("\"p298\"") {
+        doc.extend(stream.message().await.unwrap().expect("more chunks").data);
+    }
+    // Replacing p299 with the oldest start moves its index entry behind the walk.
+    put(&mut c, transcript("p299", "pat", 1_600_000_000, &["moved"])).await;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        doc.extend(chunk.data);
+    }
+    let doc: Value = serde_json::from_slice(&doc).unwrap();
+    let mut got = ids(&doc);
+    assert_eq!(got.iter().filter(|id| **id == "p299").count(), 1, "p299 exported twice or never");
+    got.sort();
+    got.dedup();
+    assert_eq!((got.len(), doc["transcript_count"].as_u64()), (300, Some(300)));
+
+    let tenant = export_tenant(&mut e).await;
+    assert_eq!(tenant["transcript_count"], 300, "the tenant walk pages past one scan too");
+}
+
+#[tokio::test]
+async fn a_reader_that_stalls_is_given_up_on_with_deadline_exceeded_and_an_invalid_document() {
+    let dirs = Dirs::new();
+    let cfg = dirs.config("request_timeout_ms = 1000\n");
+    let server = Server::start_with(&dirs, Opts { args: vec!["--config", cfg.to_str().unwrap()], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    let text = "z".repeat(60 * 1024);
+    for t in 0..20 {
+        put(&mut c, transcript(&format!("big-{t}"), "quinn", 1_700_000_000 + t, &[text.as_str(); 8])).await;
+    }
+    let mut e = server.exports("acme").await;
+    let req = pb::ExportSubjectRequest { subject_id: "quinn".into() };
+    let mut stream = e.export_subject(req).await.unwrap().into_inner();
+    let mut doc = stream.message().await.unwrap().unwrap().data;
+    // ~10 MB to send, a few MB of buffers between: the server blocks, then gives up.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => doc.extend(chunk.data),
+            Ok(None) => panic!("the stalled export ended as if whole"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(serde_json::from_slice::<Value>(&doc).is_err(), "a cut-off export parsed as JSON");
+    let (whole, _) = export_subject(&mut e, "quinn").await.expect("a reader that keeps up");
+    assert_eq!(whole["transcript_count"], 20);
+}
