@@ -12,6 +12,7 @@ mod time;
 use std::ops::ControlFlow;
 
 use serde::Serialize;
+use zeroize::Zeroize;
 
 pub use time::{Rfc3339, rfc3339};
 
@@ -99,11 +100,9 @@ impl Export {
                 }
             }
         })?;
+        // The visitor breaks only on a failure, which it kept.
         if let Some(e) = failed {
             return Err(e);
-        }
-        if walked.stopped {
-            return Err(ExportError::Cancelled);
         }
         out.close_object(&[("transcript_count", walked.transcripts), ("message_count", walked.messages)])?;
         let bytes = out.finish()?;
@@ -184,11 +183,18 @@ impl<'s> Chunker<'s> {
         if (self.sink)(chunk) { Ok(()) } else { Err(ExportError::Cancelled) }
     }
 
-    fn finish(mut self) -> Result<u64, ExportError> {
+    fn finish(&mut self) -> Result<u64, ExportError> {
         if !self.buf.is_empty() {
             self.flush()?;
         }
         Ok(self.written)
+    }
+}
+
+/// What was not handed on (an export that failed part-way) is decrypted data.
+impl Drop for Chunker<'_> {
+    fn drop(&mut self) {
+        self.buf.zeroize();
     }
 }
 
@@ -285,6 +291,7 @@ mod tests {
         }
         out.close_object(&[("total", 3)]).unwrap();
         out.finish().unwrap();
+        drop(out);
         assert!(chunks.len() > 3, "small chunks were asked for");
         let doc: serde_json::Value = serde_json::from_slice(&chunks.concat()).unwrap();
         assert_eq!(

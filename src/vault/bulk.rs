@@ -43,12 +43,11 @@ pub enum Visit<'a> {
 pub struct Walked {
     pub transcripts: u64,
     pub messages: u64,
-    /// The visitor asked to stop before the end.
-    pub stopped: bool,
 }
 
 impl Vault {
-    /// Visits every readable transcript in `scope` with its messages, decrypted.
+    /// Visits every readable transcript in `scope` with its messages, decrypted, until the
+    /// visitor breaks. Returns what was visited.
     ///
     /// Not a snapshot: a transcript is read as it is when the walk reaches it. One that is
     /// replaced, deleted or shredded before that is skipped; one that changes while it is
@@ -61,7 +60,7 @@ impl Vault {
         visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
     ) -> Result<Walked, VaultError> {
         let mut walked = Walked::default();
-        let flow = match scope {
+        match scope {
             Scope::Subject(subject_id) => {
                 self.limits.id("subject_id", subject_id)?;
                 let Some(tkey) = self.tenant_key(tenant, false)? else { return Ok(walked) };
@@ -75,33 +74,30 @@ impl Vault {
                 // ids come first (32 bytes each), then each transcript as it is when reached.
                 let mut order = Vec::new();
                 let mut seen = HashSet::new();
-                let _all =
-                    self.for_each_key(&layout::by_subject_prefix(tenant.as_str(), &sb, generation), &mut |key| {
-                        let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("subject index"))?;
-                        if seen.insert(tb) {
-                            order.push(tb);
-                        }
-                        Ok(ControlFlow::Continue(()))
-                    })?;
-                let mut flow = ControlFlow::Continue(());
+                let prefix = layout::by_subject_prefix(tenant.as_str(), &sb, generation);
+                let _never_stops = self.for_each_key(&prefix, &mut |key| {
+                    let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("subject index"))?;
+                    if seen.insert(tb) {
+                        order.push(tb);
+                    }
+                    Ok(ControlFlow::Continue(()))
+                })?;
                 for tb in &order {
-                    flow = self.walk_blind(tenant, tb, Some((sb, generation)), visit, &mut walked)?;
-                    if flow.is_break() {
+                    if self.walk_blind(tenant, tb, Some((sb, generation)), visit, &mut walked)?.is_break() {
                         break;
                     }
                 }
-                flow
             }
             Scope::Tenant => {
                 self.check_open(tenant)?;
                 // Header keys never move, so a cursor over them meets each transcript once.
-                self.for_each_key(&layout::headers_prefix(tenant.as_str()), &mut |key| {
+                // Whether the visitor stopped it is the visitor's to know.
+                let _stopped = self.for_each_key(&layout::headers_prefix(tenant.as_str()), &mut |key| {
                     let tb = layout::trailing_blind(key).ok_or(VaultError::Corrupt("transcript header"))?;
                     self.walk_blind(tenant, &tb, None, visit, &mut walked)
-                })?
+                })?;
             }
-        };
-        walked.stopped = flow.is_break();
+        }
         Ok(walked)
     }
 
