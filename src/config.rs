@@ -65,6 +65,11 @@ pub struct Config {
     pub reclaim_interval_ms: u64,
     /// Dead ciphertext younger than this is left alone, so reads already in flight finish.
     pub reclaim_min_age_ms: u64,
+    /// Size at which a value-log segment (message ciphertext) is closed; compaction
+    /// rewrites one segment at a time once half of it is dead.
+    pub value_segment_bytes: u64,
+    /// Sealed messages smaller than this stay inline in sled instead of the value log.
+    pub inline_values_below: usize,
     /// On SIGTERM, how long requests in flight may take before connections are dropped.
     pub shutdown_grace_ms: u64,
     pub limits: Limits,
@@ -118,6 +123,8 @@ impl Default for Config {
             rotation_check_interval_secs: 3600,
             reclaim_interval_ms: 1000,
             reclaim_min_age_ms: 60_000,
+            value_segment_bytes: crate::vault::DEFAULT_VALUE_SEGMENT_BYTES,
+            inline_values_below: 0,
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
             auth: AuthConfig::default(),
@@ -189,6 +196,11 @@ impl Config {
         opts.key_cache_entries = self.key_cache_entries;
         opts.store_cache_bytes = self.store_cache_bytes;
         opts.reclaim_min_age_ms = self.reclaim_min_age_ms;
+        if self.value_segment_bytes < 4096 {
+            return Err(ConfigError::Invalid("value_segment_bytes must be at least 4096".into()));
+        }
+        opts.value_segment_bytes = self.value_segment_bytes;
+        opts.inline_values_below = self.inline_values_below;
         Ok(opts)
     }
 }

@@ -188,14 +188,22 @@ async fn rotate_on_sighup(vault: Arc<Vault>, mut hup: tokio::signal::unix::Signa
     }
 }
 
-/// Removes dead ciphertext in small steps, so it never competes long with requests.
+/// Removes dead ciphertext in small steps, so it never competes long with requests, then
+/// compacts the value log.
 async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: watch::Receiver<bool>) {
     let pause = Duration::from_millis(every_ms.max(1));
     while !stopped(&mut stop, pause).await {
         loop {
             let v = vault.clone();
             match tokio::task::spawn_blocking(move || v.reclaim(1000)).await {
-                Ok(Ok(0)) => break,
+                Ok(Ok(0)) => {
+                    // Dead records are gone: now the value-log space they held can go too.
+                    let v = vault.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.compact_values()).await {
+                        tracing::error!(error = %e, "value log compaction failed");
+                    }
+                    break;
+                }
                 Ok(Ok(_)) if !*stop.borrow() => continue,
                 Ok(Ok(_)) => return,
                 Ok(Err(e)) => {

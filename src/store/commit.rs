@@ -22,6 +22,8 @@ struct Progress {
 
 struct Shared {
     requested: AtomicU64,
+    /// Synced before the store in every round: what the store's records point into.
+    before: Mutex<Vec<Arc<dyn SyncTarget>>>,
     /// Synced after the store in every round.
     attached: Mutex<Vec<Arc<dyn SyncTarget>>>,
     wake: Mutex<bool>,
@@ -39,6 +41,7 @@ impl GroupCommit {
     pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Result<Self, StoreError> {
         let shared = Arc::new(Shared {
             requested: AtomicU64::new(0),
+            before: Mutex::new(Vec::new()),
             attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
             cv: Condvar::new(),
@@ -81,9 +84,17 @@ impl GroupCommit {
         }
     }
 
-    /// Syncs everything attached, now, on the caller's thread (at shutdown).
-    pub fn sync_attached(&self, mode: Durability) -> Result<(), StoreError> {
-        sync_attached(&self.shared, mode)
+    /// Makes `target` durable in every round from now on, before the store: a record
+    /// the store makes durable never points at data that is not.
+    pub fn attach_before(&self, target: Arc<dyn SyncTarget>) {
+        if let Ok(mut a) = self.shared.before.lock() {
+            a.push(target);
+        }
+    }
+
+    /// Syncs everything attached and the store, now, on the caller's thread (at shutdown).
+    pub fn sync_all(&self, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
+        sync_round(&self.shared, store, mode)
     }
 
     /// True once a sync has failed: from then on nothing may be written.
@@ -122,7 +133,7 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
         let target = shared.requested.load(Ordering::SeqCst);
         let stopping = target == u64::MAX;
         if target > durable || stopping {
-            if let Err(e) = store.sync(mode).and_then(|()| sync_attached(&shared, mode)) {
+            if let Err(e) = sync_round(&shared, store.as_ref(), mode) {
                 tracing::error!(error = %e, "durable sync failed; refusing further writes");
                 let _ = tx.send(Progress { durable, failed: true });
                 return;
@@ -136,7 +147,11 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
     }
 }
 
-fn sync_attached(shared: &Shared, mode: Durability) -> Result<(), StoreError> {
-    let targets = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
-    targets.iter().try_for_each(|t| t.sync(mode))
+/// One durable round: what the store points into, the store, then what was written after it.
+fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
+    let before = shared.before.lock().map_err(|_| StoreError::Failed)?.clone();
+    before.iter().try_for_each(|t| t.sync(mode))?;
+    store.sync(mode)?;
+    let after = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
+    after.iter().try_for_each(|t| t.sync(mode))
 }

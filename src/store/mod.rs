@@ -2,11 +2,13 @@
 
 mod commit;
 mod sled_store;
+mod values;
 
 use serde::{Deserialize, Serialize};
 
 pub use commit::{CommitTicket, GroupCommit};
 pub use sled_store::SledStore;
+pub use values::{ValueBuf, ValueLog, ValuePointer};
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record
 /// types use 0x00..=0x0f (see `vault/layout.rs`).
@@ -106,6 +108,9 @@ pub enum StoreError {
     /// A file outside the engine could not be synced or read.
     #[error("storage I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A stored record fails its checksum or points at nothing.
+    #[error("stored data is damaged: {0}")]
+    Damaged(String),
     /// An earlier sync failed; writes are refused until restart so no ack lies.
     #[error("storage is unavailable after a failed sync; restart the server")]
     Failed,

@@ -12,7 +12,11 @@ mod kind {
     pub const MESSAGE: u8 = 0x05;
     pub const GARBAGE: u8 = 0x06;
     pub const BODY: u8 = 0x07;
+    pub const VALUES: u8 = 0x08;
 }
+
+const VALUES_TALLY: u8 = 1;
+const VALUES_RETIRED: u8 = 2;
 
 const KEY_TENANT: u8 = 1;
 const KEY_SUBJECT: u8 = 2;
@@ -138,6 +142,11 @@ pub fn message(tenant: &str, transcript: &Blind, incarnation: u64, seq: u32) -> 
     k
 }
 
+/// Whether `key` is a [`message`] record's.
+pub fn is_message(key: &[u8]) -> bool {
+    key.first() == Some(&kind::MESSAGE)
+}
+
 /// The sequence number at the end of a [`message`] key.
 pub fn message_seq(key: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(key.get(key.len().checked_sub(4)?..)?.try_into().ok()?))
@@ -149,6 +158,29 @@ pub fn body(tenant: &str, transcript: &Blind, incarnation: u64) -> Vec<u8> {
     k.extend_from_slice(transcript);
     k.extend_from_slice(&incarnation.to_be_bytes());
     k
+}
+
+/// Dead bytes counted in one value-log segment.
+pub fn value_tally(segment: u32) -> Vec<u8> {
+    let mut k = vec![kind::VALUES, VALUES_TALLY];
+    k.extend_from_slice(&segment.to_be_bytes());
+    k
+}
+
+/// Value-log segments compacted and waiting for their files to be deleted.
+pub fn value_retired_prefix() -> Vec<u8> {
+    vec![kind::VALUES, VALUES_RETIRED]
+}
+
+pub fn value_retired(segment: u32) -> Vec<u8> {
+    let mut k = value_retired_prefix();
+    k.extend_from_slice(&segment.to_be_bytes());
+    k
+}
+
+/// The segment at the end of a [`value_tally`] or [`value_retired`] key.
+pub fn value_segment_of(key: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(key.get(2..)?.try_into().ok()?))
 }
 
 pub fn garbage_prefix() -> Vec<u8> {

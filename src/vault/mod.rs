@@ -15,6 +15,7 @@ mod subjects;
 mod tenants;
 mod transcripts;
 mod validate;
+mod values;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,7 +32,7 @@ pub use validate::Limits;
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, OpenReport, RootKeySource};
-use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget};
+use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget, ValueLog};
 use layout::Blind;
 use records::{BodyRecord, KeyRecord, SubjectRecord};
 use seal::{crypto_err, seal_err};
@@ -51,6 +52,10 @@ pub struct VaultOptions {
     pub store_cache_bytes: u64,
     /// Dead ciphertext younger than this is not reclaimed yet, so reads in flight finish.
     pub reclaim_min_age_ms: u64,
+    /// Size at which a value-log segment is closed and a new one started.
+    pub value_segment_bytes: u64,
+    /// Sealed messages smaller than this stay inline in the tree instead of the value log.
+    pub inline_values_below: usize,
 }
 
 impl VaultOptions {
@@ -65,6 +70,8 @@ impl VaultOptions {
             key_cache_entries: 100_000,
             store_cache_bytes: 256 * 1024 * 1024,
             reclaim_min_age_ms: 60_000,
+            value_segment_bytes: DEFAULT_VALUE_SEGMENT_BYTES,
+            inline_values_below: 0,
         }
     }
 }
@@ -74,8 +81,16 @@ tokio::task_local! {
     static DEFERRED: ();
 }
 
+/// Default size of a value-log segment: what compaction rewrites at a time.
+pub const DEFAULT_VALUE_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
 pub struct Vault {
     store: Arc<dyn KvStore>,
+    /// Message ciphertext, beside the tree (see `values.rs`).
+    values: Arc<ValueLog>,
+    inline_values_below: usize,
+    /// Held by the reclaimer and the value-log compaction, which must not interleave.
+    maintenance: Mutex<()>,
     commit: GroupCommit,
     keys: Arc<dyn KeyStore>,
     cache: KeyCache,
@@ -118,11 +133,17 @@ impl Vault {
         let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
         bind_store_to_keys(store.as_ref(), &keydir)?;
+        let values = Arc::new(ValueLog::open(&opts.data_dir.join("values"), opts.value_segment_bytes)?);
+        let commit = GroupCommit::start(store.clone(), opts.durability)?;
+        commit.attach_before(values.clone());
         let cache_entries =
             std::num::NonZeroUsize::new(opts.key_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         let vault = Vault {
-            commit: GroupCommit::start(store.clone(), opts.durability)?,
+            commit,
             store,
+            values,
+            inline_values_below: opts.inline_values_below,
+            maintenance: Mutex::new(()),
             keys: Arc::new(keydir),
             cache: KeyCache::new(opts.key_cache_entries),
             locks: locks::LockTable::new(),
@@ -163,9 +184,9 @@ impl Vault {
         self.keys.current_epoch()
     }
 
-    /// Bytes the data directory's store occupies.
+    /// Bytes the data directory's store and value log occupy.
     pub fn size_on_disk(&self) -> Result<u64, VaultError> {
-        Ok(self.store.size_on_disk()?)
+        Ok(self.store.size_on_disk()? + self.values.size_on_disk()?)
     }
 
     /// The store, shared with the control plane (tenant registry, audit trail) so that
@@ -213,8 +234,7 @@ impl Vault {
 
     /// Makes everything written so far durable (used at shutdown).
     pub fn sync(&self) -> Result<(), VaultError> {
-        self.store.sync(Durability::Fsync)?;
-        Ok(self.commit.sync_attached(Durability::Fsync)?)
+        Ok(self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?)
     }
 
     /// Files kept beside the store (the audit trail) that every durable wait must cover.

@@ -11,6 +11,7 @@ impl Vault {
     /// Removes up to about `budget` dead records. Returns how many it removed; 0 means
     /// there is nothing left to do.
     pub fn reclaim(&self, budget: usize) -> Result<usize, VaultError> {
+        let _held = self.maintenance.lock().map_err(|_| VaultError::Internal("maintenance lock".into()))?;
         let budget = budget.max(1);
         let mut removed = 0;
         let cutoff = self.clock.now().micros().saturating_sub(self.reclaim_min_age_micros);
@@ -28,6 +29,7 @@ impl Vault {
                     let page = self.store.scan(&prefix, None, budget - removed)?;
                     let mut b = Batch::default();
                     let n = page.len();
+                    self.tally_freed(&mut b, &page)?;
                     for (k, _) in page {
                         b.delete(k);
                     }
@@ -44,6 +46,7 @@ impl Vault {
                         let page = self.store.scan(&prefix, None, budget - removed - n)?;
                         n += page.len();
                         let mut b = Batch::default();
+                        self.tally_freed(&mut b, &page)?;
                         for (k, _) in page {
                             b.delete(k);
                         }

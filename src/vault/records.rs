@@ -97,6 +97,12 @@ pub struct StoredMessageRef<'a> {
     pub text: &'a str,
 }
 
+/// Per value-log segment: bytes of values no record points at any more.
+#[derive(Serialize, Deserialize, Default, Debug)]
+pub struct SegmentTally {
+    pub dead_bytes: u64,
+}
+
 /// Work for the background reclaimer: ciphertext nobody can read any more.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Garbage {

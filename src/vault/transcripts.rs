@@ -77,11 +77,17 @@ impl Vault {
                     wrapped_key: place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?,
                     body: place.seal_body(self.alg, &tk, &t)?,
                 };
-                for (seq, m) in t.messages.iter().enumerate() {
-                    let seq = seq as u32;
-                    let sealed = place.seal_message(self.alg, &tk, seq, m, now)?;
-                    batch.put(layout::message(tenant.as_str(), &tb, place_inc, seq), sealed);
-                }
+                let sealed = t
+                    .messages
+                    .iter()
+                    .enumerate()
+                    .map(|(seq, m)| {
+                        let seq = seq as u32;
+                        let key = layout::message(tenant.as_str(), &tb, place_inc, seq);
+                        Ok((key, place.seal_message(self.alg, &tk, seq, m, now)?))
+                    })
+                    .collect::<Result<Vec<_>, VaultError>>()?;
+                self.put_messages(&mut batch, sealed)?;
                 let header = Header {
                     subject: sb,
                     generation: subj.generation,
@@ -172,11 +178,16 @@ impl Vault {
             let (tk, _) = self.transcript_key(tenant, tb, &h)?;
             let place =
                 Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
-            for (i, m) in messages.iter().enumerate() {
-                let seq = held + i as u32;
-                let sealed = place.seal_message(self.alg, &tk, seq, m, now)?;
-                batch.put(layout::message(tenant.as_str(), tb, h.incarnation, seq), sealed);
-            }
+            let sealed = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let seq = held + i as u32;
+                    let key = layout::message(tenant.as_str(), tb, h.incarnation, seq);
+                    Ok((key, place.seal_message(self.alg, &tk, seq, m, now)?))
+                })
+                .collect::<Result<Vec<_>, VaultError>>()?;
+            self.put_messages(batch, sealed)?;
             // Still under the stripe lock; if the batch then fails, the entry is dropped below.
             self.set_count(tenant, tb, &h, Some(total as u32));
             Ok(total as u32)
@@ -313,7 +324,7 @@ impl Vault {
                 if layout::message_seq(key) != Some(seq) {
                     return Err(VaultError::Corrupt("transcript messages"));
                 }
-                let flow = f(seq, value)?;
+                let flow = f(seq, &self.sealed(value)?)?;
                 seq += 1;
                 if flow.is_break() {
                     return Ok(seq);

@@ -308,6 +308,24 @@ pub fn raw_tree(dirs: &Dirs) -> (sled::Db, sled::Tree) {
     (db, tree)
 }
 
+/// The sealed envelopes of every message record of the stopped server, in key order:
+/// inline in sled, or read from the value log a record points at.
+pub fn raw_message_envelopes(dirs: &Dirs) -> Vec<Vec<u8>> {
+    use chatvault::store::{ValueLog, ValuePointer};
+    let (_db, tree) = raw_tree(dirs);
+    let log = ValueLog::open(&dirs.data().join("values"), 1 << 20).unwrap();
+    tree.scan_prefix([kind::MESSAGE])
+        .values()
+        .map(|v| {
+            let v = v.unwrap();
+            match ValuePointer::decode(&v) {
+                Some(p) => log.read(&p).unwrap().to_vec(),
+                None => v.to_vec(),
+            }
+        })
+        .collect()
+}
+
 /// How many records of one type the stopped server left.
 pub fn raw_count(dirs: &Dirs, kind: u8) -> usize {
     raw_tree(dirs).1.scan_prefix([kind]).count()

@@ -7,3 +7,4 @@ mod export;
 mod shredding;
 mod tenancy;
 mod tls;
+mod values;

@@ -1,0 +1,455 @@
+//! The value log: large values (message ciphertext) in append-only segment files beside
+//! the B-tree, which keeps only a small pointer to each. Values read once (an export)
+//! then never pass through sled's page cache, whose eviction lags far behind a sequential
+//! read; and a write is one `write` to a segment plus a small tree update, instead of a
+//! leaf rewrite that sled turns into a blob file once the leaf holds a few large values.
+//!
+//! Segment file: `MAGIC`, then frames `len (u32 LE) | crc32 (u32 LE) | key_len (u16 LE) |
+//! key | value`, where `len` counts everything after the CRC. The key lets compaction ask
+//! the tree whether a frame is still the live value of its key. Binding a value to its
+//! place is the AEAD's business (the AAD), not the log's: the CRC only tells a torn or
+//! damaged frame from a whole one.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::ops::Deref;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::{Durability, StoreError, SyncTarget};
+
+const MAGIC: &[u8; 8] = b"CVVALUE\x01";
+const HEADER_LEN: u64 = MAGIC.len() as u64;
+const FRAME_HEAD: usize = 8;
+const SUFFIX: &str = ".values";
+/// First byte of an encoded pointer. Values stored inline start with an AEAD envelope's
+/// version byte (1), so the two never collide.
+const POINTER_TAG: u8 = 0xB0;
+/// Larger values are refused: a frame's length must fit its u32 with room to spare.
+pub const MAX_VALUE: usize = 64 * 1024 * 1024;
+
+/// Where one value lives: a frame of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValuePointer {
+    pub segment: u32,
+    offset: u64,
+    len: u32,
+}
+
+impl ValuePointer {
+    pub const ENCODED_LEN: usize = 1 + 4 + 8 + 4;
+
+    /// What the tree stores in place of the value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::ENCODED_LEN);
+        out.push(POINTER_TAG);
+        out.extend_from_slice(&self.segment.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    /// The pointer a tree value holds; `None` for a value stored inline.
+    pub fn decode(stored: &[u8]) -> Option<Self> {
+        if stored.len() != Self::ENCODED_LEN || stored[0] != POINTER_TAG {
+            return None;
+        }
+        Some(ValuePointer {
+            segment: u32::from_be_bytes(stored[1..5].try_into().ok()?),
+            offset: u64::from_be_bytes(stored[5..13].try_into().ok()?),
+            len: u32::from_be_bytes(stored[13..17].try_into().ok()?),
+        })
+    }
+
+    /// Bytes the frame takes in its segment: what removing its value frees.
+    pub fn frame_bytes(&self) -> u64 {
+        FRAME_HEAD as u64 + u64::from(self.len)
+    }
+}
+
+/// A value read back: the frame's buffer, lent out as the value alone.
+pub struct ValueBuf {
+    frame: Vec<u8>,
+    start: usize,
+}
+
+impl Deref for ValueBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.frame[self.start..]
+    }
+}
+
+/// Takes a frame's pointer, key and value.
+pub type FrameVisitor<'a> = dyn FnMut(ValuePointer, &[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
+struct Active {
+    id: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+pub struct ValueLog {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Every readable segment, the active one included.
+    files: RwLock<BTreeMap<u32, Arc<File>>>,
+    active: Mutex<Active>,
+}
+
+fn name(id: u32) -> String {
+    format!("{id:010}{SUFFIX}")
+}
+
+impl ValueLog {
+    /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the end of
+    /// the newest segment (a crash mid-write, never acknowledged) is cut off.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(SUFFIX))
+                .and_then(|s| s.parse::<u32>().ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut files = BTreeMap::new();
+        for &id in &ids {
+            files.insert(id, Arc::new(OpenOptions::new().read(true).append(true).open(dir.join(name(id)))?));
+        }
+        let active = match ids.last().and_then(|id| Some((*id, files.get(id)?.clone()))) {
+            Some((id, file)) => {
+                let len = file.metadata()?.len();
+                let valid = valid_length(&dir.join(name(id)), len)?;
+                if valid < len {
+                    tracing::warn!(
+                        segment = id,
+                        cut = len - valid,
+                        "value log: cutting off a torn write at the end (a crash mid-write; it was never acknowledged)"
+                    );
+                    file.set_len(valid)?;
+                    file.sync_all()?;
+                }
+                if valid < HEADER_LEN { create(dir, &mut files, id)? } else { Active { id, file, len: valid } }
+            }
+            None => create(dir, &mut files, 1)?,
+        };
+        Ok(ValueLog {
+            dir: dir.to_path_buf(),
+            max_bytes: max_bytes.max(HEADER_LEN + 1),
+            files: RwLock::new(files),
+            active: Mutex::new(active),
+        })
+    }
+
+    fn file(&self, id: u32) -> Result<Arc<File>, StoreError> {
+        self.files
+            .read()
+            .map_err(|_| StoreError::Failed)?
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::Damaged(format!("value log segment {id} is missing")))
+    }
+
+    /// Appends `(key, value)` frames with one `write` and returns where each value went.
+    pub fn append(&self, items: &[(&[u8], &[u8])]) -> Result<Vec<ValuePointer>, StoreError> {
+        let mut buf = Vec::with_capacity(items.iter().map(|(k, v)| FRAME_HEAD + 2 + k.len() + v.len()).sum());
+        let mut lens = Vec::with_capacity(items.len());
+        for (key, value) in items {
+            let key_len = u16::try_from(key.len()).map_err(|_| StoreError::Engine("value log: key too long".into()))?;
+            if value.len() > MAX_VALUE {
+                return Err(StoreError::Engine(format!("value log: value of {} bytes is too large", value.len())));
+            }
+            let len = 2 + key.len() + value.len();
+            let start = buf.len();
+            buf.extend_from_slice(&(len as u32).to_le_bytes());
+            buf.extend_from_slice(&[0; 4]);
+            buf.extend_from_slice(&key_len.to_le_bytes());
+            buf.extend_from_slice(key);
+            buf.extend_from_slice(value);
+            let crc = crc32fast::hash(&buf[start + FRAME_HEAD..]);
+            buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+            lens.push(len as u32);
+        }
+        let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
+        if active.len > HEADER_LEN && active.len + buf.len() as u64 > self.max_bytes {
+            let next = create(&self.dir, &mut *self.files.write().map_err(|_| StoreError::Failed)?, active.id + 1)?;
+            // A closed segment is durable before the next one takes writes, so `sync`
+            // only ever needs the active file.
+            active.file.sync_data()?;
+            *active = next;
+        }
+        // One write of all frames: a crash leaves them whole or a torn tail cut at open.
+        if let Err(e) = (&*active.file).write_all(&buf) {
+            let _ = active.file.set_len(active.len);
+            return Err(e.into());
+        }
+        let mut offset = active.len;
+        active.len += buf.len() as u64;
+        Ok(lens
+            .into_iter()
+            .map(|len| {
+                let p = ValuePointer { segment: active.id, offset, len };
+                offset += p.frame_bytes();
+                p
+            })
+            .collect())
+    }
+
+    /// Reads the value `p` points at.
+    pub fn read(&self, p: &ValuePointer) -> Result<ValueBuf, StoreError> {
+        let file = self.file(p.segment)?;
+        let mut frame = vec![0u8; FRAME_HEAD + p.len as usize];
+        file.read_exact_at(&mut frame, p.offset).map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => damaged(p.segment),
+            _ => e.into(),
+        })?;
+        let (_, start) = check_frame(&frame).ok_or_else(|| damaged(p.segment))?;
+        Ok(ValueBuf { frame, start })
+    }
+
+    /// Segments no longer written to, with their sizes: what compaction may rewrite.
+    pub fn closed_segments(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        let active = self.active.lock().map_err(|_| StoreError::Failed)?.id;
+        let files = self.files.read().map_err(|_| StoreError::Failed)?;
+        files.iter().filter(|(id, _)| **id != active).map(|(&id, f)| Ok((id, f.metadata()?.len()))).collect()
+    }
+
+    /// Hands `f` every frame of a closed segment: its pointer, key and value.
+    pub fn for_each_frame(
+        &self,
+        segment: u32,
+        f: &mut FrameVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        let file = self.file(segment)?;
+        let len = file.metadata()?.len();
+        let mut r = FrameReader::new(&self.dir.join(name(segment)), len)?;
+        while let Some((offset, frame)) = r.next()? {
+            let (key, start) = check_frame(&frame).ok_or_else(|| damaged(segment))?;
+            let p = ValuePointer { segment, offset, len: (frame.len() - FRAME_HEAD) as u32 };
+            f(p, &frame[FRAME_HEAD + 2..FRAME_HEAD + 2 + key], &frame[start..])?;
+        }
+        if r.offset != len {
+            return Err(damaged(segment));
+        }
+        Ok(())
+    }
+
+    /// Stops serving a segment and deletes its file. Readers that already hold it finish.
+    pub fn remove(&self, segment: u32) -> Result<(), StoreError> {
+        if self.active.lock().map_err(|_| StoreError::Failed)?.id == segment {
+            return Err(StoreError::Engine("value log: the active segment cannot be removed".into()));
+        }
+        self.files.write().map_err(|_| StoreError::Failed)?.remove(&segment);
+        match fs::remove_file(self.dir.join(name(segment))) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes all segments occupy.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        let files = self.files.read().map_err(|_| StoreError::Failed)?;
+        files.values().map(|f| Ok(f.metadata()?.len())).sum()
+    }
+}
+
+impl SyncTarget for ValueLog {
+    /// Every appended frame is already in the kernel when `append` returns (it survives a
+    /// process kill); `Fsync` also makes it survive a power loss.
+    fn sync(&self, mode: Durability) -> Result<(), StoreError> {
+        if mode != Durability::Fsync {
+            return Ok(());
+        }
+        let file = self.active.lock().map_err(|_| StoreError::Failed)?.file.clone();
+        Ok(file.sync_data()?)
+    }
+}
+
+/// Creates segment `id` (replacing one whose header a crash cut short) and makes it readable.
+fn create(dir: &Path, files: &mut BTreeMap<u32, Arc<File>>, id: u32) -> Result<Active, StoreError> {
+    let mut file =
+        OpenOptions::new().read(true).append(true).create(true).truncate(false).mode(0o600).open(dir.join(name(id)))?;
+    file.set_len(0)?;
+    file.write_all(MAGIC)?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    let file = Arc::new(file);
+    files.insert(id, file.clone());
+    Ok(Active { id, file, len: HEADER_LEN })
+}
+
+fn damaged(segment: u32) -> StoreError {
+    StoreError::Damaged(format!("value log segment {segment}: a record fails its checksum or is missing"))
+}
+
+/// The key length and the value's start in a whole frame whose CRC holds.
+fn check_frame(frame: &[u8]) -> Option<(usize, usize)> {
+    let len = u32::from_le_bytes(frame.get(..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(frame.get(4..8)?.try_into().ok()?);
+    let payload = frame.get(FRAME_HEAD..)?;
+    if payload.len() != len || crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let key = u16::from_le_bytes(payload.get(..2)?.try_into().ok()?) as usize;
+    (2 + key <= len).then_some((key, FRAME_HEAD + 2 + key))
+}
+
+/// Reads a segment's frames in order from after its header.
+struct FrameReader {
+    inner: BufReader<std::io::Take<File>>,
+    offset: u64,
+    len: u64,
+}
+
+impl FrameReader {
+    /// Opens its own descriptor: one shared with the writer would share its file offset.
+    fn new(path: &Path, len: u64) -> Result<Self, StoreError> {
+        let mut inner = BufReader::with_capacity(256 * 1024, File::open(path)?.take(len));
+        let mut magic = [0u8; HEADER_LEN as usize];
+        inner.read_exact(&mut magic).map_err(|_| StoreError::Engine("value log: a segment without header".into()))?;
+        if &magic != MAGIC {
+            return Err(StoreError::Engine("value log: a segment with a foreign header".into()));
+        }
+        Ok(FrameReader { inner, offset: HEADER_LEN, len })
+    }
+
+    /// The next whole frame and its offset; `None` at the end or at a torn frame.
+    fn next(&mut self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        if self.offset + FRAME_HEAD as u64 > self.len {
+            return Ok(None);
+        }
+        let mut head = [0u8; FRAME_HEAD];
+        self.inner.read_exact(&mut head)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len > MAX_VALUE + 2 + usize::from(u16::MAX) || self.offset + (FRAME_HEAD + len) as u64 > self.len {
+            return Ok(None);
+        }
+        let mut frame = vec![0u8; FRAME_HEAD + len];
+        frame[..FRAME_HEAD].copy_from_slice(&head);
+        self.inner.read_exact(&mut frame[FRAME_HEAD..])?;
+        if check_frame(&frame).is_none() {
+            return Ok(None);
+        }
+        let at = self.offset;
+        self.offset += frame.len() as u64;
+        Ok(Some((at, frame)))
+    }
+}
+
+/// Bytes of a segment that hold its header and whole frames.
+fn valid_length(path: &Path, len: u64) -> Result<u64, StoreError> {
+    if len < HEADER_LEN {
+        // A header cut short by a crash at creation: the segment holds nothing.
+        return Ok(0);
+    }
+    let mut r = FrameReader::new(path, len)?;
+    while r.next()?.is_some() {}
+    Ok(r.offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(log: &ValueLog, ps: &[ValuePointer]) -> Vec<Vec<u8>> {
+        ps.iter().map(|p| log.read(p).unwrap().to_vec()).collect()
+    }
+
+    #[test]
+    fn values_read_back_across_segments_and_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ValueLog::open(dir.path(), 100).unwrap();
+        let mut ps = Vec::new();
+        for i in 0u8..10 {
+            ps.extend(log.append(&[(&[i], &[i; 40])]).unwrap());
+        }
+        assert!(log.closed_segments().unwrap().len() >= 4, "segments roll over when full");
+        let p = ValuePointer::decode(&ps[3].encode()).unwrap();
+        assert_eq!(p, ps[3]);
+        drop(log);
+        let log = ValueLog::open(dir.path(), 100).unwrap();
+        assert_eq!(values(&log, &ps), (0u8..10).map(|i| vec![i; 40]).collect::<Vec<_>>());
+        let more = log.append(&[(b"k", b"after"), (b"l", b"reopen")]).unwrap();
+        assert_eq!(values(&log, &more), vec![b"after".to_vec(), b"reopen".to_vec()]);
+        assert_eq!(fs::metadata(dir.path().join(name(1))).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_cut_off_at_open_and_writing_goes_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ValueLog::open(dir.path(), 1 << 20).unwrap();
+        let first = log.append(&[(b"a", b"first")]).unwrap();
+        let torn = log.append(&[(b"b", b"second")]).unwrap();
+        drop(log);
+        let path = dir.path().join(name(1));
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+        let log = ValueLog::open(dir.path(), 1 << 20).unwrap();
+        assert!(log.read(&torn[0]).is_err(), "the torn frame is gone");
+        let again = log.append(&[(b"b", b"again")]).unwrap();
+        assert_eq!(again[0].offset, torn[0].offset, "the next write takes its place");
+        assert_eq!(values(&log, &[first[0], again[0]]), vec![b"first".to_vec(), b"again".to_vec()]);
+    }
+
+    #[test]
+    fn a_flipped_bit_reads_as_damage_not_as_a_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ValueLog::open(dir.path(), 1 << 20).unwrap();
+        let p = log.append(&[(b"key", b"payload")]).unwrap()[0];
+        let path = dir.path().join(name(1));
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(matches!(log.read(&p), Err(StoreError::Damaged(m)) if m.contains("checksum")));
+    }
+
+    #[test]
+    fn frames_of_a_closed_segment_are_listed_with_their_keys_and_it_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ValueLog::open(dir.path(), 64).unwrap();
+        let a = log.append(&[(b"k1", b"v1"), (b"k2", b"v2")]).unwrap();
+        log.append(&[(b"k3", &[7; 60])]).unwrap();
+        let closed = log.closed_segments().unwrap();
+        assert_eq!(closed.iter().map(|c| c.0).collect::<Vec<_>>(), vec![a[0].segment]);
+        let mut seen = Vec::new();
+        log.for_each_frame(a[0].segment, &mut |p, k, v| {
+            seen.push((p, k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(a[0], b"k1".to_vec(), b"v1".to_vec()), (a[1], b"k2".to_vec(), b"v2".to_vec())]);
+        log.remove(a[0].segment).unwrap();
+        assert!(log.read(&a[0]).is_err());
+        assert!(!dir.path().join(name(a[0].segment)).exists());
+        let active = log.active.lock().unwrap().id;
+        assert!(log.remove(active).is_err(), "the active segment stays");
+    }
+
+    #[test]
+    fn pointers_never_look_like_inline_ciphertext() {
+        let envelope = crate::crypto::seal(
+            crate::crypto::Algorithm::Aes256Gcm,
+            &crate::crypto::SecretKey::generate().unwrap(),
+            b"aad",
+            &[0; 1],
+        )
+        .unwrap();
+        let mut same_length = envelope[..ValuePointer::ENCODED_LEN].to_vec();
+        assert!(ValuePointer::decode(&same_length).is_none(), "an envelope's first byte is not the pointer tag");
+        same_length[0] = POINTER_TAG;
+        assert!(ValuePointer::decode(&same_length).is_some());
+    }
+}

@@ -1,0 +1,174 @@
+//! Message ciphertext in the value log (`store::ValueLog`); the tree keeps a pointer per
+//! message. Records written before the log existed keep their ciphertext inline and stay
+//! readable: a pointer and an AEAD envelope differ in their first byte.
+//!
+//! Space: the reclaimer tallies, per segment and in the same batch as the deletes, the
+//! bytes whose pointers it removes. A closed segment at least half dead is compacted:
+//! its live values are copied to the active segment and their pointers swapped, and once
+//! that is durable the segment is marked retired. Its file is deleted `reclaim_min_age_ms`
+//! later, so reads that took a pointer to it before the swap can finish.
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+
+use super::layout;
+use super::records::{self, SegmentTally};
+use super::{Vault, VaultError};
+use crate::store::{Batch, Durability, Entry, StoreError, ValueBuf, ValuePointer};
+
+/// Values copied per value-log write while compacting.
+const MOVE_CHUNK: usize = 256;
+
+/// A message's sealed bytes: inline in its record, or read from the value log.
+pub(super) enum Sealed<'a> {
+    Inline(&'a [u8]),
+    Logged(ValueBuf),
+}
+
+impl Deref for Sealed<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Sealed::Inline(b) => b,
+            Sealed::Logged(b) => b,
+        }
+    }
+}
+
+impl Vault {
+    /// Queues message records in `batch`: sealed values of at least `inline_values_below`
+    /// bytes go to the value log now, in one write, and the batch stores their pointers.
+    /// If the batch then fails, the values written are dead bytes the tally never counts.
+    pub(super) fn put_messages(&self, batch: &mut Batch, sealed: Vec<Entry>) -> Result<(), VaultError> {
+        let (logged, inline): (Vec<Entry>, Vec<Entry>) =
+            sealed.into_iter().partition(|(_, v)| v.len() >= self.inline_values_below);
+        let items: Vec<(&[u8], &[u8])> = logged.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        let pointers = if items.is_empty() { Vec::new() } else { self.values.append(&items)? };
+        for ((key, _), p) in logged.into_iter().zip(pointers) {
+            batch.put(key, p.encode());
+        }
+        for (key, value) in inline {
+            batch.put(key, value);
+        }
+        Ok(())
+    }
+
+    /// The sealed bytes a message record holds or points at.
+    pub(super) fn sealed<'a>(&self, stored: &'a [u8]) -> Result<Sealed<'a>, VaultError> {
+        match ValuePointer::decode(stored) {
+            None => Ok(Sealed::Inline(stored)),
+            Some(p) => self.values.read(&p).map(Sealed::Logged).map_err(|e| match e {
+                StoreError::Damaged(_) => VaultError::Corrupt("message"),
+                e => e.into(),
+            }),
+        }
+    }
+
+    /// Adds the value-log bytes that deleting these records frees to their segments'
+    /// tallies, in `batch`. The caller holds the maintenance lock, so tallies are not
+    /// updated concurrently.
+    pub(super) fn tally_freed(&self, batch: &mut Batch, deleted: &[Entry]) -> Result<(), VaultError> {
+        let mut freed: BTreeMap<u32, u64> = BTreeMap::new();
+        for (key, value) in deleted {
+            if layout::is_message(key)
+                && let Some(p) = ValuePointer::decode(value)
+            {
+                *freed.entry(p.segment).or_default() += p.frame_bytes();
+            }
+        }
+        for (segment, bytes) in freed {
+            let slot = layout::value_tally(segment);
+            let mut tally: SegmentTally = match self.store.get(&slot)? {
+                Some(b) => records::decode(&b, "value log tally")?,
+                None => SegmentTally::default(),
+            };
+            tally.dead_bytes = tally.dead_bytes.saturating_add(bytes);
+            batch.put(slot, records::encode(&tally)?);
+        }
+        Ok(())
+    }
+
+    /// Deletes retired segments whose grace has passed, then compacts closed segments
+    /// at least half dead. Returns how many segments it compacted or deleted.
+    pub fn compact_values(&self) -> Result<usize, VaultError> {
+        let _held = self.maintenance.lock().map_err(|_| VaultError::Internal("maintenance lock".into()))?;
+        let mut done = self.delete_retired()?;
+        for (segment, size) in self.values.closed_segments()? {
+            let dead = match self.store.get(&layout::value_tally(segment))? {
+                Some(b) => records::decode::<SegmentTally>(&b, "value log tally")?.dead_bytes,
+                None => 0,
+            };
+            if dead == 0 || dead.saturating_mul(2) < size {
+                continue;
+            }
+            self.move_live_values(segment)?;
+            // The copies and their pointers are durable before anything says the old
+            // segment may go: a crash in between leaves both copies, never none.
+            self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
+            let mut b = Batch::default();
+            b.delete(layout::value_tally(segment));
+            b.put(layout::value_retired(segment), records::encode(&self.clock.now().micros())?);
+            self.store.apply(b)?;
+            self.store.sync(Durability::Fsync)?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Copies the values of `segment` that their records still point at to the active
+    /// segment, and swaps the pointers.
+    fn move_live_values(&self, segment: u32) -> Result<(), VaultError> {
+        let mut live: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut lost: Vec<Entry> = Vec::new();
+        let mut flush = |live: &mut Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>| -> Result<(), StoreError> {
+            let items: Vec<(&[u8], &[u8])> = live.iter().map(|(k, _, v)| (k.as_slice(), v.as_slice())).collect();
+            let pointers = self.values.append(&items)?;
+            for ((key, old, _), p) in live.drain(..).zip(pointers) {
+                let new = p.encode();
+                // Nothing else rewrites a message record; if its record went meanwhile,
+                // the copy is dead and counted so.
+                if !self.store.compare_and_swap(&key, Some(&old), Some(new.clone()))? {
+                    lost.push((key, new));
+                }
+            }
+            Ok(())
+        };
+        self.values.for_each_frame(segment, &mut |p, key, value| {
+            let old = p.encode();
+            if self.store.get(key)?.as_deref() == Some(old.as_slice()) {
+                live.push((key.to_vec(), old, value.to_vec()));
+                if live.len() >= MOVE_CHUNK {
+                    flush(&mut live)?;
+                }
+            }
+            Ok(())
+        })?;
+        flush(&mut live)?;
+        if !lost.is_empty() {
+            let mut b = Batch::default();
+            self.tally_freed(&mut b, &lost)?;
+            self.store.apply(b)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the files of retired segments whose grace has passed (all of them after a
+    /// restart's grace: nothing in flight can point into them).
+    fn delete_retired(&self) -> Result<usize, VaultError> {
+        let cutoff = self.clock.now().micros().saturating_sub(self.reclaim_min_age_micros);
+        let mut done = 0;
+        for (key, value) in self.store.scan(&layout::value_retired_prefix(), None, 64)? {
+            let retired_at: i64 = records::decode(&value, "value log retirement")?;
+            if retired_at > cutoff {
+                continue;
+            }
+            let segment = layout::value_segment_of(&key).ok_or(VaultError::Corrupt("value log retirement"))?;
+            self.values.remove(segment)?;
+            let mut b = Batch::default();
+            b.delete(key);
+            self.store.apply(b)?;
+            done += 1;
+        }
+        Ok(done)
+    }
+}

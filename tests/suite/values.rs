@@ -1,0 +1,98 @@
+//! Message ciphertext in the value log: older inline records stay readable, and the space
+//! of dead values comes back through compaction without touching live ones.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chatvault::grpc::pb::{self, AuthorRole};
+use tonic::Code;
+
+use super::common::*;
+
+fn config(dirs: &Dirs, name: &str, text: &str) -> String {
+    let path = dirs.tmp.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// How many message records of the stopped server point into the value log.
+fn pointer_records(dirs: &Dirs) -> usize {
+    let (_db, tree) = raw_tree(dirs);
+    tree.scan_prefix([kind::MESSAGE])
+        .values()
+        .filter(|v| chatvault::store::ValuePointer::decode(&v.as_ref().unwrap()[..]).is_some())
+        .count()
+}
+
+fn bytes_below(dir: &Path) -> u64 {
+    files_below(dir).iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum()
+}
+
+#[tokio::test]
+async fn messages_stored_inline_stay_readable_beside_ones_in_the_value_log() {
+    let dirs = Dirs::new();
+    let inline = config(&dirs, "inline.toml", "inline_values_below = 1048576\n");
+    let server = Server::start_with(&dirs, Opts { args: vec!["--config", &inline], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["inline one", "inline two"])).await;
+    server.stop().await;
+    assert_eq!((raw_count(&dirs, kind::MESSAGE), pointer_records(&dirs)), (2, 0), "both stored inline");
+
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    c.append_messages(pb::AppendMessagesRequest {
+        transcript_id: "t".into(),
+        messages: vec![msg("m3", AuthorRole::Agent, "agent", "logged three")],
+        expected_message_count: Some(2),
+    })
+    .await
+    .unwrap();
+    let texts: Vec<String> = get(&mut c, "t").await.unwrap().messages.into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["inline one", "inline two", "logged three"]);
+    server.stop().await;
+    assert_eq!((raw_count(&dirs, kind::MESSAGE), pointer_records(&dirs)), (3, 1), "the new one went to the log");
+}
+
+#[tokio::test]
+async fn compaction_gives_back_the_space_of_deleted_transcripts_and_keeps_the_rest_readable() {
+    let dirs = Dirs::new();
+    let fast =
+        config(&dirs, "compact.toml", "value_segment_bytes = 4096\nreclaim_interval_ms = 20\nreclaim_min_age_ms = 0\n");
+    let server = Server::start_with(&dirs, Opts { args: vec!["--config", &fast], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    let text = |i: usize, n: usize| format!("{i}-{n}-{}", "x".repeat(250));
+    for i in 0..30 {
+        let texts: Vec<String> = (0..3).map(|n| text(i, n)).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        put(&mut c, transcript(&format!("t{i}"), &format!("s{}", i % 5), 1_700_000_000 + i as i64, &refs)).await;
+    }
+    let values = dirs.data().join("values");
+    let before = bytes_below(&values);
+    assert!(files_below(&values).len() > 8, "the load must fill many segments");
+    for i in (0..30).filter(|i| i % 3 != 0) {
+        c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: format!("t{i}") }).await.unwrap();
+    }
+    // Three transcripts fill a segment, and two of every three are deleted: the reclaimer
+    // drops their records, then compaction copies the live third out of each segment
+    // and deletes it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bytes_below(&values) * 2 > before {
+        assert!(Instant::now() < deadline, "value log still {} of {before} bytes", bytes_below(&values));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+    assert_eq!(pointer_records(&dirs), 30, "ten transcripts of three messages are left");
+
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    for i in 0..30 {
+        match get(&mut c, &format!("t{i}")).await {
+            Ok(t) if i % 3 == 0 => {
+                let texts: Vec<String> = t.messages.into_iter().map(|m| m.text).collect();
+                assert_eq!(texts, (0..3).map(|n| text(i, n)).collect::<Vec<_>>(), "t{i}");
+            }
+            Err(e) if i % 3 != 0 => assert_eq!(e.code(), Code::NotFound, "t{i}"),
+            other => panic!("t{i}: {other:?}"),
+        }
+    }
+}
