@@ -22,6 +22,8 @@ struct Progress {
 
 struct Shared {
     requested: AtomicU64,
+    /// Set by a sync outside the committer (compaction) that failed.
+    poisoned: std::sync::atomic::AtomicBool,
     /// Synced before the store in every round: what the store's records point into.
     before: Mutex<Vec<Arc<dyn SyncTarget>>>,
     /// Synced after the store in every round.
@@ -41,6 +43,7 @@ impl GroupCommit {
     pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Result<Self, StoreError> {
         let shared = Arc::new(Shared {
             requested: AtomicU64::new(0),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
             before: Mutex::new(Vec::new()),
             attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
@@ -64,7 +67,7 @@ impl GroupCommit {
         if self.mode == Durability::None {
             return Ok(());
         }
-        if self.progress.borrow().failed {
+        if self.is_failed() {
             return Err(StoreError::Failed);
         }
         {
@@ -93,13 +96,17 @@ impl GroupCommit {
     }
 
     /// Syncs everything attached and the store, now, on the caller's thread (at shutdown).
+    /// A failure there is as final as one of the committer's own: nothing more is written.
     pub fn sync_all(&self, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
-        sync_round(&self.shared, store, mode)
+        sync_round(&self.shared, store, mode).inspect_err(|e| {
+            tracing::error!(error = %e, "durable sync failed; refusing further writes");
+            self.shared.poisoned.store(true, Ordering::SeqCst);
+        })
     }
 
     /// True once a sync has failed: from then on nothing may be written.
     pub fn is_failed(&self) -> bool {
-        self.progress.borrow().failed
+        self.progress.borrow().failed || self.shared.poisoned.load(Ordering::SeqCst)
     }
 }
 
@@ -133,7 +140,12 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
         let target = shared.requested.load(Ordering::SeqCst);
         let stopping = target == u64::MAX;
         if target > durable || stopping {
-            if let Err(e) = sync_round(&shared, store.as_ref(), mode) {
+            let outcome = if shared.poisoned.load(Ordering::SeqCst) {
+                Err(StoreError::Failed)
+            } else {
+                sync_round(&shared, store.as_ref(), mode)
+            };
+            if let Err(e) = outcome {
                 tracing::error!(error = %e, "durable sync failed; refusing further writes");
                 let _ = tx.send(Progress { durable, failed: true });
                 return;

@@ -16,6 +16,7 @@ use std::io::{BufReader, ErrorKind, Read, Write};
 use std::ops::Deref;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::{Durability, StoreError, SyncTarget};
@@ -29,6 +30,8 @@ const SUFFIX: &str = ".values";
 const POINTER_TAG: u8 = 0xB0;
 /// Larger values are refused: a frame's length must fit its u32 with room to spare.
 pub const MAX_VALUE: usize = 64 * 1024 * 1024;
+/// Largest frame payload: a value, its key and the key's length.
+const MAX_PAYLOAD: usize = MAX_VALUE + 2 + u16::MAX as usize;
 
 /// Where one value lives: a frame of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,12 @@ pub struct ValueLog {
     /// Every readable segment, the active one included.
     files: RwLock<BTreeMap<u32, Arc<File>>>,
     active: Mutex<Active>,
+    /// Where open cut a torn tail off: records pointing into that segment at or past the
+    /// offset were never acknowledged and point at nothing. Nothing is written there again.
+    torn: Option<(u32, u64)>,
+    /// Set when a sync or a repair of the file failed: what the kernel holds is then
+    /// unknown, so nothing more is written or acknowledged until restart.
+    failed: AtomicBool,
 }
 
 fn name(id: u32) -> String {
@@ -128,20 +137,30 @@ impl ValueLog {
         for &id in &ids {
             files.insert(id, Arc::new(OpenOptions::new().read(true).append(true).open(dir.join(name(id)))?));
         }
+        let mut torn = None;
         let active = match ids.last().and_then(|id| Some((*id, files.get(id)?.clone()))) {
             Some((id, file)) => {
                 let len = file.metadata()?.len();
                 let valid = valid_length(&dir.join(name(id)), len)?;
                 if valid < len {
+                    let aside = set_aside(dir, id, &file, valid, len)?;
                     tracing::warn!(
                         segment = id,
                         cut = len - valid,
+                        kept_in = %aside.display(),
                         "value log: cutting off a torn write at the end (a crash mid-write; it was never acknowledged)"
                     );
                     file.set_len(valid)?;
                     file.sync_all()?;
+                    torn = Some((id, valid));
                 }
-                if valid < HEADER_LEN { create(dir, &mut files, id)? } else { Active { id, file, len: valid } }
+                match (valid < HEADER_LEN, torn.is_some()) {
+                    (true, _) => create(dir, &mut files, id)?,
+                    // New writes go to a new segment, so a record left pointing into the
+                    // cut-off range can never be taken for one that points at a new value.
+                    (false, true) => create(dir, &mut files, id + 1)?,
+                    (false, false) => Active { id, file, len: valid },
+                }
             }
             None => create(dir, &mut files, 1)?,
         };
@@ -150,7 +169,29 @@ impl ValueLog {
             max_bytes: max_bytes.max(HEADER_LEN + 1),
             files: RwLock::new(files),
             active: Mutex::new(active),
+            torn,
+            failed: AtomicBool::new(false),
         })
+    }
+
+    /// Where open cut off a torn tail, if it did: (segment, offset).
+    pub fn torn_at_open(&self) -> Option<(u32, u64)> {
+        self.torn
+    }
+
+    /// Whether `p` points into the range open cut off.
+    pub fn is_torn(&self, p: &ValuePointer) -> bool {
+        self.torn.is_some_and(|(segment, from)| p.segment == segment && p.offset >= from)
+    }
+
+    fn check_failed(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::SeqCst) { Err(StoreError::Failed) } else { Ok(()) }
+    }
+
+    fn fail(&self, e: std::io::Error) -> StoreError {
+        tracing::error!(error = %e, "value log: a sync or repair failed; refusing further writes");
+        self.failed.store(true, Ordering::SeqCst);
+        e.into()
     }
 
     fn file(&self, id: u32) -> Result<Arc<File>, StoreError> {
@@ -183,16 +224,20 @@ impl ValueLog {
             lens.push(len as u32);
         }
         let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
+        self.check_failed()?;
         if active.len > HEADER_LEN && active.len + buf.len() as u64 > self.max_bytes {
-            let next = create(&self.dir, &mut *self.files.write().map_err(|_| StoreError::Failed)?, active.id + 1)?;
-            // A closed segment is durable before the next one takes writes, so `sync`
-            // only ever needs the active file.
-            active.file.sync_data()?;
-            *active = next;
+            // A closed segment is durable before the next one exists, so `sync` only ever
+            // needs the active file, and only the newest segment can end torn. If this
+            // sync fails, writes not yet acknowledged in it may be lost: stop.
+            active.file.sync_data().map_err(|e| self.fail(e))?;
+            let mut files = self.files.write().map_err(|_| StoreError::Failed)?;
+            *active = create(&self.dir, &mut files, active.id + 1)?;
         }
         // One write of all frames: a crash leaves them whole or a torn tail cut at open.
         if let Err(e) = (&*active.file).write_all(&buf) {
-            let _ = active.file.set_len(active.len);
+            // Part of the frames may be in the file (a full disk). Offsets come from
+            // `active.len`, so the file must end there again, or the log stops.
+            active.file.set_len(active.len).map_err(|e| self.fail(e))?;
             return Err(e.into());
         }
         let mut offset = active.len;
@@ -209,6 +254,9 @@ impl ValueLog {
 
     /// Reads the value `p` points at.
     pub fn read(&self, p: &ValuePointer) -> Result<ValueBuf, StoreError> {
+        if p.len as usize > MAX_PAYLOAD {
+            return Err(damaged(p.segment));
+        }
         let file = self.file(p.segment)?;
         let mut frame = vec![0u8; FRAME_HEAD + p.len as usize];
         file.read_exact_at(&mut frame, p.offset).map_err(|e| match e.kind() {
@@ -227,11 +275,7 @@ impl ValueLog {
     }
 
     /// Hands `f` every frame of a closed segment: its pointer, key and value.
-    pub fn for_each_frame(
-        &self,
-        segment: u32,
-        f: &mut FrameVisitor<'_>,
-    ) -> Result<(), StoreError> {
+    pub fn for_each_frame(&self, segment: u32, f: &mut FrameVisitor<'_>) -> Result<(), StoreError> {
         let file = self.file(segment)?;
         let len = file.metadata()?.len();
         let mut r = FrameReader::new(&self.dir.join(name(segment)), len)?;
@@ -253,9 +297,11 @@ impl ValueLog {
         }
         self.files.write().map_err(|_| StoreError::Failed)?.remove(&segment);
         match fs::remove_file(self.dir.join(name(segment))) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
         }
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
     }
 
     /// Bytes all segments occupy.
@@ -272,9 +318,22 @@ impl SyncTarget for ValueLog {
         if mode != Durability::Fsync {
             return Ok(());
         }
+        self.check_failed()?;
         let file = self.active.lock().map_err(|_| StoreError::Failed)?.file.clone();
-        Ok(file.sync_data()?)
+        file.sync_data().map_err(|e| self.fail(e))
     }
+}
+
+/// Copies the bytes open is about to cut off a segment into a file beside it: a torn
+/// write is the usual cause, but if it is damage in the middle, nothing is destroyed.
+fn set_aside(dir: &Path, id: u32, file: &File, from: u64, to: u64) -> Result<PathBuf, StoreError> {
+    let path = dir.join(format!("{}.torn-{from}", name(id)));
+    let mut tail = vec![0u8; (to - from) as usize];
+    file.read_exact_at(&mut tail, from)?;
+    let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    out.write_all(&tail)?;
+    out.sync_all()?;
+    Ok(path)
 }
 
 /// Creates segment `id` (replacing one whose header a crash cut short) and makes it readable.
@@ -333,7 +392,7 @@ impl FrameReader {
         let mut head = [0u8; FRAME_HEAD];
         self.inner.read_exact(&mut head)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if len > MAX_VALUE + 2 + usize::from(u16::MAX) || self.offset + (FRAME_HEAD + len) as u64 > self.len {
+        if len > MAX_PAYLOAD || self.offset + (FRAME_HEAD + len) as u64 > self.len {
             return Ok(None);
         }
         let mut frame = vec![0u8; FRAME_HEAD + len];
@@ -398,8 +457,13 @@ mod tests {
         OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
         let log = ValueLog::open(dir.path(), 1 << 20).unwrap();
         assert!(log.read(&torn[0]).is_err(), "the torn frame is gone");
+        assert_eq!(log.torn_at_open(), Some((1, torn[0].offset)));
+        assert!(log.is_torn(&torn[0]) && !log.is_torn(&first[0]));
+        let aside = dir.path().join(format!("{}.torn-{}", name(1), torn[0].offset));
+        assert_eq!(fs::metadata(aside).unwrap().len(), torn[0].frame_bytes() - 3, "the cut bytes are kept aside");
         let again = log.append(&[(b"b", b"again")]).unwrap();
-        assert_eq!(again[0].offset, torn[0].offset, "the next write takes its place");
+        assert_eq!(again[0].segment, 2, "writing goes on in a new segment, never in the cut-off range");
+        assert!(!log.is_torn(&again[0]));
         assert_eq!(values(&log, &[first[0], again[0]]), vec![b"first".to_vec(), b"again".to_vec()]);
     }
 
@@ -447,9 +511,8 @@ mod tests {
             &[0; 1],
         )
         .unwrap();
-        let mut same_length = envelope[..ValuePointer::ENCODED_LEN].to_vec();
-        assert!(ValuePointer::decode(&same_length).is_none(), "an envelope's first byte is not the pointer tag");
-        same_length[0] = POINTER_TAG;
-        assert!(ValuePointer::decode(&same_length).is_some());
+        assert_ne!(envelope[0], POINTER_TAG);
+        let same_length = &envelope[..ValuePointer::ENCODED_LEN];
+        assert!(ValuePointer::decode(same_length).is_none(), "an envelope's first byte is not the pointer tag");
     }
 }

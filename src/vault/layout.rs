@@ -142,6 +142,11 @@ pub fn message(tenant: &str, transcript: &Blind, incarnation: u64, seq: u32) -> 
     k
 }
 
+/// Every message record of every tenant.
+pub fn all_messages_prefix() -> Vec<u8> {
+    vec![kind::MESSAGE]
+}
+
 /// Whether `key` is a [`message`] record's.
 pub fn is_message(key: &[u8]) -> bool {
     key.first() == Some(&kind::MESSAGE)

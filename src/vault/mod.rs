@@ -158,6 +158,7 @@ impl Vault {
             bodies: Mutex::new(lru::LruCache::new(cache_entries)),
             reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };
+        vault.drop_torn_pointers()?;
         vault.resume_rotation()?;
         Ok((vault, report))
     }

@@ -324,7 +324,21 @@ impl Vault {
                 if layout::message_seq(key) != Some(seq) {
                     return Err(VaultError::Corrupt("transcript messages"));
                 }
-                let flow = f(seq, &self.sealed(value)?)?;
+                let moved;
+                let sealed = match self.sealed(value) {
+                    Ok(s) => s,
+                    // A read that stalled longer than compaction's grace finds its value's
+                    // old segment gone: the record then points at the value's new place.
+                    Err(e @ VaultError::Corrupt(_)) => match self.store.get(key)? {
+                        Some(now) if now != *value => {
+                            moved = now;
+                            self.sealed(&moved)?
+                        }
+                        _ => return Err(e),
+                    },
+                    Err(e) => return Err(e),
+                };
+                let flow = f(seq, &sealed)?;
                 seq += 1;
                 if flow.is_break() {
                     return Ok(seq);

@@ -14,7 +14,7 @@ use std::ops::Deref;
 use super::layout;
 use super::records::{self, SegmentTally};
 use super::{Vault, VaultError};
-use crate::store::{Batch, Durability, Entry, StoreError, ValueBuf, ValuePointer};
+use crate::store::{Batch, Durability, Entry, StoreError, SyncTarget, ValueBuf, ValuePointer};
 
 /// Values copied per value-log write while compacting.
 const MOVE_CHUNK: usize = 256;
@@ -40,6 +40,9 @@ impl Vault {
     /// bytes go to the value log now, in one write, and the batch stores their pointers.
     /// If the batch then fails, the values written are dead bytes the tally never counts.
     pub(super) fn put_messages(&self, batch: &mut Batch, sealed: Vec<Entry>) -> Result<(), VaultError> {
+        if self.commit.is_failed() {
+            return Err(StoreError::Failed.into());
+        }
         let (logged, inline): (Vec<Entry>, Vec<Entry>) =
             sealed.into_iter().partition(|(_, v)| v.len() >= self.inline_values_below);
         let items: Vec<(&[u8], &[u8])> = logged.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
@@ -92,6 +95,9 @@ impl Vault {
     /// at least half dead. Returns how many segments it compacted or deleted.
     pub fn compact_values(&self) -> Result<usize, VaultError> {
         let _held = self.maintenance.lock().map_err(|_| VaultError::Internal("maintenance lock".into()))?;
+        if self.commit.is_failed() {
+            return Err(StoreError::Failed.into());
+        }
         let mut done = self.delete_retired()?;
         for (segment, size) in self.values.closed_segments()? {
             let dead = match self.store.get(&layout::value_tally(segment))? {
@@ -101,7 +107,16 @@ impl Vault {
             if dead == 0 || dead.saturating_mul(2) < size {
                 continue;
             }
-            self.move_live_values(segment)?;
+            match self.move_live_values(segment) {
+                Ok(()) => {}
+                // A damaged segment stays as it is (its live values still read, or fail
+                // as DATA_LOSS); the others are still compacted.
+                Err(VaultError::Corrupt(what)) => {
+                    tracing::error!(segment, what, "value log: a segment could not be compacted; left in place");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             // The copies and their pointers are durable before anything says the old
             // segment may go: a crash in between leaves both copies, never none.
             self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
@@ -109,7 +124,7 @@ impl Vault {
             b.delete(layout::value_tally(segment));
             b.put(layout::value_retired(segment), records::encode(&self.clock.now().micros())?);
             self.store.apply(b)?;
-            self.store.sync(Durability::Fsync)?;
+            self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
             done += 1;
         }
         Ok(done)
@@ -123,6 +138,9 @@ impl Vault {
         let mut flush = |live: &mut Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>| -> Result<(), StoreError> {
             let items: Vec<(&[u8], &[u8])> = live.iter().map(|(k, _, v)| (k.as_slice(), v.as_slice())).collect();
             let pointers = self.values.append(&items)?;
+            // The copies are durable before any pointer to them is written: sled's own
+            // flusher may persist a swapped pointer at any time.
+            self.values.sync(Durability::Fsync)?;
             for ((key, old, _), p) in live.drain(..).zip(pointers) {
                 let new = p.encode();
                 // Nothing else rewrites a message record; if its record went meanwhile,
@@ -133,7 +151,7 @@ impl Vault {
             }
             Ok(())
         };
-        self.values.for_each_frame(segment, &mut |p, key, value| {
+        let walked = self.values.for_each_frame(segment, &mut |p, key, value| {
             let old = p.encode();
             if self.store.get(key)?.as_deref() == Some(old.as_slice()) {
                 live.push((key.to_vec(), old, value.to_vec()));
@@ -142,12 +160,54 @@ impl Vault {
                 }
             }
             Ok(())
-        })?;
+        });
+        match walked {
+            Err(StoreError::Damaged(_)) => return Err(VaultError::Corrupt("value log segment")),
+            other => other?,
+        }
         flush(&mut live)?;
         if !lost.is_empty() {
             let mut b = Batch::default();
             self.tally_freed(&mut b, &lost)?;
             self.store.apply(b)?;
+        }
+        Ok(())
+    }
+
+    /// After open cut a torn write off the value log (a crash before it was synced, so
+    /// before anything in it was acknowledged), deletes the records that still point
+    /// into the cut-off range. Appends to one transcript reach the log in order, so what
+    /// is left of each transcript is a whole prefix of its messages.
+    pub(super) fn drop_torn_pointers(&self) -> Result<(), VaultError> {
+        let Some((segment, from)) = self.values.torn_at_open() else { return Ok(()) };
+        let prefix = layout::all_messages_prefix();
+        let mut after: Option<Vec<u8>> = None;
+        let mut dropped = 0usize;
+        loop {
+            let page = self.store.scan(&prefix, after.as_deref(), 1024)?;
+            let mut b = Batch::default();
+            for (key, value) in &page {
+                if ValuePointer::decode(value).is_some_and(|p| self.values.is_torn(&p)) {
+                    b.delete(key.clone());
+                    dropped += 1;
+                }
+            }
+            if !b.is_empty() {
+                self.store.apply(b)?;
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 1024 => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        self.store.sync(Durability::Fsync)?;
+        if dropped > 0 {
+            tracing::warn!(
+                segment,
+                from,
+                dropped,
+                "value log: dropped records of writes a crash cut short (never acknowledged)"
+            );
         }
         Ok(())
     }
