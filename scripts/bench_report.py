@@ -82,9 +82,9 @@ try:
           + (f", {grpc['json_mb_s'] / large:.2f}x the in-process export of 16 KiB messages (target >= 0.5x)."
              if large else ".")
           + f" Server RSS grew by {grpc['rss_growth_mib']:.0f} MiB while exporting with a 32 MiB sled cache "
-          f"({grpc['rss_growth_default_cache_mib']:.0f} MiB with the default 256 MiB cache); a bare sled scan of the "
-          f"same data directory grew by {grpc['raw_scan_growth_mib']:.0f} MiB (target: within 64 MB of idle; "
-          "see below).")
+          f"({grpc['rss_growth_default_cache_mib']:.0f} MiB with the default 256 MiB cache; target: within 64 MB "
+          f"of idle); a raw read of the same data directory (sled scan and value-log reads, no decryption) "
+          f"grew by {grpc['raw_scan_growth_mib']:.0f} MiB.")
 except (OSError, KeyError):
     pass
 print("\nAbsolute, for reference:\n")
@@ -143,37 +143,37 @@ print("""
   by the same group commit), and a change waits for durability once, after its record, instead
   of once in the vault and again for the record (fsync vs durability none at 256 B: 0.64x
   before, 0.75x after, in back-to-back 4-second runs; the table's run is noisier).
+* **The value log** (since 7ed4606). Message ciphertext used to live in sled's leaves. Three
+  targets missed for one reason: a leaf full of 16 KiB values is larger than sled's inline
+  limit (segment size / 4 = 128 KiB), so every leaf rewrite became a blob file that our
+  `Fsync` mode had to `fsync` one by one (16 KiB durable appends 0.28x of durability none);
+  sled's space amplification applied to every message byte (disk 4.56x / 2.23x at 256 B /
+  1 KiB); and an export pulled every leaf through sled's page cache, whose eviction lags a
+  sequential read by thousands of accesses (sled 0.34 `src/lru.rs`: 256 shards, 64-access
+  queues; sled issues #1036 and #1309), so the server grew by the size of the data read
+  (1,038 MiB for a 1 GiB tenant, 1.00x a bare sled scan). Messages now go to append-only
+  segment files with one `write` per request, read with `pread`, synced by the group commit
+  before sled; sled keeps a 17-byte pointer. In this run: durable 16 KiB appends 0.76x of
+  durability none, disk 1.74x / 1.05x at 1 KiB / 16 KiB, export RSS growth within the 64 MB
+  target, gRPC export faster (222 to 380 MB/s in the first run after the change).
 * **gRPC store vs the echo floor.** With the server profiled under 32-client append load,
   sled's I/O threads (log writes, node frees) take a large share of the 2 cores that gRPC
-  also needs. At 16 KiB the durable run falls well below durability none: a leaf full of
-  16 KiB values is larger than sled's inline limit (segment size / 4 = 128 KiB), so leaf
-  rewrites become blob files (3,000 such inserts into plain sled left 418 of them), which
-  sled never syncs and our `Fsync` mode must `fsync` one by one. A larger `segment_size` would keep rewrites in the log; sled records that setting in
-  the data directory, so changing it needs a migration, and it is left for a measured change.
-* **Disk.** sled's space amplification (~1.84x, shared/notes) and per-record overhead (a
-  30-byte envelope, a ~50-byte key, the message's id, author and time) dominate at small
-  payloads; the audit record adds ~130 bytes per call. At 16 KiB the store is near 2.0x.
-* **Server RSS while exporting a large tenant** (missed: the growth is about the size of the
-  data read). chatvault's own part is bounded: the export walks one transcript and 64
-  messages at a time, decrypts each message into a buffer that is zeroized once it has been
-  written as JSON, and hands 64 KiB chunks to a 4-chunk channel that the connection drains,
-  so a slow reader holds the walk back. The growth is sled's: the table's baseline, a fresh
-  process that opens the same data directory with a 32 MiB cache and reads every value once
-  (no decryption, no JSON, no gRPC), grows by about as much; plain sled iterating 1 GiB of
-  16 KiB values grew to 1,041 MiB. sled 0.34's cache (`src/lru.rs`) splits its capacity over
-  256 shards and queues accesses per shard in blocks of 64, evicting only when a shard's
-  queue fills; a sequential read touches each leaf page a few times, so until some 16,000
-  accesses have queued nothing is paged out, and paged-out pages are freed through the
-  epoch collector later still (sled issues #1036 and #1309 report the same). A smaller
-  `store_cache_bytes` does not help, as the two rows show. Meeting the target needs message
-  bodies out of sled's page cache: a value log (append-only segment files read with `pread`,
-  synced by the group commit like the audit trail, sled keeping only pointers) would also
-  take the 16 KiB leaf rewrites and their blob files out of the durable write path and the
-  disk ratio. It changes the storage format (migration, compaction of dead values), so it is
-  left for its own issue.
-* **Export throughput.** From a freshly opened store, reading sled's pages takes about 40%
-  of the export's time, AES-GCM about 15%, JSON escaping about 20% (profile of the 1 KiB
-  export bench). Messages are lent to the JSON writer as views of the decrypted plaintext
+  also needs; the echo floor itself varies from run to run on this shared machine (15k to
+  24k req/s at 256 B), so read the ratios to it with that in mind.
+* **Disk at 256 B** (missed). Per message the value log holds the 30-byte envelope, the
+  message id, author and time, and a frame header with the record's key (~60 bytes); sled
+  holds the key and the 17-byte pointer with its ~1.84x space amplification; the audit
+  record adds ~130 bytes per call. That fixed cost of ~500-700 bytes per call is 2-3x a 256 B
+  text before any amplification; 1 KiB and larger messages are within the target.
+* **Server RSS while exporting a large tenant** (met since the value log). The export walks
+  one transcript and 64 messages at a time, decrypts each message into a buffer that is
+  zeroized once it has been written as JSON, and hands 64 KiB chunks to a 4-chunk channel that
+  the connection drains, so a slow reader holds the walk back. Message values are read with
+  `pread` and never enter sled's cache; what sled caches is headers and pointers.
+* **Export throughput.** Before the value log, reading sled's pages took about 40% of the
+  1 KiB export's time from a freshly opened store, AES-GCM about 15%, JSON escaping about
+  20% (one `perf` profile); values read with `pread` instead took the 1 KiB export from
+  166 to about 236 MB/s. Messages are lent to the JSON writer as views of the decrypted plaintext
   and times are formatted on the stack, so the export allocates per message only the
   decryption buffer.
 """)

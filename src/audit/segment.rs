@@ -10,11 +10,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::store::{Durability, StoreError};
+use crate::store::{Durability, StoreError, files};
 
 const MAGIC: &[u8; 8] = b"CVAUDIT\x02";
 pub const HEADER_LEN: usize = 8 + 8 + 32;
@@ -59,21 +59,8 @@ impl Segments {
     /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the very end
     /// of the newest segment (a crash mid-write, never acknowledged) is cut off.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
-        if !dir.exists() {
-            fs::create_dir_all(dir)?;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        }
-        let mut found: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(SUFFIX)) else {
-                continue;
-            };
-            if let Ok(first) = stem.parse::<u64>() {
-                found.push((first, path));
-            }
-        }
-        found.sort();
+        files::private_dir(dir)?;
+        let found = files::numbered(dir, SUFFIX)?;
         let mut views: Vec<SegmentView> = Vec::with_capacity(found.len());
         for (first_seq, path) in found {
             let len = fs::metadata(&path)?.len();

@@ -1,6 +1,7 @@
 //! Ordered key-value storage behind a small trait, so the vault never names sled.
 
 mod commit;
+pub mod files;
 mod sled_store;
 mod values;
 

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::ops::Deref;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -116,26 +116,13 @@ impl ValueLog {
     /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the end of
     /// the newest segment (a crash mid-write, never acknowledged) is cut off.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
-        if !dir.exists() {
-            fs::create_dir_all(dir)?;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        }
-        let mut ids = Vec::new();
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            if let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(SUFFIX))
-                .and_then(|s| s.parse::<u32>().ok())
-            {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
+        super::files::private_dir(dir)?;
         let mut files = BTreeMap::new();
-        for &id in &ids {
-            files.insert(id, Arc::new(OpenOptions::new().read(true).append(true).open(dir.join(name(id)))?));
+        let mut ids = Vec::new();
+        for (number, path) in super::files::numbered(dir, SUFFIX)? {
+            let id = u32::try_from(number).map_err(|_| StoreError::Damaged(format!("value log: segment {number}")))?;
+            files.insert(id, Arc::new(OpenOptions::new().read(true).append(true).open(path)?));
+            ids.push(id);
         }
         let mut torn = None;
         let active = match ids.last().and_then(|id| Some((*id, files.get(id)?.clone()))) {
@@ -421,6 +408,7 @@ fn valid_length(path: &Path, len: u64) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn values(log: &ValueLog, ps: &[ValuePointer]) -> Vec<Vec<u8>> {
         ps.iter().map(|p| log.read(p).unwrap().to_vec()).collect()

@@ -24,6 +24,17 @@ fn pointer_records(dirs: &Dirs) -> usize {
         .count()
 }
 
+/// Appends message three to transcript "t", which must hold two.
+async fn append_third(c: &mut Transcripts, text: &str) {
+    c.append_messages(pb::AppendMessagesRequest {
+        transcript_id: "t".into(),
+        messages: vec![msg("m3", AuthorRole::Agent, "agent", text)],
+        expected_message_count: Some(2),
+    })
+    .await
+    .unwrap();
+}
+
 fn bytes_below(dir: &Path) -> u64 {
     files_below(dir).iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum()
 }
@@ -40,13 +51,7 @@ async fn messages_stored_inline_stay_readable_beside_ones_in_the_value_log() {
 
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
-    c.append_messages(pb::AppendMessagesRequest {
-        transcript_id: "t".into(),
-        messages: vec![msg("m3", AuthorRole::Agent, "agent", "logged three")],
-        expected_message_count: Some(2),
-    })
-    .await
-    .unwrap();
+    append_third(&mut c, "logged three").await;
     let texts: Vec<String> = get(&mut c, "t").await.unwrap().messages.into_iter().map(|m| m.text).collect();
     assert_eq!(texts, ["inline one", "inline two", "logged three"]);
     server.stop().await;
@@ -103,13 +108,7 @@ async fn a_write_cut_short_in_the_value_log_leaves_its_transcript_readable_up_to
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("t", "s", 1_700_000_000, &["one", "two"])).await;
-    c.append_messages(pb::AppendMessagesRequest {
-        transcript_id: "t".into(),
-        messages: vec![msg("m3", AuthorRole::Agent, "agent", "three")],
-        expected_message_count: Some(2),
-    })
-    .await
-    .unwrap();
+    append_third(&mut c, "three").await;
     server.stop().await;
     // A power loss before the log's sync: sled kept the pointer, the log lost the tail
     // of the last write (which therefore was never acknowledged).
@@ -121,13 +120,7 @@ async fn a_write_cut_short_in_the_value_log_leaves_its_transcript_readable_up_to
     let mut c = server.transcripts("acme").await;
     let texts: Vec<String> = get(&mut c, "t").await.unwrap().messages.into_iter().map(|m| m.text).collect();
     assert_eq!(texts, ["one", "two"], "the transcript up to the cut, not DATA_LOSS");
-    c.append_messages(pb::AppendMessagesRequest {
-        transcript_id: "t".into(),
-        messages: vec![msg("m3", AuthorRole::Agent, "agent", "three again")],
-        expected_message_count: Some(2),
-    })
-    .await
-    .unwrap();
+    append_third(&mut c, "three again").await;
     assert_eq!(get(&mut c, "t").await.unwrap().messages[2].text, "three again");
     server.stop().await;
     let kept = files_below(&dirs.data().join("values"));

@@ -1,0 +1,28 @@
+//! Directories of numbered segment files, shared by the value log and the audit trail.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Creates `dir` readable by the server's user only, if it does not exist yet.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// The files of `dir` named `<number><suffix>`, by number. Other files are left alone.
+pub fn numbered(dir: &Path, suffix: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let number = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(suffix)?.parse().ok());
+        if let Some(n) = number {
+            found.push((n, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
