@@ -153,9 +153,9 @@ print("""
   queues; sled issues #1036 and #1309), so the server grew by the size of the data read
   (1,038 MiB for a 1 GiB tenant, 1.00x a bare sled scan). Messages now go to append-only
   segment files with one `write` per request, read with `pread`, synced by the group commit
-  before sled; sled keeps a 17-byte pointer. In this run: durable 16 KiB appends 0.76x of
-  durability none, disk 1.74x / 1.05x at 1 KiB / 16 KiB, export RSS growth within the 64 MB
-  target, gRPC export faster (222 to 380 MB/s in the first run after the change).
+  before sled; sled keeps a 17-byte pointer. In the full run at ae85db8: durable 16 KiB appends 0.76x
+  of durability none, disk 1.74x / 1.05x at 1 KiB / 16 KiB, export RSS growth 35 MiB,
+  gRPC export 222 to 278 MB/s.
 * **gRPC store vs the echo floor.** With the server profiled under 32-client append load,
   sled's I/O threads (log writes, node frees) take a large share of the 2 cores that gRPC
   also needs; the echo floor itself varies from run to run on this shared machine (15k to
@@ -173,7 +173,7 @@ print("""
 * **Export throughput.** Before the value log, reading sled's pages took about 40% of the
   1 KiB export's time from a freshly opened store, AES-GCM about 15%, JSON escaping about
   20% (one `perf` profile); values read with `pread` instead took the 1 KiB export from
-  166 to about 236 MB/s. Messages are lent to the JSON writer as views of the decrypted plaintext
+  166 to 240 MB/s (full run at ae85db8). Messages are lent to the JSON writer as views of the decrypted plaintext
   and times are formatted on the stack, so the export allocates per message only the
   decryption buffer.
 """)

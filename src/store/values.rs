@@ -266,8 +266,7 @@ impl ValueLog {
         let file = self.file(segment)?;
         let len = file.metadata()?.len();
         let mut r = FrameReader::new(&self.dir.join(name(segment)), len)?;
-        while let Some((offset, frame)) = r.next()? {
-            let (key, start) = check_frame(&frame).ok_or_else(|| damaged(segment))?;
+        while let Some((offset, frame, (key, start))) = r.next()? {
             let p = ValuePointer { segment, offset, len: (frame.len() - FRAME_HEAD) as u32 };
             f(p, &frame[FRAME_HEAD + 2..FRAME_HEAD + 2 + key], &frame[start..])?;
         }
@@ -352,6 +351,9 @@ fn check_frame(frame: &[u8]) -> Option<(usize, usize)> {
     (2 + key <= len).then_some((key, FRAME_HEAD + 2 + key))
 }
 
+/// A frame read back: its offset, its bytes, and its key length and value start.
+type ReadFrame = (u64, Vec<u8>, (usize, usize));
+
 /// Reads a segment's frames in order from after its header.
 struct FrameReader {
     inner: BufReader<std::io::Take<File>>,
@@ -371,8 +373,9 @@ impl FrameReader {
         Ok(FrameReader { inner, offset: HEADER_LEN, len })
     }
 
-    /// The next whole frame and its offset; `None` at the end or at a torn frame.
-    fn next(&mut self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    /// The next whole frame, its offset, and its key length and value start (as
+    /// [`check_frame`] found them); `None` at the end or at a torn frame.
+    fn next(&mut self) -> Result<Option<ReadFrame>, StoreError> {
         if self.offset + FRAME_HEAD as u64 > self.len {
             return Ok(None);
         }
@@ -385,12 +388,10 @@ impl FrameReader {
         let mut frame = vec![0u8; FRAME_HEAD + len];
         frame[..FRAME_HEAD].copy_from_slice(&head);
         self.inner.read_exact(&mut frame[FRAME_HEAD..])?;
-        if check_frame(&frame).is_none() {
-            return Ok(None);
-        }
+        let Some(parts) = check_frame(&frame) else { return Ok(None) };
         let at = self.offset;
         self.offset += frame.len() as u64;
-        Ok(Some((at, frame)))
+        Ok(Some((at, frame, parts)))
     }
 }
 
