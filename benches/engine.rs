@@ -4,6 +4,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chatvault::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use chatvault::export::{DEFAULT_CHUNK_BYTES, Export};
@@ -35,6 +36,10 @@ fn raw_sled(dir: &std::path::Path) -> sled::Tree {
 }
 
 /// Store path: one 1 KiB message appended to a live transcript, vs a raw 1 KiB sled insert.
+/// Both write round-robin to 100 transcripts, the baseline under keys shaped like a
+/// message record's (a 45-byte transcript prefix and a sequence number), so both trees
+/// grow at 100 places, not at one end. The baseline's writes are flushed before chatvault
+/// runs, so its writeback does not land on chatvault's measurement.
 fn store(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -43,15 +48,18 @@ fn store(c: &mut Criterion) {
     let raw = raw_sled(dir.path());
     let mut g = c.benchmark_group("store_1KiB");
     g.throughput(Throughput::Bytes(KIB as u64));
-    let mut i = 0u64;
+    let mut n = 0u32;
     g.bench_function("baseline_raw_sled_insert", |b| {
         let value = vec![7u8; KIB];
         b.iter(|| {
-            i += 1;
-            raw.insert(i.to_be_bytes(), value.as_slice()).unwrap();
+            n += 1;
+            let mut key = [0u8; 49];
+            key[..45].fill((n % 100) as u8 + 1);
+            key[45..].copy_from_slice(&(n / 100).to_be_bytes());
+            raw.insert(key, value.as_slice()).unwrap();
         })
     });
-    // Many transcripts, so the tree grows like the baseline's does.
+    raw.flush().unwrap();
     for t in 0..100 {
         rt.block_on(v.put_transcript(&tenant, Transcript::new(format!("t{t}"), format!("s{}", t % 10), vec![])))
             .unwrap();
@@ -60,65 +68,95 @@ fn store(c: &mut Criterion) {
     g.bench_function("chatvault_append_encrypted", |b| {
         b.iter(|| {
             n += 1;
-            rt.block_on(v.append_messages(&tenant, &format!("t{}", n % 100), vec![message(n, KIB)], None))
-                .unwrap()
-                .value
+            let msg = vec![message(n, KIB)];
+            rt.block_on(v.append_messages(&tenant, &format!("t{}", n % 100), msg, None)).unwrap().value
         })
     });
     g.finish();
 }
 
 /// Read path: a 1 KiB message read and decrypted, vs a raw sled get of the same size.
+/// Both read 100,000 records in the same shuffled order, so neither side reads a set
+/// small enough to live in the CPU's caches (a store is larger than that).
 fn get(c: &mut Criterion) {
+    // `cargo test --benches` (CI's smoke run, unoptimised) proves the path with fewer.
+    let records: u64 = if std::env::args().any(|a| a == "--bench") { 100_000 } else { 1000 };
     let rt = Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let v = vault(dir.path());
     let tenant = TenantId::parse("bench").unwrap();
     let raw = raw_sled(dir.path());
-    for i in 0..1000u64 {
+    for i in 0..records {
         raw.insert(i.to_be_bytes(), vec![7u8; KIB]).unwrap();
         rt.block_on(v.put_transcript(&tenant, Transcript::new(format!("t{i}"), "s", vec![message(0, KIB)]))).unwrap();
     }
+    // A full-period LCG modulo a power of two, folded into 0..records.
+    let shuffled = |state: &mut u64| loop {
+        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) & ((1 << 17) - 1);
+        if *state < records {
+            return *state;
+        }
+    };
     let mut g = c.benchmark_group("get_1KiB");
     g.throughput(Throughput::Bytes(KIB as u64));
     let mut i = 0u64;
     g.bench_function("baseline_raw_sled_get", |b| {
         b.iter(|| {
-            i = (i + 1) % 1000;
-            black_box(raw.get(i.to_be_bytes()).unwrap())
+            let k = shuffled(&mut i);
+            black_box(raw.get(k.to_be_bytes()).unwrap())
         })
     });
+    let mut i = 0u64;
     g.bench_function("chatvault_get_transcript_decrypted", |b| {
         b.iter(|| {
-            i = (i + 1) % 1000;
-            black_box(v.get_transcript(&tenant, &format!("t{i}")).unwrap())
+            let k = shuffled(&mut i);
+            black_box(v.get_transcript(&tenant, &format!("t{k}")).unwrap())
         })
     });
     g.finish();
 }
 
 /// Appending costs the message, not the transcript: 10 vs 10,000 messages already there.
+/// Each length has its own store. The short transcript is replaced by a fresh one of 10
+/// messages every 100 appends (untimed), or criterion's iterations would grow it to
+/// hundreds of thousands; the long one only grows, so its side can only look worse.
 fn append_scaling(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let v = vault(dir.path());
     let tenant = TenantId::parse("bench").unwrap();
     let mut g = c.benchmark_group("append_256B");
-    for existing in [10usize, 10_000] {
-        let id = format!("len{existing}");
-        let msgs: Vec<Message> = (0..existing).map(|i| message(i, 256)).collect();
-        for chunk in msgs.chunks(1000).enumerate() {
-            if chunk.0 == 0 {
-                rt.block_on(v.put_transcript(&tenant, Transcript::new(id.as_str(), "s", chunk.1.to_vec()))).unwrap();
-            } else {
-                rt.block_on(v.append_messages(&tenant, &id, chunk.1.to_vec(), None)).unwrap();
+    for (existing, fresh_after) in [(10usize, Some(100usize)), (10_000, None)] {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path());
+        let fill = |id: &str| {
+            let msgs: Vec<Message> = (0..existing).map(|i| message(i, 256)).collect();
+            for (i, chunk) in msgs.chunks(1000).enumerate() {
+                if i == 0 {
+                    rt.block_on(v.put_transcript(&tenant, Transcript::new(id, "s", chunk.to_vec()))).unwrap();
+                } else {
+                    rt.block_on(v.append_messages(&tenant, id, chunk.to_vec(), None)).unwrap();
+                }
             }
-        }
-        let mut n = existing;
+        };
+        let (mut round, mut appended) = (0usize, 0usize);
+        let mut id = format!("len{existing}-0");
+        fill(&id);
         g.bench_function(format!("to_transcript_of_{existing}"), |b| {
-            b.iter(|| {
-                n += 1;
-                rt.block_on(v.append_messages(&tenant, &id, vec![message(n, 256)], None)).unwrap()
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    if fresh_after == Some(appended) {
+                        round += 1;
+                        appended = 0;
+                        id = format!("len{existing}-{round}");
+                        fill(&id);
+                    }
+                    appended += 1;
+                    let m = vec![message(existing + appended, 256)];
+                    let start = Instant::now();
+                    black_box(rt.block_on(v.append_messages(&tenant, &id, m, None)).unwrap());
+                    timed += start.elapsed();
+                }
+                timed
             })
         });
     }

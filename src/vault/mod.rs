@@ -111,6 +111,10 @@ pub struct Vault {
     /// reverse seek (slow in sled 0.34). Only read and updated under the subject's stripe
     /// lock; a miss falls back to the store.
     counts: Mutex<lru::LruCache<(String, Blind, u64), u32>>,
+    /// The subject a transcript was last seen under: which stripe lock a write takes
+    /// before it reads the header under it and checks. A stale entry costs a retry,
+    /// never a wrong result; a fresh one saves a header read per append.
+    subject_hints: Mutex<lru::LruCache<(String, Blind), Blind>>,
     /// Body records (wrapped transcript key and sealed body) of recent incarnations. One is
     /// written once and never changed, so an entry is never stale; callers reach it only
     /// through a live header. Ciphertext only: useless once its subject key is shredded.
@@ -155,6 +159,7 @@ impl Vault {
             tenant_key_init: Mutex::new(()),
             closed_tenants: RwLock::new(Default::default()),
             counts: Mutex::new(lru::LruCache::new(cache_entries)),
+            subject_hints: Mutex::new(lru::LruCache::new(cache_entries)),
             bodies: Mutex::new(lru::LruCache::new(cache_entries)),
             reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };

@@ -102,6 +102,7 @@ impl Vault {
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
                 self.apply(batch)?;
                 self.set_count(tenant, &tb, &header, Some(t.messages.len() as u32));
+                self.hint_subject((tenant.as_str().to_owned(), tb), sb);
                 break (old.is_some(), self.commit.ticket());
             }
         };
@@ -449,11 +450,19 @@ impl Vault {
         let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
         let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
         let hkey = layout::header(tenant.as_str(), &tb);
+        let hint_slot = (tenant.as_str().to_owned(), tb);
+        let mut hint = self.subject_hints.lock().ok().and_then(|mut c| c.get(&hint_slot).copied());
         loop {
-            let seen = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
-            let _held = self.locks.lock(tenant.as_str(), &[&seen.subject]);
+            let seen = match hint.take() {
+                Some(s) => s,
+                None => self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?.subject,
+            };
+            let _held = self.locks.lock(tenant.as_str(), &[&seen]);
+            // Only under its subject's lock is a header's subject settled: a put moving the
+            // transcript to another subject holds both locks.
             let h = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
-            if h.subject != seen.subject {
+            if h.subject != seen {
+                self.hint_subject(hint_slot.clone(), h.subject);
                 continue;
             }
             self.check_live(tenant, &h)?;
@@ -466,7 +475,14 @@ impl Vault {
                 self.set_count(tenant, &tb, &counted, None);
                 return Err(e);
             }
+            self.hint_subject(hint_slot, subject);
             return Ok(((r, subject), self.commit.ticket()));
+        }
+    }
+
+    fn hint_subject(&self, slot: (String, Blind), subject: Blind) {
+        if let Ok(mut c) = self.subject_hints.lock() {
+            c.put(slot, subject);
         }
     }
 
@@ -552,4 +568,35 @@ fn decode_page_token(token: &str) -> Result<Option<Vec<u8>>, VaultError> {
         return Err(VaultError::invalid("page_token", "is not a token this server issued"));
     }
     Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AuthorRole, VaultOptions};
+    use super::*;
+    use crate::keys::RootKeySource;
+
+    fn message(text: &str) -> Message {
+        Message::new("m", AuthorRole::Visitor, "V", text)
+    }
+
+    #[tokio::test]
+    async fn a_stale_subject_hint_costs_a_retry_not_a_lost_or_misplaced_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootKeySource::Hex(zeroize::Zeroizing::new("42".repeat(32)));
+        let v = Vault::open(VaultOptions::new(dir.path().join("data"), dir.path().join("keys"), root)).unwrap().0;
+        let tenant = TenantId::parse("acme").unwrap();
+        v.put_transcript(&tenant, Transcript::new("t", "alice", vec![message("one")])).await.unwrap();
+        let tkey = v.tenant_key(&tenant, false).unwrap().unwrap();
+        let (bob, tb) = v.blinds(&tkey, Some("bob"), Some("t"));
+        v.hint_subject((tenant.as_str().to_owned(), tb), bob);
+
+        let count = v.append_messages(&tenant, "t", vec![message("two")], Some(1)).await.unwrap();
+        assert_eq!(count.value, 2);
+        let (alice, _) = v.blinds(&tkey, Some("alice"), None);
+        let hinted = v.subject_hints.lock().unwrap().get(&(tenant.as_str().to_owned(), tb)).copied();
+        assert_eq!(hinted, Some(alice), "the hint follows the header");
+        let texts: Vec<_> = v.get_transcript(&tenant, "t").unwrap().messages.into_iter().map(|m| m.text).collect();
+        assert_eq!(texts, ["one", "two"]);
+    }
 }
