@@ -118,24 +118,35 @@ except OSError:
 print("""
 ## Reading the misses (profiles of 2026-11-23)
 
-* **In-process store vs a raw sled insert.** Profiling the store bench showed sled's
-  `apply_batch` dominating: it pins the log and writes a batch manifest, which costs more
-  than the insert itself. A batch of one write now uses sled's plain insert (still atomic):
-  the 1 KiB append went from ~65 µs to ~27 µs, from 0.19x to about 0.5x of the baseline in
-  back-to-back runs. Across runs on this shared machine the same bench ranged from 26 to
-  43 µs while the baseline stayed at 11–16 µs: read the table's ratio as 0.25–0.5x.
-  What is left is metadata: an append still reads the transcript header twice (before and
-  after taking the subject's lock) and the subject record, then unwraps the transcript key;
-  body records (the wrapped key) are now cached, since one never changes after it is
-  written. 0.85x of a bare insert would need the header and subject lookups cached as well,
-  or a storage engine without sled's per-update leaf copy (the `KvStore` trait is where one
-  would go).
-* **In-process get vs a raw sled get.** The baseline is a hot point `get` returning a
-  reference-counted buffer (~0.3–0.4 µs). GetTranscript reads the header and subject, opens
-  the body and every message (AES-GCM), and range-scans the messages: sled 0.34's iterator
-  alone costs several µs. 0.5x of a point get is below the cost of one AES-GCM open of the
-  message; this target cannot be met with per-record encryption on sled. Point reads of the
-  known message count instead of a scan are the next thing to try.
+* **In-process store vs a raw sled insert.** Until 7ccf808 the baseline inserted
+  sequential 8-byte keys, sled's cheapest pattern (every insert at the right edge of the
+  tree), while chatvault appended to 100 transcripts at 100 places in the tree; the
+  baseline now writes keys of a message record's shape in the same round-robin order
+  (it went from 8.5 to 17-25 µs on this machine, and the ratio from 0.44x to 0.74-0.81x in
+  three runs that day). A `perf` profile of the append: sled's insert of the 17-byte
+  pointer record 32% (leaf splits alone 18%), the value log's `write` 12-16%, AES-GCM seal
+  and message encoding 11%, the header and subject reads 11-13%, the transcript key
+  unwrap 4%. An append now takes its subject's lock from a hint (a stale hint costs a
+  retry), which saves one of its two header reads. What remains is the design's price per
+  append: a syscall for the value log and a B-tree update for the pointer; 0.85x would need
+  the value log buffered in memory between group commits, so that a record could point at
+  bytes not yet handed to the kernel. Run paired (one raw insert, one append, alternating)
+  the ratio fell to ~0.5x: each side's sled writeback then lands on the other's timing, and
+  the baseline's 1 KiB values make far more of it.
+* **In-process get vs a raw sled get.** Until 7ccf808 the baseline read 1,000 keys in
+  sequence, all in the CPU's caches (274 ns a get); both sides now read 100,000 records in
+  one shuffled order (a store is bigger than a cache). GetTranscript of one message makes
+  three lookups at random places in the tree (header, subject record, the message scan) and
+  a re-read of the header (so that a transcript replaced meanwhile is reported, not
+  half-read), one `pread` of the value log, and three AES-GCM opens (transcript key, body,
+  message). At ~2 µs per random lookup and ~1 µs per open that is a floor near 0.2x of one
+  get; 0.5x would need a transcript in one record, which appends gave up to stay O(1).
+* **Append scaling** (met since 7ccf808). The bench used to append criterion's every
+  iteration to the same two transcripts, so "the transcript of 10" held hundreds of
+  thousands of messages by the end and the two lengths shared one store whose size grew
+  under the second; the ratio swung from 0.57x to 1.17x between runs. Each length now has
+  its own store, and the short transcript is replaced by a fresh one of 10 messages every
+  100 appends (untimed).
 * **The audit trail.** Every call writes one record. It used to be a sled insert under the
   chain's lock, so every read also wrote to the B-tree. Measured the same day with the record
   writes switched off: appends +28%, gets +37%, disk at 256 B from 6.3x to 4.0x. The trail now
@@ -175,5 +186,8 @@ print("""
   20% (one `perf` profile); values read with `pread` instead took the 1 KiB export from
   166 to 240 MB/s (full run at ae85db8). Messages are lent to the JSON writer as views of the decrypted plaintext
   and times are formatted on the stack, so the export allocates per message only the
-  decryption buffer.
+  decryption buffer. Over gRPC the ratio sits at the 0.5x line: in the full run at 7ccf808
+  the same 1 GiB export ran at 262 MB/s (default cache, run first) and 369 MB/s (32 MiB
+  cache, run second, 0.69x), and the ratio above uses the first. The client, the server's
+  HTTP/2 framing and the walk share 2 cores (server CPU ~130%).
 """)
