@@ -13,6 +13,8 @@ mod rotation;
 mod seal;
 mod subjects;
 mod tenants;
+#[cfg(test)]
+mod testing;
 mod transcripts;
 mod validate;
 mod values;

@@ -325,20 +325,7 @@ impl Vault {
                 if layout::message_seq(key) != Some(seq) {
                     return Err(VaultError::Corrupt("transcript messages"));
                 }
-                let moved;
-                let sealed = match self.sealed(value) {
-                    Ok(s) => s,
-                    // A read that stalled longer than compaction's grace finds its value's
-                    // old segment gone: the record then points at the value's new place.
-                    Err(e @ VaultError::Corrupt(_)) => match self.store.get(key)? {
-                        Some(now) if now != *value => {
-                            moved = now;
-                            self.sealed(&moved)?
-                        }
-                        _ => return Err(e),
-                    },
-                    Err(e) => return Err(e),
-                };
+                let sealed = self.sealed_or_moved(key, value)?;
                 let flow = f(seq, &sealed)?;
                 seq += 1;
                 if flow.is_break() {
@@ -572,9 +559,8 @@ fn decode_page_token(token: &str) -> Result<Option<Vec<u8>>, VaultError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AuthorRole, VaultOptions};
+    use super::super::{AuthorRole, testing};
     use super::*;
-    use crate::keys::RootKeySource;
 
     fn message(text: &str) -> Message {
         Message::new("m", AuthorRole::Visitor, "V", text)
@@ -583,8 +569,7 @@ mod tests {
     #[tokio::test]
     async fn a_stale_subject_hint_costs_a_retry_not_a_lost_or_misplaced_append() {
         let dir = tempfile::tempdir().unwrap();
-        let root = RootKeySource::Hex(zeroize::Zeroizing::new("42".repeat(32)));
-        let v = Vault::open(VaultOptions::new(dir.path().join("data"), dir.path().join("keys"), root)).unwrap().0;
+        let v = testing::open(dir.path(), testing::HandClock::new(), |_| {});
         let tenant = TenantId::parse("acme").unwrap();
         v.put_transcript(&tenant, Transcript::new("t", "alice", vec![message("one")])).await.unwrap();
         let tkey = v.tenant_key(&tenant, false).unwrap().unwrap();

@@ -60,10 +60,27 @@ impl Vault {
     pub(super) fn sealed<'a>(&self, stored: &'a [u8]) -> Result<Sealed<'a>, VaultError> {
         match ValuePointer::decode(stored) {
             None => Ok(Sealed::Inline(stored)),
-            Some(p) => self.values.read(&p).map(Sealed::Logged).map_err(|e| match e {
-                StoreError::Damaged(_) => VaultError::Corrupt("message"),
-                e => e.into(),
-            }),
+            Some(p) => self.logged(&p).map(Sealed::Logged),
+        }
+    }
+
+    fn logged(&self, p: &ValuePointer) -> Result<ValueBuf, VaultError> {
+        self.values.read(p).map_err(|e| match e {
+            StoreError::Damaged(_) => VaultError::Corrupt("message"),
+            e => e.into(),
+        })
+    }
+
+    /// [`Vault::sealed`] for a record `key` read as `stored` some time ago. A read that
+    /// stalled longer than compaction's grace finds its value's old segment gone: the
+    /// record then points at the value's new place, which is read instead.
+    pub(super) fn sealed_or_moved<'a>(&self, key: &[u8], stored: &'a [u8]) -> Result<Sealed<'a>, VaultError> {
+        match self.sealed(stored) {
+            Err(e @ VaultError::Corrupt(_)) => match self.store.get(key)?.as_deref().and_then(ValuePointer::decode) {
+                Some(moved) if moved.encode() != stored => self.logged(&moved).map(Sealed::Logged),
+                _ => Err(e),
+            },
+            other => other,
         }
     }
 
@@ -230,5 +247,111 @@ impl Vault {
             done += 1;
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use super::super::testing::{self, HandClock};
+    use super::super::{AuthorRole, Message, TenantId, Transcript};
+    use super::*;
+
+    const GRACE_SECS: i64 = 60;
+
+    fn open(dir: &Path, clock: Arc<HandClock>) -> Vault {
+        testing::open(dir, clock, |o| {
+            o.value_segment_bytes = 4096;
+            o.reclaim_min_age_ms = GRACE_SECS as u64 * 1000;
+        })
+    }
+
+    fn text(i: usize, n: usize) -> String {
+        format!("{i}-{n}-{}", "x".repeat(250))
+    }
+
+    /// Twelve transcripts of three 250-byte messages (about four to a 4 KiB segment), all
+    /// but `t0` deleted and reclaimed, so `t0`'s segment is mostly dead. Returns the key of
+    /// `t0`'s first message record and the pointer it holds.
+    async fn load_then_delete_all_but_t0(v: &Vault, clock: &HandClock, tenant: &TenantId) -> (Vec<u8>, Vec<u8>) {
+        for i in 0..12 {
+            let msgs = (0..3).map(|n| Message::new(format!("m{n}"), AuthorRole::Visitor, "V", text(i, n))).collect();
+            v.put_transcript(tenant, Transcript::new(format!("t{i}"), "s", msgs)).await.unwrap();
+        }
+        for i in 1..12 {
+            v.delete_transcript(tenant, &format!("t{i}")).await.unwrap();
+        }
+        clock.advance_secs(GRACE_SECS + 1);
+        while v.reclaim(1000).unwrap() > 0 {}
+        first_message_of_t0(v, tenant)
+    }
+
+    fn first_message_of_t0(v: &Vault, tenant: &TenantId) -> (Vec<u8>, Vec<u8>) {
+        let tkey = v.tenant_key(tenant, false).unwrap().unwrap();
+        let (_, tb) = v.blinds(&tkey, None, Some("t0"));
+        let h = v.read_header(&layout::header(tenant.as_str(), &tb)).unwrap().unwrap();
+        v.store.scan(&layout::messages_prefix(tenant.as_str(), &tb, h.incarnation), None, 1).unwrap().remove(0)
+    }
+
+    fn assert_t0_reads_whole(v: &Vault, tenant: &TenantId) {
+        let texts: Vec<String> = v.get_transcript(tenant, "t0").unwrap().messages.into_iter().map(|m| m.text).collect();
+        assert_eq!(texts, (0..3).map(|n| text(0, n)).collect::<Vec<_>>());
+    }
+
+    fn segment_file(dir: &Path, pointer: &[u8]) -> PathBuf {
+        let segment = ValuePointer::decode(pointer).expect("a value-log pointer").segment;
+        dir.join("data").join("values").join(format!("{segment:010}.values"))
+    }
+
+    #[tokio::test]
+    async fn a_compacted_segment_is_kept_for_the_grace_and_a_read_stalled_past_it_follows_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = HandClock::new();
+        let v = open(dir.path(), clock.clone());
+        let tenant = TenantId::parse("acme").unwrap();
+        let (key, old) = load_then_delete_all_but_t0(&v, &clock, &tenant).await;
+        let file = segment_file(dir.path(), &old);
+
+        assert!(v.compact_values().unwrap() >= 1);
+        let (_, moved) = first_message_of_t0(&v, &tenant);
+        assert_ne!(moved, old, "t0's values were copied forward");
+        let current = v.sealed(&moved).unwrap().to_vec();
+        assert!(file.exists());
+        assert_eq!(*v.sealed(&old).unwrap(), *current, "a read holding the old pointer finishes within the grace");
+        clock.advance_secs(GRACE_SECS - 1);
+        v.compact_values().unwrap();
+        assert!(file.exists(), "the file stays until the grace has passed");
+
+        clock.advance_secs(2);
+        v.compact_values().unwrap();
+        assert!(!file.exists(), "then it goes");
+        assert!(matches!(v.sealed(&old), Err(VaultError::Corrupt(_))));
+        assert_eq!(*v.sealed_or_moved(&key, &old).unwrap(), *current, "a stalled read follows the record");
+        assert_t0_reads_whole(&v, &tenant);
+    }
+
+    #[tokio::test]
+    async fn a_compaction_cut_short_after_its_pointers_moved_is_finished_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = HandClock::new();
+        let v = open(dir.path(), clock.clone());
+        let tenant = TenantId::parse("acme").unwrap();
+        let (_, old) = load_then_delete_all_but_t0(&v, &clock, &tenant).await;
+        let segment = ValuePointer::decode(&old).unwrap().segment;
+        // What a crash leaves between swapping the pointers and retiring the segment.
+        v.move_live_values(segment).unwrap();
+        v.sync().unwrap();
+        drop(v);
+
+        let v = open(dir.path(), clock.clone());
+        assert_t0_reads_whole(&v, &tenant);
+        assert!(v.compact_values().unwrap() >= 1);
+        assert!(v.store.get(&layout::value_retired(segment)).unwrap().is_some(), "the segment is retired");
+        clock.advance_secs(GRACE_SECS + 1);
+        v.compact_values().unwrap();
+        assert!(!segment_file(dir.path(), &old).exists());
+        assert_t0_reads_whole(&v, &tenant);
     }
 }
