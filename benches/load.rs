@@ -182,19 +182,29 @@ impl Proc {
 
     /// Bytes in the server's data directory.
     fn data_bytes(&self) -> u64 {
+        self.data_parts().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Bytes under each entry of the data directory (sled's files, `values/`, `audit/`).
+    fn data_parts(&self) -> Vec<(String, u64)> {
         fn walk(p: &std::path::Path) -> u64 {
-            std::fs::read_dir(p)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_dir() => {
+                    std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| walk(&e.path())).sum()
+                }
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
         }
-        self._dir.as_ref().map(|d| walk(&d.path().join("data"))).unwrap_or(0)
+        let Some(dir) = self._dir.as_ref() else { return Vec::new() };
+        let mut parts: Vec<(String, u64)> = std::fs::read_dir(dir.path().join("data"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), walk(&e.path())))
+            .collect();
+        parts.sort();
+        parts
     }
 
     fn status_kib(&self, field: &str) -> u64 {
@@ -677,13 +687,21 @@ fn main() {
             // Disk: what the durable run left on disk vs the message text it acknowledged.
             std::thread::sleep(Duration::from_millis(1500)); // sled's background flush
             let disk = srv.data_bytes() as f64 / (fsync.ops as f64 * size as f64);
+            let (mut sled, mut per_message) = (0u64, String::new());
+            for (part, bytes) in srv.data_parts() {
+                match part.as_str() {
+                    "values" | "audit" => per_message += &format!("{part} {} B, ", bytes / fsync.ops.max(1) as u64),
+                    _ => sled += bytes,
+                }
+            }
+            per_message += &format!("sled {} B", sled / fsync.ops.max(1) as u64);
             let get = get_run(&srv, &a, size).await;
             out += &format!("{}\n", echo.row(None));
             out += &format!("{}\n", none.row(Some(&echo)));
             out += &format!("{}\n", fsync.row(Some(&echo)));
             out += &format!("{}\n", get.row(Some(&echo)));
             out += &format!("\nDurable group commit (fsync) vs durability none: {:.2}x (target >= 0.5x); vs echo floor {:.2}x (target >= 0.25x).\n", fsync.rate() / none.rate(), fsync.rate() / echo.rate());
-            out += &format!("Disk after the durable run: {disk:.2}x the message text acknowledged (target <= 2.0x; envelope overhead is 30 B per message).\n");
+            out += &format!("Disk after the durable run: {disk:.2}x the message text acknowledged (target <= 2.0x; envelope overhead is 30 B per message); per message acknowledged: {per_message}.\n");
             eprintln!("{size} B done");
         }
         if a.sizes_only {
