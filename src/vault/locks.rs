@@ -36,4 +36,9 @@ impl LockTable {
             idx.into_iter().map(|i| self.stripes[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())).collect();
         Guards { _held: held }
     }
+
+    #[cfg(test)]
+    pub fn same_stripe(tenant: &str, a: &[u8; 32], b: &[u8; 32]) -> bool {
+        Self::stripe(tenant, a) == Self::stripe(tenant, b)
+    }
 }

@@ -48,7 +48,8 @@ pub struct VaultOptions {
     pub algorithm: Algorithm,
     pub durability: Durability,
     pub limits: Limits,
-    /// Unwrapped keys kept in memory (subject and transcript keys).
+    /// Entries of each in-memory cache: unwrapped subject and tenant keys, and per
+    /// transcript its message count, body record and subject hint.
     pub key_cache_entries: usize,
     /// sled's page cache.
     pub store_cache_bytes: u64,

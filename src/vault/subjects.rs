@@ -50,6 +50,7 @@ impl Vault {
             }
             if let Some(generation) = evict {
                 self.cache.remove(&KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: sb, generation });
+                self.forget_subject_hints(None);
             }
             (sb, shredded, epoch, self.commit.ticket())
         };

@@ -34,6 +34,7 @@ impl Vault {
         // is refused. Nothing more is written under this tenant.
         drop(self.epoch_guard.write().map_err(|_| VaultError::Internal("epoch lock poisoned".into()))?);
         self.cache.remove_tenant(tenant.as_str());
+        self.forget_subject_hints(None);
         let mut subjects = 0u64;
         let mut epoch = self.keys.current_epoch();
         let mut first = true;
@@ -58,6 +59,7 @@ impl Vault {
             self.apply(b)?;
         }
         self.cache.remove_tenant(tenant.as_str());
+        self.forget_subject_hints(None);
         self.wait_durable().await?;
         Ok(TenantErasure { subjects_shredded: subjects, key_epoch: epoch })
     }

@@ -224,7 +224,7 @@ impl Vault {
     /// Deletes a transcript: its header and key go now, its ciphertext in the background.
     pub async fn delete_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<Touched<()>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
-        let (((), subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
+        let ((tb, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
             let mut subj = self.read_subject(tenant, &h.subject)?.ok_or(VaultError::Erased("transcript not found"))?;
             subj.transcript_count = subj.transcript_count.saturating_sub(1);
             batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
@@ -240,8 +240,9 @@ impl Vault {
                     incarnation: h.incarnation,
                 },
             )?;
-            Ok(())
+            Ok(*tb)
         })?;
+        self.forget_subject_hints(Some((tenant, &tb)));
         self.durable(ticket).await?;
         Ok(Touched::new((), &subject))
     }
@@ -438,7 +439,8 @@ impl Vault {
         let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
         let hkey = layout::header(tenant.as_str(), &tb);
         let hint_slot = (tenant.as_str().to_owned(), tb);
-        let mut hint = self.subject_hints.lock().ok().and_then(|mut c| c.get(&hint_slot).copied());
+        let hinted = self.subject_hints.lock().ok().and_then(|mut c| c.get(&hint_slot).copied());
+        let mut hint = hinted;
         loop {
             let seen = match hint.take() {
                 Some(s) => s,
@@ -446,10 +448,9 @@ impl Vault {
             };
             let _held = self.locks.lock(tenant.as_str(), &[&seen]);
             // Only under its subject's lock is a header's subject settled: a put moving the
-            // transcript to another subject holds both locks.
+            // transcript to another subject holds both locks. A stale hint costs a retry.
             let h = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
             if h.subject != seen {
-                self.hint_subject(hint_slot.clone(), h.subject);
                 continue;
             }
             self.check_live(tenant, &h)?;
@@ -462,14 +463,32 @@ impl Vault {
                 self.set_count(tenant, &tb, &counted, None);
                 return Err(e);
             }
-            self.hint_subject(hint_slot, subject);
+            if hinted != Some(subject) {
+                self.hint_subject(hint_slot, subject);
+            }
             return Ok(((r, subject), self.commit.ticket()));
         }
     }
 
+    /// Remembers which subject's lock a write to this transcript takes first. Advisory:
+    /// the header read under the lock decides, so a wrong entry is never trusted.
     fn hint_subject(&self, slot: (String, Blind), subject: Blind) {
         if let Ok(mut c) = self.subject_hints.lock() {
             c.put(slot, subject);
+        }
+    }
+
+    /// Drops what memory links to transcripts that are gone: a deleted one's hint, or
+    /// (`None`) every hint, after a shred or a tenant erasure. The next write to each
+    /// transcript reads its header once more.
+    pub(super) fn forget_subject_hints(&self, only: Option<(&TenantId, &Blind)>) {
+        if let Ok(mut c) = self.subject_hints.lock() {
+            match only {
+                Some((tenant, tb)) => {
+                    c.pop(&(tenant.as_str().to_owned(), *tb));
+                }
+                None => c.clear(),
+            }
         }
     }
 
@@ -566,19 +585,32 @@ mod tests {
         Message::new("m", AuthorRole::Visitor, "V", text)
     }
 
-    #[tokio::test]
-    async fn a_stale_subject_hint_costs_a_retry_not_a_lost_or_misplaced_append() {
+    /// A hint naming the wrong subject must not let an append past the right subject's
+    /// lock (a shred holding it must be waited for): the append re-reads the header under
+    /// the hinted lock, sees the mismatch and takes the right one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_subject_hint_still_makes_an_append_wait_for_the_right_subject_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let v = testing::open(dir.path(), testing::HandClock::new(), |_| {});
+        let v = std::sync::Arc::new(testing::open(dir.path(), testing::HandClock::new(), |_| {}));
         let tenant = TenantId::parse("acme").unwrap();
         v.put_transcript(&tenant, Transcript::new("t", "alice", vec![message("one")])).await.unwrap();
         let tkey = v.tenant_key(&tenant, false).unwrap().unwrap();
-        let (bob, tb) = v.blinds(&tkey, Some("bob"), Some("t"));
-        v.hint_subject((tenant.as_str().to_owned(), tb), bob);
+        let (alice, tb) = v.blinds(&tkey, Some("alice"), Some("t"));
+        let other = (0..)
+            .map(|i| v.blinds(&tkey, Some(&format!("bob{i}")), None).0)
+            .find(|b| !super::super::locks::LockTable::same_stripe(tenant.as_str(), &alice, b))
+            .unwrap();
+        v.hint_subject((tenant.as_str().to_owned(), tb), other);
 
-        let count = v.append_messages(&tenant, "t", vec![message("two")], Some(1)).await.unwrap();
-        assert_eq!(count.value, 2);
-        let (alice, _) = v.blinds(&tkey, Some("alice"), None);
+        let held = v.locks.lock(tenant.as_str(), &[&alice]);
+        let append = {
+            let (v, tenant) = (v.clone(), tenant.clone());
+            tokio::spawn(async move { v.append_messages(&tenant, "t", vec![message("two")], Some(1)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!append.is_finished(), "the append must wait for alice's lock, not take the hinted one");
+        drop(held);
+        assert_eq!(append.await.unwrap().unwrap().value, 2);
         let hinted = v.subject_hints.lock().unwrap().get(&(tenant.as_str().to_owned(), tb)).copied();
         assert_eq!(hinted, Some(alice), "the hint follows the header");
         let texts: Vec<_> = v.get_transcript(&tenant, "t").unwrap().messages.into_iter().map(|m| m.text).collect();

@@ -64,6 +64,7 @@ impl Vault {
         }
     }
 
+    /// A value-log read, with damage reported as a corrupt message (DATA_LOSS at the edge).
     fn logged(&self, p: &ValuePointer) -> Result<ValueBuf, VaultError> {
         self.values.read(p).map_err(|e| match e {
             StoreError::Damaged(_) => VaultError::Corrupt("message"),
@@ -272,7 +273,7 @@ mod tests {
         format!("{i}-{n}-{}", "x".repeat(250))
     }
 
-    /// Twelve transcripts of three 250-byte messages (about four to a 4 KiB segment), all
+    /// Twelve transcripts of three 250-byte messages (about three to a 4 KiB segment), all
     /// but `t0` deleted and reclaimed, so `t0`'s segment is mostly dead. Returns the key of
     /// `t0`'s first message record and the pointer it holds.
     async fn load_then_delete_all_but_t0(v: &Vault, clock: &HandClock, tenant: &TenantId) -> (Vec<u8>, Vec<u8>) {
@@ -333,14 +334,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_compaction_cut_short_after_its_pointers_moved_is_finished_after_a_restart() {
+    async fn a_compaction_stopped_between_moving_values_and_retiring_the_segment_finishes_when_run_again() {
         let dir = tempfile::tempdir().unwrap();
         let clock = HandClock::new();
         let v = open(dir.path(), clock.clone());
         let tenant = TenantId::parse("acme").unwrap();
         let (_, old) = load_then_delete_all_but_t0(&v, &clock, &tenant).await;
         let segment = ValuePointer::decode(&old).unwrap().segment;
-        // What a crash leaves between swapping the pointers and retiring the segment.
+        // The state a crash leaves between swapping the pointers and retiring the segment
+        // (both are durable by then); the reopen itself is a clean one.
         v.move_live_values(segment).unwrap();
         v.sync().unwrap();
         drop(v);
