@@ -53,7 +53,8 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Largest gRPC request accepted.
     pub max_request_bytes: usize,
-    /// Unwrapped keys kept in memory.
+    /// Entries of each in-memory cache (unwrapped keys; per transcript its message
+    /// count, body record and subject hint).
     pub key_cache_entries: usize,
     /// sled's page cache.
     pub store_cache_bytes: u64,
