@@ -137,7 +137,10 @@ print("""
   yet handed to the kernel (lost to a kill -9 in durability none, where sled's own flusher
   may already have written the pointer). Run paired (one raw insert, one append,
   alternating) the ratio fell to ~0.5x: each side's writeback then lands on the other's
-  timing, and the baseline's 1 KiB values make far more of it.
+  timing, and the baseline's 1 KiB values make far more of it. Across runs on 2026-11-23
+  the ratio was 0.53x (the full run at 5092689), 0.75x (the full run at 7ccf808) and 0.87x
+  (the store group alone): the round-robin baseline ranged from 13 to 25 µs and the append
+  from 21 to 26 µs. The target is missed.
 * **In-process get vs a raw sled get.** Until 7ccf808 the baseline read 1,000 keys in
   sequence, all in the CPU's caches (274 ns a get); both sides now read 100,000 records in
   one shuffled order (a store is bigger than a cache), with the vault's in-memory caches
@@ -155,8 +158,9 @@ print("""
   the second; the ratio swung from 0.57x to 1.17x between runs. Each length now has its
   own store, and both do the same untimed work every 100 appends: put a fresh transcript
   of 10 messages (on the short side it becomes the one appended to) and append to it once.
-  The long side comes out faster, not slower: its appends all land at one growing edge of
-  its key range, while each fresh short transcript starts at a new place in the tree.
+  The long side is not slower: 0.99x in the full run at 5092689, 1.35x with the group run
+  alone the same day (its appends all land at one growing edge of its key range, while
+  each fresh short transcript starts at a new place in the tree).
 * **The audit trail.** Every call writes one record. It used to be a sled insert under the
   chain's lock, so every read also wrote to the B-tree. Measured the same day with the record
   writes switched off: appends +28%, gets +37%, disk at 256 B from 6.3x to 4.0x. The trail now
@@ -199,10 +203,10 @@ print("""
   20% (one `perf` profile); values read with `pread` instead took the 1 KiB export from
   166 to 240 MB/s (full run at ae85db8). Messages are lent to the JSON writer as views of the decrypted plaintext
   and times are formatted on the stack, so the export allocates per message only the
-  decryption buffer. Over gRPC the target is missed by a hair in some runs and met in
-  others: in the full run at 7ccf808 the same 1 GiB export ran at 262 MB/s (default cache,
-  run first, 0.49x: a miss) and 369 MB/s (32 MiB cache, run second, 0.69x); the ratio
-  above always uses the first. The client, the server's HTTP/2 framing and the walk share
-  2 cores (server CPU ~130%); a client with an adaptive HTTP/2 window made no difference
-  beyond the noise.
+  decryption buffer. Over gRPC the ratio depends on the run more than on the code: 0.49x
+  in the full run at 7ccf808 (262 MB/s, a miss), 1.22x in the full run at 5092689 (449 MB/s
+  over gRPC, while the in-process 16 KiB export measured 368 MB/s, its slowest of the day;
+  536-579 MB/s in other runs). Against the best in-process figure of the day the latter is
+  0.78x. The client, the server's HTTP/2 framing and the walk share 2 cores (server CPU
+  ~130%); a client with an adaptive HTTP/2 window made no difference beyond the noise.
 """)
