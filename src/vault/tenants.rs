@@ -59,7 +59,6 @@ impl Vault {
             self.apply(b)?;
         }
         self.cache.remove_tenant(tenant.as_str());
-        self.forget_subject_hints(None);
         self.wait_durable().await?;
         Ok(TenantErasure { subjects_shredded: subjects, key_epoch: epoch })
     }
