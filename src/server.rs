@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tonic_health::ServingStatus;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::clock::{Clock, SystemClock};
@@ -105,8 +106,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     println!("chatvault listening on {addr}");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_health = tonic_health::server::HealthReporter::new();
     let workers = [
-        tokio::spawn(rotation_worker(vault.clone(), config.rotation_check_interval_secs, stop_rx.clone())),
+        tokio::spawn(rotation_worker(
+            vault.clone(),
+            config.rotation_check_interval_secs,
+            admin_health.clone(),
+            stop_rx.clone(),
+        )),
         tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
         tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
     ];
@@ -114,7 +121,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let drained = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|d| *d).await;
     };
-    let admin_task = tokio::spawn(grpc::serve_admin(admin, admin_listener, admin_opts, drained(drain_rx.clone())));
+    let admin_task =
+        tokio::spawn(grpc::serve_admin(admin, admin_listener, admin_opts, admin_health, drained(drain_rx.clone())));
     let serve = grpc::serve(gate, listener, serve_opts, drained(drain_rx));
     tokio::pin!(serve);
     let served = tokio::select! {
@@ -155,24 +163,64 @@ async fn stopped(stop: &mut watch::Receiver<bool>, period: Duration) -> bool {
     }
 }
 
-async fn rotate(vault: &Arc<Vault>) {
+async fn rotate(vault: &Arc<Vault>) -> bool {
     let v = vault.clone();
     match tokio::task::spawn_blocking(move || v.rotate_key_store()).await {
-        Ok(Ok(report)) => tracing::info!(?report, "key-store rotated"),
-        Ok(Err(e)) => tracing::error!(error = %e, "key-store rotation failed; will retry"),
-        Err(e) => tracing::error!(error = %e, "key-store rotation panicked"),
+        Ok(Ok(report)) => {
+            tracing::info!(?report, "key-store rotated");
+            true
+        }
+        Ok(Err(e)) => {
+            let failures = vault.rotation_health().consecutive_failures;
+            let retry = Vault::rotation_retry_delay(failures);
+            tracing::error!(error = %e, failures, retry_in_secs = retry.as_secs(),
+                "key-store rotation failed; erasures stay pending until it succeeds");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "key-store rotation panicked");
+            false
+        }
     }
 }
 
-/// Rotates the key-store key when a shred happened since the last rotation.
-async fn rotation_worker(vault: Arc<Vault>, every_secs: u64, mut stop: watch::Receiver<bool>) {
-    if every_secs == 0 {
-        return;
-    }
-    while !stopped(&mut stop, Duration::from_secs(every_secs)).await {
+/// Rotates the key-store key when an erasure is not final yet: checked every
+/// `every_secs`, and a rotation that failed is retried with backoff (from 1 s, at most
+/// 5 min) until it succeeds. The admin listener's erasure health says which it is.
+async fn rotation_worker(
+    vault: Arc<Vault>,
+    every_secs: u64,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = Duration::from_secs(every_secs.max(1));
+    let mut since_check = Duration::ZERO;
+    loop {
+        let failures = vault.rotation_health().consecutive_failures;
+        let status = if failures == 0 { ServingStatus::Serving } else { ServingStatus::NotServing };
+        health.set_service_status(grpc::ERASURE_HEALTH, status).await;
+        // A failing rotation is retried on its own schedule, even with scheduled checks off.
+        let wait = if failures > 0 {
+            Vault::rotation_retry_delay(failures)
+        } else if every_secs == 0 {
+            Duration::from_secs(1)
+        } else {
+            every.saturating_sub(since_check).min(Duration::from_secs(1))
+        };
+        if stopped(&mut stop, wait).await {
+            return;
+        }
+        since_check += wait;
+        if failures == 0 && (every_secs == 0 || since_check < every) {
+            continue;
+        }
+        since_check = Duration::ZERO;
         match vault.rotation_due() {
-            Ok(true) => rotate(&vault).await,
-            Ok(false) => {}
+            Ok(true) => {
+                rotate(&vault).await;
+            }
+            // Nothing pending any more (another attempt finished it): not failing.
+            Ok(false) => vault.clear_rotation_failures(),
             Err(e) => tracing::error!(error = %e, "cannot tell whether a rotation is due"),
         }
     }
@@ -182,7 +230,9 @@ async fn rotation_worker(vault: Arc<Vault>, every_secs: u64, mut stop: watch::Re
 async fn rotate_on_sighup(vault: Arc<Vault>, mut hup: tokio::signal::unix::Signal, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = hup.recv() => rotate(&vault).await,
+            _ = hup.recv() => {
+                rotate(&vault).await;
+            }
             _ = stop.changed() => return,
         }
     }

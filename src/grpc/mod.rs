@@ -93,18 +93,32 @@ pub async fn serve(
 }
 
 /// Serves the admin API on its own listener.
+/// Serves the admin API on its own listener, with the health service `health` reports
+/// to (the erasure check, [`ERASURE_HEALTH`], among others).
 pub async fn serve_admin(
     admin: Admin,
     listener: TcpListener,
     opts: ServeOptions,
+    health: tonic_health::server::HealthReporter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let svc = pb::admin_service_server::AdminServiceServer::new(admin)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
-    builder(&opts)?.add_service(svc).serve_with_incoming_shutdown(incoming(listener), shutdown).await?;
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health),
+    );
+    builder(&opts)?
+        .add_service(health)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await?;
     Ok(())
 }
+
+/// Health service name, on the admin listener, that is NOT_SERVING while a key-store
+/// rotation keeps failing: erasures are not becoming final.
+pub const ERASURE_HEALTH: &str = "chatvault.erasure";
 
 /// Accepted connections with TCP_NODELAY (without it, Nagle's algorithm and delayed ACKs
 /// add ~40 ms to small responses) and keepalive (dead peers are noticed).

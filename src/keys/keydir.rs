@@ -135,21 +135,47 @@ impl FileKeyDir {
     }
 
     fn load_ksks(&self) -> Result<(), KeyError> {
+        let finished = files::finish_destroying(&self.dir).map_err(|e| KeyError::io(&self.dir, e))?;
+        if finished > 0 {
+            tracing::warn!(files = finished, "key directory: finished destroying key files a crash interrupted");
+        }
         let mut map = BTreeMap::new();
+        let mut zeroed = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(|e| KeyError::io(&self.dir, e))? {
             let path = entry.map_err(|e| KeyError::io(&self.dir, e))?.path();
             if !is_ksk_file(&path) {
                 continue;
             }
             let bytes = fs::read(&path).map_err(|e| KeyError::io(&path, e))?;
+            if !bytes.is_empty() && bytes.iter().all(|&b| b == 0) {
+                // What an older version's destruction left when a crash hit between its
+                // overwrite and its unlink: the key is gone already.
+                zeroed.push(path);
+                continue;
+            }
             let file: KskFile = postcard::from_bytes(&bytes)
                 .map_err(|_| KeyError::Corrupt(format!("{} is not a key file", path.display())))?;
             if file.magic != KSK_MAGIC || file.version != KSK_VERSION {
                 return Err(KeyError::Corrupt(format!("{}: unknown format", path.display())));
             }
+            if ksk_epoch_of(&path) != Some(file.epoch) {
+                return Err(KeyError::Corrupt(format!("{}: holds the key of epoch {}", path.display(), file.epoch)));
+            }
             let raw = crypto::open(self.root.wrapping_key(), self.ksk_aad(file.epoch).as_slice(), &file.sealed)
                 .map_err(|_| KeyError::Corrupt(format!("{} does not open under this root key", path.display())))?;
             map.insert(file.epoch, Arc::new(SecretKey::from_slice(&raw)?));
+        }
+        let newest = map.keys().last().copied();
+        for path in zeroed {
+            // Only an epoch older than a live one can be a destruction cut short; a zeroed
+            // newest key is damage, and the data wrapped under it is lost.
+            match (ksk_epoch_of(&path), newest) {
+                (Some(epoch), Some(newest)) if epoch < newest => {
+                    tracing::warn!(epoch, "key directory: removing a key file a crash left zeroed mid-destruction");
+                    files::destroy(&path).map_err(|e| KeyError::io(&path, e))?;
+                }
+                _ => return Err(KeyError::Corrupt(format!("{} is zero-filled", path.display()))),
+            }
         }
         *self.ksks.write().map_err(|_| KeyError::Poisoned)? = map;
         Ok(())
@@ -246,6 +272,11 @@ fn is_ksk_file(path: &Path) -> bool {
     name.starts_with("ksk-") && name.ends_with(".key")
 }
 
+/// The epoch a key file's name says it holds.
+fn ksk_epoch_of(path: &Path) -> Option<u64> {
+    path.file_name()?.to_str()?.strip_prefix("ksk-")?.strip_suffix(".key")?.parse().ok()
+}
+
 fn has_ksk_files(dir: &Path) -> Result<bool, KeyError> {
     let entries = fs::read_dir(dir).map_err(|e| KeyError::io(dir, e))?;
     Ok(entries.filter_map(Result::ok).any(|e| is_ksk_file(&e.path())))
@@ -306,5 +337,40 @@ mod tests {
         kd.add_epoch().unwrap();
         kd.destroy_epochs_before(2).unwrap();
         assert!(!first.exists());
+    }
+
+    #[test]
+    fn a_destruction_cut_short_after_the_rename_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        kd.add_epoch().unwrap();
+        let first = kd.ksk_path(1);
+        drop(kd);
+        // The crash: renamed to its doomed name, not yet wiped or unlinked.
+        let doomed = files::destroying_name(&first);
+        fs::rename(&first, &doomed).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        assert_eq!(kd.epochs(), vec![2]);
+        assert!(!doomed.exists() && !first.exists());
+    }
+
+    #[test]
+    fn a_zeroed_key_file_of_an_old_epoch_is_taken_for_a_destruction_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        kd.add_epoch().unwrap();
+        let (first, second) = (kd.ksk_path(1), kd.ksk_path(2));
+        drop(kd);
+        // What an older release left when a crash hit between its overwrite and unlink.
+        let len = fs::metadata(&first).unwrap().len() as usize;
+        fs::write(&first, vec![0u8; len]).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        assert_eq!(kd.epochs(), vec![2]);
+        assert!(!first.exists());
+        drop(kd);
+        // The newest key zeroed is damage, not a crash: refused, and left where it is.
+        fs::write(&second, vec![0u8; len]).unwrap();
+        assert!(matches!(FileKeyDir::open(dir.path(), &hex_root(1)), Err(KeyError::Corrupt(_))));
+        assert!(second.exists());
     }
 }

@@ -5,6 +5,7 @@
 mod bulk;
 mod error;
 mod layout;
+mod layout_check;
 mod locks;
 mod model;
 mod reclaim;
@@ -25,8 +26,8 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use bulk::{Scope, Visit, Walked};
 pub use error::VaultError;
 pub use model::{
-    AuthorRole, Message, MessageRef, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp,
-    Touched, Transcript, TranscriptPage,
+    AuthorRole, Message, MessageRef, RotationHealth, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus,
+    TenantId, Timestamp, Touched, Transcript, TranscriptPage,
 };
 pub use tenants::TenantErasure;
 pub use validate::Limits;
@@ -106,6 +107,7 @@ pub struct Vault {
     /// the rotation has already swept.
     epoch_guard: RwLock<()>,
     rotation: Mutex<()>,
+    rotation_health: Mutex<RotationHealth>,
     tenant_key_init: Mutex<()>,
     /// Tenants erased in this process: their keys are never made again.
     closed_tenants: RwLock<std::collections::HashSet<String>>,
@@ -137,9 +139,21 @@ impl Vault {
     }
 
     pub fn open_with_clock(opts: VaultOptions, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), VaultError> {
+        Self::open_with_keys(opts, clock, |keys| keys)
+    }
+
+    /// Opens with the key store passed through `keys` first: how tests put a
+    /// fault-injecting wrapper around the real key directory.
+    pub(crate) fn open_with_keys(
+        opts: VaultOptions,
+        clock: Arc<dyn Clock>,
+        keys: impl FnOnce(Arc<dyn KeyStore>) -> Arc<dyn KeyStore>,
+    ) -> Result<(Self, OpenReport), VaultError> {
+        layout_check::refuse_overlap(&opts.data_dir, &opts.key_dir)?;
         let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
+        let keydir = keys(Arc::new(keydir));
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
-        bind_store_to_keys(store.as_ref(), &keydir)?;
+        bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
         let values = Arc::new(ValueLog::open(&opts.data_dir.join("values"), opts.value_segment_bytes)?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;
         commit.attach_before(values.clone());
@@ -151,7 +165,7 @@ impl Vault {
             values,
             inline_values_below: opts.inline_values_below,
             maintenance: Mutex::new(()),
-            keys: Arc::new(keydir),
+            keys: keydir,
             cache: KeyCache::new(opts.key_cache_entries),
             locks: locks::LockTable::new(),
             clock,
@@ -159,6 +173,7 @@ impl Vault {
             limits: opts.limits,
             epoch_guard: RwLock::new(()),
             rotation: Mutex::new(()),
+            rotation_health: Mutex::new(RotationHealth::default()),
             tenant_key_init: Mutex::new(()),
             closed_tenants: RwLock::new(Default::default()),
             counts: Mutex::new(lru::LruCache::new(cache_entries)),
@@ -167,7 +182,7 @@ impl Vault {
             reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };
         vault.drop_torn_pointers()?;
-        vault.resume_rotation()?;
+        vault.resume_rotation();
         Ok((vault, report))
     }
 
@@ -395,7 +410,7 @@ impl Vault {
 
 /// A data directory remembers the key directory it was created with; opening it with
 /// another (a restored backup of one but not the other, a typo in a path) is refused.
-fn bind_store_to_keys(store: &dyn KvStore, keydir: &FileKeyDir) -> Result<(), VaultError> {
+fn bind_store_to_keys(store: &dyn KvStore, keydir: &dyn KeyStore) -> Result<(), VaultError> {
     let slot = layout::meta(META_STORE_ID);
     match store.get(&slot)? {
         Some(id) if id == keydir.store_id() => Ok(()),

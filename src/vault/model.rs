@@ -221,6 +221,16 @@ pub struct RotationReport {
     pub keys_rewrapped: u64,
 }
 
+/// How key-store rotations have gone lately. A rotation that keeps failing leaves
+/// erasures pending: this is what makes that loud.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RotationHealth {
+    pub last_completed_at: Option<Timestamp>,
+    /// The latest failure since the last success, with its error.
+    pub last_failure: Option<(Timestamp, String)>,
+    pub consecutive_failures: u32,
+}
+
 /// A write's result and the subject whose data it touched (hex blind index), for the audit trail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Touched<T> {

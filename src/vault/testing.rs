@@ -3,11 +3,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use super::{Timestamp, Vault, VaultOptions};
 use crate::clock::Clock;
-use crate::keys::RootKeySource;
+use crate::crypto::{Aad, SecretKey};
+use crate::keys::{KeyError, KeyStore, RootKeySource};
 
 /// A clock that stands still until the test moves it.
 pub struct HandClock(AtomicI64);
@@ -34,4 +35,70 @@ pub fn open(dir: &Path, clock: Arc<HandClock>, tweak: impl FnOnce(&mut VaultOpti
     let mut opts = VaultOptions::new(dir.join("data"), dir.join("keys"), root);
     tweak(&mut opts);
     Vault::open_with_clock(opts, clock).expect("the test vault opens").0
+}
+
+/// The real key store, with faults a test switches on and off: an I/O error from the key
+/// directory, as a full or read-only volume would give.
+pub struct FaultyKeys {
+    inner: Arc<dyn KeyStore>,
+    pub fail_add_epoch: AtomicBool,
+    pub fail_destroy: AtomicBool,
+}
+
+impl FaultyKeys {
+    pub fn wrap(inner: Arc<dyn KeyStore>) -> Arc<Self> {
+        Arc::new(FaultyKeys { inner, fail_add_epoch: AtomicBool::new(false), fail_destroy: AtomicBool::new(false) })
+    }
+
+    fn fault(flag: &AtomicBool) -> Result<(), KeyError> {
+        if flag.load(Ordering::SeqCst) {
+            let e = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected fault");
+            return Err(KeyError::Io { path: "keys".into(), source: e });
+        }
+        Ok(())
+    }
+}
+
+impl KeyStore for FaultyKeys {
+    fn store_id(&self) -> [u8; 16] {
+        self.inner.store_id()
+    }
+    fn current_epoch(&self) -> u64 {
+        self.inner.current_epoch()
+    }
+    fn epochs(&self) -> Vec<u64> {
+        self.inner.epochs()
+    }
+    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError> {
+        self.inner.wrap(aad, key)
+    }
+    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError> {
+        self.inner.unwrap(wrapped, aad)
+    }
+    fn add_epoch(&self) -> Result<u64, KeyError> {
+        Self::fault(&self.fail_add_epoch)?;
+        self.inner.add_epoch()
+    }
+    fn destroy_epochs_before(&self, keep_from: u64) -> Result<Vec<u64>, KeyError> {
+        Self::fault(&self.fail_destroy)?;
+        self.inner.destroy_epochs_before(keep_from)
+    }
+    fn control_key(&self, purpose: &[u8]) -> SecretKey {
+        self.inner.control_key(purpose)
+    }
+}
+
+/// Opens the vault under `dir` with its key store behind a [`FaultyKeys`].
+pub fn open_faulty(dir: &Path, clock: Arc<HandClock>) -> (Vault, Arc<FaultyKeys>) {
+    let root = RootKeySource::Hex(zeroize::Zeroizing::new("42".repeat(32)));
+    let opts = VaultOptions::new(dir.join("data"), dir.join("keys"), root);
+    let mut faulty = None;
+    let vault = Vault::open_with_keys(opts, clock, |keys| {
+        let f = FaultyKeys::wrap(keys);
+        faulty = Some(f.clone());
+        f
+    })
+    .expect("the test vault opens")
+    .0;
+    (vault, faulty.expect("wrapped"))
 }

@@ -136,6 +136,19 @@ async fn a_data_directory_with_another_key_directory_is_refused() {
 }
 
 #[tokio::test]
+async fn a_key_directory_inside_or_equal_to_the_data_directory_is_refused_before_anything_is_written() {
+    for relative in ["data/keys", "data", "data/../data/"] {
+        let dirs = Dirs::with_key_dir(relative);
+        let err = Server::try_start(&dirs, Opts::default()).err().unwrap_or_else(|| panic!("{relative} started"));
+        assert!(err.contains("key_dir") && err.contains("own volume"), "{relative}: {err}");
+        assert!(!dirs.data().exists(), "{relative}: the refusal created the data directory");
+    }
+    let dirs = Dirs::with_key_dir(".");
+    let err = Server::try_start(&dirs, Opts::default()).err().expect("a key directory holding the data directory");
+    assert!(err.contains("inside the key directory"), "{err}");
+}
+
+#[tokio::test]
 async fn chacha20_poly1305_records_read_back_after_switching_to_aes() {
     let dirs = Dirs::new();
     let server = Server::start_with(&dirs, Opts { args: vec!["--cipher", "chacha20-poly1305"], ..Opts::default() });

@@ -33,17 +33,24 @@ pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 pub struct Dirs {
     pub tmp: tempfile::TempDir,
     api_keys: Arc<Mutex<HashMap<String, String>>>,
+    key_dir: PathBuf,
 }
 
 impl Dirs {
     pub fn new() -> Self {
-        Dirs { tmp: tempfile::tempdir().expect("temp dir"), api_keys: Arc::default() }
+        Self::with_key_dir("keys")
+    }
+    /// A key directory at `relative` to the temporary directory (the data directory is `data`).
+    pub fn with_key_dir(relative: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let key_dir = tmp.path().join(relative);
+        Dirs { tmp, api_keys: Arc::default(), key_dir }
     }
     pub fn data(&self) -> PathBuf {
         self.tmp.path().join("data")
     }
     pub fn keys(&self) -> PathBuf {
-        self.tmp.path().join("keys")
+        self.key_dir.clone()
     }
     /// Writes a server configuration file and returns its path.
     pub fn config(&self, toml: &str) -> PathBuf {

@@ -300,3 +300,79 @@ async fn a_sighup_the_moment_the_server_is_ready_rotates_instead_of_killing_it()
     }
     assert_eq!(get(&mut c, "t").await.unwrap().messages[0].text, "still serving");
 }
+
+/// `chattr +i` on a file for as long as this lives: an immutable file can be neither
+/// renamed nor unlinked, the transient "cannot write the key directory" fault of a full
+/// or read-only volume. `None` where the file system or the user may not (the test then
+/// says so and skips).
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Option<Immutable> {
+        let ok = chattr("+i", path);
+        if !ok {
+            eprintln!("SKIPPED: `chattr +i` is not permitted here (needs root on ext4/xfs/btrfs)");
+        }
+        ok.then(|| Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
+fn chattr(flag: &str, path: &Path) -> bool {
+    std::process::Command::new("chattr").arg(flag).arg(path).status().is_ok_and(|s| s.success())
+}
+
+async fn erasure_health(server: &Server) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let ch = tonic::transport::Channel::from_shared(server.admin_url.clone()).unwrap().connect().await.unwrap();
+    let req = HealthCheckRequest { service: chatvault::grpc::ERASURE_HEALTH.into() };
+    HealthClient::new(ch).check(req).await.unwrap().into_inner().status
+}
+
+#[tokio::test]
+async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_the_old_copy_is_then_useless() {
+    use tonic_health::ServingStatus;
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("victim-chat", "victim@example.com", 1_700_000_000, &["victim's secret"])).await;
+    put(&mut c, transcript("bystander-chat", "bystander@example.com", 1_700_000_000, &["bystander's text"])).await;
+    let blind = hex::decode(subject(&server, "acme", "victim@example.com").await.subject_blind_id).unwrap();
+    let stolen = dirs.tmp.path().join("stolen-data");
+    copy_dir(&dirs.data(), &stolen);
+    shred(&server, "acme", "victim@example.com").await;
+
+    // The old key file cannot be destroyed: every attempt gets as far as destroying it.
+    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+    let Some(fault) = Immutable::set(&first_ksk) else { return };
+    server.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.log_text().matches("key-store rotation failed").count() < 3 {
+        assert!(Instant::now() < deadline, "no retries:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(erasure_health(&server).await, ServingStatus::NotServing as i32, "a failing rotation is loud");
+    let ksks = || files_below(&dirs.keys()).iter().filter(|f| f.to_string_lossy().contains("/ksk-")).count();
+    assert_eq!(ksks(), 2, "retries resume the rotation instead of adding epochs");
+    assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
+
+    // The fault clears: the next retry finishes the rotation on its own.
+    drop(fault);
+    while first_ksk.exists() {
+        assert!(Instant::now() < deadline, "the rotation was not retried:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ksks(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while erasure_health(&server).await != ServingStatus::Serving as i32 {
+        assert!(Instant::now() < deadline, "erasure health did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(subject_keys_recoverable(&stolen, &key_store_keys(&dirs.keys()), "acme", &blind), 0);
+    assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
+}
