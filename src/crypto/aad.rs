@@ -21,6 +21,9 @@ pub enum RecordKind {
     Message = 6,
     /// A tenant's registry entry (settings, API key hashes).
     TenantRecord = 7,
+    /// A transcript key (already wrapped under its subject's data key) sealed again under
+    /// a key-store key, so that a key-store rotation sweeps every copy of a deleted one.
+    TranscriptKeySeal = 8,
 }
 
 /// Builder for an AAD byte string.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use super::root::{self, PassphraseSalt, RootKey, RootKeySource};
 use super::{KeyError, files};
@@ -22,10 +23,19 @@ pub trait KeyStore: Send + Sync {
     fn current_epoch(&self) -> u64;
     /// Every epoch still held, oldest first.
     fn epochs(&self) -> Vec<u64>;
+    /// Seals `secret` (a key, or a key already wrapped under a data key) under the
+    /// current epoch; `aad` says what it is for. The epoch leads the result.
+    fn seal(&self, aad: Aad, secret: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Opens what [`KeyStore::seal`] made, under any epoch still held.
+    fn open(&self, sealed: &[u8], aad: Aad) -> Result<Zeroizing<Vec<u8>>, KeyError>;
     /// Wraps `key` under the current epoch; `aad` says what the key is for.
-    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError>;
+    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError> {
+        self.seal(aad, key.expose())
+    }
     /// Unwraps a key made by [`KeyStore::wrap`] under any epoch still held.
-    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError>;
+    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError> {
+        Ok(SecretKey::from_slice(&self.open(wrapped, aad)?)?)
+    }
     /// Creates a new epoch and makes it current. Durable before it returns.
     fn add_epoch(&self) -> Result<u64, KeyError>;
     /// Destroys every epoch older than `keep_from`. Durable before it returns.
@@ -200,21 +210,20 @@ impl KeyStore for FileKeyDir {
         self.ksks.read().map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
 
-    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError> {
+    fn seal(&self, aad: Aad, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
         let epoch = self.current_epoch();
         let ksk = self.ksk(epoch)?;
-        let sealed = crypto::seal(Algorithm::Aes256Gcm, &ksk, aad.u64(epoch).as_slice(), key.expose())?;
+        let sealed = crypto::seal(Algorithm::Aes256Gcm, &ksk, aad.u64(epoch).as_slice(), secret)?;
         let mut out = Vec::with_capacity(8 + sealed.len());
         out.extend_from_slice(&epoch.to_be_bytes());
         out.extend_from_slice(&sealed);
         Ok(out)
     }
 
-    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError> {
-        let epoch = wrapped_epoch(wrapped)?;
+    fn open(&self, sealed: &[u8], aad: Aad) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let epoch = wrapped_epoch(sealed)?;
         let ksk = self.ksk(epoch)?;
-        let raw = crypto::open(&ksk, aad.u64(epoch).as_slice(), &wrapped[8..])?;
-        Ok(SecretKey::from_slice(&raw)?)
+        Ok(crypto::open(&ksk, aad.u64(epoch).as_slice(), &sealed[8..])?)
     }
 
     fn add_epoch(&self) -> Result<u64, KeyError> {
@@ -285,7 +294,6 @@ fn has_ksk_files(dir: &Path) -> Result<bool, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zeroize::Zeroizing;
 
     fn hex_root(byte: u8) -> RootKeySource {
         RootKeySource::Hex(Zeroizing::new(format!("{byte:02x}").repeat(32)))

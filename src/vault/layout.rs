@@ -20,6 +20,7 @@ const VALUES_RETIRED: u8 = 2;
 
 const KEY_TENANT: u8 = 1;
 const KEY_SUBJECT: u8 = 2;
+const KEY_TRANSCRIPT: u8 = 3;
 
 pub type Blind = [u8; 32];
 
@@ -37,7 +38,7 @@ pub fn meta(name: &str) -> Vec<u8> {
     k
 }
 
-/// Every wrapped key (tenant and subject keys): the set a rotation re-wraps.
+/// Every wrapped key (tenant, subject and transcript keys): the set a rotation re-wraps.
 pub fn keys_prefix() -> Vec<u8> {
     vec![kind::KEY]
 }
@@ -55,10 +56,27 @@ pub fn subject_key(tenant: &str, subject: &Blind) -> Vec<u8> {
     k
 }
 
+/// A transcript incarnation's key, sealed under a key-store key (see `RecordKind::TranscriptKeySeal`).
+pub fn transcript_key(tenant: &str, transcript: &Blind, incarnation: u64) -> Vec<u8> {
+    let mut k = transcript_keys_prefix(tenant);
+    k.extend_from_slice(transcript);
+    k.extend_from_slice(&incarnation.to_be_bytes());
+    k
+}
+
+/// Every transcript key of one tenant.
+pub fn transcript_keys_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = vec![kind::KEY, KEY_TRANSCRIPT];
+    k.push(tenant.len() as u8);
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
 /// Which key a record under [`keys_prefix`] holds.
 pub enum KeyOwner {
     Tenant(String),
     Subject(String, Blind),
+    Transcript(String, Blind, u64),
 }
 
 pub fn parse_key_owner(key: &[u8]) -> Option<KeyOwner> {
@@ -69,6 +87,11 @@ pub fn parse_key_owner(key: &[u8]) -> Option<KeyOwner> {
     match sub {
         KEY_TENANT if rest.is_empty() => Some(KeyOwner::Tenant(tenant)),
         KEY_SUBJECT => Some(KeyOwner::Subject(tenant, rest.try_into().ok()?)),
+        KEY_TRANSCRIPT if rest.len() == 40 => Some(KeyOwner::Transcript(
+            tenant,
+            rest[..32].try_into().ok()?,
+            u64::from_be_bytes(rest[32..].try_into().ok()?),
+        )),
         _ => None,
     }
 }
@@ -87,6 +110,7 @@ pub fn tenant_prefixes(tenant: &str) -> Vec<Vec<u8>> {
         .iter()
         .map(|&k| with_tenant(k, tenant, 0))
         .collect();
+    v.push(transcript_keys_prefix(tenant));
     v.push(subject_keys_prefix(tenant));
     v.push(tenant_key(tenant));
     v
@@ -165,6 +189,23 @@ pub fn body(tenant: &str, transcript: &Blind, incarnation: u64) -> Vec<u8> {
     k
 }
 
+/// Every body record of every tenant.
+pub fn bodies_prefix() -> Vec<u8> {
+    vec![kind::BODY]
+}
+
+/// The tenant, transcript and incarnation a [`body`] key names.
+pub fn parse_body(key: &[u8]) -> Option<(String, Blind, u64)> {
+    let (&k, rest) = key.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    let tenant = std::str::from_utf8(rest.get(..len as usize)?).ok()?.to_owned();
+    let rest = rest.get(len as usize..)?;
+    if k != kind::BODY || rest.len() != 40 {
+        return None;
+    }
+    Some((tenant, rest[..32].try_into().ok()?, u64::from_be_bytes(rest[32..].try_into().ok()?)))
+}
+
 /// Dead bytes counted in one value-log segment.
 pub fn value_tally(segment: u32) -> Vec<u8> {
     let mut k = vec![kind::VALUES, VALUES_TALLY];
@@ -223,6 +264,16 @@ mod tests {
             _ => panic!("not a subject key"),
         }
         assert!(matches!(parse_key_owner(&tenant_key("acme")), Some(KeyOwner::Tenant(t)) if t == "acme"));
+        match parse_key_owner(&transcript_key("acme", &[3; 32], 9)) {
+            Some(KeyOwner::Transcript(t, tb, inc)) => assert_eq!((t.as_str(), tb, inc), ("acme", [3; 32], 9)),
+            _ => panic!("not a transcript key"),
+        }
+    }
+
+    #[test]
+    fn body_keys_parse_back() {
+        assert_eq!(parse_body(&body("acme", &[4; 32], 7)), Some(("acme".into(), [4; 32], 7)));
+        assert_eq!(parse_body(&header("acme", &[4; 32])), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod subjects;
 mod tenants;
 #[cfg(test)]
 mod testing;
+mod transcript_keys;
 mod transcripts;
 mod validate;
 mod values;
@@ -120,16 +121,19 @@ pub struct Vault {
     /// before it reads the header under it and checks. A stale entry costs a retry,
     /// never a wrong result; a fresh one saves a header read per append.
     subject_hints: Mutex<lru::LruCache<(String, Blind), Blind>>,
-    /// Body records (wrapped transcript key and sealed body) of recent incarnations. One is
-    /// written once and never changed, so an entry is never stale; callers reach it only
-    /// through a live header. Ciphertext only: useless once its subject key is shredded.
+    /// Body records of recent incarnations, their subject-wrapped keys filled in (see
+    /// `Vault::body_record`). Ciphertext only: useless once its subject key is shredded.
     bodies: Mutex<lru::LruCache<(String, Blind, u64), Arc<BodyRecord>>>,
 }
 
 const SUBJECT_DOMAIN: &[u8] = b"subject";
 const TRANSCRIPT_DOMAIN: &[u8] = b"transcript";
 const META_STORE_ID: &str = "store_id";
+/// The newest key-store epoch under which key material was discarded (a shred, a delete,
+/// a replace): a rotation is due while it is the current one.
 const META_SHRED_EPOCH: &str = "shred_epoch";
+/// Which way transcript keys are kept (see `transcript_keys.rs`).
+const META_KEY_FORMAT: &str = "key_format";
 
 impl Vault {
     /// Opens the key directory and the data directory, checks they belong together, and
@@ -182,6 +186,7 @@ impl Vault {
             reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };
         vault.drop_torn_pointers()?;
+        vault.migrate_transcript_keys()?;
         vault.resume_rotation();
         Ok((vault, report))
     }
@@ -388,6 +393,15 @@ impl Vault {
         Ok(key)
     }
 
+    /// Drops a subject generation's unwrapped key and every cached body (whose inner
+    /// wrappings it opened): after the subject was given a new data key.
+    fn forget_cached_keys(&self, tenant: &TenantId, subject: &Blind, generation: u32) {
+        self.cache.remove(&KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: *subject, generation });
+        if let Ok(mut c) = self.bodies.lock() {
+            c.clear();
+        }
+    }
+
     /// A fresh data key for a new subject generation, wrapped and queued in `batch`.
     /// The caller must hold `epoch_guard` (shared) until the batch is applied.
     fn new_subject_key(
@@ -423,6 +437,7 @@ fn bind_store_to_keys(store: &dyn KvStore, keydir: &dyn KeyStore) -> Result<(), 
         None => {
             let mut b = Batch::default();
             b.put(slot, keydir.store_id().to_vec());
+            b.put(layout::meta(META_KEY_FORMAT), transcript_keys::KEY_FORMAT_SEALED.to_vec());
             store.apply(b)?;
             store.sync(Durability::Fsync)?;
             Ok(())

@@ -35,6 +35,7 @@ impl Vault {
                     }
                     if n < budget - removed {
                         b.delete(layout::body(&tenant, &transcript, incarnation));
+                        b.delete(layout::transcript_key(&tenant, &transcript, incarnation));
                         b.delete(gkey);
                     }
                     self.store.apply(b)?;

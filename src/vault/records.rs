@@ -57,10 +57,12 @@ pub struct Header {
     pub ended_at: Option<i64>,
 }
 
-/// Per transcript incarnation, written once: its key and its encrypted [`Body`].
-#[derive(Serialize, Deserialize)]
+/// Per transcript incarnation, written once: its encrypted [`Body`] and, in records of
+/// earlier versions only, its key (now kept in a record of its own, `transcript_keys.rs`).
+#[derive(Serialize, Deserialize, Clone)]
 pub struct BodyRecord {
-    /// The transcript key, sealed under the subject's data key.
+    /// The transcript key sealed under the subject's data key; empty when the key has its
+    /// own record. In memory (the body cache) always filled in.
     pub wrapped_key: Vec<u8>,
     /// [`Body`], sealed under the transcript key.
     pub body: Vec<u8>,

@@ -111,8 +111,8 @@ impl Vault {
                     continue;
                 }
                 let aad = || key_aad(key, rec.generation);
-                let plain = self.keys.unwrap(&rec.wrapped, aad()?).map_err(key_err("wrapped key"))?;
-                let fresh = KeyRecord { generation: rec.generation, wrapped: self.keys.wrap(aad()?, &plain)? };
+                let plain = self.keys.open(&rec.wrapped, aad()?).map_err(key_err("wrapped key"))?;
+                let fresh = KeyRecord { generation: rec.generation, wrapped: self.keys.seal(aad()?, &plain)? };
                 // Swap only if unchanged: a shred deleting this key meanwhile must win.
                 if self.store.compare_and_swap(key, Some(value), Some(records::encode(&fresh)?))? {
                     rewrapped += 1;
@@ -131,6 +131,7 @@ fn key_aad(key: &[u8], generation: u32) -> Result<Aad, VaultError> {
     match layout::parse_key_owner(key) {
         Some(KeyOwner::Tenant(t)) => Ok(Aad::new(RecordKind::TenantKey).bytes(t.as_bytes())),
         Some(KeyOwner::Subject(t, s)) => Ok(Vault::subject_key_aad(&t, &s, generation)),
+        Some(KeyOwner::Transcript(t, tb, incarnation)) => Ok(super::transcript_keys::seal_aad(&t, &tb, incarnation)),
         None => Err(VaultError::Corrupt("wrapped key location")),
     }
 }

@@ -69,11 +69,11 @@ impl KeyStore for FaultyKeys {
     fn epochs(&self) -> Vec<u64> {
         self.inner.epochs()
     }
-    fn wrap(&self, aad: Aad, key: &SecretKey) -> Result<Vec<u8>, KeyError> {
-        self.inner.wrap(aad, key)
+    fn seal(&self, aad: Aad, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.inner.seal(aad, secret)
     }
-    fn unwrap(&self, wrapped: &[u8], aad: Aad) -> Result<SecretKey, KeyError> {
-        self.inner.unwrap(wrapped, aad)
+    fn open(&self, sealed: &[u8], aad: Aad) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+        self.inner.open(sealed, aad)
     }
     fn add_epoch(&self) -> Result<u64, KeyError> {
         Self::fault(&self.fail_add_epoch)?;

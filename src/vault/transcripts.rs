@@ -73,10 +73,10 @@ impl Vault {
                 let place_inc = u64::from_be_bytes(random_bytes().map_err(seal_err)?);
                 let place = Place { tenant: tenant.as_str(), subject: &sb, transcript: &tb, incarnation: place_inc };
                 let tk = SecretKey::generate().map_err(seal_err)?;
-                let body = BodyRecord {
-                    wrapped_key: place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?,
-                    body: place.seal_body(self.alg, &tk, &t)?,
-                };
+                let inner = place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?;
+                self.put_transcript_key(&mut batch, tenant.as_str(), &tb, place_inc, subj.generation, &inner)?;
+                // The key is in its own record; the body record holds only the body.
+                let body = BodyRecord { wrapped_key: Vec::new(), body: place.seal_body(self.alg, &tk, &t)? };
                 let sealed = t
                     .messages
                     .iter()
@@ -101,6 +101,9 @@ impl Vault {
                 batch.put(hkey.clone(), records::encode(&header)?);
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
                 self.apply(batch)?;
+                if let Some(o) = &old {
+                    self.forget_body(tenant, &tb, o.incarnation);
+                }
                 self.set_count(tenant, &tb, &header, Some(t.messages.len() as u32));
                 self.hint_subject((tenant.as_str().to_owned(), tb), sb);
                 break (old.is_some(), self.commit.ticket());
@@ -127,6 +130,7 @@ impl Vault {
             &Garbage::Incarnation { tenant: tenant.as_str().to_owned(), transcript: *tb, incarnation: old.incarnation },
         )?;
         batch.delete(layout::body(tenant.as_str(), tb, old.incarnation));
+        self.discard_transcript_key(batch, tenant.as_str(), tb, old.incarnation);
         let old_index = layout::by_subject(tenant.as_str(), &old.subject, old.generation, old.started_at, tb);
         if old.subject == *new_subject {
             let same_generation = old.generation == new_generation;
@@ -229,8 +233,10 @@ impl Vault {
             subj.transcript_count = subj.transcript_count.saturating_sub(1);
             batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
             batch.delete(layout::header(tenant.as_str(), tb));
-            // The body holds the wrapped transcript key: it goes now, not with the reclaim.
+            // The transcript key goes now, not with the reclaim: its copies elsewhere are
+            // sealed under this epoch's key-store key, which the next rotation destroys.
             batch.delete(layout::body(tenant.as_str(), tb, h.incarnation));
+            self.discard_transcript_key(batch, tenant.as_str(), tb, h.incarnation);
             batch.delete(layout::by_subject(tenant.as_str(), &h.subject, h.generation, h.started_at, tb));
             self.queue_garbage(
                 batch,
@@ -240,8 +246,10 @@ impl Vault {
                     incarnation: h.incarnation,
                 },
             )?;
-            Ok(*tb)
+            Ok((*tb, h.incarnation))
         })?;
+        let (tb, incarnation) = tb;
+        self.forget_body(tenant, &tb, incarnation);
         self.forget_subject_hints(Some((tenant, &tb)));
         self.durable(ticket).await?;
         Ok(Touched::new((), &subject))
@@ -505,22 +513,6 @@ impl Vault {
             Some(s) if s.active && s.generation == h.generation => Ok(()),
             _ => Err(VaultError::Erased("transcript not found")),
         }
-    }
-
-    fn body_record(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Arc<BodyRecord>, VaultError> {
-        let slot = (tenant.as_str().to_owned(), *tb, h.incarnation);
-        if let Some(b) = self.bodies.lock().ok().and_then(|mut c| c.get(&slot).cloned()) {
-            return Ok(b);
-        }
-        let bytes = self
-            .store
-            .get(&layout::body(tenant.as_str(), tb, h.incarnation))?
-            .ok_or(VaultError::Corrupt("transcript body"))?;
-        let body: Arc<BodyRecord> = Arc::new(records::decode(&bytes, "transcript body")?);
-        if let Ok(mut c) = self.bodies.lock() {
-            c.put(slot, body.clone());
-        }
-        Ok(body)
     }
 
     /// A transcript's key and body record. Transcript keys are not cached: unwrapping one

@@ -52,6 +52,10 @@ impl Dirs {
     pub fn keys(&self) -> PathBuf {
         self.key_dir.clone()
     }
+    /// Makes `key` the API key the helpers use for `tenant` (one a fixture came with).
+    pub fn remember_api_key(&self, tenant: &str, key: &str) {
+        self.api_keys.lock().unwrap().insert(tenant.into(), key.into());
+    }
     /// Writes a server configuration file and returns its path.
     pub fn config(&self, toml: &str) -> PathBuf {
         let path = self.tmp.path().join("chatvault.toml");

@@ -3,12 +3,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chatvault::crypto::{self, Aad, RecordKind, SecretKey};
+use chatvault::crypto::{self, SecretKey};
 use chatvault::grpc::pb::{self, SubjectStatus};
-use serde::Deserialize;
 use tonic::Code;
 
 use super::common::*;
+use super::forensic::*;
 
 async fn shred(server: &Server, tenant: &str, subject: &str) -> pb::ShredReceipt {
     let mut s = server.subjects(tenant).await;
@@ -89,66 +89,6 @@ async fn a_returning_subject_gets_a_fresh_key_and_never_revives_old_data() {
     assert_eq!(reused.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["reused id"]);
     let info = subject(&server, "acme", "carol").await;
     assert_eq!((info.status(), info.transcript_count), (SubjectStatus::Active, 2));
-}
-
-/// What the key directory's files hold, decoded the way an attacker with the root key would.
-#[derive(Deserialize)]
-struct KeyDirMeta {
-    _magic: [u8; 4],
-    _version: u16,
-    store_id: [u8; 16],
-    _root_check: [u8; 16],
-}
-
-#[derive(Deserialize)]
-struct KskFile {
-    _magic: [u8; 4],
-    _version: u16,
-    epoch: u64,
-    sealed: Vec<u8>,
-}
-
-/// Every key-store key the given key directory yields to the root key.
-fn key_store_keys(key_dir: &Path) -> Vec<SecretKey> {
-    let root = SecretKey::from_slice(&hex::decode(ROOT_KEY_HEX).unwrap()).unwrap();
-    let wrap = crypto::derive_key(&root, b"chatvault/root/wrap-key-store-key/v1");
-    let meta_bytes = std::fs::read(key_dir.join("keydir.meta")).unwrap();
-    let meta: KeyDirMeta = postcard::from_bytes(&meta_bytes).unwrap();
-    let mut out = Vec::new();
-    for f in files_below(key_dir) {
-        if !f.file_name().unwrap().to_str().unwrap().starts_with("ksk-") {
-            continue;
-        }
-        let file: KskFile = postcard::from_bytes(&std::fs::read(&f).unwrap()).unwrap();
-        let aad = Aad::new(RecordKind::KeyStoreKey).bytes(&meta.store_id).u64(file.epoch);
-        let raw = crypto::open(&wrap, aad.as_slice(), &file.sealed).expect("ksk opens under the root key");
-        out.push(SecretKey::from_slice(&raw).unwrap());
-    }
-    assert!(!out.is_empty());
-    out
-}
-
-/// Scans every byte of every file below `data_dir` for anything shaped like a wrapped
-/// subject key (`[epoch: 8][envelope v1: 2 + 12 + 32 + 16]`) and tries to open it with every
-/// key in `ksks`, under the AAD the subject's key would have had. Returns how many opened.
-fn subject_keys_recoverable(data_dir: &Path, ksks: &[SecretKey], tenant: &str, blind: &[u8]) -> usize {
-    const LEN: usize = 8 + 2 + 12 + 32 + 16;
-    let mut found = 0;
-    for f in files_below(data_dir) {
-        let bytes = std::fs::read(&f).unwrap();
-        for w in bytes.windows(LEN) {
-            let epoch = u64::from_be_bytes(w[..8].try_into().unwrap());
-            if !(1..=16).contains(&epoch) || w[8] != 1 || !(w[9] == 1 || w[9] == 2) {
-                continue;
-            }
-            for generation in 0..3u64 {
-                let aad =
-                    Aad::new(RecordKind::SubjectKey).bytes(tenant.as_bytes()).bytes(blind).u64(generation).u64(epoch);
-                found += ksks.iter().filter(|k| crypto::open(k, aad.as_slice(), &w[8..]).is_ok()).count();
-            }
-        }
-    }
-    found
 }
 
 #[tokio::test]
@@ -375,4 +315,52 @@ async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_t
     }
     assert_eq!(subject_keys_recoverable(&stolen, &key_store_keys(&dirs.keys()), "acme", &blind), 0);
     assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
+}
+
+#[tokio::test]
+async fn a_deleted_transcript_cannot_be_decrypted_from_a_copy_taken_before_the_delete_once_the_key_store_rotates() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("doomed", "dana", 1_700_000_000, &["dana's deleted words"])).await;
+    put(&mut c, transcript("kept", "dana", 1_700_000_001, &["dana's kept words"])).await;
+    let sb = hex::decode(subject(&server, "acme", "dana").await.subject_blind_id).unwrap();
+    // The adversary's copy, and (control only) the key directory of that time.
+    let stolen = snapshot(&dirs.data(), dirs.tmp.path().join("stolen-data"));
+    let old_keys = snapshot(&dirs.keys(), dirs.tmp.path().join("old-keys"));
+    c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "doomed".into() }).await.unwrap();
+    server.signal("-HUP");
+    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_ksk.exists() {
+        assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&mut c, "doomed").await.unwrap_err().code(), Code::NotFound);
+    server.stop().await;
+
+    // Which incarnation was deleted: named in the copy, gone from the live tree.
+    let prefix = transcript_keys_prefix("acme");
+    let live: Vec<Vec<u8>> = raw_tree(&dirs).1.scan_prefix(&prefix).keys().map(|k| k.unwrap().to_vec()).collect();
+    let named = incarnations_named(&[&stolen], &prefix);
+    let doomed: Vec<_> =
+        named.iter().filter(|(tb, inc)| !live.contains(&[&prefix[..], tb, &inc.to_be_bytes()].concat())).collect();
+    assert_eq!((named.len(), live.len(), doomed.len()), (2, 1, 1), "{named:?}");
+    let (tb, inc) = *doomed[0];
+
+    let (old, now) = (key_store_keys(&old_keys), key_store_keys(&dirs.keys()));
+    let subject_key = SecretKey::from_slice(&subject_keys_found(&[&dirs.data()], &now, "acme", &sb)[0]).unwrap();
+    // Control: with the key directory of that time, the copy yields the transcript key.
+    let inner = sealed_transcript_keys_found(&[&stolen], &old, "acme", &tb, inc);
+    assert!(!inner.is_empty(), "control: the scan must find the key with the old key directory");
+    let aad = transcript_key_aad("acme", &sb, &tb, inc);
+    assert!(crypto::open(&subject_key, aad.as_slice(), &inner[0]).is_ok(), "control: the live subject key opens it");
+    // With today's keys nothing of it opens, in the copy or in the live files, and it
+    // never lay anywhere wrapped under the (still live) subject key alone.
+    assert!(sealed_transcript_keys_found(&[&stolen, &dirs.data()], &now, "acme", &tb, inc).is_empty());
+    assert!(bare_transcript_keys_found(&[&stolen, &dirs.data()], &subject_key, "acme", &sb, &tb, inc).is_empty());
+
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "kept").await.unwrap().messages[0].text, "dana's kept words");
 }

@@ -1,0 +1,119 @@
+//! Data written by an earlier release keeps working after an upgrade, and its erasures
+//! become final like new ones. The fixture is a data and key directory written by the
+//! release at 81447d5 (before transcript keys had records of their own): tenant `acme`,
+//! alice with chat-1 (3 messages, metadata), chat-2 (closed) and chat-3 (deleted), bob's
+//! chat-4 (replaced), carol's chat-5 (carol shredded, the rotation not yet run).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chatvault::crypto::SecretKey;
+use chatvault::grpc::pb::{self, SubjectStatus};
+use tonic::Code;
+
+use super::common::*;
+use super::forensic::*;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-81447d5.tar.gz");
+
+/// Unpacks the fixture into `dirs` and registers the API key it came with.
+fn unpack(dirs: &Dirs) {
+    let ok = std::process::Command::new("tar").arg("xzf").arg(FIXTURE).arg("-C").arg(dirs.tmp.path()).status();
+    assert!(ok.is_ok_and(|s| s.success()), "tar xzf {FIXTURE}");
+    let key = std::fs::read_to_string(dirs.tmp.path().join("api-key.txt")).unwrap();
+    dirs.remember_api_key("acme", key.trim());
+}
+
+fn texts(t: &pb::Transcript) -> Vec<&str> {
+    t.messages.iter().map(|m| m.text.as_str()).collect()
+}
+
+async fn blind_of(server: &Server, subject_id: &str) -> (Vec<u8>, SubjectStatus) {
+    let mut s = server.subjects("acme").await;
+    let r = s.get_subject(pb::GetSubjectRequest { subject_id: subject_id.into() }).await.unwrap().into_inner();
+    (hex::decode(&r.subject_blind_id).unwrap(), r.status())
+}
+
+#[tokio::test]
+async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures_become_final() {
+    let dirs = Dirs::new();
+    unpack(&dirs);
+    let pristine = snapshot(&dirs.data(), dirs.tmp.path().join("pristine-data"));
+    let old_keys = snapshot(&dirs.keys(), dirs.tmp.path().join("pristine-keys"));
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+
+    let chat1 = get(&mut c, "chat-1").await.unwrap();
+    assert_eq!(texts(&chat1), ["Hi, my order is late", "Let me check", "Thanks!"]);
+    assert_eq!(chat1.metadata.get("order").map(String::as_str), Some("42"));
+    assert!(get(&mut c, "chat-2").await.unwrap().ended_at.is_some());
+    assert_eq!(texts(&get(&mut c, "chat-4").await.unwrap()), ["replaced version"]);
+    assert_eq!(get(&mut c, "chat-3").await.unwrap_err().code(), Code::NotFound);
+    let erased = get(&mut c, "chat-5").await.unwrap_err();
+    assert!(erased.code() == Code::NotFound && erased.message().contains("erased"), "{erased:?}");
+    let list = c
+        .list_transcripts(pb::ListTranscriptsRequest { subject_id: "alice@example.com".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = list.transcripts.iter().map(|t| t.transcript_id.as_str()).collect();
+    assert_eq!(ids, ["chat-2", "chat-1"]);
+    let (alice, _) = blind_of(&server, "alice@example.com").await;
+    assert_eq!(blind_of(&server, "carol@example.com").await.1, SubjectStatus::Shredded);
+
+    // Old and new records side by side: appends and new transcripts work.
+    let append = pb::AppendMessagesRequest {
+        transcript_id: "chat-1".into(),
+        messages: vec![msg("m9", pb::AuthorRole::Agent, "Bob", "after the upgrade")],
+        expected_message_count: Some(3),
+    };
+    assert_eq!(c.append_messages(append).await.unwrap().into_inner().message_count, 4);
+    put(&mut c, transcript("chat-6", "alice@example.com", 1_800_000_000, &["new chat"])).await;
+
+    // The upgrade made a rotation due (the moved keys, carol's shred): run it.
+    server.signal("-HUP");
+    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_ksk.exists() {
+        assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(texts(&get(&mut c, "chat-1").await.unwrap()).len(), 4);
+    assert_eq!(texts(&get(&mut c, "chat-6").await.unwrap()), ["new chat"]);
+    server.stop().await;
+
+    assert_erasures_final(&dirs, &pristine, &old_keys, &alice);
+}
+
+/// chat-3 was deleted before the upgrade: its key lay in a body record, wrapped under
+/// alice's key alone, and stale copies of that record are in the files. The upgrade gave
+/// alice a new key; once the rotation ran, alice's old key — the only one that opens those
+/// copies — is gone from everything today's keys can open.
+fn assert_erasures_final(dirs: &Dirs, pristine: &Path, old_keys: &Path, alice: &[u8]) {
+    let (old, now) = (key_store_keys(old_keys), key_store_keys(&dirs.keys()));
+    let old_alice_raw = subject_keys_found(&[pristine], &old, "acme", alice);
+    assert!(!old_alice_raw.is_empty(), "control: the old key directory opens alice's old key");
+    let old_alice = SecretKey::from_slice(&old_alice_raw[0]).unwrap();
+    // Transcripts with a header in the live tree are not deleted; chat-3's header went.
+    let headers = [&[kind::HEADER, 4][..], b"acme"].concat();
+    let live: Vec<Vec<u8>> = raw_tree(dirs).1.scan_prefix(&headers).keys().map(|k| k.unwrap().to_vec()).collect();
+    let named = incarnations_named(&[pristine], &[&[kind::BODY, 4][..], b"acme"].concat());
+    let deleted: Vec<_> = named
+        .iter()
+        .filter(|(tb, _)| !live.contains(&[&headers[..], tb].concat()))
+        .filter(|(tb, inc)| !bare_transcript_keys_found(&[pristine], &old_alice, "acme", alice, tb, *inc).is_empty())
+        .collect();
+    assert_eq!(deleted.len(), 1, "control: exactly chat-3 lies in the old files under alice's old key");
+
+    let today = subject_keys_found(&[pristine, &dirs.data()], &now, "acme", alice);
+    assert!(!today.is_empty(), "alice's live key opens with today's keys");
+    assert!(today.iter().all(|k| *k != old_alice_raw[0]), "alice's old key must not open with today's keys");
+    for k in &today {
+        let k = SecretKey::from_slice(k).unwrap();
+        let (tb, inc) = deleted[0];
+        assert!(bare_transcript_keys_found(&[pristine, &dirs.data()], &k, "acme", alice, tb, *inc).is_empty());
+    }
+}
