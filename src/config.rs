@@ -80,6 +80,11 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// TLS of the admin listener; plaintext when absent.
     pub admin_tls: Option<TlsFiles>,
+    /// Bring a data directory the erasure ledger says was rolled back forward, instead of
+    /// refusing to start (`serve --replay-erasures`, `chatvault restore`). Never from the
+    /// file: a choice made once, by an operator who knows a backup was restored.
+    #[serde(skip)]
+    pub replay_erasures: bool,
 }
 
 /// PEM files of one listener's TLS. With `client_ca_file`, clients must present a
@@ -131,6 +136,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             tls: None,
             admin_tls: None,
+            replay_erasures: false,
         }
     }
 }
@@ -202,6 +208,7 @@ impl Config {
         }
         opts.value_segment_bytes = self.value_segment_bytes;
         opts.inline_values_below = self.inline_values_below;
+        opts.replay_erasures = self.replay_erasures;
         Ok(opts)
     }
 }

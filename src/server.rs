@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AnchorCheck, AuditError, AuditLog};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::grpc::{self, Admin, Gate, ServeError, ServeOptions};
@@ -32,6 +32,9 @@ pub enum ServerError {
     Serve(#[from] ServeError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// A check at start failed; the text says what and what to do.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
@@ -66,6 +69,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let store = vault.shared_store();
     let registry = Arc::new(Registry::open(
         store.clone(),
+        vault.clone(),
         vault.control_key(b"chatvault/control/tenant-registry/v1"),
         vault.algorithm(),
     )?);
@@ -75,10 +79,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         vault.control_key(b"chatvault/control/audit-chain/v1"),
         clock.clone(),
     )?);
+    check_audit_anchor(&vault, &audit, config.replay_erasures)?;
     vault.attach_durable(audit.clone());
     let auth = Arc::new(Authenticator::new(registry.clone(), config.auth.clone())?);
     let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone()));
-    let admin = Admin { registry, vault: vault.clone(), audit, token, key_hash: config.auth.key_hash, clock };
+    let admin =
+        Admin { registry, vault: vault.clone(), audit: audit.clone(), token, key_hash: config.auth.key_hash, clock };
     let tls = |t: &Option<crate::config::TlsFiles>| t.as_ref().map(|t| t.server_config()).transpose();
     let serve_opts = ServeOptions {
         max_message_bytes: config.max_request_bytes,
@@ -116,6 +122,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         )),
         tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
         tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
+        tokio::spawn(ledger_worker(vault.clone(), audit.clone(), stop_rx.clone())),
     ];
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
@@ -151,8 +158,61 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         let _ = w.await;
     }
     vault.sync()?;
+    // The ledger hears that everything is durable, and where the trail ends.
+    vault.checkpoint_ledger(audit.durable_head())?;
     served?;
     Ok(())
+}
+
+/// The audit trail must still hold the head the erasure ledger anchored: if records were
+/// cut off (or the trail rolled back with its data directory), start only when the
+/// operator accepts the loss, which is then recorded and reported by `verify`.
+fn check_audit_anchor(vault: &Vault, audit: &AuditLog, replay: bool) -> Result<(), ServerError> {
+    audit.accept_gaps(vault.accepted_audit_gaps()?);
+    let Some(anchor) = vault.anchored_audit_head()? else { return Ok(()) };
+    match audit.check_anchor(anchor)? {
+        AnchorCheck::Holds => Ok(()),
+        AnchorCheck::Behind { last } if replay => {
+            let gap = audit.continue_after(anchor, vault.now().micros())?;
+            vault.record_audit_gap(gap)?;
+            audit.accept_gaps(vault.accepted_audit_gaps()?);
+            tracing::warn!(
+                from = gap.from,
+                to = gap.to,
+                last,
+                "audit trail: records lost in the restore accepted; \
+                the chain goes on from the anchored record"
+            );
+            Ok(())
+        }
+        AnchorCheck::Behind { last } => Err(ServerError::Refused(format!(
+            "the audit trail ends at record {last}, but record {} was durable in it (anchored in the erasure ledger): \
+             records were removed, or the data directory was restored from a backup. To accept the loss, start \
+             once with --replay-erasures",
+            anchor.seq
+        ))),
+        AnchorCheck::Differs => Err(ServerError::Refused(format!(
+            "audit record {} is not the one the erasure ledger anchored: the trail was replaced or altered",
+            anchor.seq
+        ))),
+    }
+}
+
+/// Tells the erasure ledger, off the request path, which erasures are durable in the
+/// data directory (each second, when any were), and where the audit trail's durable head
+/// is (each minute, when it moved): what a rollback is later measured against.
+async fn ledger_worker(vault: Arc<Vault>, audit: Arc<AuditLog>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = 0u64;
+    while !stopped(&mut stop, Duration::from_secs(1)).await {
+        ticks += 1;
+        let head = if ticks.is_multiple_of(60) { audit.durable_head() } else { None };
+        let v = vault.clone();
+        match tokio::task::spawn_blocking(move || v.checkpoint_ledger(head)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "erasure ledger checkpoint failed"),
+            Err(e) => tracing::error!(error = %e, "erasure ledger checkpoint panicked"),
+        }
+    }
 }
 
 /// Sleeps `period`, or returns true early when asked to stop.

@@ -9,6 +9,7 @@
 //! change it records. Trails written by earlier versions into the store are moved over
 //! once, at open (`legacy.rs`).
 
+mod anchor;
 mod legacy;
 mod record;
 mod segment;
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+pub use anchor::AnchorCheck;
 pub use record::{Event, Operation, Outcome, Record};
 use segment::{FrameError, Reader, SegmentView, Segments};
 
@@ -93,6 +95,9 @@ pub struct Verification {
     pub head_mac: String,
     /// The first record that breaks the chain, and how.
     pub broken: Option<(u64, String)>,
+    /// Records lost in a restore, accepted by the operator and recorded in the erasure
+    /// ledger: not a break, but never hidden.
+    pub accepted_gaps: Vec<crate::keys::AuditGap>,
 }
 
 /// A blind id as stored: 32 raw bytes instead of 64 hex characters.
@@ -147,6 +152,10 @@ pub struct AuditLog {
     key: SecretKey,
     clock: Arc<dyn Clock>,
     head: Mutex<Head>,
+    /// The newest record a `fsync` covered: what the erasure ledger may anchor.
+    durable: Mutex<Option<crate::keys::AuditAnchor>>,
+    /// Losses the operator accepted (recorded in the erasure ledger).
+    gaps: Mutex<Vec<crate::keys::AuditGap>>,
 }
 
 impl AuditLog {
@@ -158,7 +167,14 @@ impl AuditLog {
     }
 
     fn open_segments(segments: Segments, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
-        let log = AuditLog { segments, key, clock, head: Mutex::new(Head { next_seq: 1, prev: [0; MAC_LEN] }) };
+        let log = AuditLog {
+            segments,
+            key,
+            clock,
+            head: Mutex::new(Head { next_seq: 1, prev: [0; MAC_LEN] }),
+            durable: Mutex::new(None),
+            gaps: Mutex::new(Vec::new()),
+        };
         if let Some(view) = log.segments.snapshot()?.pop() {
             // Only the newest record is checked here (the rest is `verify`'s job): a damaged
             // trail must not keep the server, and with it the verify call, from starting.
@@ -284,30 +300,43 @@ impl AuditLog {
         Ok(Page { records, next_after: None })
     }
 
-    /// Walks the whole chain: every MAC, every link, no gaps in the sequence.
+    /// Walks the whole chain: every MAC, every link, no gaps in the sequence but the ones
+    /// the operator accepted (recorded in the erasure ledger, reported apart).
     pub fn verify(&self) -> Result<Verification, AuditError> {
         let mut expect_seq = 1u64;
         let mut prev = [0u8; MAC_LEN];
         let mut records = 0;
-        let report = |records, next_seq: u64, prev: [u8; MAC_LEN], broken| Verification {
+        let mut accepted = Vec::new();
+        let report = |records, next_seq: u64, prev: [u8; MAC_LEN], broken, accepted_gaps| Verification {
             records,
             head_seq: next_seq.saturating_sub(1),
             head_mac: hex::encode(prev),
             broken,
+            accepted_gaps,
         };
         for view in self.segments.snapshot()? {
             let reader = match Reader::open(&view) {
                 Ok(r) => r,
-                Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, frame_why(e))))),
+                Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, frame_why(e))), accepted)),
             };
             let header = reader.header;
+            if header.first_seq != expect_seq
+                && let Some(gap) = self.accepted_gap(expect_seq, header.first_seq)
+                && header.prev == gap.to_mac
+            {
+                // A loss the operator accepted in a restore: the chain goes on from the
+                // anchored record, whose MAC this segment names.
+                accepted.push(gap);
+                expect_seq = header.first_seq;
+                prev = header.prev;
+            }
             if header.first_seq != expect_seq {
                 let why = format!("records {expect_seq}..{} are missing", header.first_seq);
-                return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
+                return Ok(report(records, expect_seq, prev, Some((expect_seq, why)), accepted));
             }
             if header.prev != prev {
                 let why = "its segment does not chain to the record before it".to_string();
-                return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
+                return Ok(report(records, expect_seq, prev, Some((expect_seq, why)), accepted));
             }
             let mut walk = Walk::new(self, reader, view.first_seq);
             loop {
@@ -319,7 +348,7 @@ impl AuditLog {
                         } else {
                             format!("record {} appears again", rec.seq)
                         };
-                        return Ok(report(records, expect_seq, prev, Some((expect_seq, why))));
+                        return Ok(report(records, expect_seq, prev, Some((expect_seq, why)), accepted));
                     }
                     Ok(Some(_)) => {
                         prev = walk.prev;
@@ -327,17 +356,19 @@ impl AuditLog {
                         expect_seq += 1;
                     }
                     Err(AuditError::Store(e)) => return Err(AuditError::Store(e)),
-                    Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, e.to_string())))),
+                    Err(e) => {
+                        return Ok(report(records, expect_seq, prev, Some((expect_seq, e.to_string())), accepted));
+                    }
                 }
             }
         }
-        Ok(report(records, expect_seq, prev, None))
+        Ok(report(records, expect_seq, prev, None, accepted))
     }
 }
 
 impl SyncTarget for AuditLog {
     fn sync(&self, mode: Durability) -> Result<(), StoreError> {
-        self.segments.sync(mode)
+        self.sync_and_note(mode)
     }
 }
 

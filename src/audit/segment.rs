@@ -130,6 +130,18 @@ impl Segments {
         Ok(())
     }
 
+    /// Closes the active segment and starts one with `header` now, whatever its fill:
+    /// how the trail goes on after an accepted loss.
+    pub fn begin(&self, header: SegmentHeader) -> Result<(), StoreError> {
+        let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
+        let next = self.create(header)?;
+        if let Some(old) = active.replace(next) {
+            old.file.sync_data()?;
+            self.closed.lock().map_err(|_| StoreError::Failed)?.push(old.view);
+        }
+        Ok(())
+    }
+
     fn create(&self, header: SegmentHeader) -> Result<Active, StoreError> {
         let path = self.dir.join(name(header.first_seq));
         let mut file = OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path)?;

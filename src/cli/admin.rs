@@ -258,6 +258,10 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
                 "head_mac": r.head_mac,
                 "first_bad_sequence": (!r.intact).then_some(r.first_bad_sequence),
                 "problem": (!r.intact).then_some(r.problem),
+                "accepted_gaps": r.accepted_gaps.iter().map(|g| json!({
+                    "first_sequence": g.first_sequence,
+                    "last_sequence": g.last_sequence,
+                })).collect::<Vec<_>>(),
             });
             if !r.intact {
                 println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());

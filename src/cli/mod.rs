@@ -70,6 +70,11 @@ pub struct ServerArgs {
     /// aes-256-gcm (default) or chacha20-poly1305, for new records.
     #[arg(long, env = "CHATVAULT_CIPHER")]
     cipher: Option<Algorithm>,
+    /// The data directory was restored from a backup or rolled back: bring it forward from
+    /// the erasure ledger (re-destroy erased keys, revoke keys, accept lost audit records)
+    /// instead of refusing to start.
+    #[arg(long)]
+    replay_erasures: bool,
 }
 
 impl ServerArgs {
@@ -99,6 +104,7 @@ impl ServerArgs {
         if let Some(v) = self.cipher {
             cfg.cipher = v;
         }
+        cfg.replay_erasures = self.replay_erasures;
         Ok(cfg)
     }
 }

@@ -356,6 +356,15 @@ impl AdminService for Admin {
             head_mac: v.head_mac,
             first_bad_sequence,
             problem,
+            accepted_gaps: v
+                .accepted_gaps
+                .iter()
+                .map(|g| pb::AuditGap {
+                    first_sequence: g.from,
+                    last_sequence: g.to,
+                    accepted_at: crate::vault::Timestamp::from_micros(g.at_micros).map(timestamp_out),
+                })
+                .collect(),
         }))
     }
 }

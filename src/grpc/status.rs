@@ -22,7 +22,15 @@ pub fn to_status(e: VaultError) -> Status {
             Status::data_loss(e.to_string())
         }
         VaultError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
-        VaultError::Store(_) | VaultError::Key(_) | VaultError::Mismatch(_) | VaultError::Internal(_) => {
+        VaultError::Ledger(_) => {
+            tracing::error!(error = %e, "the erasure ledger on the key volume failed");
+            Status::unavailable("the erasure could not be recorded on the key volume; retry (it is safe to)")
+        }
+        VaultError::Store(_)
+        | VaultError::Key(_)
+        | VaultError::Mismatch(_)
+        | VaultError::Rollback(_)
+        | VaultError::Internal(_) => {
             tracing::error!(error = %e, "request failed on a server fault");
             Status::internal("internal error; see the server log")
         }
@@ -53,6 +61,7 @@ pub fn tenancy_status(e: TenancyError) -> Status {
         TenancyError::TooManyKeys(_) => Status::failed_precondition(e.to_string()),
         TenancyError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         TenancyError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
+        TenancyError::Vault(v) => to_status(*v),
         TenancyError::Store(_) | TenancyError::Crypto(_) | TenancyError::Corrupt | TenancyError::Poisoned => {
             tracing::error!(error = %e, "admin request failed on a server fault");
             Status::internal("internal error; see the server log")

@@ -4,12 +4,14 @@
 mod cache;
 mod files;
 mod keydir;
+mod ledger;
 mod root;
 
 use std::path::{Path, PathBuf};
 
 pub use cache::{KeyCache, KeyRef};
 pub use keydir::{FileKeyDir, KeyStore, OpenReport, wrapped_epoch};
+pub use ledger::{AuditAnchor, AuditGap, ErasureKind, Ledger, LedgerError, LedgerState, Missing, Tombstone};
 pub use root::{PassphraseSalt, RootKey, RootKeySource, create_dev_secret, read_secret_file};
 
 use crate::crypto::CryptoError;

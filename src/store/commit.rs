@@ -13,15 +13,19 @@ use super::{Durability, KvStore, StoreError, SyncTarget};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CommitTicket(u64);
 
-/// State the committer publishes: how far is durable, and whether syncing broke.
+/// State the committer publishes: how far is durable, how far synced with `fsync`
+/// whatever the mode, and whether syncing broke.
 #[derive(Clone, Copy, Debug)]
 struct Progress {
     durable: u64,
+    fsynced: u64,
     failed: bool,
 }
 
 struct Shared {
     requested: AtomicU64,
+    /// The newest ticket a caller needs synced with `fsync` even in a lighter mode.
+    forced: AtomicU64,
     /// Set by a sync outside the committer (compaction) that failed.
     poisoned: std::sync::atomic::AtomicBool,
     /// Synced before the store in every round: what the store's records point into.
@@ -43,13 +47,14 @@ impl GroupCommit {
     pub fn start(store: Arc<dyn KvStore>, mode: Durability) -> Result<Self, StoreError> {
         let shared = Arc::new(Shared {
             requested: AtomicU64::new(0),
+            forced: AtomicU64::new(0),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             before: Mutex::new(Vec::new()),
             attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
             cv: Condvar::new(),
         });
-        let (tx, rx) = watch::channel(Progress { durable: 0, failed: false });
+        let (tx, rx) = watch::channel(Progress { durable: 0, fsynced: 0, failed: false });
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new().name("chatvault-commit".into()).spawn(move || run(store, mode, shared, tx))?
@@ -77,6 +82,26 @@ impl GroupCommit {
         }
         let mut rx = self.progress.clone();
         let p = rx.wait_for(|p| p.failed || p.durable >= ticket.0).await.map_err(|_| StoreError::Failed)?;
+        if p.failed { Err(StoreError::Failed) } else { Ok(()) }
+    }
+
+    /// Waits until `ticket` is synced with `fsync`, whatever the configured level: for
+    /// writes that must never be lost (erasures), also under `flush` or `none`.
+    pub async fn wait_synced(&self, ticket: CommitTicket) -> Result<(), StoreError> {
+        if self.mode == Durability::Fsync {
+            return self.wait(ticket).await;
+        }
+        if self.is_failed() {
+            return Err(StoreError::Failed);
+        }
+        self.shared.forced.fetch_max(ticket.0, Ordering::SeqCst);
+        {
+            let mut wake = self.shared.wake.lock().map_err(|_| StoreError::Failed)?;
+            *wake = true;
+            self.shared.cv.notify_one();
+        }
+        let mut rx = self.progress.clone();
+        let p = rx.wait_for(|p| p.failed || p.fsynced >= ticket.0).await.map_err(|_| StoreError::Failed)?;
         if p.failed { Err(StoreError::Failed) } else { Ok(()) }
     }
 
@@ -126,6 +151,7 @@ impl Drop for GroupCommit {
 
 fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
     let mut durable = 0u64;
+    let mut fsynced = 0u64;
     loop {
         {
             let Ok(mut wake) = shared.wake.lock() else { return };
@@ -139,19 +165,23 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
         }
         let target = shared.requested.load(Ordering::SeqCst);
         let stopping = target == u64::MAX;
-        if target > durable || stopping {
+        let round_mode = if shared.forced.load(Ordering::SeqCst) > fsynced { Durability::Fsync } else { mode };
+        if target > durable || stopping || round_mode != mode {
             let outcome = if shared.poisoned.load(Ordering::SeqCst) {
                 Err(StoreError::Failed)
             } else {
-                sync_round(&shared, store.as_ref(), mode)
+                sync_round(&shared, store.as_ref(), round_mode)
             };
             if let Err(e) = outcome {
                 tracing::error!(error = %e, "durable sync failed; refusing further writes");
-                let _ = tx.send(Progress { durable, failed: true });
+                let _ = tx.send(Progress { durable, fsynced, failed: true });
                 return;
             }
-            durable = target;
-            let _ = tx.send(Progress { durable, failed: false });
+            durable = durable.max(target);
+            if round_mode == Durability::Fsync {
+                fsynced = target;
+            }
+            let _ = tx.send(Progress { durable, fsynced, failed: false });
         }
         if stopping {
             return;

@@ -16,7 +16,7 @@ pub use cidr::{Cidr, CidrError, parse_list};
 pub use lockout::{Culprit, LockoutConfig};
 pub use model::{ApiKeyInfo, RetentionPolicy, Tenant, TenantStatus};
 pub use operator::OperatorToken;
-pub use registry::{KeyOwner, Registry};
+pub use registry::{KeyOwner, RecordSink, Registry};
 
 use crate::crypto::CryptoError;
 use crate::store::StoreError;
@@ -39,6 +39,9 @@ pub enum TenancyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// The record could not be anchored and stored (erasure ledger or store).
+    #[error(transparent)]
+    Vault(Box<crate::vault::VaultError>),
     #[error("a tenant registry record failed verification (tampered, or another root key)")]
     Corrupt,
     #[error("internal lock poisoned")]

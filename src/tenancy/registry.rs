@@ -9,7 +9,7 @@ use super::apikey::{self, ApiKey, KeyHashParams, KeyId};
 use super::cidr::Cidr;
 use super::model::{ApiKeyInfo, ApiKeyRecord, RetentionPolicy, Tenant, TenantRecord, TenantStatus};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
-use crate::store::{Batch, Durability, KvStore, space};
+use crate::store::{KvStore, space};
 use crate::vault::{TenantId, Timestamp};
 
 const RECORD_V1: u8 = 1;
@@ -34,8 +34,23 @@ impl KeyOwner {
     }
 }
 
+/// Where the registry's records are written: a store that anchors each one in the
+/// erasure ledger first (the vault), so that a rolled-back data directory cannot bring
+/// back a revoked key, a deleted tenant or a lifted suspension unnoticed.
+pub trait RecordSink: Send + Sync {
+    /// Stores `value` at `key` durably, anchored.
+    fn put_anchored(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), TenancyError>;
+}
+
+impl RecordSink for crate::vault::Vault {
+    fn put_anchored(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), TenancyError> {
+        self.store_anchored(key, value).map_err(|e| TenancyError::Vault(Box::new(e)))
+    }
+}
+
 pub struct Registry {
     store: Arc<dyn KvStore>,
+    sink: Arc<dyn RecordSink>,
     seal_key: SecretKey,
     alg: Algorithm,
     state: RwLock<State>,
@@ -71,8 +86,13 @@ fn aad(tenant: &str) -> Aad {
 impl Registry {
     /// Loads every tenant. A record that fails to open (tampered, or sealed under
     /// another root key) stops the start: a silently missing tenant would be worse.
-    pub fn open(store: Arc<dyn KvStore>, seal_key: SecretKey, alg: Algorithm) -> Result<Self, TenancyError> {
-        let reg = Registry { store, seal_key, alg, state: RwLock::new(State::default()), write: Mutex::new(()) };
+    pub fn open(
+        store: Arc<dyn KvStore>,
+        sink: Arc<dyn RecordSink>,
+        seal_key: SecretKey,
+        alg: Algorithm,
+    ) -> Result<Self, TenancyError> {
+        let reg = Registry { store, sink, seal_key, alg, state: RwLock::new(State::default()), write: Mutex::new(()) };
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = reg.store.scan(&[space::TENANCY], after.as_deref(), 256)?;
@@ -112,13 +132,9 @@ impl Registry {
         postcard::to_io(&TenantRecord::from(t), &mut plain).map_err(|_| TenancyError::Corrupt)?;
         let id = t.id.as_str();
         let sealed = crypto::seal(self.alg, &self.seal_key, aad(id).as_slice(), &plain)?;
-        let mut b = Batch::default();
-        b.put(slot(id), sealed);
-        self.store.apply(b)?;
         // Control-plane changes are rare and must not be lost: an issued key or a
-        // revocation is durable before the operator hears "ok".
-        self.store.sync(Durability::Fsync)?;
-        Ok(())
+        // revocation is durable (and anchored) before the operator hears "ok".
+        self.sink.put_anchored(slot(id), sealed)
     }
 
     fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, State>, TenancyError> {

@@ -1,6 +1,6 @@
 //! Vault errors: client mistakes apart from server faults, so the edge can map them.
 
-use crate::keys::KeyError;
+use crate::keys::{KeyError, LedgerError};
 use crate::store::StoreError;
 
 /// Why a vault operation failed. Messages never hold personal data or key bytes.
@@ -32,6 +32,13 @@ pub enum VaultError {
     /// The data directory and the key directory do not belong together.
     #[error("{0}")]
     Mismatch(String),
+    /// The data directory (or the key directory) is older than the erasure ledger says it
+    /// must be: restored from a backup, or rolled back. The text says what and what to do.
+    #[error("{0}")]
+    Rollback(String),
+    /// The erasure ledger on the key volume could not be read or written.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -3,6 +3,7 @@
 //! gRPC; `grpc` translates to and from it.
 
 mod bulk;
+mod erasure;
 mod error;
 mod layout;
 mod layout_check;
@@ -35,7 +36,7 @@ pub use validate::Limits;
 
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
-use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, OpenReport, RootKeySource};
+use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, Ledger, OpenReport, RootKeySource};
 use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget, ValueLog};
 use layout::Blind;
 use records::{BodyRecord, KeyRecord, SubjectRecord};
@@ -61,6 +62,9 @@ pub struct VaultOptions {
     pub value_segment_bytes: u64,
     /// Sealed messages smaller than this stay inline in the tree instead of the value log.
     pub inline_values_below: usize,
+    /// Bring a data directory the erasure ledger says was rolled back forward instead of
+    /// refusing it (`--replay-erasures`, `chatvault restore`).
+    pub replay_erasures: bool,
 }
 
 impl VaultOptions {
@@ -77,6 +81,7 @@ impl VaultOptions {
             reclaim_min_age_ms: 60_000,
             value_segment_bytes: DEFAULT_VALUE_SEGMENT_BYTES,
             inline_values_below: 0,
+            replay_erasures: false,
         }
     }
 }
@@ -98,6 +103,11 @@ pub struct Vault {
     maintenance: Mutex<()>,
     commit: GroupCommit,
     keys: Arc<dyn KeyStore>,
+    /// The erasure ledger, on the key volume beside the key-store keys.
+    ledger: Arc<Ledger>,
+    /// Held from an erasure's (or a registry record's) ledger entry until the store has
+    /// applied it: the store applies them in ledger order, so its counter is exact.
+    erasure_order: Mutex<()>,
     cache: KeyCache,
     locks: locks::LockTable,
     clock: Arc<dyn Clock>,
@@ -158,6 +168,9 @@ impl Vault {
         let keydir = keys(Arc::new(keydir));
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
         bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
+        let applied = erasure::data_counter(store.as_ref())?;
+        let ledger = Arc::new(erasure::open_ledger(&opts.key_dir, keydir.as_ref(), applied)?);
+        let verdict = erasure::verdict(applied, &ledger, opts.replay_erasures)?;
         let values = Arc::new(ValueLog::open(&opts.data_dir.join("values"), opts.value_segment_bytes)?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;
         commit.attach_before(values.clone());
@@ -170,6 +183,8 @@ impl Vault {
             inline_values_below: opts.inline_values_below,
             maintenance: Mutex::new(()),
             keys: keydir,
+            ledger,
+            erasure_order: Mutex::new(()),
             cache: KeyCache::new(opts.key_cache_entries),
             locks: locks::LockTable::new(),
             clock,
@@ -187,6 +202,8 @@ impl Vault {
         };
         vault.drop_torn_pointers()?;
         vault.migrate_transcript_keys()?;
+        vault.replay_ledger(verdict)?;
+        vault.note_unrecorded_destructions()?;
         vault.resume_rotation();
         Ok((vault, report))
     }

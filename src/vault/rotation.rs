@@ -56,10 +56,11 @@ impl Vault {
     }
 
     /// True while an erasure is not final yet: a rotation is under way (more than one
-    /// epoch), or keys were discarded under the current epoch, so a copy of the data
-    /// directory taken before that could still open them.
+    /// epoch), the erasure ledger holds a tombstone whose epoch still lives, or keys were
+    /// discarded under the current epoch (a replace), so a copy of the data directory
+    /// taken before that could still open them.
     pub fn rotation_due(&self) -> Result<bool, VaultError> {
-        if self.keys.epochs().len() > 1 {
+        if self.keys.epochs().len() > 1 || self.erasures_pending()? {
             return Ok(true);
         }
         let Some(bytes) = self.store.get(&layout::meta(META_SHRED_EPOCH))? else { return Ok(false) };
@@ -101,6 +102,7 @@ impl Vault {
         let prefix = layout::keys_prefix();
         let mut after: Option<Vec<u8>> = None;
         let mut rewrapped = 0u64;
+        let check_tombstones = self.erasures_pending()?;
         loop {
             let page = self.store.scan(&prefix, after.as_deref(), REWRAP_CHUNK)?;
             let Some((last, _)) = page.last() else { break };
@@ -108,6 +110,13 @@ impl Vault {
             for (key, value) in &page {
                 let rec: KeyRecord = records::decode(value, "wrapped key")?;
                 if wrapped_epoch(&rec.wrapped)? >= new_epoch {
+                    continue;
+                }
+                if check_tombstones && self.is_tombstoned(&self.record_token(key, rec.generation))? {
+                    // An erasure destroyed this key; it may only still be here in a data
+                    // directory being brought forward. Never carried into a new epoch.
+                    tracing::warn!("rotation: deleting a key the erasure ledger says was destroyed");
+                    self.store.compare_and_swap(key, Some(value), None)?;
                     continue;
                 }
                 let aad = || key_aad(key, rec.generation);
@@ -121,6 +130,11 @@ impl Vault {
         }
         self.store.sync(Durability::Fsync)?;
         let destroyed = self.keys.destroy_epochs_before(new_epoch)?;
+        if !destroyed.is_empty() {
+            // Their erasures are final now; the ledger keeps only what is still needed.
+            self.ledger.record_destroyed(destroyed.clone(), self.clock.now().micros())?;
+            self.ledger.compact()?;
+        }
         tracing::info!(new_epoch, ?destroyed, rewrapped, "key-store rotation complete");
         Ok(RotationReport { new_epoch, destroyed_epochs: destroyed, keys_rewrapped: rewrapped })
     }

@@ -1,20 +1,22 @@
 //! Subject operations: crypto-shredding and status.
 
-use super::layout;
+use super::layout::{self, Blind};
 use super::model::{ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp};
 use super::records::{self, Garbage};
-use super::{META_SHRED_EPOCH, Vault, VaultError};
-use crate::keys::KeyRef;
+use super::{Vault, VaultError};
+use crate::keys::{ErasureKind, KeyRef};
 use crate::store::Batch;
 
 impl Vault {
     /// Destroys the subject's data key: O(1) whatever the subject's data volume. Its
-    /// ciphertext is reclaimed in the background; stale copies of the wrapped key in old
-    /// sled segments or backups become useless once the key-store epoch rotates.
+    /// tombstone is durable in the erasure ledger before the store deletes the key, so no
+    /// later state of the data directory can serve the subject again. Its ciphertext is
+    /// reclaimed in the background; stale copies of the wrapped key in old sled segments
+    /// or backups become useless once the key-store epoch rotates.
     pub async fn shred_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<ShredReceipt, VaultError> {
         self.limits.id("subject_id", subject_id)?;
         let now = self.clock.now();
-        let (sb, shredded, epoch, ticket) = {
+        let (sb, shredded, epoch, done) = {
             // Held until the shred is applied, so a rotation cannot re-wrap this subject's
             // key under a new epoch unnoticed: the epoch recorded is the one to destroy.
             let _epoch = self.epoch_shared()?;
@@ -22,45 +24,55 @@ impl Vault {
             let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
             let _held = self.locks.lock(tenant.as_str(), &[&sb]);
             let epoch = self.keys.current_epoch();
-            let mut shredded = 0;
             let mut batch = Batch::default();
-            let mut evict = None;
-            if let Some(mut s) = self.read_subject(tenant, &sb)?
-                && s.active
-            {
-                evict = Some(s.generation);
-                shredded = s.transcript_count;
-                batch.delete(layout::subject_key(tenant.as_str(), &sb));
-                self.queue_garbage(
-                    &mut batch,
-                    &Garbage::SubjectGeneration {
-                        tenant: tenant.as_str().to_owned(),
-                        subject: sb,
-                        generation: s.generation,
-                    },
-                )?;
-                s.active = false;
-                s.transcript_count = 0;
-                s.last_shredded_at = Some(now.micros());
-                batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&s)?);
-                batch.put(layout::meta(META_SHRED_EPOCH), epoch.to_be_bytes().to_vec());
-            }
-            if !batch.is_empty() {
-                self.apply(batch)?;
-            }
-            if let Some(generation) = evict {
-                self.cache.remove(&KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: sb, generation });
-                self.forget_subject_hints(None);
-            }
-            (sb, shredded, epoch, self.commit.ticket())
+            let done = match self.queue_shred(tenant, &sb, now, &mut batch)? {
+                Some((generation, shredded)) => {
+                    let token = self.subject_token(tenant.as_str(), &sb, generation);
+                    let tomb = self.tombstone(ErasureKind::Subject, tenant.as_str(), token, now);
+                    let counter = self.apply_erasure(vec![tomb], batch)?;
+                    self.cache.remove(&KeyRef::Subject { tenant: tenant.as_str().to_owned(), subject: sb, generation });
+                    self.forget_subject_hints(None);
+                    Some((shredded, counter, self.commit.ticket()))
+                }
+                None => None,
+            };
+            (sb, done.map(|d| d.0).unwrap_or(0), epoch, done.map(|(_, c, t)| (c, t)))
         };
-        self.durable(ticket).await?;
+        if let Some((counter, ticket)) = done {
+            self.erasure_durable(ticket, counter).await?;
+        }
         Ok(ShredReceipt {
             subject_blind_id: hex::encode(sb),
             shredded_at: now,
             transcripts_shredded: shredded,
             key_epoch: epoch,
         })
+    }
+
+    /// Queues the shred of a live subject: its key goes, its records become garbage.
+    /// Returns the generation destroyed and how many transcripts went with it; `None` if
+    /// there is no live key (never written, or shredded already). The caller holds the
+    /// subject's lock.
+    pub(super) fn queue_shred(
+        &self,
+        tenant: &TenantId,
+        sb: &Blind,
+        now: Timestamp,
+        batch: &mut Batch,
+    ) -> Result<Option<(u32, u64)>, VaultError> {
+        let Some(mut s) = self.read_subject(tenant, sb)?.filter(|s| s.active) else { return Ok(None) };
+        let (generation, shredded) = (s.generation, s.transcript_count);
+        batch.delete(layout::subject_key(tenant.as_str(), sb));
+        self.queue_garbage(
+            batch,
+            &Garbage::SubjectGeneration { tenant: tenant.as_str().to_owned(), subject: *sb, generation },
+        )?;
+        s.active = false;
+        s.transcript_count = 0;
+        s.last_shredded_at = Some(now.micros());
+        batch.put(layout::subject(tenant.as_str(), sb), records::encode(&s)?);
+        self.mark_keys_discarded(batch);
+        Ok(Some((generation, shredded)))
     }
 
     pub fn get_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<SubjectInfo, VaultError> {

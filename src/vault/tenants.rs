@@ -3,8 +3,8 @@
 use super::layout;
 use super::model::TenantId;
 use super::records::Garbage;
-use super::{META_SHRED_EPOCH, Vault, VaultError};
-use crate::keys::KeyRef;
+use super::{Vault, VaultError};
+use crate::keys::{ErasureKind, KeyRef};
 use crate::store::Batch;
 
 /// What erasing a tenant destroyed.
@@ -37,29 +37,39 @@ impl Vault {
         self.forget_subject_hints(None);
         let mut subjects = 0u64;
         let mut epoch = self.keys.current_epoch();
-        let mut first = true;
-        loop {
-            let _epoch = self.epoch_shared()?;
-            epoch = epoch.max(self.keys.current_epoch());
-            let page = self.store.scan(&layout::subject_keys_prefix(tenant.as_str()), None, 1000)?;
-            if page.is_empty() && !first {
-                break;
+        let mut counter = None;
+        for prefix in [layout::subject_keys_prefix(tenant.as_str()), layout::transcript_keys_prefix(tenant.as_str())] {
+            loop {
+                let _epoch = self.epoch_shared()?;
+                epoch = epoch.max(self.keys.current_epoch());
+                let page = self.store.scan(&prefix, None, 1000)?;
+                if page.is_empty() && counter.is_some() {
+                    break;
+                }
+                let mut b = Batch::default();
+                if prefix == layout::subject_keys_prefix(tenant.as_str()) {
+                    subjects += page.len() as u64;
+                }
+                for (k, _) in page {
+                    b.delete(k);
+                }
+                self.mark_keys_discarded(&mut b);
+                if counter.is_none() {
+                    // The first batch carries the tombstone: once it is in the ledger, a
+                    // crash or a rollback is finished by replaying the whole erasure.
+                    b.delete(layout::tenant_key(tenant.as_str()));
+                    self.queue_garbage(&mut b, &Garbage::Tenant { tenant: tenant.as_str().to_owned() })?;
+                    let token = self.tenant_token(tenant.as_str());
+                    let tomb = self.tombstone(ErasureKind::Tenant, tenant.as_str(), token, self.clock.now());
+                    counter = Some(self.apply_erasure(vec![tomb], b)?);
+                } else {
+                    self.apply(b)?;
+                }
             }
-            let mut b = Batch::default();
-            if first {
-                b.delete(layout::tenant_key(tenant.as_str()));
-                self.queue_garbage(&mut b, &Garbage::Tenant { tenant: tenant.as_str().to_owned() })?;
-                first = false;
-            }
-            subjects += page.len() as u64;
-            for (k, _) in page {
-                b.delete(k);
-            }
-            b.put(layout::meta(META_SHRED_EPOCH), epoch.to_be_bytes().to_vec());
-            self.apply(b)?;
         }
         self.cache.remove_tenant(tenant.as_str());
-        self.wait_durable().await?;
+        let ticket = self.commit.ticket();
+        self.erasure_durable(ticket, counter.unwrap_or(0)).await?;
         Ok(TenantErasure { subjects_shredded: subjects, key_epoch: epoch })
     }
 }

@@ -10,7 +10,8 @@ use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
 use super::seal::{Place, seal_err};
 use super::{Vault, VaultError};
 use crate::crypto::{SecretKey, random_bytes};
-use crate::store::Batch;
+use crate::keys::{ErasureKind, Tombstone};
+use crate::store::{Batch, CommitTicket};
 
 /// Messages read per store scan when reading a transcript.
 const MESSAGE_CHUNK: usize = 1024;
@@ -161,7 +162,7 @@ impl Vault {
         self.limits.id("transcript_id", transcript_id)?;
         self.limits.messages("messages", &messages, false)?;
         let now = self.clock.now();
-        let ((count, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
+        let ((count, subject), applied) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
             if h.ended_at.is_some() {
                 return Err(VaultError::FailedPrecondition("transcript is closed; no messages can be appended".into()));
             }
@@ -197,7 +198,7 @@ impl Vault {
             self.set_count(tenant, tb, &h, Some(total as u32));
             Ok(total as u32)
         })?;
-        self.durable(ticket).await?;
+        self.durable(applied.ticket()).await?;
         Ok(Touched::new(count, &subject))
     }
 
@@ -210,7 +211,7 @@ impl Vault {
     ) -> Result<Touched<Timestamp>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
         let ended = ended_at.unwrap_or_else(|| self.clock.now());
-        let ((ended, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
+        let ((ended, subject), applied) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
             if h.ended_at.is_some() {
                 return Err(VaultError::FailedPrecondition("transcript is already closed".into()));
             }
@@ -221,37 +222,30 @@ impl Vault {
             batch.put(layout::header(tenant.as_str(), tb), records::encode(&h)?);
             Ok(ended)
         })?;
-        self.durable(ticket).await?;
+        self.durable(applied.ticket()).await?;
         Ok(Touched::new(ended, &subject))
     }
 
-    /// Deletes a transcript: its header and key go now, its ciphertext in the background.
+    /// Deletes a transcript: a crypto-shred of its key. The tombstone is durable in the
+    /// erasure ledger before the key's record goes; copies elsewhere are sealed under this
+    /// epoch's key-store key, which the next rotation destroys. Its ciphertext is reclaimed
+    /// in the background.
     pub async fn delete_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<Touched<()>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
-        let ((tb, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, batch| {
-            let mut subj = self.read_subject(tenant, &h.subject)?.ok_or(VaultError::Erased("transcript not found"))?;
-            subj.transcript_count = subj.transcript_count.saturating_sub(1);
-            batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
-            batch.delete(layout::header(tenant.as_str(), tb));
-            // The transcript key goes now, not with the reclaim: its copies elsewhere are
-            // sealed under this epoch's key-store key, which the next rotation destroys.
-            batch.delete(layout::body(tenant.as_str(), tb, h.incarnation));
-            self.discard_transcript_key(batch, tenant.as_str(), tb, h.incarnation);
-            batch.delete(layout::by_subject(tenant.as_str(), &h.subject, h.generation, h.started_at, tb));
-            self.queue_garbage(
-                batch,
-                &Garbage::Incarnation {
-                    tenant: tenant.as_str().to_owned(),
-                    transcript: *tb,
-                    incarnation: h.incarnation,
-                },
-            )?;
+        let now = self.clock.now();
+        let ((tb, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, change| {
+            self.queue_delete(tenant, tb, &h, change)?;
+            let token = self.transcript_token(tenant.as_str(), tb, h.incarnation);
+            change.erasure = Some(self.tombstone(ErasureKind::Transcript, tenant.as_str(), token, now));
             Ok((*tb, h.incarnation))
         })?;
         let (tb, incarnation) = tb;
         self.forget_body(tenant, &tb, incarnation);
         self.forget_subject_hints(Some((tenant, &tb)));
-        self.durable(ticket).await?;
+        match ticket {
+            Applied::Erasure(ticket, counter) => self.erasure_durable(ticket, counter).await?,
+            Applied::Plain(_) => return Err(VaultError::Internal("a delete without its tombstone".into())),
+        }
         Ok(Touched::new((), &subject))
     }
 
@@ -433,13 +427,14 @@ impl Vault {
     }
 
     /// Runs `f` on a live transcript's header under its subject's lock, applies the
-    /// batch it fills, and returns its result with a commit ticket to wait on.
+    /// change it fills (through the erasure ledger if it carries a tombstone), and
+    /// returns its result with what to wait on.
     fn with_live_header<R>(
         &self,
         tenant: &TenantId,
         transcript_id: &str,
-        f: impl FnOnce(&Blind, Header, &mut Batch) -> Result<R, VaultError>,
-    ) -> Result<((R, Blind), crate::store::CommitTicket), VaultError> {
+        f: impl FnOnce(&Blind, Header, &mut Change) -> Result<R, VaultError>,
+    ) -> Result<((R, Blind), Applied), VaultError> {
         // Held until the batch is applied, like every writer: an erasure of the tenant
         // waits for it, and nothing is written under a tenant after it was erased.
         let _epoch = self.epoch_shared()?;
@@ -462,19 +457,32 @@ impl Vault {
                 continue;
             }
             self.check_live(tenant, &h)?;
-            let mut batch = Batch::default();
+            let mut change = Change::default();
             let counted = h.clone();
             let subject = h.subject;
-            let r = f(&tb, h, &mut batch)?;
-            if let Err(e) = self.apply(batch) {
-                // `f` may have counted messages that were never written.
-                self.set_count(tenant, &tb, &counted, None);
-                return Err(e);
-            }
+            let r = f(&tb, h, &mut change)?;
+            let Change { batch, erasure } = change;
+            let applied = match erasure {
+                None => self.apply(batch).map(|()| None),
+                Some(t) => self.apply_erasure(vec![t], batch).map(Some),
+            };
+            let applied = match applied {
+                Ok(counter) => counter,
+                Err(e) => {
+                    // `f` may have counted messages that were never written.
+                    self.set_count(tenant, &tb, &counted, None);
+                    return Err(e);
+                }
+            };
             if hinted != Some(subject) {
                 self.hint_subject(hint_slot, subject);
             }
-            return Ok(((r, subject), self.commit.ticket()));
+            let ticket = self.commit.ticket();
+            let applied = match applied {
+                Some(counter) => Applied::Erasure(ticket, counter),
+                None => Applied::Plain(ticket),
+            };
+            return Ok(((r, subject), applied));
         }
     }
 
@@ -552,6 +560,41 @@ impl Vault {
         id[8..].copy_from_slice(&random_bytes::<8>().map_err(seal_err)?);
         batch.put(layout::garbage(id), records::encode(g)?);
         Ok(())
+    }
+}
+
+/// What a write under a live header queues: its batch and, for a delete, its tombstone.
+#[derive(Default)]
+pub(super) struct Change {
+    pub batch: Batch,
+    pub erasure: Option<Tombstone>,
+}
+
+impl std::ops::Deref for Change {
+    type Target = Batch;
+    fn deref(&self) -> &Batch {
+        &self.batch
+    }
+}
+
+impl std::ops::DerefMut for Change {
+    fn deref_mut(&mut self) -> &mut Batch {
+        &mut self.batch
+    }
+}
+
+/// How a write under a live header was applied: what its caller waits on.
+pub(super) enum Applied {
+    Plain(CommitTicket),
+    /// Through the erasure ledger, as entry `.1`.
+    Erasure(CommitTicket, u64),
+}
+
+impl Applied {
+    fn ticket(&self) -> CommitTicket {
+        match self {
+            Applied::Plain(t) | Applied::Erasure(t, _) => *t,
+        }
     }
 }
 

@@ -5,6 +5,7 @@ mod common;
 mod durability;
 mod export;
 mod forensic;
+mod rollback;
 mod shredding;
 mod tenancy;
 mod tls;

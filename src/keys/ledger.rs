@@ -1,0 +1,701 @@
+//! The erasure ledger: an append-only, MAC-chained file in the key directory (the volume
+//! kept apart from the data and out of its backups) that remembers what a data directory
+//! cannot be trusted to remember about itself. Every erasure's tombstone is durable here
+//! before the data directory applies it, under a counter the data directory records too;
+//! so is every tenant registry record, and now and then the audit trail's durable head.
+//! At start the two are compared: a data directory behind the ledger was rolled back (a
+//! restored backup, a snapshot) and is refused, or, when the operator asks, brought
+//! forward by replaying what it lacks.
+//!
+//! It holds no raw subject or transcript id: a tombstone names what it destroyed by a
+//! keyed hash of the destroyed key record's location, which nobody without the root key
+//! can compute from a candidate id.
+//!
+//! File: `MAGIC | store_id (16) | base counter (u64 LE) | base MAC (32)`, then frames
+//! `len (u32 LE) | crc32 (u32 LE) | postcard(Frame) | MAC (32)`, each MAC an HMAC of the
+//! previous MAC and the frame. After a rotation the file is rewritten as one snapshot
+//! frame that restates what is still needed (`compact`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::files;
+use crate::crypto::{SecretKey, blind_index};
+
+const FILE_NAME: &str = "erasure.ledger";
+const MAGIC: &[u8; 8] = b"CVLEDGR1";
+const HEADER_LEN: usize = 8 + 16 + 8 + 32;
+const FRAME_HEAD: usize = 8;
+const MAC_LEN: usize = 32;
+/// Larger frames are refused on write and taken for damage on read.
+const MAX_FRAME: usize = 64 << 20;
+const MAC_DOMAIN: &[u8] = b"chatvault/ledger/v1";
+const TOKEN_DOMAIN: &[u8] = b"chatvault/ledger/tombstone/v1";
+
+/// What an erasure destroyed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErasureKind {
+    /// A subject's data key (ShredSubject).
+    Subject,
+    /// A transcript's key (DeleteTranscript).
+    Transcript,
+    /// Every key of a tenant (DeleteTenant).
+    Tenant,
+}
+
+/// One erasure: final once `epoch` (the key-store epoch in force when it was made) is
+/// destroyed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub kind: ErasureKind,
+    pub tenant: String,
+    /// [`Ledger::token`] of the destroyed key record.
+    pub token: [u8; 32],
+    pub epoch: u64,
+    pub at_micros: i64,
+}
+
+/// The audit trail's head at some point: its newest durable record and that record's MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    pub seq: u64,
+    pub mac: [u8; 32],
+}
+
+/// Audit records known lost (in a restore) and accepted as lost by the operator; the
+/// trail goes on after `to`, chained to its MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditGap {
+    pub from: u64,
+    pub to: u64,
+    pub to_mac: [u8; 32],
+    pub at_micros: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Frame {
+    counter: u64,
+    /// Every data-bearing entry up to this one is durable in the data directory.
+    confirmed: u64,
+    body: Body,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Body {
+    /// Data-bearing: the data directory applies these.
+    Erasures(Vec<Tombstone>),
+    /// Data-bearing: a record the data directory stores at `key` (tenant registry).
+    Anchor {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Checkpoint {
+        audit: Option<AuditAnchor>,
+    },
+    Destroyed {
+        epochs: Vec<u64>,
+        at_micros: i64,
+    },
+    AuditGap(AuditGap),
+    /// Only ever the first frame of a file: everything still needed, restated.
+    Snapshot(Box<Snapshot>),
+}
+
+impl Body {
+    fn is_data_bearing(&self) -> bool {
+        matches!(self, Body::Erasures(_) | Body::Anchor { .. })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    last_data: u64,
+    pruned_through: u64,
+    pending: Vec<(u64, Tombstone)>,
+    anchors: Vec<(Vec<u8>, u64, Vec<u8>)>,
+    destroyed: Vec<(u64, i64)>,
+    audit: Option<AuditAnchor>,
+    audit_gaps: Vec<AuditGap>,
+}
+
+/// What the ledger knows, as of its newest entry.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerState {
+    /// The newest entry's counter.
+    pub counter: u64,
+    /// The newest data-bearing entry's counter: what a data directory in step has applied.
+    pub last_data: u64,
+    /// Every data-bearing entry up to here was durable in the data directory when the
+    /// ledger last heard; a data directory behind it was rolled back.
+    pub confirmed: u64,
+    /// Tombstones up to here were dropped as final: a data directory behind this was
+    /// taken under key-store epochs that are destroyed, and no key in it opens.
+    pub pruned_through: u64,
+    /// Erasures not final yet, by token, with their counters.
+    pub pending: HashMap<[u8; 32], (u64, Tombstone)>,
+    /// The newest anchored record at each key, with its counter.
+    pub anchors: BTreeMap<Vec<u8>, (u64, Vec<u8>)>,
+    /// When each destroyed epoch was destroyed.
+    pub destroyed: BTreeMap<u64, i64>,
+    pub audit: Option<AuditAnchor>,
+    pub audit_gaps: Vec<AuditGap>,
+}
+
+impl LedgerState {
+    fn apply(&mut self, counter: u64, confirmed: u64, body: Body) {
+        self.counter = counter;
+        self.confirmed = self.confirmed.max(confirmed);
+        if body.is_data_bearing() {
+            self.last_data = counter;
+        }
+        match body {
+            Body::Erasures(ts) => {
+                for t in ts {
+                    self.pending.insert(t.token, (counter, t));
+                }
+            }
+            Body::Anchor { key, value } => {
+                self.anchors.insert(key, (counter, value));
+            }
+            Body::Checkpoint { audit } => {
+                if audit.is_some() {
+                    self.audit = audit;
+                }
+            }
+            Body::Destroyed { epochs, at_micros } => {
+                let newest = epochs.iter().copied().max().unwrap_or(0);
+                for e in epochs {
+                    self.destroyed.entry(e).or_insert(at_micros);
+                }
+                let final_now: Vec<[u8; 32]> =
+                    self.pending.iter().filter(|(_, (_, t))| t.epoch <= newest).map(|(k, _)| *k).collect();
+                for token in final_now {
+                    if let Some((c, _)) = self.pending.remove(&token) {
+                        self.pruned_through = self.pruned_through.max(c);
+                    }
+                }
+            }
+            Body::AuditGap(g) => self.audit_gaps.push(g),
+            Body::Snapshot(s) => {
+                let Snapshot { last_data, pruned_through, pending, anchors, destroyed, audit, audit_gaps } = *s;
+                self.last_data = last_data;
+                self.pruned_through = pruned_through;
+                self.pending = pending.into_iter().map(|(c, t)| (t.token, (c, t))).collect();
+                self.anchors = anchors.into_iter().map(|(k, c, v)| (k, (c, v))).collect();
+                self.destroyed = destroyed.into_iter().collect();
+                self.audit = audit;
+                self.audit_gaps = audit_gaps;
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut pending: Vec<(u64, Tombstone)> = self.pending.values().cloned().collect();
+        pending.sort_by_key(|(c, _)| *c);
+        Snapshot {
+            last_data: self.last_data,
+            pruned_through: self.pruned_through,
+            pending,
+            anchors: self.anchors.iter().map(|(k, (c, v))| (k.clone(), *c, v.clone())).collect(),
+            destroyed: self.destroyed.iter().map(|(e, at)| (*e, *at)).collect(),
+            audit: self.audit,
+            audit_gaps: self.audit_gaps.clone(),
+        }
+    }
+
+    /// Entries a data directory that applied everything up to `applied` still lacks.
+    pub fn after(&self, applied: u64) -> Missing {
+        let mut erasures: Vec<(u64, Tombstone)> =
+            self.pending.values().filter(|(c, _)| *c > applied).cloned().collect();
+        erasures.sort_by_key(|(c, _)| *c);
+        let anchors = self.anchors.iter().filter(|(_, (c, _))| *c > applied).map(|(k, (_, v))| (k.clone(), v.clone()));
+        Missing { erasures: erasures.into_iter().map(|(_, t)| t).collect(), anchors: anchors.collect() }
+    }
+}
+
+/// What a data directory lacks of the ledger, oldest first.
+#[derive(Debug, Default)]
+pub struct Missing {
+    pub erasures: Vec<Tombstone>,
+    pub anchors: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Missing {
+    pub fn is_empty(&self) -> bool {
+        self.erasures.is_empty() && self.anchors.is_empty()
+    }
+}
+
+/// Why the ledger could not be used. A ledger that fails its checks stops the start
+/// before anything is written anywhere.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    #[error("erasure ledger {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("erasure ledger {path} is damaged at byte {offset}: {why}")]
+    Damaged { path: PathBuf, offset: u64, why: &'static str },
+    #[error(
+        "erasure ledger {path}: entry {counter} fails its MAC: the file was altered, or written under another root key"
+    )]
+    BadMac { path: PathBuf, counter: u64 },
+    #[error("erasure ledger {path} belongs to another key directory")]
+    Foreign { path: PathBuf },
+    #[error("erasure ledger {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("the erasure ledger could not be written after an earlier failure; restart the server")]
+    Failed,
+    #[error("internal lock poisoned")]
+    Poisoned,
+}
+
+struct Writer {
+    file: Arc<File>,
+    len: u64,
+    counter: u64,
+    prev: [u8; MAC_LEN],
+}
+
+pub struct Ledger {
+    path: PathBuf,
+    key: SecretKey,
+    store_id: [u8; 16],
+    writer: Mutex<Writer>,
+    /// Counter synced through; held while syncing, so concurrent callers share a sync.
+    synced: Mutex<u64>,
+    state: RwLock<LedgerState>,
+    /// The newest data-bearing counter known durable in the data directory, in memory:
+    /// the next entry carries it to disk.
+    confirmed: AtomicU64,
+    /// Set when a write or sync failed: nothing more is recorded until restart.
+    failed: AtomicBool,
+    /// Whether the file did not exist before this open.
+    created: bool,
+}
+
+impl Ledger {
+    /// Opens the ledger in `dir` (creating an empty one if there is none). A torn final
+    /// frame (a crash mid-append, so never acknowledged) is cut off; anything else that is
+    /// wrong (a bad MAC, a damaged frame followed by more, another key directory's file)
+    /// is refused, and nothing is changed on disk.
+    /// Without `create_if_missing`, a missing file is [`LedgerError::Missing`].
+    pub fn open(dir: &Path, key: SecretKey, store_id: [u8; 16], create_if_missing: bool) -> Result<Self, LedgerError> {
+        let path = dir.join(FILE_NAME);
+        let io = |source| LedgerError::Io { path: path.clone(), source };
+        let (bytes, created) = match fs::read(&path) {
+            Ok(b) => (b, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create_if_missing => {
+                return Err(LedgerError::Missing { path });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_file(&path, &header(&store_id, 0, &[0; MAC_LEN]), &[]).map_err(io)?;
+                (fs::read(&path).map_err(io)?, true)
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let parsed = parse(&path, &bytes, &key, &store_id)?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        if parsed.valid_len < bytes.len() as u64 {
+            tracing::warn!(path = %path.display(), cut = bytes.len() as u64 - parsed.valid_len,
+                "erasure ledger: cutting off a torn final entry (a crash mid-write; it was never acknowledged)");
+            file.set_len(parsed.valid_len).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        let state = parsed.state;
+        Ok(Ledger {
+            writer: Mutex::new(Writer {
+                file: Arc::new(file),
+                len: parsed.valid_len,
+                counter: state.counter,
+                prev: parsed.prev,
+            }),
+            synced: Mutex::new(state.counter),
+            confirmed: AtomicU64::new(state.confirmed),
+            state: RwLock::new(state),
+            failed: AtomicBool::new(false),
+            created,
+            path,
+            key,
+            store_id,
+        })
+    }
+
+    /// Whether the ledger file was created by this open (there was none).
+    pub fn was_created(&self) -> bool {
+        self.created
+    }
+
+    /// A copy of what the ledger knows.
+    pub fn state(&self) -> Result<LedgerState, LedgerError> {
+        Ok(self.state.read().map_err(|_| LedgerError::Poisoned)?.clone())
+    }
+
+    /// Runs `f` on the state without copying it.
+    pub fn with_state<T>(&self, f: impl FnOnce(&LedgerState) -> T) -> Result<T, LedgerError> {
+        Ok(f(&*self.state.read().map_err(|_| LedgerError::Poisoned)?))
+    }
+
+    /// The name a tombstone gives a destroyed key record: a keyed hash of where the record
+    /// lives (and which generation of key it held), never the ids themselves.
+    pub fn token(&self, record_key: &[u8], generation: u32) -> [u8; 32] {
+        let mut input = Vec::with_capacity(record_key.len() + 4);
+        input.extend_from_slice(record_key);
+        input.extend_from_slice(&generation.to_be_bytes());
+        blind_index(&self.key, TOKEN_DOMAIN, &input)
+    }
+
+    /// Records erasures durably; returns their counter. The data directory applies them
+    /// after this returns, and records the counter with them.
+    pub fn record_erasures(&self, tombstones: Vec<Tombstone>) -> Result<u64, LedgerError> {
+        self.record(Body::Erasures(tombstones))
+    }
+
+    /// Records a record the data directory is about to store at `key`, durably.
+    pub fn record_anchor(&self, key: Vec<u8>, value: Vec<u8>) -> Result<u64, LedgerError> {
+        self.record(Body::Anchor { key, value })
+    }
+
+    /// Records that these epochs' key-store keys were destroyed at `at_micros`: their
+    /// erasures are final.
+    pub fn record_destroyed(&self, epochs: Vec<u64>, at_micros: i64) -> Result<u64, LedgerError> {
+        self.record(Body::Destroyed { epochs, at_micros })
+    }
+
+    /// Records that audit records `gap.from..=gap.to` are lost and the operator knows.
+    pub fn record_audit_gap(&self, gap: AuditGap) -> Result<u64, LedgerError> {
+        self.record(Body::AuditGap(gap))
+    }
+
+    /// Says that every data-bearing entry up to `counter` is durable in the data directory.
+    pub fn confirm(&self, counter: u64) {
+        self.confirmed.fetch_max(counter, Ordering::SeqCst);
+    }
+
+    /// Writes down what `confirm` learnt and the audit trail's durable head, if either
+    /// moved since the ledger last said (`audit_moved` decides for the trail). Returns
+    /// whether it wrote.
+    pub fn checkpoint(
+        &self,
+        audit: Option<AuditAnchor>,
+        audit_moved: impl FnOnce(Option<AuditAnchor>, Option<AuditAnchor>) -> bool,
+    ) -> Result<bool, LedgerError> {
+        let (written, last_audit) = self.with_state(|s| (s.confirmed, s.audit))?;
+        let confirmed_moved = self.confirmed.load(Ordering::SeqCst) > written;
+        let audit = audit.filter(|a| audit_moved(last_audit, Some(*a)));
+        if !confirmed_moved && audit.is_none() {
+            return Ok(false);
+        }
+        self.record(Body::Checkpoint { audit })?;
+        Ok(true)
+    }
+
+    fn record(&self, body: Body) -> Result<u64, LedgerError> {
+        let counter = self.append(body)?;
+        self.sync_through(counter)?;
+        Ok(counter)
+    }
+
+    fn append(&self, body: Body) -> Result<u64, LedgerError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(LedgerError::Failed);
+        }
+        let mut w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
+        let counter = w.counter + 1;
+        let frame = Frame { counter, confirmed: self.confirmed.load(Ordering::SeqCst), body };
+        let (bytes, mac) = self.encode(&frame, &w.prev)?;
+        if let Err(e) = (&*w.file).write_all(&bytes) {
+            // Part of the frame may be in the file: cut it off, and refuse more, since
+            // what is on disk can no longer be vouched for.
+            let _ = w.file.set_len(w.len);
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(LedgerError::Io { path: self.path.clone(), source: e });
+        }
+        w.len += bytes.len() as u64;
+        w.counter = counter;
+        w.prev = mac;
+        let Frame { counter, confirmed, body } = frame;
+        self.state.write().map_err(|_| LedgerError::Poisoned)?.apply(counter, confirmed, body);
+        Ok(counter)
+    }
+
+    fn encode(&self, frame: &Frame, prev: &[u8; MAC_LEN]) -> Result<(Vec<u8>, [u8; MAC_LEN]), LedgerError> {
+        let payload = postcard::to_allocvec(frame).map_err(|_| LedgerError::Failed)?;
+        if payload.len() + MAC_LEN > MAX_FRAME {
+            return Err(LedgerError::Failed);
+        }
+        let mac = frame_mac(&self.key, prev, &payload);
+        let mut body = payload;
+        body.extend_from_slice(&mac);
+        let mut bytes = Vec::with_capacity(FRAME_HEAD + body.len());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        Ok((bytes, mac))
+    }
+
+    /// Makes every entry up to `counter` durable; callers that arrive while a sync runs
+    /// share the next one.
+    fn sync_through(&self, counter: u64) -> Result<(), LedgerError> {
+        let mut synced = self.synced.lock().map_err(|_| LedgerError::Poisoned)?;
+        if *synced >= counter {
+            return Ok(());
+        }
+        let (file, target) = {
+            let w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
+            (w.file.clone(), w.counter)
+        };
+        if let Err(e) = file.sync_data() {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(LedgerError::Io { path: self.path.clone(), source: e });
+        }
+        *synced = target;
+        Ok(())
+    }
+
+    /// Rewrites the file as one snapshot of what is still needed: tombstones made final
+    /// by a rotation, and superseded anchors, go. Atomic: a crash leaves the old file.
+    pub fn compact(&self) -> Result<(), LedgerError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(LedgerError::Failed);
+        }
+        let mut w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
+        let snapshot = self.state.read().map_err(|_| LedgerError::Poisoned)?.snapshot();
+        let frame = Frame {
+            counter: w.counter,
+            confirmed: self.confirmed.load(Ordering::SeqCst),
+            body: Body::Snapshot(Box::new(snapshot)),
+        };
+        let (bytes, mac) = self.encode(&frame, &w.prev)?;
+        let io = |source| LedgerError::Io { path: self.path.clone(), source };
+        write_file(&self.path, &header(&self.store_id, w.counter, &w.prev), &bytes).map_err(io)?;
+        let file = OpenOptions::new().append(true).open(&self.path).map_err(io)?;
+        w.len = (HEADER_LEN + bytes.len()) as u64;
+        w.file = Arc::new(file);
+        w.prev = mac;
+        Ok(())
+    }
+
+    /// Bytes the ledger file holds.
+    pub fn size(&self) -> u64 {
+        self.writer.lock().map(|w| w.len).unwrap_or(0)
+    }
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn frame_mac(key: &SecretKey, prev: &[u8; MAC_LEN], payload: &[u8]) -> [u8; MAC_LEN] {
+    let mut linked = Vec::with_capacity(MAC_LEN + payload.len());
+    linked.extend_from_slice(prev);
+    linked.extend_from_slice(payload);
+    blind_index(key, MAC_DOMAIN, &linked)
+}
+
+fn header(store_id: &[u8; 16], base: u64, prev: &[u8; MAC_LEN]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(store_id);
+    h.extend_from_slice(&base.to_le_bytes());
+    h.extend_from_slice(prev);
+    h
+}
+
+/// Writes a whole new ledger file: temp file (0600), fsync, rename, fsync of the directory.
+fn write_file(path: &Path, header: &[u8], frames: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(header)?;
+        f.write_all(frames)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    files::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+struct Parsed {
+    state: LedgerState,
+    valid_len: u64,
+    prev: [u8; MAC_LEN],
+}
+
+fn parse(path: &Path, bytes: &[u8], key: &SecretKey, store_id: &[u8; 16]) -> Result<Parsed, LedgerError> {
+    let damaged = |offset: usize, why| LedgerError::Damaged { path: path.to_path_buf(), offset: offset as u64, why };
+    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+        return Err(damaged(0, "no ledger header (unknown format or version)"));
+    }
+    if &bytes[8..24] != store_id {
+        return Err(LedgerError::Foreign { path: path.to_path_buf() });
+    }
+    let base = u64::from_le_bytes(bytes[24..32].try_into().map_err(|_| damaged(24, "header"))?);
+    let mut prev: [u8; MAC_LEN] = bytes[32..HEADER_LEN].try_into().map_err(|_| damaged(32, "header"))?;
+    let mut state = LedgerState { counter: base, ..LedgerState::default() };
+    let mut at = HEADER_LEN;
+    let mut first = true;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        // Only the end of the file can be a crash's doing: what parsed so far stands, and
+        // the caller cuts the rest off.
+        if rest.len() < FRAME_HEAD {
+            return Ok(Parsed { state, valid_len: at as u64, prev });
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().map_err(|_| damaged(at, "frame"))?) as usize;
+        let crc = u32::from_le_bytes(rest[4..8].try_into().map_err(|_| damaged(at, "frame"))?);
+        if !(MAC_LEN..=MAX_FRAME).contains(&len) {
+            return Err(damaged(at, "frame length out of range"));
+        }
+        if rest.len() < FRAME_HEAD + len {
+            return Ok(Parsed { state, valid_len: at as u64, prev });
+        }
+        let body = &rest[FRAME_HEAD..FRAME_HEAD + len];
+        if crc32fast::hash(body) != crc {
+            // A final frame whose tail never reached the disk (zeros) is a torn write;
+            // a bad frame followed by more, or one that is whole but different, is damage.
+            let last = rest.len() == FRAME_HEAD + len;
+            if last && body.ends_with(&[0; 8]) {
+                return Ok(Parsed { state, valid_len: at as u64, prev });
+            }
+            return Err(damaged(at, "checksum mismatch"));
+        }
+        let (payload, mac) = body.split_at(len - MAC_LEN);
+        let frame: Frame = postcard::from_bytes(payload).map_err(|_| damaged(at, "undecodable entry"))?;
+        if frame_mac(key, &prev, payload) != mac {
+            return Err(LedgerError::BadMac { path: path.to_path_buf(), counter: frame.counter });
+        }
+        let snapshot = matches!(frame.body, Body::Snapshot(_));
+        let expected = if first && snapshot { state.counter } else { state.counter + 1 };
+        if frame.counter != expected || (snapshot && !first) {
+            return Err(damaged(at, "entries missing or out of order"));
+        }
+        prev = mac.try_into().map_err(|_| damaged(at, "frame"))?;
+        state.apply(frame.counter, frame.confirmed, frame.body);
+        first = false;
+        at += FRAME_HEAD + len;
+    }
+    Ok(Parsed { state, valid_len: at as u64, prev })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SecretKey {
+        SecretKey::from_slice(&[9; 32]).unwrap()
+    }
+
+    fn tomb(n: u8, epoch: u64) -> Tombstone {
+        Tombstone { kind: ErasureKind::Subject, tenant: "acme".into(), token: [n; 32], epoch, at_micros: 1 }
+    }
+
+    fn open(dir: &Path) -> Result<Ledger, LedgerError> {
+        Ledger::open(dir, key(), [1; 16], true)
+    }
+
+    #[test]
+    fn entries_survive_reopening_and_a_rotation_makes_them_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        assert!(l.was_created());
+        assert_eq!(l.record_erasures(vec![tomb(1, 1)]).unwrap(), 1);
+        assert_eq!(l.record_anchor(b"k".to_vec(), b"v1".to_vec()).unwrap(), 2);
+        l.confirm(2);
+        assert_eq!(l.record_erasures(vec![tomb(2, 2)]).unwrap(), 3);
+        drop(l);
+        let l = open(dir.path()).unwrap();
+        assert!(!l.was_created());
+        let s = l.state().unwrap();
+        assert_eq!((s.counter, s.last_data, s.confirmed, s.pending.len()), (3, 3, 2, 2));
+        assert_eq!(s.after(2).erasures, vec![tomb(2, 2)]);
+        assert_eq!(s.after(1).anchors, vec![(b"k".to_vec(), b"v1".to_vec())]);
+
+        l.record_destroyed(vec![1], 77).unwrap();
+        let s = l.state().unwrap();
+        assert_eq!((s.pending.len(), s.pruned_through, s.destroyed.get(&1)), (1, 1, Some(&77)));
+        l.compact().unwrap();
+        let before = l.size();
+        l.record_anchor(b"k".to_vec(), b"v2".to_vec()).unwrap();
+        drop(l);
+        let l = open(dir.path()).unwrap();
+        let s = l.state().unwrap();
+        assert!(l.size() > before);
+        assert_eq!((s.counter, s.pruned_through, s.pending.len()), (5, 1, 1));
+        assert_eq!(s.anchors.get(b"k".as_slice()), Some(&(5, b"v2".to_vec())));
+        assert_eq!(s.destroyed.get(&1), Some(&77));
+    }
+
+    #[test]
+    fn a_torn_final_entry_is_cut_off_but_an_altered_one_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        l.record_erasures(vec![tomb(1, 1)]).unwrap();
+        l.record_erasures(vec![tomb(2, 1)]).unwrap();
+        drop(l);
+        let path = dir.path().join(FILE_NAME);
+        let good = fs::read(&path).unwrap();
+
+        // A crash mid-append: the last frame is cut short.
+        fs::write(&path, &good[..good.len() - 5]).unwrap();
+        assert_eq!(open(dir.path()).unwrap().state().unwrap().counter, 1);
+
+        // One flipped bit in the first of two frames: damage, refused, file untouched.
+        let mut bad = good.clone();
+        bad[HEADER_LEN + 12] ^= 1;
+        fs::write(&path, &bad).unwrap();
+        assert!(matches!(open(dir.path()), Err(LedgerError::Damaged { .. })));
+        assert_eq!(fs::read(&path).unwrap(), bad);
+
+        // A frame rewritten with a valid checksum but without the key: its MAC fails.
+        let mut forged = good.clone();
+        let len = u32::from_le_bytes(forged[HEADER_LEN..HEADER_LEN + 4].try_into().unwrap()) as usize;
+        let body = HEADER_LEN + FRAME_HEAD..HEADER_LEN + FRAME_HEAD + len;
+        forged[body.start + 3] ^= 1;
+        let crc = crc32fast::hash(&forged[body.clone()]).to_le_bytes();
+        forged[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&crc);
+        fs::write(&path, &forged).unwrap();
+        assert!(matches!(open(dir.path()), Err(LedgerError::BadMac { .. } | LedgerError::Damaged { .. })));
+        assert_eq!(fs::read(&path).unwrap(), forged);
+
+        // Another key directory's ledger.
+        fs::write(&path, &good).unwrap();
+        assert!(matches!(Ledger::open(dir.path(), key(), [2; 16], true), Err(LedgerError::Foreign { .. })));
+        fs::remove_file(&path).unwrap();
+        assert!(matches!(Ledger::open(dir.path(), key(), [1; 16], false), Err(LedgerError::Missing { .. })));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_checkpoint_is_written_only_when_something_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        let never = |_: Option<AuditAnchor>, _: Option<AuditAnchor>| false;
+        assert!(!l.checkpoint(None, never).unwrap());
+        l.record_erasures(vec![tomb(1, 1)]).unwrap();
+        l.confirm(1);
+        assert!(l.checkpoint(None, never).unwrap());
+        assert!(!l.checkpoint(None, never).unwrap());
+        let head = AuditAnchor { seq: 7, mac: [3; 32] };
+        assert!(l.checkpoint(Some(head), |old, new| old != new).unwrap());
+        drop(l);
+        let s = open(dir.path()).unwrap().state().unwrap();
+        assert_eq!((s.confirmed, s.audit), (1, Some(head)));
+    }
+
+    #[test]
+    fn tokens_depend_on_the_record_and_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        assert_ne!(l.token(b"a", 0), l.token(b"a", 1));
+        assert_ne!(l.token(b"a", 0), l.token(b"b", 0));
+        assert_eq!(l.token(b"a", 0), l.token(b"a", 0));
+    }
+}

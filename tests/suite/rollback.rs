@@ -1,0 +1,92 @@
+//! A data directory put back to an earlier state (a restored backup, a rolled-back VM
+//! snapshot) next to the current key directory: the erasure ledger on the key volume
+//! remembers what it has forgotten.
+
+use tonic::Code;
+
+use chatvault::grpc::Bearer;
+use chatvault::grpc::pb;
+use chatvault::grpc::pb::transcript_service_client::TranscriptServiceClient;
+
+use super::common::*;
+
+/// What a data directory holds: a digest of every file outside sled's own, and of every
+/// record in sled's tree (sled itself rewrites its files whenever it is opened).
+fn contents(dirs: &Dirs) -> Vec<(String, u32)> {
+    let data = dirs.data();
+    let mut all: Vec<(String, u32)> = files_below(&data)
+        .into_iter()
+        .filter(|f| f.parent() != Some(data.as_path()))
+        .map(|f| (f.display().to_string(), crc32fast::hash(&std::fs::read(&f).unwrap())))
+        .collect();
+    let (_db, tree) = raw_tree(dirs);
+    let mut h = crc32fast::Hasher::new();
+    for kv in tree.iter() {
+        let (k, v) = kv.unwrap();
+        h.update(&k);
+        h.update(&v);
+    }
+    all.push(("sled tree".into(), h.finalize()));
+    all.sort();
+    all
+}
+
+#[tokio::test]
+async fn a_rolled_back_data_directory_is_refused_and_brought_forward_only_on_request() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("s-chat", "sam", 1_700_000_000, &["sam's words"])).await;
+    put(&mut c, transcript("t-chat", "tess", 1_700_000_000, &["deleted later"])).await;
+    put(&mut c, transcript("t-other", "tess", 1_700_000_001, &["tess keeps this"])).await;
+    let mut admin = server.admin().await;
+    let extra = admin.issue_api_key(pb::IssueApiKeyRequest { tenant_id: "acme".into() }).await.unwrap().into_inner();
+    let extra_id = extra.key.unwrap().key_id;
+    server.stop().await;
+
+    // The backup / snapshot.
+    let copy = dirs.tmp.path().join("backup");
+    copy_dir(&dirs.data(), &copy);
+
+    let server = Server::start(&dirs);
+    let mut s = server.subjects("acme").await;
+    s.shred_subject(pb::ShredSubjectRequest { subject_id: "sam".into() }).await.unwrap();
+    let mut c = server.transcripts("acme").await;
+    c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "t-chat".into() }).await.unwrap();
+    let mut admin = server.admin().await;
+    admin.revoke_api_key(pb::RevokeApiKeyRequest { tenant_id: "acme".into(), key_id: extra_id }).await.unwrap();
+    server.stop().await;
+
+    // Put the copy back.
+    std::fs::remove_dir_all(dirs.data()).unwrap();
+    std::fs::rename(&copy, dirs.data()).unwrap();
+    let before = contents(&dirs);
+    let err = Server::try_start(&dirs, Opts::default()).err().expect("a rolled-back data directory started");
+    assert!(err.contains("rolled back"), "{err}");
+    assert!(err.contains("1 subject erasure(s), 1 transcript deletion(s)"), "{err}");
+    assert!(err.contains("--replay-erasures"), "{err}");
+    assert!(!err.contains("sam") && !err.contains("tess"), "no subject id in the message: {err}");
+    assert_eq!(contents(&dirs), before, "the refusal changed what the data directory holds");
+
+    let server = Server::start_with(&dirs, Opts { args: vec!["--replay-erasures"], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    let gone = get(&mut c, "s-chat").await.unwrap_err();
+    assert!(gone.code() == Code::NotFound && gone.message().contains("erased"), "{gone:?}");
+    assert_eq!(get(&mut c, "t-chat").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(get(&mut c, "t-other").await.unwrap().messages[0].text, "tess keeps this");
+    let mut revoked =
+        TranscriptServiceClient::with_interceptor(server.channel().await, Bearer::new(&extra.api_key).unwrap());
+    let denied = get(&mut revoked, "t-other").await.unwrap_err();
+    assert_eq!(denied.code(), Code::Unauthenticated, "the revoked key works again: {denied:?}");
+    let mut admin = server.admin().await;
+    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(v.intact, "{v:?}");
+    assert_eq!(v.accepted_gaps.len(), 1, "the records lost with the rollback are reported: {v:?}");
+    server.stop().await;
+
+    // Brought forward once, it starts as usual from then on.
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "t-other").await.unwrap().messages[0].text, "tess keeps this");
+    assert_eq!(get(&mut c, "s-chat").await.unwrap_err().code(), Code::NotFound);
+}
