@@ -55,6 +55,7 @@ names! {
         // Appended, never inserted: stored records name operations by position.
         ExportSubject => "subject.export",
         ExportTenant => "tenant.export",
+        GetErasure => "subject.erasure.get",
     }
 }
 
@@ -84,6 +85,7 @@ impl Operation {
                 | Operation::ExportSubject
                 | Operation::ExportTenant
                 | Operation::GetSubject
+                | Operation::GetErasure
                 | Operation::QueryAudit
                 | Operation::VerifyAudit
         )
@@ -129,6 +131,7 @@ mod tests {
         assert_eq!(code(Operation::PutTranscript), [0]);
         assert_eq!(code(Operation::VerifyAudit), [20]);
         assert_eq!(code(Operation::ExportTenant), [22]);
-        assert_eq!(Operation::ALL.len(), 23);
+        assert_eq!(code(Operation::GetErasure), [23]);
+        assert_eq!(Operation::ALL.len(), 24);
     }
 }

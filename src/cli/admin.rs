@@ -53,6 +53,8 @@ enum AdminCommand {
     /// The audit trail: query, verify.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Whether erasures are becoming final: pending erasures, rotations.
+    Erasures,
 }
 
 #[derive(Subcommand, Debug)]
@@ -248,6 +250,19 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
                 }
                 req.page_token = r.next_page_token;
             }
+        }
+        AdminCommand::Erasures => {
+            let r = c.get_erasure_status(pb::GetErasureStatusRequest {}).await.map_err(status)?.into_inner();
+            json!({
+                "pending_erasures": r.pending_erasures,
+                "oldest_pending_at": r.oldest_pending_at.map(|t| t.to_string()),
+                "live_epochs": r.live_epochs,
+                "rotation_due": r.rotation_due,
+                "last_rotation_at": r.last_rotation_at.map(|t| t.to_string()),
+                "consecutive_failures": r.consecutive_failures,
+                "last_failure_at": r.last_failure_at.map(|t| t.to_string()),
+                "last_failure": (!r.last_failure.is_empty()).then_some(r.last_failure),
+            })
         }
         AdminCommand::Audit(AuditCommand::Verify) => {
             let r = c.verify_audit(pb::VerifyAuditRequest {}).await.map_err(status)?.into_inner();

@@ -96,6 +96,13 @@ pub enum ClientCommand {
         #[arg(long)]
         subject: String,
     },
+    /// Whether an erasure (the erasure_id of a receipt) is final yet.
+    Erasure {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        id: String,
+    },
     /// Show a subject's status.
     Subject {
         #[command(flatten)]
@@ -123,7 +130,7 @@ async fn transcripts(conn: &Conn) -> Result<TranscriptServiceClient<Authed>, Str
     Ok(TranscriptServiceClient::with_interceptor(channel(&conn.server, &conn.tls).await?, key))
 }
 
-async fn subjects(conn: &Conn) -> Result<SubjectServiceClient<Authed>, String> {
+pub async fn subjects(conn: &Conn) -> Result<SubjectServiceClient<Authed>, String> {
     let key = credential(API_KEY_ENV, conn.api_key_file.as_deref(), "API key")?;
     Ok(SubjectServiceClient::with_interceptor(channel(&conn.server, &conn.tls).await?, key))
 }
@@ -212,18 +219,22 @@ pub async fn run(cmd: ClientCommand) -> Result<(), String> {
         }
         ClientCommand::Delete { conn, transcript } => {
             let req = pb::DeleteTranscriptRequest { transcript_id: transcript };
-            transcripts(&conn).await?.delete_transcript(req).await.map_err(status)?;
-            json!({ "deleted": true })
+            let r = transcripts(&conn).await?.delete_transcript(req).await.map_err(status)?.into_inner();
+            json!({ "deleted": true, "receipt": receipt_json(r.receipt.unwrap_or_default()) })
         }
         ClientCommand::Shred { conn, subject } => {
             let req = pb::ShredSubjectRequest { subject_id: subject };
             let r = subjects(&conn).await?.shred_subject(req).await.map_err(status)?.into_inner();
-            let rc = r.receipt.unwrap_or_default();
+            receipt_json(r.receipt.unwrap_or_default())
+        }
+        ClientCommand::Erasure { conn, id } => {
+            let req = pb::GetErasureRequest { erasure_id: id };
+            let r = subjects(&conn).await?.get_erasure(req).await.map_err(status)?.into_inner();
             json!({
-                "subject_blind_id": rc.subject_blind_id,
-                "shredded_at": rc.shredded_at.map(|t| t.to_string()),
-                "transcripts_shredded": rc.transcripts_shredded,
-                "key_epoch": rc.key_epoch,
+                "erasure_id": r.erasure_id,
+                "state": r.state().as_str_name(),
+                "erased_at": r.erased_at.map(|t| t.to_string()),
+                "final_at": r.final_at.map(|t| t.to_string()),
             })
         }
         ClientCommand::Subject { conn, subject } => {
@@ -277,6 +288,21 @@ fn parse_metadata(specs: &[String]) -> Result<std::collections::HashMap<String, 
                 .ok_or_else(|| format!("--meta {s:?}: expected KEY=VALUE"))
         })
         .collect()
+}
+
+/// A receipt as the CLI prints it; `chatvault receipt verify` reads it back.
+fn receipt_json(rc: pb::ShredReceipt) -> Value {
+    let state = rc.state().as_str_name();
+    let signed = rc.signed.unwrap_or_default();
+    json!({
+        "subject_blind_id": rc.subject_blind_id,
+        "transcript_blind_id": (!rc.transcript_blind_id.is_empty()).then_some(&rc.transcript_blind_id),
+        "shredded_at": rc.shredded_at.map(|t| t.to_string()),
+        "transcripts_shredded": rc.transcripts_shredded,
+        "erasure_id": rc.erasure_id,
+        "state": state,
+        "signed": super::receipt::signed_json(&signed.payload, &signed.signature, &signed.key_id),
+    })
 }
 
 fn transcript_json(t: pb::Transcript) -> Value {

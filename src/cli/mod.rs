@@ -4,6 +4,7 @@
 mod admin;
 mod client;
 mod connect;
+mod receipt;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ enum Command {
     },
     /// Operator commands against the admin listener: tenants, API keys, allowlists, audit.
     Admin(admin::AdminArgs),
+    /// Erasure receipts: check one offline, fetch the signing key.
+    #[command(subcommand)]
+    Receipt(receipt::ReceiptCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -123,6 +127,7 @@ pub fn main() -> ExitCode {
         },
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
+        Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
         Command::Client(cmd) => runtime.block_on(client::run(cmd)),
     };
     match result {

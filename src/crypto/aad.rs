@@ -24,6 +24,10 @@ pub enum RecordKind {
     /// A transcript key (already wrapped under its subject's data key) sealed again under
     /// a key-store key, so that a key-store rotation sweeps every copy of a deleted one.
     TranscriptKeySeal = 8,
+    /// The seed of the key that signs erasure receipts, wrapped under the root key.
+    ReceiptSigningKey = 9,
+    /// An erasure id: which epoch and ledger entry an erasure is, sealed for one tenant.
+    ErasureId = 10,
 }
 
 /// Builder for an AAD byte string.

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{timestamp_in, timestamp_out};
 use super::credentials::bearer;
-use super::gate::{audit_status, detached};
+use super::gate::{audit_status, detached, erasing};
 use super::pb::{self, admin_service_server::AdminService};
 use super::status::{outcome_of, tenancy_status, to_status};
 use crate::audit::{AuditLog, Event, Filter, Operation, Outcome, Record};
@@ -200,7 +200,7 @@ impl AdminService for Admin {
             (self.registry.clone(), self.vault.clone(), self.audit.clone(), self.clock.now());
         // Detached: a client that goes away mid-erasure leaves neither half an erasure
         // nor an unrecorded one.
-        let reply = detached(async move {
+        let reply = erasing(async move {
             let result = async {
                 let tid = tenant_id(&id)?;
                 if registry.status(&tid).map_err(tenancy_status)?.is_none() {
@@ -365,6 +365,26 @@ impl AdminService for Admin {
                     accepted_at: crate::vault::Timestamp::from_micros(g.at_micros).map(timestamp_out),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn get_erasure_status(
+        &self,
+        req: Request<pb::GetErasureStatusRequest>,
+    ) -> Result<Response<pb::ErasureStatusReport>, Status> {
+        self.operator(&req)?;
+        let o = self.vault.erasure_overview().map_err(to_status)?;
+        let ts = |t: Option<crate::vault::Timestamp>| t.map(timestamp_out);
+        let (failed_at, failure) = o.rotation.last_failure.clone().unzip();
+        Ok(Response::new(pb::ErasureStatusReport {
+            pending_erasures: o.pending_erasures,
+            oldest_pending_at: ts(o.oldest_pending_at),
+            live_epochs: o.live_epochs,
+            rotation_due: o.rotation_due,
+            last_rotation_at: ts(o.rotation.last_completed_at),
+            consecutive_failures: o.rotation.consecutive_failures,
+            last_failure_at: ts(failed_at),
+            last_failure: failure.unwrap_or_default(),
         }))
     }
 }

@@ -5,7 +5,10 @@ use prost_types::Timestamp as PbTimestamp;
 use tonic::Status;
 
 use super::pb;
-use crate::vault::{AuthorRole, Message, ShredReceipt, SubjectInfo, SubjectStatus, Timestamp, Transcript};
+use crate::vault::{
+    AuthorRole, ErasureState, ErasureStatus, Message, ShredReceipt, SignedReceipt, SubjectInfo, SubjectStatus,
+    Timestamp, Transcript,
+};
 
 pub fn timestamp_in(field: &str, ts: Option<PbTimestamp>) -> Result<Option<Timestamp>, Status> {
     match ts {
@@ -106,12 +109,47 @@ pub fn transcript_out(t: Transcript) -> pb::Transcript {
 }
 
 pub fn receipt_out(r: ShredReceipt) -> pb::ShredReceipt {
-    let ShredReceipt { subject_blind_id, shredded_at, transcripts_shredded, key_epoch } = r;
+    let ShredReceipt {
+        subject_blind_id,
+        transcript_blind_id,
+        shredded_at,
+        transcripts_shredded,
+        erasure_id,
+        state,
+        signed,
+    } = r;
+    let SignedReceipt { payload, signature, key_id } = signed;
+    #[allow(deprecated)]
     pb::ShredReceipt {
         subject_blind_id,
         shredded_at: Some(timestamp_out(shredded_at)),
         transcripts_shredded,
-        key_epoch,
+        key_epoch: 0,
+        erasure_id,
+        state: state_out(state) as i32,
+        signed: Some(pb::SignedReceipt { payload, signature, key_id }),
+        transcript_blind_id,
+    }
+}
+
+fn state_out(s: ErasureState) -> pb::ErasureState {
+    match s {
+        ErasureState::Pending => pb::ErasureState::Pending,
+        ErasureState::Final { .. } => pb::ErasureState::Final,
+        ErasureState::NothingErased => pb::ErasureState::NothingErased,
+    }
+}
+
+pub fn erasure_out(e: ErasureStatus) -> pb::ErasureStatus {
+    let ErasureStatus { erasure_id, erased_at, state } = e;
+    pb::ErasureStatus {
+        erasure_id,
+        state: state_out(state) as i32,
+        erased_at: Some(timestamp_out(erased_at)),
+        final_at: match state {
+            ErasureState::Final { at } => Some(timestamp_out(at)),
+            _ => None,
+        },
     }
 }
 

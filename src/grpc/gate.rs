@@ -111,6 +111,18 @@ pub async fn detached<T: Send + 'static>(
     tokio::spawn(Vault::deferring_durability(call)).await.map_err(|_| Status::internal("worker failed"))?
 }
 
+/// Runs an erasure on the blocking pool, to its end: it syncs the key volume (the
+/// erasure ledger) while holding its subject's lock, which must not stall an executor
+/// thread, and like every change it finishes even if the client goes away.
+pub async fn erasing<T: Send + 'static>(
+    call: impl Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || handle.block_on(Vault::deferring_durability(call)))
+        .await
+        .map_err(|_| Status::internal("worker failed"))?
+}
+
 pub fn audit_status(e: AuditError) -> Status {
     tracing::error!(error = %e, "audit trail write failed; refusing to serve unrecorded");
     Status::unavailable("the audit trail could not record this call; retry later")

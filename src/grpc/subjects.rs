@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{receipt_out, subject_out};
-use super::gate::{Gate, Ids, detached};
+use super::convert::{erasure_out, receipt_out, subject_out};
+use super::gate::{Gate, Ids, erasing};
 use super::pb::{self, subject_service_server::SubjectService};
 use super::status::to_status;
 use crate::audit::Operation;
@@ -29,7 +29,7 @@ impl SubjectService for Subjects {
         let who = self.gate.admit(&req).await?;
         let pb::ShredSubjectRequest { subject_id } = req.into_inner();
         let gate = self.gate.clone();
-        detached(async move {
+        erasing(async move {
             let result = gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
             gate.record(
                 &who,
@@ -56,5 +56,23 @@ impl SubjectService for Subjects {
             .record(&who, Operation::GetSubject, Ids { subject_id: Some(&subject_id), ..Ids::default() }, &result)
             .await?;
         Ok(Response::new(subject_out(result?)))
+    }
+
+    async fn get_erasure(&self, req: Request<pb::GetErasureRequest>) -> Result<Response<pb::ErasureStatus>, Status> {
+        let who = self.gate.admit(&req).await?;
+        let pb::GetErasureRequest { erasure_id } = req.into_inner();
+        let result = self.gate.vault.erasure_status(&who.tenant, &erasure_id).map_err(to_status);
+        self.gate.record(&who, Operation::GetErasure, Ids::default(), &result).await?;
+        Ok(Response::new(erasure_out(result?)))
+    }
+
+    async fn get_receipt_key(
+        &self,
+        req: Request<pb::GetReceiptKeyRequest>,
+    ) -> Result<Response<pb::ReceiptKey>, Status> {
+        self.gate.admit(&req).await?;
+        let pb::GetReceiptKeyRequest {} = req.into_inner();
+        let (public_key_hex, key_id) = self.gate.vault.receipt_public_key();
+        Ok(Response::new(pb::ReceiptKey { public_key_hex, key_id }))
     }
 }

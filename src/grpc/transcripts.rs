@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{messages_in, timestamp_in, timestamp_out, transcript_in, transcript_out};
-use super::gate::{Gate, Ids, detached};
+use super::convert::{messages_in, receipt_out, timestamp_in, timestamp_out, transcript_in, transcript_out};
+use super::gate::{Gate, Ids, detached, erasing};
 use super::pb::{self, transcript_service_server::TranscriptService};
 use super::status::to_status;
 use crate::audit::Operation;
@@ -140,15 +140,14 @@ impl TranscriptService for Transcripts {
         let who = self.gate.admit(&req).await?;
         let pb::DeleteTranscriptRequest { transcript_id } = req.into_inner();
         let gate = self.gate.clone();
-        detached(async move {
+        erasing(async move {
             let result = gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
             let ids = Ids {
                 subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),
                 ..transcript(&transcript_id)
             };
             gate.record(&who, Operation::DeleteTranscript, ids, &result).await?;
-            result?;
-            Ok(Response::new(pb::DeleteTranscriptResponse {}))
+            Ok(Response::new(pb::DeleteTranscriptResponse { receipt: Some(receipt_out(result?.value)) }))
         })
         .await
     }

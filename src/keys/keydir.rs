@@ -94,6 +94,13 @@ pub struct FileKeyDir {
 }
 
 impl FileKeyDir {
+    /// The key that signs erasure receipts, from this directory (made on first use).
+    pub fn receipt_signer(&self) -> Result<super::ReceiptSigner, KeyError> {
+        super::receipts::ReceiptSigner::open(&self.dir, &self.root, &self.store_id)
+    }
+}
+
+impl FileKeyDir {
     /// Opens (or, when empty, initialises) a key directory. Refuses a root key whose
     /// check value differs from the one recorded, before touching anything.
     pub fn open(dir: &Path, source: &RootKeySource) -> Result<(Self, OpenReport), KeyError> {

@@ -5,6 +5,7 @@ mod cache;
 mod files;
 mod keydir;
 mod ledger;
+mod receipts;
 mod root;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 pub use cache::{KeyCache, KeyRef};
 pub use keydir::{FileKeyDir, KeyStore, OpenReport, wrapped_epoch};
 pub use ledger::{AuditAnchor, AuditGap, ErasureKind, Ledger, LedgerError, LedgerState, Missing, Tombstone};
+pub use receipts::{PUBLIC_FILE as RECEIPT_PUBLIC_FILE, ReceiptSigner, SignatureCheck, key_id_of, verify_signature};
 pub use root::{PassphraseSalt, RootKey, RootKeySource, create_dev_secret, read_secret_file};
 
 use crate::crypto::CryptoError;

@@ -20,6 +20,16 @@ pub(super) const META_LEDGER: &str = "ledger_counter";
 /// Purpose of the root-derived key that MACs the ledger and makes its tokens.
 const LEDGER_KEY: &[u8] = b"chatvault/control/erasure-ledger/v1";
 
+/// Where erasures stand, server-wide (never per tenant: that is the tenant's own ask).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErasureOverview {
+    pub pending_erasures: u64,
+    pub oldest_pending_at: Option<Timestamp>,
+    pub live_epochs: u32,
+    pub rotation_due: bool,
+    pub rotation: super::RotationHealth,
+}
+
 /// What comparing the data directory with the ledger found, before anything is written.
 pub(super) struct Verdict {
     applied: u64,
@@ -235,6 +245,19 @@ impl Vault {
             self.ledger.record_destroyed(stale.into_iter().collect(), self.clock.now().micros())?;
         }
         Ok(())
+    }
+
+    /// Erasures still pending and how rotations have gone, for the operator.
+    pub fn erasure_overview(&self) -> Result<ErasureOverview, VaultError> {
+        let (pending, oldest) =
+            self.ledger.with_state(|s| (s.pending.len() as u64, s.pending.values().map(|(_, t)| t.at_micros).min()))?;
+        Ok(ErasureOverview {
+            pending_erasures: pending,
+            oldest_pending_at: oldest.and_then(Timestamp::from_micros),
+            live_epochs: self.keys.epochs().len() as u32,
+            rotation_due: self.rotation_due()?,
+            rotation: self.rotation_health(),
+        })
     }
 
     /// Whether an erasure recorded in the ledger is not final yet.

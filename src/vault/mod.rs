@@ -9,6 +9,7 @@ mod layout;
 mod layout_check;
 mod locks;
 mod model;
+mod receipts;
 mod reclaim;
 mod records;
 mod rotation;
@@ -26,17 +27,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use bulk::{Scope, Visit, Walked};
+pub use erasure::ErasureOverview;
 pub use error::VaultError;
 pub use model::{
-    AuthorRole, Message, MessageRef, RotationHealth, RotationReport, ShredReceipt, SubjectInfo, SubjectStatus,
-    TenantId, Timestamp, Touched, Transcript, TranscriptPage,
+    AuthorRole, ErasureState, ErasureStatus, Message, MessageRef, RotationHealth, RotationReport, ShredReceipt,
+    SignedReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched, Transcript, TranscriptPage,
 };
+pub use receipts::{RECEIPT_FORMAT, ReceiptError, ReceiptPayload, verify_receipt};
 pub use tenants::TenantErasure;
 pub use validate::Limits;
 
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
-use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, Ledger, OpenReport, RootKeySource};
+use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, Ledger, OpenReport, ReceiptSigner, RootKeySource};
 use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget, ValueLog};
 use layout::Blind;
 use records::{BodyRecord, KeyRecord, SubjectRecord};
@@ -105,6 +108,8 @@ pub struct Vault {
     keys: Arc<dyn KeyStore>,
     /// The erasure ledger, on the key volume beside the key-store keys.
     ledger: Arc<Ledger>,
+    /// Signs erasure receipts.
+    receipts: ReceiptSigner,
     /// Held from an erasure's (or a registry record's) ledger entry until the store has
     /// applied it: the store applies them in ledger order, so its counter is exact.
     erasure_order: Mutex<()>,
@@ -165,6 +170,7 @@ impl Vault {
     ) -> Result<(Self, OpenReport), VaultError> {
         layout_check::refuse_overlap(&opts.data_dir, &opts.key_dir)?;
         let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
+        let receipts = keydir.receipt_signer()?;
         let keydir = keys(Arc::new(keydir));
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
         bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
@@ -184,6 +190,7 @@ impl Vault {
             maintenance: Mutex::new(()),
             keys: keydir,
             ledger,
+            receipts,
             erasure_order: Mutex::new(()),
             cache: KeyCache::new(opts.key_cache_entries),
             locks: locks::LockTable::new(),

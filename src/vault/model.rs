@@ -189,13 +189,49 @@ pub struct TranscriptPage {
     pub next_page_token: Option<String>,
 }
 
-/// Proof of a crypto-shred; holds no personal data.
+/// Proof of a crypto-shred (of a subject, or of one transcript's key); holds no
+/// personal data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShredReceipt {
     pub subject_blind_id: String,
+    /// Set for a transcript deletion.
+    pub transcript_blind_id: String,
     pub shredded_at: Timestamp,
     pub transcripts_shredded: u64,
-    pub key_epoch: u64,
+    /// Opaque id of the erasure, to ask whether it is final yet; empty when nothing was
+    /// erased. It reveals nothing of other tenants' erasures.
+    pub erasure_id: String,
+    pub state: ErasureState,
+    pub signed: SignedReceipt,
+}
+
+/// Whether an erasure holds against old copies of the data directory yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErasureState {
+    /// Unreadable through the service; the key-store epoch a copy taken before it would
+    /// need still exists, until the next rotation.
+    Pending,
+    /// That epoch was destroyed at `at`: no copy of anything, with any key the server
+    /// holds, decrypts it.
+    Final { at: Timestamp },
+    /// The call erased nothing (never stored, or erased before).
+    NothingErased,
+}
+
+/// A receipt as signed: canonical JSON and an Ed25519 signature over its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedReceipt {
+    pub payload: String,
+    pub signature: Vec<u8>,
+    pub key_id: String,
+}
+
+/// What the server says of an erasure, by id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErasureStatus {
+    pub erasure_id: String,
+    pub erased_at: Timestamp,
+    pub state: ErasureState,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

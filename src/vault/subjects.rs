@@ -2,6 +2,7 @@
 
 use super::layout::{self, Blind};
 use super::model::{ShredReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp};
+use super::receipts::Erased;
 use super::records::{self, Garbage};
 use super::{Vault, VaultError};
 use crate::keys::{ErasureKind, KeyRef};
@@ -16,7 +17,7 @@ impl Vault {
     pub async fn shred_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<ShredReceipt, VaultError> {
         self.limits.id("subject_id", subject_id)?;
         let now = self.clock.now();
-        let (sb, shredded, epoch, done) = {
+        let (sb, shredded, erasure, done) = {
             // Held until the shred is applied, so a rotation cannot re-wrap this subject's
             // key under a new epoch unnoticed: the epoch recorded is the one to destroy.
             let _epoch = self.epoch_shared()?;
@@ -36,17 +37,20 @@ impl Vault {
                 }
                 None => None,
             };
-            (sb, done.map(|d| d.0).unwrap_or(0), epoch, done.map(|(_, c, t)| (c, t)))
+            (sb, done.map(|d| d.0).unwrap_or(0), done.map(|(_, c, _)| (epoch, c)), done.map(|(_, c, t)| (c, t)))
         };
         if let Some((counter, ticket)) = done {
             self.erasure_durable(ticket, counter).await?;
         }
-        Ok(ShredReceipt {
-            subject_blind_id: hex::encode(sb),
-            shredded_at: now,
-            transcripts_shredded: shredded,
-            key_epoch: epoch,
-        })
+        let e = Erased {
+            kind: ErasureKind::Subject,
+            subject: &sb,
+            transcript: None,
+            at: now,
+            transcripts_erased: shredded,
+            done: erasure,
+        };
+        self.receipt(tenant, e)
     }
 
     /// Queues the shred of a live subject: its key goes, its records become garbage.

@@ -5,7 +5,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use super::layout::{self, Blind};
-use super::model::{Message, TenantId, Timestamp, Touched, Transcript, TranscriptPage};
+use super::model::{Message, ShredReceipt, TenantId, Timestamp, Touched, Transcript, TranscriptPage};
+use super::receipts::Erased;
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
 use super::seal::{Place, seal_err};
 use super::{Vault, VaultError};
@@ -230,23 +231,43 @@ impl Vault {
     /// erasure ledger before the key's record goes; copies elsewhere are sealed under this
     /// epoch's key-store key, which the next rotation destroys. Its ciphertext is reclaimed
     /// in the background.
-    pub async fn delete_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<Touched<()>, VaultError> {
+    pub async fn delete_transcript(
+        &self,
+        tenant: &TenantId,
+        transcript_id: &str,
+    ) -> Result<Touched<ShredReceipt>, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
         let now = self.clock.now();
         let ((tb, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, change| {
             self.queue_delete(tenant, tb, &h, change)?;
             let token = self.transcript_token(tenant.as_str(), tb, h.incarnation);
-            change.erasure = Some(self.tombstone(ErasureKind::Transcript, tenant.as_str(), token, now));
-            Ok((*tb, h.incarnation))
+            let tomb = self.tombstone(ErasureKind::Transcript, tenant.as_str(), token, now);
+            let epoch = tomb.epoch;
+            change.erasure = Some(tomb);
+            Ok((*tb, h.incarnation, epoch))
         })?;
-        let (tb, incarnation) = tb;
+        let (tb, incarnation, epoch) = tb;
         self.forget_body(tenant, &tb, incarnation);
         self.forget_subject_hints(Some((tenant, &tb)));
-        match ticket {
-            Applied::Erasure(ticket, counter) => self.erasure_durable(ticket, counter).await?,
+        let counter = match ticket {
+            Applied::Erasure(ticket, counter) => {
+                self.erasure_durable(ticket, counter).await?;
+                counter
+            }
             Applied::Plain(_) => return Err(VaultError::Internal("a delete without its tombstone".into())),
-        }
-        Ok(Touched::new((), &subject))
+        };
+        let receipt = self.receipt(
+            tenant,
+            Erased {
+                kind: ErasureKind::Transcript,
+                subject: &subject,
+                transcript: Some(&tb),
+                at: now,
+                transcripts_erased: 1,
+                done: Some((epoch, counter)),
+            },
+        )?;
+        Ok(Touched::new(receipt, &subject))
     }
 
     /// Reads a whole transcript, decrypted.

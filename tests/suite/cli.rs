@@ -84,3 +84,51 @@ fn an_operator_creates_a_tenant_and_its_backend_stores_reads_and_shreds() {
     let (ok, _, err) = run(&[("CHATVAULT_ADMIN_SERVER", server.admin_url.as_str())], &["admin", "tenant", "list"]);
     assert!(!ok && err.contains("CHATVAULT_OPERATOR_TOKEN"), "{err}");
 }
+
+#[test]
+fn a_receipt_from_the_cli_verifies_offline_with_the_public_key_alone_and_a_tampered_one_does_not() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let key = tokio::runtime::Runtime::new().unwrap().block_on(server.api_key("acme"));
+    let c = [("CHATVAULT_SERVER", server.url.as_str()), ("CHATVAULT_API_KEY", key.as_str())];
+    let (ok, _, err) = run(&c, &["put", "--subject", "bob", "--transcript", "b1", "-m", "visitor:Bob:hi"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&c, &["shred", "--subject", "bob"]);
+    assert!(ok && out.contains("ERASURE_STATE_PENDING"), "{out}{err}");
+    let receipt = dirs.tmp.path().join("receipt.json");
+    std::fs::write(&receipt, &out).unwrap();
+    let public = dirs.tmp.path().join("receipt.pub");
+    let (ok, _, err) = run(&c, &["receipt", "key", "--out", public.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&public).unwrap(), std::fs::read(dirs.keys().join("receipt-signing.pub")).unwrap());
+    let erasure_id = json(&out)["erasure_id"].as_str().unwrap().to_owned();
+    let (ok, status, err) = run(&c, &["erasure", "--id", &erasure_id]);
+    assert!(ok && status.contains("ERASURE_STATE_PENDING"), "{status}{err}");
+
+    // Offline: the server is gone, only the receipt and the public key are left.
+    drop(server);
+    let verify = |file: &std::path::Path| {
+        run(&[], &["receipt", "verify", "--public-key", public.to_str().unwrap(), file.to_str().unwrap()])
+    };
+    let (ok, out, err) = verify(&receipt);
+    assert!(ok, "{err}");
+    let said = json(&out);
+    assert_eq!((said["verified"].clone(), said["receipt"]["transcripts_erased"].clone()), (true.into(), 1.into()));
+    assert_eq!(said["receipt"]["tenant"], "acme");
+
+    let tampered = dirs.tmp.path().join("tampered.json");
+    std::fs::write(&tampered, std::fs::read_to_string(&receipt).unwrap().replace("erased\\\":1", "erased\\\":7"))
+        .unwrap();
+    assert_ne!(std::fs::read(&tampered).unwrap(), std::fs::read(&receipt).unwrap(), "the test must change the payload");
+    let (ok, _, err) = verify(&tampered);
+    assert!(!ok && err.contains("does not match the receipt"), "{err}");
+
+    let other_key = dirs.tmp.path().join("other.pub");
+    std::fs::write(&other_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let (ok, _, err) =
+        run(&[], &["receipt", "verify", "--public-key", other_key.to_str().unwrap(), receipt.to_str().unwrap()]);
+    assert!(!ok && err.contains("not by the key given"), "{err}");
+    let (ok, _, err) =
+        run(&[], &["receipt", "verify", "--public-key", public.to_str().unwrap(), public.to_str().unwrap()]);
+    assert!(!ok && err.contains("not JSON"), "{err}");
+}

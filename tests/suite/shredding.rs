@@ -15,6 +15,11 @@ async fn shred(server: &Server, tenant: &str, subject: &str) -> pb::ShredReceipt
     s.shred_subject(pb::ShredSubjectRequest { subject_id: subject.into() }).await.unwrap().into_inner().receipt.unwrap()
 }
 
+async fn erasure(server: &Server, erasure_id: &str) -> pb::ErasureStatus {
+    let mut s = server.subjects("acme").await;
+    s.get_erasure(pb::GetErasureRequest { erasure_id: erasure_id.into() }).await.unwrap().into_inner()
+}
+
 async fn subject(server: &Server, tenant: &str, subject: &str) -> pb::GetSubjectResponse {
     let mut s = server.subjects(tenant).await;
     s.get_subject(pb::GetSubjectRequest { subject_id: subject.into() }).await.unwrap().into_inner()
@@ -109,7 +114,11 @@ async fn a_copy_taken_before_the_shred_is_useless_once_the_key_store_rotates() {
     copy_dir(&dirs.keys(), &old_keys);
 
     let receipt = shred(&server, "acme", "victim@example.com").await;
-    assert_eq!(receipt.key_epoch, 1);
+    assert_eq!(receipt.state(), pb::ErasureState::Pending);
+    #[allow(deprecated)]
+    let epoch = receipt.key_epoch;
+    assert_eq!(epoch, 0, "the server-wide epoch is not shown to tenants");
+    assert_eq!(erasure(&server, &receipt.erasure_id).await.state(), pb::ErasureState::Pending);
     server.signal("-HUP");
     let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -117,6 +126,9 @@ async fn a_copy_taken_before_the_shred_is_useless_once_the_key_store_rotates() {
         assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let status = erasure(&server, &receipt.erasure_id).await;
+    assert_eq!(status.state(), pb::ErasureState::Final, "{status:?}");
+    assert!(status.final_at.is_some());
 
     assert!(
         subject_keys_recoverable(&stolen, &key_store_keys(&old_keys), "acme", &blind) > 0,
@@ -299,6 +311,10 @@ async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_t
     assert_eq!(erasure_health(&server).await, ServingStatus::NotServing as i32, "a failing rotation is loud");
     let ksks = || files_below(&dirs.keys()).iter().filter(|f| f.to_string_lossy().contains("/ksk-")).count();
     assert_eq!(ksks(), 2, "retries resume the rotation instead of adding epochs");
+    let mut admin = server.admin().await;
+    let report = admin.get_erasure_status(pb::GetErasureStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((report.pending_erasures, report.live_epochs, report.rotation_due), (1, 2, true), "{report:?}");
+    assert!(report.consecutive_failures >= 3 && !report.last_failure.is_empty(), "{report:?}");
     assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
 
     // The fault clears: the next retry finishes the rotation on its own.
@@ -313,6 +329,8 @@ async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_t
         assert!(Instant::now() < deadline, "erasure health did not recover");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let report = admin.get_erasure_status(pb::GetErasureStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((report.pending_erasures, report.live_epochs, report.consecutive_failures), (0, 1, 0), "{report:?}");
     assert_eq!(subject_keys_recoverable(&stolen, &key_store_keys(&dirs.keys()), "acme", &blind), 0);
     assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
 }
