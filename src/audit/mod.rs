@@ -273,6 +273,11 @@ impl AuditLog {
         Ok(seq)
     }
 
+    /// Every segment's file with the bytes it holds now: what a backup copies.
+    pub fn files_with_lengths(&self) -> Result<Vec<(std::path::PathBuf, u64)>, AuditError> {
+        Ok(self.segments.snapshot()?.into_iter().map(|v| (v.path, v.len)).collect())
+    }
+
     /// Records after `after` (a sequence number) that match, oldest first, up to `limit`.
     pub fn query(&self, filter: &Filter, after: u64, limit: usize) -> Result<Page, AuditError> {
         let limit = limit.clamp(1, 1000);

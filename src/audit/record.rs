@@ -56,6 +56,7 @@ names! {
         ExportSubject => "subject.export",
         ExportTenant => "tenant.export",
         GetErasure => "subject.erasure.get",
+        Backup => "admin.backup",
     }
 }
 
@@ -132,6 +133,6 @@ mod tests {
         assert_eq!(code(Operation::VerifyAudit), [20]);
         assert_eq!(code(Operation::ExportTenant), [22]);
         assert_eq!(code(Operation::GetErasure), [23]);
-        assert_eq!(Operation::ALL.len(), 24);
+        assert_eq!(Operation::ALL.len(), 25);
     }
 }

@@ -35,7 +35,7 @@ pub struct SegmentHeader {
 pub struct SegmentView {
     pub path: PathBuf,
     pub first_seq: u64,
-    len: u64,
+    pub(super) len: u64,
 }
 
 struct Active {

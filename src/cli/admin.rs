@@ -170,6 +170,36 @@ fn record_json(r: pb::AuditRecord) -> Value {
     })
 }
 
+/// `chatvault backup`: the operator's connection and where the server writes the copy.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    conn: AdminConn,
+    /// Directory the server writes the backup to (on its own machine; must not exist or
+    /// be empty; never inside the data or key directory).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub async fn backup(args: BackupArgs) -> Result<(), String> {
+    let BackupArgs { conn, out } = args;
+    let out = std::path::absolute(&out).map_err(|e| format!("--out {}: {e}", out.display()))?;
+    let token = credential(OPERATOR_TOKEN_ENV, conn.operator_token_file.as_deref(), "operator token")?;
+    let mut c: AdminServiceClient<Authed> =
+        AdminServiceClient::with_interceptor(channel(&conn.admin_server, &conn.tls).await?, token);
+    let req = pb::BackupRequest { out_dir: out.display().to_string() };
+    let r = c.backup(req).await.map_err(status)?.into_inner();
+    let out = json!({
+        "out_dir": r.out_dir,
+        "records": r.records,
+        "ledger_counter": r.ledger_counter,
+        "key_epochs": r.key_epochs,
+        "restorable_until": "a key-store rotation destroys these epochs; take a new backup after each rotation",
+    });
+    println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
 pub async fn run(args: AdminArgs) -> Result<(), String> {
     let AdminArgs { conn, command } = args;
     let token = credential(OPERATOR_TOKEN_ENV, conn.operator_token_file.as_deref(), "operator token")?;

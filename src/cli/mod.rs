@@ -34,6 +34,18 @@ enum Command {
     },
     /// Operator commands against the admin listener: tenants, API keys, allowlists, audit.
     Admin(admin::AdminArgs),
+    /// Take a consistent online copy of the data directory (never of the key directory),
+    /// through the admin listener.
+    Backup(admin::BackupArgs),
+    /// Put a backup back as the data directory (server stopped), replaying the erasure
+    /// ledger into it so that nothing erased since comes back.
+    Restore {
+        /// The backup directory (`chatvault backup --out`).
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Erasure receipts: check one offline, fetch the signing key.
     #[command(subcommand)]
     Receipt(receipt::ReceiptCommand),
@@ -128,6 +140,8 @@ pub fn main() -> ExitCode {
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
+        Command::Backup(args) => runtime.block_on(admin::backup(args)),
+        Command::Restore { from, server } => server.config().and_then(|cfg| runtime.block_on(restore(cfg, &from))),
         Command::Client(cmd) => runtime.block_on(client::run(cmd)),
     };
     match result {
@@ -144,6 +158,20 @@ fn rotate_offline(cfg: Config) -> Result<(), String> {
         "key-store rotated to epoch {}; destroyed epochs {:?}; {} keys re-wrapped",
         report.new_epoch, report.destroyed_epochs, report.keys_rewrapped
     );
+    Ok(())
+}
+
+async fn restore(cfg: Config, from: &std::path::Path) -> Result<(), String> {
+    let data_dir = cfg.data_dir.clone();
+    let m = crate::server::restore(cfg, from).await.map_err(|e| e.to_string())?;
+    let out = serde_json::json!({
+        "restored_to": data_dir.display().to_string(),
+        "taken_at": m.taken_at,
+        "records": m.records,
+        "ledger_counter": m.ledger_counter,
+        "note": "erasures, revocations and deletions made since the backup were replayed; other writes since are lost",
+    });
+    println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
     Ok(())
 }
 

@@ -387,4 +387,28 @@ impl AdminService for Admin {
             last_failure: failure.unwrap_or_default(),
         }))
     }
+
+    async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<pb::BackupResponse>, Status> {
+        let source = self.operator(&req)?;
+        let pb::BackupRequest { out_dir } = req.into_inner();
+        let result = if out_dir.is_empty() || !std::path::Path::new(&out_dir).is_absolute() {
+            Err(Status::invalid_argument("out_dir: must be an absolute path on the server's machine"))
+        } else {
+            let (vault, audit, out) = (self.vault.clone(), self.audit.clone(), std::path::PathBuf::from(&out_dir));
+            tokio::task::spawn_blocking(move || {
+                let files = audit.files_with_lengths().map_err(|e| Status::unavailable(e.to_string()))?;
+                vault.backup(&out, &files).map_err(to_status)
+            })
+            .await
+            .map_err(|_| Status::internal("worker failed"))
+            .and_then(|r| r)
+        };
+        let m = self.record(source, Operation::Backup, "", "", result).await?;
+        Ok(Response::new(pb::BackupResponse {
+            out_dir,
+            records: m.records,
+            ledger_counter: m.ledger_counter,
+            key_epochs: m.key_epochs,
+        }))
+    }
 }

@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 
 pub use cache::{KeyCache, KeyRef};
 pub use keydir::{FileKeyDir, KeyStore, OpenReport, wrapped_epoch};
+/// Writes a small file atomically and durably (temp file 0600, fsync, rename, fsync).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    files::write_atomic(path, bytes)
+}
+
 pub use ledger::{AuditAnchor, AuditGap, ErasureKind, Ledger, LedgerError, LedgerState, Missing, Tombstone};
 pub use receipts::{PUBLIC_FILE as RECEIPT_PUBLIC_FILE, ReceiptSigner, SignatureCheck, key_id_of, verify_signature};
 pub use root::{PassphraseSalt, RootKey, RootKeySource, create_dev_secret, read_secret_file};

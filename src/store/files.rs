@@ -26,3 +26,23 @@ pub fn numbered(dir: &Path, suffix: &str) -> std::io::Result<Vec<(u64, PathBuf)>
     found.sort();
     Ok(found)
 }
+
+/// Copies the first `len` bytes of `from` to a new file `to` (mode 0600) and syncs it:
+/// a file that is only ever appended to, copied as it was when `len` was read.
+pub fn copy_prefix(from: &Path, to: &Path, len: u64) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = fs::File::open(from)?.take(len);
+    let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+    let copied = std::io::copy(&mut src, &mut dst)?;
+    if copied != len {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{} is shorter", from.display())));
+    }
+    dst.flush()?;
+    dst.sync_all()
+}
+
+/// Syncs a directory, so the files created or renamed in it stay.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}

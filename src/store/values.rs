@@ -290,6 +290,20 @@ impl ValueLog {
         Ok(())
     }
 
+    /// Every segment's file with the bytes it holds now: what a backup copies (the active
+    /// one only that far; closed ones never change until compaction removes them).
+    pub fn files_with_lengths(&self) -> Result<Vec<(PathBuf, u64)>, StoreError> {
+        let active = self.active.lock().map_err(|_| StoreError::Failed)?;
+        let files = self.files.read().map_err(|_| StoreError::Failed)?;
+        files
+            .iter()
+            .map(|(&id, f)| {
+                let len = if id == active.id { active.len } else { f.metadata()?.len() };
+                Ok((self.dir.join(name(id)), len))
+            })
+            .collect()
+    }
+
     /// Bytes all segments occupy.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         let files = self.files.read().map_err(|_| StoreError::Failed)?;

@@ -2,6 +2,7 @@
 //! data keys, wrapped by key-store keys, wrapped by the root key. It knows nothing of
 //! gRPC; `grpc` translates to and from it.
 
+mod backup;
 mod bulk;
 mod erasure;
 mod error;
@@ -26,6 +27,7 @@ mod values;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use backup::{MANIFEST as BACKUP_MANIFEST, Manifest as BackupManifest};
 pub use bulk::{Scope, Visit, Walked};
 pub use erasure::ErasureOverview;
 pub use error::VaultError;
@@ -98,6 +100,8 @@ tokio::task_local! {
 pub const DEFAULT_VALUE_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 pub struct Vault {
+    data_dir: PathBuf,
+    key_dir: PathBuf,
     store: Arc<dyn KvStore>,
     /// Message ciphertext, beside the tree (see `values.rs`).
     values: Arc<ValueLog>,
@@ -183,6 +187,8 @@ impl Vault {
         let cache_entries =
             std::num::NonZeroUsize::new(opts.key_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         let vault = Vault {
+            data_dir: opts.data_dir.clone(),
+            key_dir: opts.key_dir.clone(),
             commit,
             store,
             values,

@@ -90,3 +90,116 @@ async fn a_rolled_back_data_directory_is_refused_and_brought_forward_only_on_req
     assert_eq!(get(&mut c, "t-other").await.unwrap().messages[0].text, "tess keeps this");
     assert_eq!(get(&mut c, "s-chat").await.unwrap_err().code(), Code::NotFound);
 }
+
+/// `chatvault restore ...` with the test root key; returns (success, stderr).
+fn restore(dirs: &Dirs, from: &std::path::Path, key_dir: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        .arg("restore")
+        .arg("--from")
+        .arg(from)
+        .arg("--data-dir")
+        .arg(dirs.data())
+        .arg("--key-dir")
+        .arg(key_dir)
+        .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+        .env_remove("CHATVAULT_CONFIG")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn a_restored_backup_never_revives_what_was_erased_after_it_was_taken() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("s-chat", "sam", 1_700_000_000, &["sam's words"])).await;
+    put(&mut c, transcript("t-chat", "tess", 1_700_000_000, &["deleted later"])).await;
+    put(&mut c, transcript("kept", "tess", 1_700_000_001, &["in the backup"])).await;
+    let mut admin = server.admin().await;
+    let extra = admin.issue_api_key(pb::IssueApiKeyRequest { tenant_id: "acme".into() }).await.unwrap().into_inner();
+
+    // Where a backup may not go, and where it may.
+    let inside_keys = dirs.keys().join("backup");
+    let refused = |out: &std::path::Path| pb::BackupRequest { out_dir: out.display().to_string() };
+    for (out, why) in [(inside_keys.as_path(), "key directory"), (dirs.data().as_path(), "data directory")] {
+        let e = admin.backup(refused(out)).await.unwrap_err();
+        assert!(e.code() == Code::InvalidArgument && e.message().contains(why), "{e:?}");
+    }
+    let e = admin.backup(pb::BackupRequest { out_dir: "relative/dir".into() }).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("absolute"), "{e:?}");
+    assert!(!inside_keys.exists());
+    let backup = dirs.tmp.path().join("backup");
+    let made = admin.backup(refused(&backup)).await.unwrap().into_inner();
+    assert!(made.records > 0 && made.key_epochs == [1], "{made:?}");
+    let e = admin.backup(refused(&backup)).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("not empty"), "{e:?}");
+
+    // After the backup: erasures, a revocation, and an ordinary write.
+    let mut s = server.subjects("acme").await;
+    s.shred_subject(pb::ShredSubjectRequest { subject_id: "sam".into() }).await.unwrap();
+    c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "t-chat".into() }).await.unwrap();
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest { tenant_id: "acme".into(), key_id: extra.key.unwrap().key_id })
+        .await
+        .unwrap();
+    put(&mut c, transcript("after", "tess", 1_700_000_002, &["written after the backup"])).await;
+    server.stop().await;
+
+    // The data volume is lost; the key volume is not.
+    std::fs::remove_dir_all(dirs.data()).unwrap();
+    let (ok, err) = restore(&dirs, &backup, &dirs.tmp.path().join("no-such-keys"));
+    assert!(!ok && err.contains("not a key directory"), "{err}");
+    assert!(!dirs.data().exists(), "a refused restore wrote the data directory");
+    let (ok, err) = restore(&dirs, &backup, &dirs.keys());
+    assert!(ok, "{err}");
+    let (ok, err) = restore(&dirs, &backup, &dirs.keys());
+    assert!(!ok && err.contains("not empty"), "restoring over a data directory: {err}");
+
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "kept").await.unwrap().messages[0].text, "in the backup");
+    assert_eq!(get(&mut c, "s-chat").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(get(&mut c, "t-chat").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(get(&mut c, "after").await.unwrap_err().code(), Code::NotFound, "writes after the backup are lost");
+    let mut revoked =
+        TranscriptServiceClient::with_interceptor(server.channel().await, Bearer::new(&extra.api_key).unwrap());
+    assert_eq!(get(&mut revoked, "kept").await.unwrap_err().code(), Code::Unauthenticated);
+    let v = server.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(v.intact && v.accepted_gaps.len() == 1, "{v:?}");
+
+    // Once a rotation has destroyed the epoch the backup was taken under, it is dead.
+    server.signal("-HUP");
+    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while first_ksk.exists() {
+        assert!(std::time::Instant::now() < deadline, "no rotation:\n{}", server.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+    std::fs::remove_dir_all(dirs.data()).unwrap();
+    let (ok, err) = restore(&dirs, &backup, &dirs.keys());
+    assert!(!ok && err.contains("older than the last completed key-store rotation"), "{err}");
+    assert!(!dirs.data().exists());
+}
+
+#[tokio::test]
+async fn a_backup_of_another_key_directory_is_refused_and_nothing_is_written() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["x"])).await;
+    let backup = dirs.tmp.path().join("backup");
+    server.admin().await.backup(pb::BackupRequest { out_dir: backup.display().to_string() }).await.unwrap();
+    server.stop().await;
+    std::fs::remove_dir_all(dirs.data()).unwrap();
+
+    // Another deployment's key directory (same root key, another store).
+    let other = Dirs::new();
+    Server::start(&other).stop().await;
+    let (ok, err) = restore(&dirs, &backup, &other.keys());
+    assert!(!ok && err.contains("different key directory"), "{err}");
+    assert!(!dirs.data().exists(), "a refused restore left a data directory");
+    let leftovers: Vec<_> = std::fs::read_dir(dirs.tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!leftovers.iter().any(|n| n.to_string_lossy().contains("restoring")), "{leftovers:?}");
+}

@@ -1,0 +1,71 @@
+//! `chatvault restore`: a backup (`chatvault backup`) put back as the data directory,
+//! with the erasure ledger replayed into it before anything can serve it. The copy is
+//! made beside the data directory and checked there; only a copy that opened cleanly
+//! takes the data directory's place, so a refused restore leaves every file as it was.
+
+use std::fs;
+use std::path::Path;
+
+use super::{Node, ServerError};
+use crate::config::Config;
+use crate::vault::BackupManifest;
+
+/// Restores the backup in `from` as `config.data_dir` (which must not exist, or be
+/// empty), for the key directory `config.key_dir`. Returns the manifest it restored.
+pub async fn restore(mut config: Config, from: &Path) -> Result<BackupManifest, ServerError> {
+    let refuse = |why: String| Err(ServerError::Refused(why));
+    let manifest = BackupManifest::read(from)?;
+    if !config.key_dir.join("keydir.meta").exists() {
+        return refuse(format!(
+            "{} is not a key directory: a backup is restored next to the key directory it was taken with",
+            config.key_dir.display()
+        ));
+    }
+    let target = config.data_dir.clone();
+    if target.exists() && fs::read_dir(&target).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return refuse(format!("the data directory {} exists and is not empty; move it aside first", target.display()));
+    }
+    let staging = target.with_extension("restoring");
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(|e| ServerError::Refused(format!("{}: {e}", staging.display())))?;
+    }
+    let io = |e: std::io::Error| ServerError::Refused(format!("copying the backup: {e}"));
+    copy_tree(&from.join("data"), &staging).map_err(io)?;
+    config.data_dir = staging.clone();
+    config.replay_erasures = true;
+    let opened = Node::open(&config).await;
+    let node = match opened {
+        Ok(node) => node,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    node.vault.sync()?;
+    node.vault.checkpoint_ledger(node.audit.durable_head())?;
+    drop(node);
+    if target.exists() {
+        fs::remove_dir(&target).map_err(io)?;
+    }
+    fs::rename(&staging, &target).map_err(io)?;
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::store::files::sync_dir(parent).map_err(io)?;
+    }
+    tracing::info!(from = %from.display(), data_dir = %target.display(), "backup restored");
+    Ok(manifest)
+}
+
+/// Copies the directory tree `from` to `to` (created 0700; files 0600, synced).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    crate::store::files::private_dir(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            crate::store::files::copy_prefix(&src, &dst, entry.metadata()?.len())?;
+        }
+    }
+    crate::store::files::sync_dir(to)
+}

@@ -1,0 +1,144 @@
+//! The server's background work: key rotation (scheduled, retried, on SIGHUP), reclaim
+//! and compaction, and the erasure ledger's checkpoints. Each is a task with a stop signal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+
+use crate::audit::AuditLog;
+use crate::grpc;
+use crate::vault::Vault;
+
+/// Tells the erasure ledger, off the request path, which erasures are durable in the
+/// data directory (each second, when any were), and where the audit trail's durable head
+/// is (each minute, when it moved): what a rollback is later measured against.
+pub(super) async fn ledger_worker(vault: Arc<Vault>, audit: Arc<AuditLog>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = 0u64;
+    while !stopped(&mut stop, Duration::from_secs(1)).await {
+        ticks += 1;
+        let head = if ticks.is_multiple_of(60) { audit.durable_head() } else { None };
+        let v = vault.clone();
+        match tokio::task::spawn_blocking(move || v.checkpoint_ledger(head)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "erasure ledger checkpoint failed"),
+            Err(e) => tracing::error!(error = %e, "erasure ledger checkpoint panicked"),
+        }
+    }
+}
+
+/// Sleeps `period`, or returns true early when asked to stop.
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>, period: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+async fn rotate(vault: &Arc<Vault>) -> bool {
+    let v = vault.clone();
+    match tokio::task::spawn_blocking(move || v.rotate_key_store()).await {
+        Ok(Ok(report)) => {
+            tracing::info!(?report, "key-store rotated");
+            true
+        }
+        Ok(Err(e)) => {
+            let failures = vault.rotation_health().consecutive_failures;
+            let retry = Vault::rotation_retry_delay(failures);
+            tracing::error!(error = %e, failures, retry_in_secs = retry.as_secs(),
+                "key-store rotation failed; erasures stay pending until it succeeds");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "key-store rotation panicked");
+            false
+        }
+    }
+}
+
+/// Rotates the key-store key when an erasure is not final yet: checked every
+/// `every_secs`, and a rotation that failed is retried with backoff (from 1 s, at most
+/// 5 min) until it succeeds. The admin listener's erasure health says which it is.
+pub(super) async fn rotation_worker(
+    vault: Arc<Vault>,
+    every_secs: u64,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = Duration::from_secs(every_secs.max(1));
+    let mut since_check = Duration::ZERO;
+    loop {
+        let failures = vault.rotation_health().consecutive_failures;
+        let status = if failures == 0 { ServingStatus::Serving } else { ServingStatus::NotServing };
+        health.set_service_status(grpc::ERASURE_HEALTH, status).await;
+        // A failing rotation is retried on its own schedule, even with scheduled checks off.
+        let wait = if failures > 0 {
+            Vault::rotation_retry_delay(failures)
+        } else if every_secs == 0 {
+            Duration::from_secs(1)
+        } else {
+            every.saturating_sub(since_check).min(Duration::from_secs(1))
+        };
+        if stopped(&mut stop, wait).await {
+            return;
+        }
+        since_check += wait;
+        if failures == 0 && (every_secs == 0 || since_check < every) {
+            continue;
+        }
+        since_check = Duration::ZERO;
+        match vault.rotation_due() {
+            Ok(true) => {
+                rotate(&vault).await;
+            }
+            // Nothing pending any more (another attempt finished it): not failing.
+            Ok(false) => vault.clear_rotation_failures(),
+            Err(e) => tracing::error!(error = %e, "cannot tell whether a rotation is due"),
+        }
+    }
+}
+
+/// `kill -HUP` rotates the key-store key now: erasure made final on demand.
+pub(super) async fn rotate_on_sighup(
+    vault: Arc<Vault>,
+    mut hup: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                rotate(&vault).await;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Removes dead ciphertext in small steps, so it never competes long with requests, then
+/// compacts the value log.
+pub(super) async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: watch::Receiver<bool>) {
+    let pause = Duration::from_millis(every_ms.max(1));
+    while !stopped(&mut stop, pause).await {
+        loop {
+            let v = vault.clone();
+            match tokio::task::spawn_blocking(move || v.reclaim(1000)).await {
+                Ok(Ok(0)) => {
+                    // Dead records are gone: now the value-log space they held can go too.
+                    let v = vault.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.compact_values()).await {
+                        tracing::error!(error = %e, "value log compaction failed");
+                    }
+                    break;
+                }
+                Ok(Ok(_)) if !*stop.borrow() => continue,
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reclaim failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
