@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod export;
+pub mod failpoint;
 pub mod grpc;
 pub mod keys;
 pub mod server;

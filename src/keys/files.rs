@@ -29,7 +29,10 @@ pub fn destroy(path: &Path) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let doomed = destroying_name(path);
     match fs::rename(path, &doomed) {
-        Ok(()) => sync_dir(dir)?,
+        Ok(()) => {
+            sync_dir(dir)?;
+            crate::failpoint::hit("destroy.after_rename");
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound && !doomed.exists() => return sync_dir(dir),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -75,6 +78,7 @@ fn wipe_and_unlink(path: &Path) -> io::Result<()> {
     f.write_all(&vec![0u8; len as usize])?;
     f.sync_all()?;
     drop(f);
+    crate::failpoint::hit("destroy.after_wipe");
     fs::remove_file(path)
 }
 

@@ -48,8 +48,10 @@ impl Vault {
         }
         let _order = self.erasure_order.lock().map_err(|_| VaultError::Internal("erasure lock".into()))?;
         let counter = self.ledger.record_erasures(tombstones)?;
+        crate::failpoint::hit("erasure.after_ledger");
         batch.put(layout::meta(META_LEDGER), counter.to_be_bytes().to_vec());
         self.apply(batch)?;
+        crate::failpoint::hit("erasure.after_apply");
         Ok(counter)
     }
 

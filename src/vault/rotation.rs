@@ -48,6 +48,7 @@ impl Vault {
             _ => {
                 let _switch = self.epoch_guard.write().map_err(|_| VaultError::Internal("lock".into()))?;
                 let new_epoch = self.keys.add_epoch()?;
+                crate::failpoint::hit("rotation.after_new_epoch");
                 tracing::info!(new_epoch, "key-store rotation started");
                 new_epoch
             }
@@ -125,11 +126,16 @@ impl Vault {
                 // Swap only if unchanged: a shred deleting this key meanwhile must win.
                 if self.store.compare_and_swap(key, Some(value), Some(records::encode(&fresh)?))? {
                     rewrapped += 1;
+                    if rewrapped == 2 {
+                        crate::failpoint::hit("rotation.mid_rewrap");
+                    }
                 }
             }
         }
         self.store.sync(Durability::Fsync)?;
+        crate::failpoint::hit("rotation.before_destroy");
         let destroyed = self.keys.destroy_epochs_before(new_epoch)?;
+        crate::failpoint::hit("rotation.before_ledger");
         if !destroyed.is_empty() {
             // Their erasures are final now; the ledger keeps only what is still needed.
             self.ledger.record_destroyed(destroyed.clone(), self.clock.now().micros())?;

@@ -76,11 +76,12 @@ pub struct Server {
 pub struct Opts<'a> {
     pub root_key_hex: &'a str,
     pub args: Vec<&'a str>,
+    pub env: Vec<(&'a str, &'a str)>,
 }
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { root_key_hex: ROOT_KEY_HEX, args: Vec::new() }
+        Opts { root_key_hex: ROOT_KEY_HEX, args: Vec::new(), env: Vec::new() }
     }
 }
 
@@ -114,6 +115,7 @@ impl Server {
             .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("CHATVAULT_LOG", "info")
             .env_remove("CHATVAULT_CONFIG")
+            .envs(opts.env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -221,6 +223,18 @@ impl Server {
             assert!(std::time::Instant::now() < deadline, "server did not stop:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits up to `timeout` for the process to end on its own (a crash point); true if it did.
+    pub async fn exited(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.child.try_wait().expect("wait").is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// SIGKILL: no shutdown code runs at all.

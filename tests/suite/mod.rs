@@ -2,6 +2,7 @@ mod api;
 mod at_rest;
 mod cli;
 mod common;
+mod crashes;
 mod durability;
 mod export;
 mod forensic;
