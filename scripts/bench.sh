@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench --bench engine -- --noplot
 cargo bench --bench load -- --out target/bench-load.md "$@"
+cargo bench --bench erasure -- --out target/bench-erasure.md
 # The SQLCipher peer needs Debian's libsqlcipher-dev; install it if we may.
 if ! pkg-config --exists sqlcipher 2>/dev/null && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsqlcipher-dev pkg-config >/dev/null

@@ -111,6 +111,11 @@ try:
     print(open("target/bench-load.md").read())
 except OSError:
     print("(load generator not run)")
+print("\n## Making erasures final (`benches/erasure.rs`)\n")
+try:
+    print(open("target/bench-erasure.md").read())
+except OSError:
+    print("(erasure bench not run)")
 print()
 try:
     print(open("target/bench-peer.md").read())

@@ -138,13 +138,15 @@ impl Admin {
         record_change(&self.audit, &self.vault, source, op, tenant, key_id, result).await
     }
 
+    /// Runs a registry change: it syncs the key volume and the store, so off the
+    /// executor's own threads.
     fn tenant_change(
         &self,
         tenant: &str,
         f: impl FnOnce(&TenantId) -> Result<Arc<Tenant>, tenancy::TenancyError>,
     ) -> Result<pb::Tenant, Status> {
         let id = tenant_id(tenant)?;
-        f(&id).map(|t| tenant_out(&t)).map_err(tenancy_status)
+        tokio::task::block_in_place(|| f(&id)).map(|t| tenant_out(&t)).map_err(tenancy_status)
     }
 }
 
@@ -263,7 +265,9 @@ impl AdminService for Admin {
         let result = tenant_id(&id).and_then(|tid| {
             let kid = KeyId::parse(&key_id)
                 .ok_or_else(|| Status::invalid_argument("key_id: expected the 16 hex characters of a key id"))?;
-            self.registry.revoke_key(&tid, &kid, self.clock.now()).map(|k| key_out(&k)).map_err(tenancy_status)
+            tokio::task::block_in_place(|| self.registry.revoke_key(&tid, &kid, self.clock.now()))
+                .map(|k| key_out(&k))
+                .map_err(tenancy_status)
         });
         Ok(Response::new(self.record(source, Operation::RevokeApiKey, &id, &key_id, result).await?))
     }

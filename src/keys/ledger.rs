@@ -12,9 +12,11 @@
 //! can compute from a candidate id.
 //!
 //! File: `MAGIC | store_id (16) | base counter (u64 LE) | base MAC (32)`, then frames
-//! `len (u32 LE) | crc32 (u32 LE) | postcard(Frame) | MAC (32)`, each MAC an HMAC of the
-//! previous MAC and the frame. After a rotation the file is rewritten as one snapshot
-//! frame that restates what is still needed (`compact`).
+//! `len (u32 LE) | crc32 of len (u32 LE) | crc32 of the rest (u32 LE) | postcard(Frame) |
+//! MAC (32)`, each MAC an HMAC of the previous MAC and the frame. The length carries its
+//! own checksum, so a damaged length is damage, never taken for the end of the file. After
+//! a rotation the file is rewritten as one snapshot frame that restates what is still
+//! needed (`compact`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -32,7 +34,7 @@ use crate::crypto::{SecretKey, blind_index};
 const FILE_NAME: &str = "erasure.ledger";
 const MAGIC: &[u8; 8] = b"CVLEDGR1";
 const HEADER_LEN: usize = 8 + 16 + 8 + 32;
-const FRAME_HEAD: usize = 8;
+const FRAME_HEAD: usize = 12;
 const MAC_LEN: usize = 32;
 /// Larger frames are refused on write and taken for damage on read.
 const MAX_FRAME: usize = 64 << 20;
@@ -276,15 +278,18 @@ pub struct Ledger {
     confirmed: AtomicU64,
     /// Set when a write or sync failed: nothing more is recorded until restart.
     failed: AtomicBool,
+    /// Where a torn final entry starts, until it is cut off (`repair_tail`).
+    torn: Mutex<Option<u64>>,
     /// Whether the file did not exist before this open.
     created: bool,
 }
 
 impl Ledger {
-    /// Opens the ledger in `dir` (creating an empty one if there is none). A torn final
-    /// frame (a crash mid-append, so never acknowledged) is cut off; anything else that is
-    /// wrong (a bad MAC, a damaged frame followed by more, another key directory's file)
-    /// is refused, and nothing is changed on disk.
+    /// Opens the ledger in `dir` (creating an empty one if there is none and
+    /// `create_if_missing`). A torn final frame (a crash mid-append, so never
+    /// acknowledged) is left out, and cut off by [`Ledger::repair_tail`]; anything else that
+    /// is wrong (a bad MAC, a damaged frame or length, another key directory's file) is
+    /// refused. Opening an existing ledger changes nothing on disk.
     /// Without `create_if_missing`, a missing file is [`LedgerError::Missing`].
     pub fn open(dir: &Path, key: SecretKey, store_id: [u8; 16], create_if_missing: bool) -> Result<Self, LedgerError> {
         let path = dir.join(FILE_NAME);
@@ -302,12 +307,7 @@ impl Ledger {
         };
         let parsed = parse(&path, &bytes, &key, &store_id)?;
         let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        if parsed.valid_len < bytes.len() as u64 {
-            tracing::warn!(path = %path.display(), cut = bytes.len() as u64 - parsed.valid_len,
-                "erasure ledger: cutting off a torn final entry (a crash mid-write; it was never acknowledged)");
-            file.set_len(parsed.valid_len).map_err(io)?;
-            file.sync_all().map_err(io)?;
-        }
+        let torn = (parsed.valid_len < bytes.len() as u64).then_some(parsed.valid_len);
         let state = parsed.state;
         Ok(Ledger {
             writer: Mutex::new(Writer {
@@ -320,11 +320,31 @@ impl Ledger {
             confirmed: AtomicU64::new(state.confirmed),
             state: RwLock::new(state),
             failed: AtomicBool::new(false),
+            torn: Mutex::new(torn),
             created,
             path,
             key,
             store_id,
         })
+    }
+
+    /// Cuts off a torn final entry (a crash mid-append: never synced, so never
+    /// acknowledged), keeping its bytes aside in `erasure.ledger.torn-<offset>`. Opening
+    /// changes nothing; this runs once the start was not refused, or before the next append.
+    pub fn repair_tail(&self) -> Result<(), LedgerError> {
+        let mut torn = self.torn.lock().map_err(|_| LedgerError::Poisoned)?;
+        let Some(valid) = *torn else { return Ok(()) };
+        let io = |source| LedgerError::Io { path: self.path.clone(), source };
+        let bytes = fs::read(&self.path).map_err(io)?;
+        let aside = self.path.with_file_name(format!("{FILE_NAME}.torn-{valid}"));
+        write_file(&aside, &bytes[valid as usize..], &[]).map_err(io)?;
+        let w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
+        w.file.set_len(valid).map_err(io)?;
+        w.file.sync_all().map_err(io)?;
+        tracing::warn!(path = %self.path.display(), cut = bytes.len() as u64 - valid, kept_in = %aside.display(),
+            "erasure ledger: cut off a torn final entry (a crash mid-write; it was never acknowledged)");
+        *torn = None;
+        Ok(())
     }
 
     /// Whether the ledger file was created by this open (there was none).
@@ -406,6 +426,7 @@ impl Ledger {
         if self.failed.load(Ordering::SeqCst) {
             return Err(LedgerError::Failed);
         }
+        self.repair_tail()?;
         let mut w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
         let counter = w.counter + 1;
         let frame = Frame { counter, confirmed: self.confirmed.load(Ordering::SeqCst), body };
@@ -434,7 +455,9 @@ impl Ledger {
         let mut body = payload;
         body.extend_from_slice(&mac);
         let mut bytes = Vec::with_capacity(FRAME_HEAD + body.len());
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        let len = (body.len() as u32).to_le_bytes();
+        bytes.extend_from_slice(&len);
+        bytes.extend_from_slice(&crc32fast::hash(&len).to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         bytes.extend_from_slice(&body);
         Ok((bytes, mac))
@@ -465,6 +488,7 @@ impl Ledger {
         if self.failed.load(Ordering::SeqCst) {
             return Err(LedgerError::Failed);
         }
+        self.repair_tail()?;
         let mut w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
         let snapshot = self.state.read().map_err(|_| LedgerError::Poisoned)?.snapshot();
         let frame = Frame {
@@ -473,7 +497,12 @@ impl Ledger {
             body: Body::Snapshot(Box::new(snapshot)),
         };
         let (bytes, mac) = self.encode(&frame, &w.prev)?;
-        let io = |source| LedgerError::Io { path: self.path.clone(), source };
+        let io = |source| {
+            // The rename may have happened: the open file may no longer be the ledger.
+            // Nothing more is recorded until a restart reads what is on disk.
+            self.failed.store(true, Ordering::SeqCst);
+            LedgerError::Io { path: self.path.clone(), source }
+        };
         write_file(&self.path, &header(&self.store_id, w.counter, &w.prev), &bytes).map_err(io)?;
         let file = OpenOptions::new().append(true).open(&self.path).map_err(io)?;
         w.len = (HEADER_LEN + bytes.len()) as u64;
@@ -544,13 +573,17 @@ fn parse(path: &Path, bytes: &[u8], key: &SecretKey, store_id: &[u8; 16]) -> Res
     let mut first = true;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        // Only the end of the file can be a crash's doing: what parsed so far stands, and
-        // the caller cuts the rest off.
-        if rest.len() < FRAME_HEAD {
+        // Only the end of the file can be a crash's doing (an append is one write, synced
+        // before it is acknowledged): what parsed so far stands, and `repair_tail` cuts the
+        // rest off. Anything else that does not check out is damage.
+        if rest.len() < FRAME_HEAD || rest.iter().all(|&b| b == 0) {
             return Ok(Parsed { state, valid_len: at as u64, prev });
         }
-        let len = u32::from_le_bytes(rest[..4].try_into().map_err(|_| damaged(at, "frame"))?) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().map_err(|_| damaged(at, "frame"))?);
+        let field = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
+        let (len, len_check, crc) = (field(0) as usize, field(4), field(8));
+        if crc32fast::hash(&rest[..4]) != len_check {
+            return Err(damaged(at, "a frame's length fails its checksum"));
+        }
         if !(MAC_LEN..=MAX_FRAME).contains(&len) {
             return Err(damaged(at, "frame length out of range"));
         }
@@ -559,10 +592,9 @@ fn parse(path: &Path, bytes: &[u8], key: &SecretKey, store_id: &[u8; 16]) -> Res
         }
         let body = &rest[FRAME_HEAD..FRAME_HEAD + len];
         if crc32fast::hash(body) != crc {
-            // A final frame whose tail never reached the disk (zeros) is a torn write;
-            // a bad frame followed by more, or one that is whole but different, is damage.
-            let last = rest.len() == FRAME_HEAD + len;
-            if last && body.ends_with(&[0; 8]) {
+            // The final frame, written but not all of it on disk when the power went: torn
+            // (its bytes are kept aside). A bad frame followed by more is damage.
+            if rest.len() == FRAME_HEAD + len {
                 return Ok(Parsed { state, valid_len: at as u64, prev });
             }
             return Err(damaged(at, "checksum mismatch"));
@@ -633,44 +665,107 @@ mod tests {
         assert_eq!(s.destroyed.get(&1), Some(&77));
     }
 
-    #[test]
-    fn a_torn_final_entry_is_cut_off_but_an_altered_one_is_refused_and_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let l = open(dir.path()).unwrap();
+    /// Two frames written with `key`, as bytes of a ledger file.
+    fn two_frames(dir: &Path, key: SecretKey) -> Vec<u8> {
+        let l = Ledger::open(dir, key, [1; 16], true).unwrap();
         l.record_erasures(vec![tomb(1, 1)]).unwrap();
         l.record_erasures(vec![tomb(2, 1)]).unwrap();
         drop(l);
+        fs::read(dir.join(FILE_NAME)).unwrap()
+    }
+
+    fn first_frame_len(bytes: &[u8]) -> usize {
+        FRAME_HEAD + u32::from_le_bytes(bytes[HEADER_LEN..HEADER_LEN + 4].try_into().unwrap()) as usize
+    }
+
+    #[test]
+    fn a_torn_final_entry_is_left_out_and_cut_off_only_when_repaired_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = two_frames(dir.path(), key());
         let path = dir.path().join(FILE_NAME);
-        let good = fs::read(&path).unwrap();
-
-        // A crash mid-append: the last frame is cut short.
-        fs::write(&path, &good[..good.len() - 5]).unwrap();
+        for cut in [5, good.len() - HEADER_LEN - first_frame_len(&good) - 3] {
+            let torn = &good[..good.len() - cut];
+            fs::write(&path, torn).unwrap();
+            let l = open(dir.path()).unwrap();
+            assert_eq!(l.state().unwrap().counter, 1);
+            assert_eq!(fs::read(&path).unwrap(), torn, "opening changed the file");
+            l.repair_tail().unwrap();
+            assert_eq!(fs::read(&path).unwrap().len(), HEADER_LEN + first_frame_len(&good));
+            let aside = dir.path().join(format!("{FILE_NAME}.torn-{}", HEADER_LEN + first_frame_len(&good)));
+            assert_eq!(fs::read(&aside).unwrap(), &torn[HEADER_LEN + first_frame_len(&good)..]);
+            assert_eq!(l.record_erasures(vec![tomb(3, 1)]).unwrap(), 2, "appends go on after the cut");
+        }
+        // The final frame whole in length but not in content (a page lost to a power cut).
+        let mut last = good.clone();
+        let n = last.len();
+        last[n - 40] ^= 0xff;
+        fs::write(&path, &last).unwrap();
         assert_eq!(open(dir.path()).unwrap().state().unwrap().counter, 1);
+    }
 
-        // One flipped bit in the first of two frames: damage, refused, file untouched.
-        let mut bad = good.clone();
-        bad[HEADER_LEN + 12] ^= 1;
-        fs::write(&path, &bad).unwrap();
-        assert!(matches!(open(dir.path()), Err(LedgerError::Damaged { .. })));
-        assert_eq!(fs::read(&path).unwrap(), bad);
-
-        // A frame rewritten with a valid checksum but without the key: its MAC fails.
-        let mut forged = good.clone();
-        let len = u32::from_le_bytes(forged[HEADER_LEN..HEADER_LEN + 4].try_into().unwrap()) as usize;
-        let body = HEADER_LEN + FRAME_HEAD..HEADER_LEN + FRAME_HEAD + len;
-        forged[body.start + 3] ^= 1;
-        let crc = crc32fast::hash(&forged[body.clone()]).to_le_bytes();
-        forged[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&crc);
-        fs::write(&path, &forged).unwrap();
-        assert!(matches!(open(dir.path()), Err(LedgerError::BadMac { .. } | LedgerError::Damaged { .. })));
-        assert_eq!(fs::read(&path).unwrap(), forged);
-
+    #[test]
+    fn damage_before_the_last_entry_is_refused_and_the_file_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = two_frames(dir.path(), key());
+        let path = dir.path().join(FILE_NAME);
+        // A flipped bit in the first frame's body, and one in its length: damage.
+        for (at, why) in [(HEADER_LEN + FRAME_HEAD + 3, "checksum mismatch"), (HEADER_LEN + 1, "length")] {
+            let mut bad = good.clone();
+            bad[at] ^= 1;
+            fs::write(&path, &bad).unwrap();
+            match open(dir.path()) {
+                Err(LedgerError::Damaged { why: w, offset, .. }) => {
+                    assert!(w.contains(why), "{w}");
+                    assert_eq!(offset, HEADER_LEN as u64);
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+            assert_eq!(fs::read(&path).unwrap(), bad, "a refused open changed the file");
+        }
         // Another key directory's ledger.
         fs::write(&path, &good).unwrap();
         assert!(matches!(Ledger::open(dir.path(), key(), [2; 16], true), Err(LedgerError::Foreign { .. })));
         fs::remove_file(&path).unwrap();
         assert!(matches!(Ledger::open(dir.path(), key(), [1; 16], false), Err(LedgerError::Missing { .. })));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn entries_written_under_another_key_fail_their_mac() {
+        let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let good = two_frames(ours.path(), key());
+        let other = two_frames(theirs.path(), SecretKey::from_slice(&[8; 32]).unwrap());
+        // Their second frame (same counter, valid checksums) in place of ours.
+        let cut = HEADER_LEN + first_frame_len(&good);
+        let forged = [&good[..cut], &other[HEADER_LEN + first_frame_len(&other)..]].concat();
+        let path = ours.path().join(FILE_NAME);
+        fs::write(&path, &forged).unwrap();
+        assert!(matches!(open(ours.path()), Err(LedgerError::BadMac { counter: 2, .. })));
+        // The whole file opened with another root key's MAC key.
+        fs::write(&path, &good).unwrap();
+        let wrong = Ledger::open(ours.path(), SecretKey::from_slice(&[8; 32]).unwrap(), [1; 16], false);
+        assert!(matches!(wrong, Err(LedgerError::BadMac { counter: 1, .. })));
+    }
+
+    #[test]
+    fn a_compaction_that_fails_stops_every_later_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        l.record_erasures(vec![tomb(1, 1)]).unwrap();
+        // The directory refuses new files (an immutable directory, as root), so the rewrite
+        // cannot happen; after it, nothing may be appended to what may be a stale file.
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr").arg(flag).arg(dir.path()).status().is_ok_and(|s| s.success())
+        };
+        if !chattr("+i") {
+            eprintln!("SKIPPED: chattr needs root");
+            return;
+        }
+        let failed = l.compact();
+        chattr("-i");
+        assert!(failed.is_err());
+        assert!(matches!(l.record_erasures(vec![tomb(2, 1)]), Err(LedgerError::Failed)));
+        assert_eq!(open(dir.path()).unwrap().state().unwrap().counter, 1);
     }
 
     #[test]

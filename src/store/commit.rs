@@ -129,6 +129,12 @@ impl GroupCommit {
         })
     }
 
+    /// Refuses every later write and durable wait, as a failed sync does: for a store that
+    /// can no longer be vouched for until a restart has repaired it.
+    pub fn poison(&self) {
+        self.shared.poisoned.store(true, Ordering::SeqCst);
+    }
+
     /// True once a sync has failed: from then on nothing may be written.
     pub fn is_failed(&self) -> bool {
         self.progress.borrow().failed || self.shared.poisoned.load(Ordering::SeqCst)

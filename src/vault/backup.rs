@@ -83,6 +83,8 @@ impl Vault {
         files::private_dir(out).map_err(StoreError::from)?;
         let data = out.join("data");
         let copy = SledStore::open(&data, 16 << 20)?;
+        // Write calls wait here, as tasks, until the index is copied.
+        let writers = self.write_gate.blocking_write();
         // Compaction would delete segments the copy still points into: held until they are copied.
         let _maintenance = self.maintenance.lock().map_err(|_| lock("maintenance"))?;
         let (records, segments, ledger_counter, key_epochs) = {
@@ -94,6 +96,7 @@ impl Vault {
             let records = self.copy_tree(&copy)?;
             (records, segments, data_counter(self.store.as_ref())?, self.keys.epochs())
         };
+        drop(writers);
         copy_files(&segments, &data.join("values"))?;
         copy_files(audit, &data.join("audit"))?;
         copy.sync(Durability::Fsync)?;

@@ -17,6 +17,8 @@ use crate::store::{Batch, CommitTicket, Durability, Entry, KvStore, StoreError};
 
 /// The highest ledger counter whose entry the data directory holds (all below it too).
 pub(super) const META_LEDGER: &str = "ledger_counter";
+/// The oldest key-store epoch a key of the data directory may still be wrapped under.
+pub(super) const META_WRAPPED_FROM: &str = "keys_wrapped_from";
 /// Purpose of the root-derived key that MACs the ledger and makes its tokens.
 const LEDGER_KEY: &[u8] = b"chatvault/control/erasure-ledger/v1";
 
@@ -50,9 +52,19 @@ impl Vault {
         let counter = self.ledger.record_erasures(tombstones)?;
         crate::failpoint::hit("erasure.after_ledger");
         batch.put(layout::meta(META_LEDGER), counter.to_be_bytes().to_vec());
-        self.apply(batch)?;
+        self.apply_recorded(batch)?;
         crate::failpoint::hit("erasure.after_apply");
         Ok(counter)
+    }
+
+    /// Applies the batch of an entry the ledger already holds. If that fails, the store
+    /// and the ledger disagree until the entry is applied: nothing more is written (the
+    /// store refuses until restart), and the restart finishes it as a crash's leftover.
+    fn apply_recorded(&self, batch: Batch) -> Result<(), VaultError> {
+        self.apply(batch).inspect_err(|e| {
+            tracing::error!(error = %e, "an erasure recorded in the ledger could not be applied; refusing writes until restart");
+            self.commit.poison();
+        })
     }
 
     /// Waits until an erasure is on disk in the data directory — synced, whatever
@@ -77,7 +89,7 @@ impl Vault {
             let mut batch = Batch::default();
             batch.put(key, value);
             batch.put(layout::meta(META_LEDGER), counter.to_be_bytes().to_vec());
-            self.apply(batch)?;
+            self.apply_recorded(batch)?;
             counter
         };
         self.store.sync(Durability::Fsync)?;
@@ -267,6 +279,16 @@ impl Vault {
         Ok(self.ledger.with_state(|s| !s.pending.is_empty())?)
     }
 
+    /// Tenants whose erasure is recorded but not final, or that were erased in this process.
+    pub(super) fn erased_tenants(&self) -> Result<HashSet<String>, VaultError> {
+        let mut set: HashSet<String> = self.ledger.with_state(|s| {
+            s.pending.values().filter(|(_, t)| t.kind == ErasureKind::Tenant).map(|(_, t)| t.tenant.clone()).collect()
+        })?;
+        let closed = self.closed_tenants.read().map_err(|_| VaultError::Internal("closed tenants lock".into()))?;
+        set.extend(closed.iter().cloned());
+        Ok(set)
+    }
+
     /// Whether `token` names a key that an erasure destroyed: a rotation must never
     /// re-wrap it (it can only be there in a data directory being brought forward).
     pub(super) fn is_tombstoned(&self, token: &[u8; 32]) -> Result<bool, VaultError> {
@@ -321,11 +343,68 @@ pub(super) fn open_ledger(key_dir: &Path, keys: &dyn KeyStore, applied: u64) -> 
     }
 }
 
-/// Compares the data directory (which holds ledger entries up to `applied`) with the
-/// ledger. Reads only: a refusal leaves every file as it was.
-pub(super) fn verdict(applied: u64, ledger: &Ledger, replay: bool) -> Result<Verdict, VaultError> {
-    let (last_data, confirmed, pruned, missing) =
-        ledger.with_state(|s| (s.last_data, s.confirmed, s.pruned_through, s.after(applied)))?;
+/// What the data directory says of itself, read before anything is written.
+pub(super) struct Found {
+    /// The highest ledger entry it holds.
+    pub applied: u64,
+    /// It was empty: never used.
+    pub fresh: bool,
+    /// No key in it is wrapped under an epoch older than this.
+    pub wrapped_from: u64,
+}
+
+/// The oldest key-store epoch any key of the data directory may be wrapped under: what
+/// the last completed rotation swept it to, as recorded; for a directory of an earlier
+/// version, the oldest epoch found on its key records (read once). Reads only.
+pub(super) fn wrapped_from(store: &dyn KvStore, keys: &dyn KeyStore, fresh: bool) -> Result<u64, VaultError> {
+    if fresh {
+        return Ok(keys.current_epoch());
+    }
+    if let Some(b) = store.get(&layout::meta(META_WRAPPED_FROM))? {
+        return Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(|_| VaultError::Corrupt("meta"))?));
+    }
+    let mut oldest = keys.current_epoch();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan(&layout::keys_prefix(), after.as_deref(), 1024)?;
+        let Some((last, _)) = page.last() else { return Ok(oldest) };
+        after = Some(last.clone());
+        for (_, value) in &page {
+            let rec: KeyRecord = records::decode(value, "wrapped key")?;
+            oldest = oldest.min(crate::keys::wrapped_epoch(&rec.wrapped)?);
+        }
+    }
+}
+
+/// Records [`wrapped_from`] where a directory of an earlier version had none.
+pub(super) fn note_wrapped_from(store: &dyn KvStore, epoch: u64) -> Result<(), VaultError> {
+    let slot = layout::meta(META_WRAPPED_FROM);
+    if store.get(&slot)?.is_none() {
+        let mut b = Batch::default();
+        b.put(slot, epoch.to_be_bytes().to_vec());
+        store.apply(b)?;
+    }
+    Ok(())
+}
+
+/// Compares the data directory with the ledger and the key directory. Reads only: a
+/// refusal leaves every file as it was.
+pub(super) fn verdict(
+    found: &Found,
+    ledger: &Ledger,
+    keys: &dyn KeyStore,
+    replay: bool,
+) -> Result<Verdict, VaultError> {
+    let applied = found.applied;
+    let (counter, last_data, confirmed, pruned, missing) =
+        ledger.with_state(|s| (s.counter, s.last_data, s.confirmed, s.pruned_through, s.after(applied)))?;
+    if found.fresh && counter > 0 {
+        return Err(VaultError::Rollback(format!(
+            "the data directory is empty, but this key directory has served one before (its erasure ledger holds \
+             {counter} entries): point data_dir at that data directory, put a backup back with `chatvault \
+             restore`, or start a new deployment with a new key directory"
+        )));
+    }
     if applied > last_data {
         return Err(VaultError::Rollback(format!(
             "the key directory is older than the data directory (its erasure ledger ends at entry {last_data}, \
@@ -333,11 +412,13 @@ pub(super) fn verdict(applied: u64, ledger: &Ledger, replay: bool) -> Result<Ver
              destroyed key-store keys. Start with the current key directory"
         )));
     }
-    if applied < pruned {
+    let oldest_live = keys.epochs().first().copied().unwrap_or(0);
+    if applied < pruned || found.wrapped_from < oldest_live {
         return Err(VaultError::Rollback(format!(
-            "the data directory is older than the last completed key-store rotation (it holds ledger entries \
-             up to {applied}; entries up to {pruned} are final): its keys were destroyed with their epoch and \
-             it can no longer be opened. Restore a backup taken after that rotation"
+            "the data directory is older than the last completed key-store rotation (its keys are wrapped under \
+             epoch {} and later; the key directory holds epoch {oldest_live} and later): they were destroyed with \
+             their epoch and it can no longer be opened. Restore a backup taken after that rotation",
+            found.wrapped_from
         )));
     }
     let rolled_back = applied < confirmed;
@@ -366,4 +447,58 @@ fn describe(m: &Missing) -> String {
         if tenants.is_empty() { "-".to_owned() } else { tenants.into_iter().collect::<Vec<_>>().join(", ") },
         m.anchors.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::super::{AuthorRole, Message, TenantId, Transcript, testing};
+    use super::*;
+
+    fn transcript(id: &str, subject: &str) -> Transcript {
+        Transcript::new(id, subject, vec![Message::new("m", AuthorRole::Visitor, "V", "words")])
+    }
+
+    #[tokio::test]
+    async fn an_erasure_the_store_failed_to_apply_stops_writes_and_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::parse("acme").unwrap();
+        {
+            let (v, faults) = testing::open_faulty_store(dir.path(), testing::HandClock::new());
+            v.put_transcript(&tenant, transcript("t", "alice")).await.unwrap();
+            v.put_transcript(&tenant, transcript("u", "bob")).await.unwrap();
+            faults.fail_apply.store(true, Ordering::SeqCst);
+            assert!(v.shred_subject(&tenant, "alice").await.is_err());
+            faults.fail_apply.store(false, Ordering::SeqCst);
+            // The tombstone is in the ledger, the store lacks it: nothing more is written,
+            // or a later erasure's counter would hide this one.
+            let later = v.delete_transcript(&tenant, "u").await;
+            assert!(matches!(later, Err(VaultError::Store(StoreError::Failed))), "{later:?}");
+        }
+        let v = testing::open(dir.path(), testing::HandClock::new(), |_| {});
+        assert!(matches!(v.get_transcript(&tenant, "t"), Err(VaultError::Erased(_))), "the shred was not finished");
+        assert_eq!(v.get_transcript(&tenant, "u").unwrap().messages[0].text, "words");
+    }
+
+    #[tokio::test]
+    async fn keys_left_of_an_erased_tenant_are_deleted_by_a_rotation_not_carried_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = testing::open(dir.path(), testing::HandClock::new(), |_| {});
+        let (gone, kept) = (TenantId::parse("gone").unwrap(), TenantId::parse("kept").unwrap());
+        v.put_transcript(&gone, transcript("t", "alice")).await.unwrap();
+        v.put_transcript(&kept, transcript("t", "bob")).await.unwrap();
+        let leftover = v.scan_all(&layout::subject_keys_prefix("gone")).unwrap();
+        assert_eq!(leftover.len(), 1);
+        v.erase_tenant(&gone).await.unwrap();
+        // What a crash after the erasure's first batch could leave.
+        let mut b = Batch::default();
+        for (k, val) in &leftover {
+            b.put(k.clone(), val.clone());
+        }
+        v.store.apply(b).unwrap();
+        v.rotate_key_store().unwrap();
+        assert!(v.scan_all(&layout::subject_keys_prefix("gone")).unwrap().is_empty());
+        assert_eq!(v.get_transcript(&kept, "t").unwrap().messages[0].text, "words");
+    }
 }

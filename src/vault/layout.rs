@@ -96,6 +96,12 @@ pub fn parse_key_owner(key: &[u8]) -> Option<KeyOwner> {
     }
 }
 
+/// The tenant of a record under [`keys_prefix`].
+pub fn key_tenant(key: &[u8]) -> Option<&str> {
+    let len = *key.get(2)? as usize;
+    std::str::from_utf8(key.get(3..3 + len)?).ok()
+}
+
 /// Every subject key of one tenant.
 pub fn subject_keys_prefix(tenant: &str) -> Vec<u8> {
     let mut k = vec![kind::KEY, KEY_SUBJECT];
@@ -120,6 +126,21 @@ pub fn subject(tenant: &str, subject: &Blind) -> Vec<u8> {
     let mut k = with_tenant(kind::SUBJECT, tenant, 32);
     k.extend_from_slice(subject);
     k
+}
+
+/// Every subject record of every tenant.
+pub fn subjects_prefix() -> Vec<u8> {
+    vec![kind::SUBJECT]
+}
+
+/// The tenant and subject a [`subject`] key names.
+pub fn parse_subject(key: &[u8]) -> Option<(String, Blind)> {
+    let (&k, rest) = key.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    let tenant = std::str::from_utf8(rest.get(..len as usize)?).ok()?.to_owned();
+    let rest = rest.get(len as usize..)?;
+    (k == kind::SUBJECT).then_some(())?;
+    Some((tenant, rest.try_into().ok()?))
 }
 
 /// Every transcript header of one tenant, in blind-id order.
@@ -189,23 +210,6 @@ pub fn body(tenant: &str, transcript: &Blind, incarnation: u64) -> Vec<u8> {
     k
 }
 
-/// Every body record of every tenant.
-pub fn bodies_prefix() -> Vec<u8> {
-    vec![kind::BODY]
-}
-
-/// The tenant, transcript and incarnation a [`body`] key names.
-pub fn parse_body(key: &[u8]) -> Option<(String, Blind, u64)> {
-    let (&k, rest) = key.split_first()?;
-    let (&len, rest) = rest.split_first()?;
-    let tenant = std::str::from_utf8(rest.get(..len as usize)?).ok()?.to_owned();
-    let rest = rest.get(len as usize..)?;
-    if k != kind::BODY || rest.len() != 40 {
-        return None;
-    }
-    Some((tenant, rest[..32].try_into().ok()?, u64::from_be_bytes(rest[32..].try_into().ok()?)))
-}
-
 /// Dead bytes counted in one value-log segment.
 pub fn value_tally(segment: u32) -> Vec<u8> {
     let mut k = vec![kind::VALUES, VALUES_TALLY];
@@ -264,6 +268,8 @@ mod tests {
             _ => panic!("not a subject key"),
         }
         assert!(matches!(parse_key_owner(&tenant_key("acme")), Some(KeyOwner::Tenant(t)) if t == "acme"));
+        assert_eq!(key_tenant(&subject_key("acme", &[7; 32])), Some("acme"));
+        assert_eq!(key_tenant(&tenant_key("acme")), Some("acme"));
         match parse_key_owner(&transcript_key("acme", &[3; 32], 9)) {
             Some(KeyOwner::Transcript(t, tb, inc)) => assert_eq!((t.as_str(), tb, inc), ("acme", [3; 32], 9)),
             _ => panic!("not a transcript key"),
@@ -271,9 +277,9 @@ mod tests {
     }
 
     #[test]
-    fn body_keys_parse_back() {
-        assert_eq!(parse_body(&body("acme", &[4; 32], 7)), Some(("acme".into(), [4; 32], 7)));
-        assert_eq!(parse_body(&header("acme", &[4; 32])), None);
+    fn subject_keys_parse_back() {
+        assert_eq!(parse_subject(&subject("acme", &[5; 32])), Some(("acme".into(), [5; 32])));
+        assert_eq!(parse_subject(&header("acme", &[5; 32])), None);
     }
 
     #[test]

@@ -117,6 +117,10 @@ pub struct Vault {
     /// Held from an erasure's (or a registry record's) ledger entry until the store has
     /// applied it: the store applies them in ledger order, so its counter is exact.
     erasure_order: Mutex<()>,
+    /// Taken (shared, asynchronously) by every write call before any lock, and
+    /// (exclusively) by a backup: writers then wait as tasks, never blocking an executor
+    /// thread on the locks the backup holds.
+    write_gate: tokio::sync::RwLock<()>,
     cache: KeyCache,
     locks: locks::LockTable,
     clock: Arc<dyn Clock>,
@@ -162,25 +166,38 @@ impl Vault {
     }
 
     pub fn open_with_clock(opts: VaultOptions, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), VaultError> {
-        Self::open_with_keys(opts, clock, |keys| keys)
+        Self::open_with_wrappers(opts, clock, |keys| keys, |store| store)
     }
 
-    /// Opens with the key store passed through `keys` first: how tests put a
-    /// fault-injecting wrapper around the real key directory.
-    pub(crate) fn open_with_keys(
+    /// Opens with the key store and the store passed through `keys` and `store` first: how
+    /// tests put fault-injecting wrappers around the real key directory and sled.
+    pub(crate) fn open_with_wrappers(
         opts: VaultOptions,
         clock: Arc<dyn Clock>,
         keys: impl FnOnce(Arc<dyn KeyStore>) -> Arc<dyn KeyStore>,
+        store: impl FnOnce(Arc<dyn KvStore>) -> Arc<dyn KvStore>,
     ) -> Result<(Self, OpenReport), VaultError> {
         layout_check::refuse_overlap(&opts.data_dir, &opts.key_dir)?;
         let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
         let receipts = keydir.receipt_signer()?;
         let keydir = keys(Arc::new(keydir));
-        let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
-        bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
+        let store = store(Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?));
+        // Everything up to the verdict only reads: a refused start writes nothing of ours.
+        let fresh = bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
         let applied = erasure::data_counter(store.as_ref())?;
         let ledger = Arc::new(erasure::open_ledger(&opts.key_dir, keydir.as_ref(), applied)?);
-        let verdict = erasure::verdict(applied, &ledger, opts.replay_erasures)?;
+        let wrapped_from = erasure::wrapped_from(store.as_ref(), keydir.as_ref(), fresh)?;
+        let verdict = erasure::verdict(
+            &erasure::Found { applied, fresh, wrapped_from },
+            &ledger,
+            keydir.as_ref(),
+            opts.replay_erasures,
+        )?;
+        if fresh {
+            init_store(store.as_ref(), keydir.as_ref())?;
+        }
+        erasure::note_wrapped_from(store.as_ref(), wrapped_from)?;
+        ledger.repair_tail()?;
         let values = Arc::new(ValueLog::open(&opts.data_dir.join("values"), opts.value_segment_bytes)?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;
         commit.attach_before(values.clone());
@@ -198,6 +215,7 @@ impl Vault {
             ledger,
             receipts,
             erasure_order: Mutex::new(()),
+            write_gate: tokio::sync::RwLock::new(()),
             cache: KeyCache::new(opts.key_cache_entries),
             locks: locks::LockTable::new(),
             clock,
@@ -454,25 +472,27 @@ impl Vault {
 
 /// A data directory remembers the key directory it was created with; opening it with
 /// another (a restored backup of one but not the other, a typo in a path) is refused.
-fn bind_store_to_keys(store: &dyn KvStore, keydir: &dyn KeyStore) -> Result<(), VaultError> {
-    let slot = layout::meta(META_STORE_ID);
-    match store.get(&slot)? {
-        Some(id) if id == keydir.store_id() => Ok(()),
+fn bind_store_to_keys(store: &dyn KvStore, keydir: &dyn KeyStore) -> Result<bool, VaultError> {
+    match store.get(&layout::meta(META_STORE_ID))? {
+        Some(id) if id == keydir.store_id() => Ok(false),
         Some(_) => Err(VaultError::Mismatch(
             "the data directory belongs to a different key directory; refusing to start".into(),
         )),
         None if !store.scan(&[], None, 1)?.is_empty() => {
             Err(VaultError::Mismatch("the data directory holds data but no store id; refusing to start".into()))
         }
-        None => {
-            let mut b = Batch::default();
-            b.put(slot, keydir.store_id().to_vec());
-            b.put(layout::meta(META_KEY_FORMAT), transcript_keys::KEY_FORMAT_SEALED.to_vec());
-            store.apply(b)?;
-            store.sync(Durability::Fsync)?;
-            Ok(())
-        }
+        None => Ok(true),
     }
+}
+
+/// Makes an empty data directory this key directory's, in today's formats.
+fn init_store(store: &dyn KvStore, keydir: &dyn KeyStore) -> Result<(), VaultError> {
+    let mut b = Batch::default();
+    b.put(layout::meta(META_STORE_ID), keydir.store_id().to_vec());
+    b.put(layout::meta(META_KEY_FORMAT), transcript_keys::KEY_FORMAT_SEALED.to_vec());
+    store.apply(b)?;
+    store.sync(Durability::Fsync)?;
+    Ok(())
 }
 
 /// Maps a key failure on stored data to the vault error that names the record.

@@ -104,6 +104,9 @@ impl Vault {
         let mut after: Option<Vec<u8>> = None;
         let mut rewrapped = 0u64;
         let check_tombstones = self.erasures_pending()?;
+        // Keys left of an erased tenant (a crash cut its erasure short; reclaim gets to
+        // them later) are deleted, never carried into the new epoch.
+        let erased_tenants = self.erased_tenants()?;
         loop {
             let page = self.store.scan(&prefix, after.as_deref(), REWRAP_CHUNK)?;
             let Some((last, _)) = page.last() else { break };
@@ -113,7 +116,9 @@ impl Vault {
                 if wrapped_epoch(&rec.wrapped)? >= new_epoch {
                     continue;
                 }
-                if check_tombstones && self.is_tombstoned(&self.record_token(key, rec.generation))? {
+                if (check_tombstones && self.is_tombstoned(&self.record_token(key, rec.generation))?)
+                    || layout::key_tenant(key).is_some_and(|t| erased_tenants.contains(t))
+                {
                     // An erasure destroyed this key; it may only still be here in a data
                     // directory being brought forward. Never carried into a new epoch.
                     tracing::warn!("rotation: deleting a key the erasure ledger says was destroyed");
@@ -132,6 +137,11 @@ impl Vault {
                 }
             }
         }
+        // Every key is under the new epoch now: a copy of the data directory from before
+        // this point is dead once the old epochs are, and `open` can tell from this.
+        let mut b = crate::store::Batch::default();
+        b.put(layout::meta(super::erasure::META_WRAPPED_FROM), new_epoch.to_be_bytes().to_vec());
+        self.store.apply(b)?;
         self.store.sync(Durability::Fsync)?;
         crate::failpoint::hit("rotation.before_destroy");
         let destroyed = self.keys.destroy_epochs_before(new_epoch)?;

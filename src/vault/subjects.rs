@@ -15,6 +15,7 @@ impl Vault {
     /// reclaimed in the background; stale copies of the wrapped key in old sled segments
     /// or backups become useless once the key-store epoch rotates.
     pub async fn shred_subject(&self, tenant: &TenantId, subject_id: &str) -> Result<ShredReceipt, VaultError> {
+        let _writing = self.write_gate.read().await;
         self.limits.id("subject_id", subject_id)?;
         let now = self.clock.now();
         let (sb, shredded, erasure, done) = {

@@ -20,6 +20,7 @@ impl Vault {
     /// queues its ciphertext for reclaim. The tenant can never write again in this
     /// process; the registry keeps it from doing so after a restart.
     pub async fn erase_tenant(&self, tenant: &TenantId) -> Result<TenantErasure, VaultError> {
+        let _writing = self.write_gate.read().await;
         {
             let _init = self.tenant_key_init.lock().map_err(|_| VaultError::Internal("tenant key lock".into()))?;
             self.closed_tenants
@@ -35,13 +36,24 @@ impl Vault {
         drop(self.epoch_guard.write().map_err(|_| VaultError::Internal("epoch lock poisoned".into()))?);
         self.cache.remove_tenant(tenant.as_str());
         self.forget_subject_hints(None);
+        let (subjects, epoch, counter) = self.erase_tenant_keys(tenant)?;
+        self.cache.remove_tenant(tenant.as_str());
+        let ticket = self.commit.ticket();
+        self.erasure_durable(ticket, counter).await?;
+        Ok(TenantErasure { subjects_shredded: subjects, key_epoch: epoch })
+    }
+
+    /// Deletes every key of the tenant, the first batch through the erasure ledger.
+    /// Returns the subject keys destroyed, the epoch to destroy, and the ledger entry.
+    fn erase_tenant_keys(&self, tenant: &TenantId) -> Result<(u64, u64, u64), VaultError> {
         let mut subjects = 0u64;
-        let mut epoch = self.keys.current_epoch();
+        // Held for the whole erasure, so no rotation can carry a key of this tenant into
+        // a new epoch before it is deleted: the tombstone's epoch is the one to destroy.
+        let _epoch = self.epoch_shared()?;
+        let epoch = self.keys.current_epoch();
         let mut counter = None;
         for prefix in [layout::subject_keys_prefix(tenant.as_str()), layout::transcript_keys_prefix(tenant.as_str())] {
             loop {
-                let _epoch = self.epoch_shared()?;
-                epoch = epoch.max(self.keys.current_epoch());
                 let page = self.store.scan(&prefix, None, 1000)?;
                 if page.is_empty() && counter.is_some() {
                     break;
@@ -67,9 +79,6 @@ impl Vault {
                 }
             }
         }
-        self.cache.remove_tenant(tenant.as_str());
-        let ticket = self.commit.ticket();
-        self.erasure_durable(ticket, counter.unwrap_or(0)).await?;
-        Ok(TenantErasure { subjects_shredded: subjects, key_epoch: epoch })
+        Ok((subjects, epoch, counter.ok_or_else(|| VaultError::Internal("no tombstone written".into()))?))
     }
 }

@@ -9,6 +9,7 @@ use super::{Timestamp, Vault, VaultOptions};
 use crate::clock::Clock;
 use crate::crypto::{Aad, SecretKey};
 use crate::keys::{KeyError, KeyStore, RootKeySource};
+use crate::store::{Batch, Durability, Entry, KvStore, StoreError};
 
 /// A clock that stands still until the test moves it.
 pub struct HandClock(AtomicI64);
@@ -93,11 +94,69 @@ pub fn open_faulty(dir: &Path, clock: Arc<HandClock>) -> (Vault, Arc<FaultyKeys>
     let root = RootKeySource::Hex(zeroize::Zeroizing::new("42".repeat(32)));
     let opts = VaultOptions::new(dir.join("data"), dir.join("keys"), root);
     let mut faulty = None;
-    let vault = Vault::open_with_keys(opts, clock, |keys| {
-        let f = FaultyKeys::wrap(keys);
-        faulty = Some(f.clone());
-        f
-    })
+    let vault = Vault::open_with_wrappers(
+        opts,
+        clock,
+        |keys| {
+            let f = FaultyKeys::wrap(keys);
+            faulty = Some(f.clone());
+            f
+        },
+        |store| store,
+    )
+    .expect("the test vault opens")
+    .0;
+    (vault, faulty.expect("wrapped"))
+}
+
+/// The real store, with a switch that makes `apply` fail as a full or failing disk would.
+pub struct FaultyStore {
+    inner: Arc<dyn KvStore>,
+    pub fail_apply: AtomicBool,
+}
+
+impl KvStore for FaultyStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.fail_apply.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(std::io::Error::other("injected fault")));
+        }
+        self.inner.apply(batch)
+    }
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.inner.scan(prefix, after, limit)
+    }
+    fn last(&self, prefix: &[u8]) -> Result<Option<Entry>, StoreError> {
+        self.inner.last(prefix)
+    }
+    fn compare_and_swap(&self, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        self.inner.compare_and_swap(key, old, new)
+    }
+    fn sync(&self, mode: Durability) -> Result<(), StoreError> {
+        self.inner.sync(mode)
+    }
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.size_on_disk()
+    }
+}
+
+/// Opens the vault under `dir` with its store behind a [`FaultyStore`].
+pub fn open_faulty_store(dir: &Path, clock: Arc<HandClock>) -> (Vault, Arc<FaultyStore>) {
+    let root = RootKeySource::Hex(zeroize::Zeroizing::new("42".repeat(32)));
+    let opts = VaultOptions::new(dir.join("data"), dir.join("keys"), root);
+    let mut faulty = None;
+    let vault = Vault::open_with_wrappers(
+        opts,
+        clock,
+        |keys| keys,
+        |store| {
+            let f = Arc::new(FaultyStore { inner: store, fail_apply: AtomicBool::new(false) });
+            faulty = Some(f.clone());
+            f
+        },
+    )
     .expect("the test vault opens")
     .0;
     (vault, faulty.expect("wrapped"))

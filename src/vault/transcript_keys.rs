@@ -83,7 +83,13 @@ impl Vault {
         }
         let body = Arc::new(body);
         if let Ok(mut c) = self.bodies.lock() {
-            c.put(slot, body.clone());
+            c.put(slot.clone(), body.clone());
+        }
+        // A delete (or replace) between our reads and the insert must not leave its key in
+        // memory: it removes the body record in the batch that removes the key's.
+        if self.store.get(&layout::body(tenant.as_str(), tb, h.incarnation))?.is_none() {
+            self.forget_body(tenant, tb, h.incarnation);
+            return Err(VaultError::NotFound("transcript"));
         }
         Ok(body)
     }
@@ -106,18 +112,22 @@ impl Vault {
     }
 
     /// Moves transcript keys kept inside body records by earlier versions into records of
-    /// their own, once, before serving. Every subject that had one gets a fresh data key,
-    /// its transcripts' keys re-wrapped under it, so that the old subject key (the only one
-    /// that opens the copies in stale pages) dies at the next rotation. Each subject is one
-    /// batch: a crash leaves it done or untouched, and the next open goes on.
+    /// their own, once, before serving. Every live subject gets a fresh data key, its
+    /// transcripts' keys re-wrapped under it, so that the old subject key (the only one that
+    /// opens the copies in stale pages) dies at the next rotation. Each subject is one
+    /// batch: a crash leaves it done or untouched, and the next open does the rest (a
+    /// subject done twice just gets another key).
     pub(super) fn migrate_transcript_keys(&self) -> Result<(), VaultError> {
         let flag = layout::meta(META_KEY_FORMAT);
         if self.store.get(&flag)?.as_deref() == Some(KEY_FORMAT_SEALED) {
             return Ok(());
         }
-        let subjects = self.subjects_with_legacy_keys()?;
+        let subjects = self.live_subjects()?;
         if !subjects.is_empty() {
-            tracing::info!(subjects = subjects.len(), "moving transcript keys out of body records (one time)");
+            tracing::info!(
+                subjects = subjects.len(),
+                "re-keying subjects and moving transcript keys out of body records (one time)"
+            );
         }
         for (tenant, sb) in &subjects {
             self.rekey_subject(&TenantId::parse(tenant)?, sb)?;
@@ -129,27 +139,21 @@ impl Vault {
         Ok(())
     }
 
-    /// Live subjects with at least one transcript whose key is still inside its body.
-    fn subjects_with_legacy_keys(&self) -> Result<BTreeSet<(String, Blind)>, VaultError> {
+    /// Every live subject. All of them are re-keyed, not only those with a live transcript
+    /// whose key is still in its body: a subject whose transcripts were all deleted (or
+    /// replaced) before the upgrade has stale body copies that its key still opens.
+    fn live_subjects(&self) -> Result<BTreeSet<(String, Blind)>, VaultError> {
         let mut found = BTreeSet::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.store.scan(&layout::bodies_prefix(), after.as_deref(), 512)?;
+            let page = self.store.scan(&layout::subjects_prefix(), after.as_deref(), 512)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (key, value) in &page {
-                let body: BodyRecord = records::decode(value, "transcript body")?;
-                let Some((tenant, tb, incarnation)) = layout::parse_body(key) else {
-                    return Err(VaultError::Corrupt("transcript body location"));
-                };
-                if body.wrapped_key.is_empty() {
-                    continue;
-                }
-                let tenant_id = TenantId::parse(&tenant)?;
-                let Some(h) = self.read_header(&layout::header(&tenant, &tb))? else { continue };
-                // Dead incarnations (shredded, not yet reclaimed) have no live key to move.
-                if h.incarnation == incarnation && self.check_live(&tenant_id, &h).is_ok() {
-                    found.insert((tenant, h.subject));
+                let subject: records::SubjectRecord = records::decode(value, "subject")?;
+                let (tenant, sb) = layout::parse_subject(key).ok_or(VaultError::Corrupt("subject location"))?;
+                if subject.active {
+                    found.insert((tenant, sb));
                 }
             }
         }

@@ -27,6 +27,7 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 impl Vault {
     /// Creates or replaces a transcript. Returns whether one was replaced.
     pub async fn put_transcript(&self, tenant: &TenantId, t: Transcript) -> Result<bool, VaultError> {
+        let _writing = self.write_gate.read().await;
         self.limits.transcript(&t)?;
         let now = self.clock.now();
         let started = t.started_at.unwrap_or(now);
@@ -160,6 +161,7 @@ impl Vault {
         messages: Vec<Message>,
         expected_count: Option<u32>,
     ) -> Result<Touched<u32>, VaultError> {
+        let _writing = self.write_gate.read().await;
         self.limits.id("transcript_id", transcript_id)?;
         self.limits.messages("messages", &messages, false)?;
         let now = self.clock.now();
@@ -210,6 +212,7 @@ impl Vault {
         transcript_id: &str,
         ended_at: Option<Timestamp>,
     ) -> Result<Touched<Timestamp>, VaultError> {
+        let _writing = self.write_gate.read().await;
         self.limits.id("transcript_id", transcript_id)?;
         let ended = ended_at.unwrap_or_else(|| self.clock.now());
         let ((ended, subject), applied) = self.with_live_header(tenant, transcript_id, |tb, mut h, batch| {
@@ -236,6 +239,7 @@ impl Vault {
         tenant: &TenantId,
         transcript_id: &str,
     ) -> Result<Touched<ShredReceipt>, VaultError> {
+        let _writing = self.write_gate.read().await;
         self.limits.id("transcript_id", transcript_id)?;
         let now = self.clock.now();
         let ((tb, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, change| {

@@ -203,3 +203,28 @@ async fn a_backup_of_another_key_directory_is_refused_and_nothing_is_written() {
     let leftovers: Vec<_> = std::fs::read_dir(dirs.tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!leftovers.iter().any(|n| n.to_string_lossy().contains("restoring")), "{leftovers:?}");
 }
+
+#[tokio::test]
+async fn a_backup_is_dead_once_a_rotation_destroys_its_epoch_even_with_no_erasure_since() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["x"])).await;
+    let backup = dirs.tmp.path().join("backup");
+    server.admin().await.backup(pb::BackupRequest { out_dir: backup.display().to_string() }).await.unwrap();
+    server.signal("-HUP");
+    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while first_ksk.exists() {
+        assert!(std::time::Instant::now() < deadline, "no rotation:\n{}", server.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+    std::fs::remove_dir_all(dirs.data()).unwrap();
+    let (ok, err) = restore(&dirs, &backup, &dirs.keys());
+    assert!(!ok && err.contains("older than the last completed key-store rotation"), "{err}");
+    assert!(!dirs.data().exists());
+    // An empty data directory beside a key directory that served one is refused too.
+    let err = Server::try_start(&dirs, Opts::default()).err().expect("an empty data directory started");
+    assert!(err.contains("is empty, but this key directory has served one"), "{err}");
+}

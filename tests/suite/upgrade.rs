@@ -2,7 +2,8 @@
 //! become final like new ones. The fixture is a data and key directory written by the
 //! release at 81447d5 (before transcript keys had records of their own): tenant `acme`,
 //! alice with chat-1 (3 messages, metadata), chat-2 (closed) and chat-3 (deleted), bob's
-//! chat-4 (replaced), carol's chat-5 (carol shredded, the rotation not yet run).
+//! chat-4 (replaced), carol's chat-5 (carol shredded, the rotation not yet run), and dave,
+//! whose only transcript, chat-7, was deleted.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -59,6 +60,9 @@ async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures
     let ids: Vec<&str> = list.transcripts.iter().map(|t| t.transcript_id.as_str()).collect();
     assert_eq!(ids, ["chat-2", "chat-1"]);
     let (alice, _) = blind_of(&server, "alice@example.com").await;
+    let (dave, dave_status) = blind_of(&server, "dave@example.com").await;
+    assert_eq!(dave_status, SubjectStatus::Active);
+    assert_eq!(get(&mut c, "chat-7").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(blind_of(&server, "carol@example.com").await.1, SubjectStatus::Shredded);
 
     // Old and new records side by side: appends and new transcripts work.
@@ -85,18 +89,22 @@ async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures
     assert_eq!(texts(&get(&mut c, "chat-6").await.unwrap()), ["new chat"]);
     server.stop().await;
 
-    assert_erasures_final(&dirs, &pristine, &old_keys, &alice);
+    // alice still has live transcripts; dave has none left, and his deleted chat's key
+    // is just as much in the old files.
+    assert_deletions_final(&dirs, &pristine, &old_keys, &alice);
+    assert_deletions_final(&dirs, &pristine, &old_keys, &dave);
 }
 
-/// chat-3 was deleted before the upgrade: its key lay in a body record, wrapped under
-/// alice's key alone, and stale copies of that record are in the files. The upgrade gave
-/// alice a new key; once the rotation ran, alice's old key — the only one that opens those
-/// copies — is gone from everything today's keys can open.
-fn assert_erasures_final(dirs: &Dirs, pristine: &Path, old_keys: &Path, alice: &[u8]) {
+/// A transcript of `subject` (a blind id) was deleted before the upgrade: its key
+/// lay in a body record, wrapped under the subject's key alone, and stale copies of that
+/// record are in the files. The upgrade gave the subject a new key; once the rotation ran,
+/// the old key — the only one that opens those copies — is gone from everything today's
+/// keys can open.
+fn assert_deletions_final(dirs: &Dirs, pristine: &Path, old_keys: &Path, subject: &[u8]) {
     let (old, now) = (key_store_keys(old_keys), key_store_keys(&dirs.keys()));
-    let old_alice_raw = subject_keys_found(&[pristine], &old, "acme", alice);
-    assert!(!old_alice_raw.is_empty(), "control: the old key directory opens alice's old key");
-    let old_alice = SecretKey::from_slice(&old_alice_raw[0]).unwrap();
+    let old_raw = subject_keys_found(&[pristine], &old, "acme", subject);
+    assert!(!old_raw.is_empty(), "control: the old key directory opens the subject's old key");
+    let old_key = SecretKey::from_slice(&old_raw[0]).unwrap();
     // Transcripts with a header in the live tree are not deleted; chat-3's header went.
     let headers = [&[kind::HEADER, 4][..], b"acme"].concat();
     let live: Vec<Vec<u8>> = raw_tree(dirs).1.scan_prefix(&headers).keys().map(|k| k.unwrap().to_vec()).collect();
@@ -104,16 +112,16 @@ fn assert_erasures_final(dirs: &Dirs, pristine: &Path, old_keys: &Path, alice: &
     let deleted: Vec<_> = named
         .iter()
         .filter(|(tb, _)| !live.contains(&[&headers[..], tb].concat()))
-        .filter(|(tb, inc)| !bare_transcript_keys_found(&[pristine], &old_alice, "acme", alice, tb, *inc).is_empty())
+        .filter(|(tb, inc)| !bare_transcript_keys_found(&[pristine], &old_key, "acme", subject, tb, *inc).is_empty())
         .collect();
-    assert_eq!(deleted.len(), 1, "control: exactly chat-3 lies in the old files under alice's old key");
+    assert_eq!(deleted.len(), 1, "control: exactly one deleted transcript lies in the old files under the old key");
 
-    let today = subject_keys_found(&[pristine, &dirs.data()], &now, "acme", alice);
-    assert!(!today.is_empty(), "alice's live key opens with today's keys");
-    assert!(today.iter().all(|k| *k != old_alice_raw[0]), "alice's old key must not open with today's keys");
+    let today = subject_keys_found(&[pristine, &dirs.data()], &now, "acme", subject);
+    assert!(!today.is_empty(), "the subject's live key opens with today's keys");
+    assert!(today.iter().all(|k| *k != old_raw[0]), "the subject's old key must not open with today's keys");
     for k in &today {
         let k = SecretKey::from_slice(k).unwrap();
         let (tb, inc) = deleted[0];
-        assert!(bare_transcript_keys_found(&[pristine, &dirs.data()], &k, "acme", alice, tb, *inc).is_empty());
+        assert!(bare_transcript_keys_found(&[pristine, &dirs.data()], &k, "acme", subject, tb, *inc).is_empty());
     }
 }
