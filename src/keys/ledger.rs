@@ -32,7 +32,7 @@ use super::files;
 use crate::crypto::{SecretKey, blind_index};
 
 const FILE_NAME: &str = "erasure.ledger";
-const MAGIC: &[u8; 8] = b"CVLEDGR1";
+const MAGIC: &[u8; 8] = b"CVLEDGR2";
 const HEADER_LEN: usize = 8 + 16 + 8 + 32;
 const FRAME_HEAD: usize = 12;
 const MAC_LEN: usize = 32;
@@ -176,8 +176,15 @@ impl LedgerState {
                 for e in epochs {
                     self.destroyed.entry(e).or_insert(at_micros);
                 }
-                let final_now: Vec<[u8; 32]> =
-                    self.pending.iter().filter(|(_, (_, t))| t.epoch <= newest).map(|(k, _)| *k).collect();
+                // Only an erasure the data directory is known to hold is dropped: one it
+                // may lack must stay, to be replayed into it.
+                let confirmed = self.confirmed;
+                let final_now: Vec<[u8; 32]> = self
+                    .pending
+                    .iter()
+                    .filter(|(_, (c, t))| t.epoch <= newest && *c <= confirmed)
+                    .map(|(k, _)| *k)
+                    .collect();
                 for token in final_now {
                     if let Some((c, _)) = self.pending.remove(&token) {
                         self.pruned_through = self.pruned_through.max(c);
@@ -270,8 +277,6 @@ pub struct Ledger {
     key: SecretKey,
     store_id: [u8; 16],
     writer: Mutex<Writer>,
-    /// Counter synced through; held while syncing, so concurrent callers share a sync.
-    synced: Mutex<u64>,
     state: RwLock<LedgerState>,
     /// The newest data-bearing counter known durable in the data directory, in memory:
     /// the next entry carries it to disk.
@@ -316,7 +321,6 @@ impl Ledger {
                 counter: state.counter,
                 prev: parsed.prev,
             }),
-            synced: Mutex::new(state.counter),
             confirmed: AtomicU64::new(state.confirmed),
             state: RwLock::new(state),
             failed: AtomicBool::new(false),
@@ -329,14 +333,16 @@ impl Ledger {
     }
 
     /// Cuts off a torn final entry (a crash mid-append: never synced, so never
-    /// acknowledged), keeping its bytes aside in `erasure.ledger.torn-<offset>`. Opening
+    /// acknowledged), keeping its bytes aside in `erasure.ledger.torn-<offset>-<time>`. Opening
     /// changes nothing; this runs once the start was not refused, or before the next append.
     pub fn repair_tail(&self) -> Result<(), LedgerError> {
         let mut torn = self.torn.lock().map_err(|_| LedgerError::Poisoned)?;
         let Some(valid) = *torn else { return Ok(()) };
         let io = |source| LedgerError::Io { path: self.path.clone(), source };
         let bytes = fs::read(&self.path).map_err(io)?;
-        let aside = self.path.with_file_name(format!("{FILE_NAME}.torn-{valid}"));
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+        let aside = self.path.with_file_name(format!("{FILE_NAME}.torn-{valid}-{stamp}"));
         write_file(&aside, &bytes[valid as usize..], &[]).map_err(io)?;
         let w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
         w.file.set_len(valid).map_err(io)?;
@@ -345,6 +351,11 @@ impl Ledger {
             "erasure ledger: cut off a torn final entry (a crash mid-write; it was never acknowledged)");
         *torn = None;
         Ok(())
+    }
+
+    /// Where a torn final entry was found at open, until `repair_tail` cuts it.
+    pub fn torn_at(&self) -> Option<u64> {
+        self.torn.lock().ok().and_then(|t| *t)
     }
 
     /// Whether the ledger file was created by this open (there was none).
@@ -416,13 +427,10 @@ impl Ledger {
         Ok(true)
     }
 
+    /// Appends one entry and syncs it before anything else is appended: only the newest
+    /// entry can ever be unsynced, so only it can be torn by a crash. (Entries are rare:
+    /// erasures, registry changes, a checkpoint a second at most.)
     fn record(&self, body: Body) -> Result<u64, LedgerError> {
-        let counter = self.append(body)?;
-        self.sync_through(counter)?;
-        Ok(counter)
-    }
-
-    fn append(&self, body: Body) -> Result<u64, LedgerError> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(LedgerError::Failed);
         }
@@ -431,7 +439,8 @@ impl Ledger {
         let counter = w.counter + 1;
         let frame = Frame { counter, confirmed: self.confirmed.load(Ordering::SeqCst), body };
         let (bytes, mac) = self.encode(&frame, &w.prev)?;
-        if let Err(e) = (&*w.file).write_all(&bytes) {
+        let written = (&*w.file).write_all(&bytes).and_then(|()| w.file.sync_data());
+        if let Err(e) = written {
             // Part of the frame may be in the file: cut it off, and refuse more, since
             // what is on disk can no longer be vouched for.
             let _ = w.file.set_len(w.len);
@@ -461,25 +470,6 @@ impl Ledger {
         bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         bytes.extend_from_slice(&body);
         Ok((bytes, mac))
-    }
-
-    /// Makes every entry up to `counter` durable; callers that arrive while a sync runs
-    /// share the next one.
-    fn sync_through(&self, counter: u64) -> Result<(), LedgerError> {
-        let mut synced = self.synced.lock().map_err(|_| LedgerError::Poisoned)?;
-        if *synced >= counter {
-            return Ok(());
-        }
-        let (file, target) = {
-            let w = self.writer.lock().map_err(|_| LedgerError::Poisoned)?;
-            (w.file.clone(), w.counter)
-        };
-        if let Err(e) = file.sync_data() {
-            self.failed.store(true, Ordering::SeqCst);
-            return Err(LedgerError::Io { path: self.path.clone(), source: e });
-        }
-        *synced = target;
-        Ok(())
     }
 
     /// Rewrites the file as one snapshot of what is still needed: tombstones made final
@@ -521,6 +511,22 @@ impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger").field("path", &self.path).finish_non_exhaustive()
     }
+}
+
+/// The most bytes a torn final entry can leave that are all zeros (a file system that
+/// extended the file without the data): more is damage, not one interrupted append.
+const MAX_TORN: usize = 1 << 20;
+
+/// Where, from offset `from` on, the first whole frame with intact checksums starts.
+fn first_intact_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(FRAME_HEAD)).find(|&i| {
+        let head = &bytes[i..i + FRAME_HEAD];
+        let word = |j: usize| u32::from_le_bytes([head[j], head[j + 1], head[j + 2], head[j + 3]]);
+        let len = word(0) as usize;
+        (MAC_LEN..=MAX_FRAME).contains(&len)
+            && crc32fast::hash(&head[..4]) == word(4)
+            && bytes.get(i + FRAME_HEAD..i + FRAME_HEAD + len).is_some_and(|b| crc32fast::hash(b) == word(8))
+    })
 }
 
 fn frame_mac(key: &SecretKey, prev: &[u8; MAC_LEN], payload: &[u8]) -> [u8; MAC_LEN] {
@@ -573,31 +579,33 @@ fn parse(path: &Path, bytes: &[u8], key: &SecretKey, store_id: &[u8; 16]) -> Res
     let mut first = true;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        // Only the end of the file can be a crash's doing (an append is one write, synced
-        // before it is acknowledged): what parsed so far stands, and `repair_tail` cuts the
-        // rest off. Anything else that does not check out is damage.
-        if rest.len() < FRAME_HEAD || rest.iter().all(|&b| b == 0) {
-            return Ok(Parsed { state, valid_len: at as u64, prev });
-        }
-        let field = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
-        let (len, len_check, crc) = (field(0) as usize, field(4), field(8));
-        if crc32fast::hash(&rest[..4]) != len_check {
-            return Err(damaged(at, "a frame's length fails its checksum"));
-        }
-        if !(MAC_LEN..=MAX_FRAME).contains(&len) {
-            return Err(damaged(at, "frame length out of range"));
-        }
-        if rest.len() < FRAME_HEAD + len {
-            return Ok(Parsed { state, valid_len: at as u64, prev });
-        }
-        let body = &rest[FRAME_HEAD..FRAME_HEAD + len];
-        if crc32fast::hash(body) != crc {
-            // The final frame, written but not all of it on disk when the power went: torn
-            // (its bytes are kept aside). A bad frame followed by more is damage.
-            if rest.len() == FRAME_HEAD + len {
-                return Ok(Parsed { state, valid_len: at as u64, prev });
+        // Only the newest entry can be unsynced (each is synced before the next is
+        // written), so only the end of the file can be a crash's doing: what parsed so far
+        // stands, and `repair_tail` cuts the rest off. Damage followed by any intact frame,
+        // damage in a compacted file's first frame (written whole, then renamed into place),
+        // and more zeros than one entry could leave are damage, and refused.
+        let tail = || {
+            let last = first_intact_frame(rest, 1).is_none();
+            let snapshot = first && base > 0;
+            if last && !snapshot && (rest.len() <= MAX_TORN || !rest.iter().all(|&b| b == 0)) {
+                Ok(Parsed { state: LedgerState::default(), valid_len: at as u64, prev })
+            } else {
+                Err(damaged(at, "damaged entry followed by more, or in the first entry"))
             }
-            return Err(damaged(at, "checksum mismatch"));
+        };
+        let field = |i: usize| rest.get(i..i + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let (Some(len), Some(len_check), Some(crc)) = (field(0), field(4), field(8)) else {
+            return tail().map(|p| Parsed { state, ..p });
+        };
+        let len = len as usize;
+        if crc32fast::hash(&rest[..4]) != len_check || !(MAC_LEN..=MAX_FRAME).contains(&len) {
+            return tail().map(|p| Parsed { state, ..p });
+        }
+        let Some(body) = rest.get(FRAME_HEAD..FRAME_HEAD + len) else {
+            return tail().map(|p| Parsed { state, ..p });
+        };
+        if crc32fast::hash(body) != crc {
+            return tail().map(|p| Parsed { state, ..p });
         }
         let (payload, mac) = body.split_at(len - MAC_LEN);
         let frame: Frame = postcard::from_bytes(payload).map_err(|_| damaged(at, "undecodable entry"))?;
@@ -691,8 +699,14 @@ mod tests {
             assert_eq!(fs::read(&path).unwrap(), torn, "opening changed the file");
             l.repair_tail().unwrap();
             assert_eq!(fs::read(&path).unwrap().len(), HEADER_LEN + first_frame_len(&good));
-            let aside = dir.path().join(format!("{FILE_NAME}.torn-{}", HEADER_LEN + first_frame_len(&good)));
-            assert_eq!(fs::read(&aside).unwrap(), &torn[HEADER_LEN + first_frame_len(&good)..]);
+            let prefix = format!("{FILE_NAME}.torn-{}-", HEADER_LEN + first_frame_len(&good));
+            let aside: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| fs::read(e.path()).unwrap())
+                .collect();
+            assert!(aside.iter().any(|a| a == &torn[HEADER_LEN + first_frame_len(&good)..]), "not kept aside");
             assert_eq!(l.record_erasures(vec![tomb(3, 1)]).unwrap(), 2, "appends go on after the cut");
         }
         // The final frame whole in length but not in content (a page lost to a power cut).
@@ -708,26 +722,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = two_frames(dir.path(), key());
         let path = dir.path().join(FILE_NAME);
-        // A flipped bit in the first frame's body, and one in its length: damage.
-        for (at, why) in [(HEADER_LEN + FRAME_HEAD + 3, "checksum mismatch"), (HEADER_LEN + 1, "length")] {
+        // A flipped bit in the first frame's body, and one in its length: an intact frame
+        // follows, so neither is a torn tail.
+        for at in [HEADER_LEN + FRAME_HEAD + 3, HEADER_LEN + 1] {
             let mut bad = good.clone();
             bad[at] ^= 1;
             fs::write(&path, &bad).unwrap();
             match open(dir.path()) {
-                Err(LedgerError::Damaged { why: w, offset, .. }) => {
-                    assert!(w.contains(why), "{w}");
+                Err(LedgerError::Damaged { why, offset, .. }) => {
+                    assert!(why.contains("followed by more"), "{why}");
                     assert_eq!(offset, HEADER_LEN as u64);
                 }
-                other => panic!("{why}: {other:?}"),
+                other => panic!("byte {at}: {other:?}"),
             }
             assert_eq!(fs::read(&path).unwrap(), bad, "a refused open changed the file");
         }
+        // More zeros than one interrupted append could leave.
+        fs::write(&path, [&good[..], &vec![0u8; MAX_TORN + 1]].concat()).unwrap();
+        assert!(matches!(open(dir.path()), Err(LedgerError::Damaged { .. })));
         // Another key directory's ledger.
         fs::write(&path, &good).unwrap();
         assert!(matches!(Ledger::open(dir.path(), key(), [2; 16], true), Err(LedgerError::Foreign { .. })));
         fs::remove_file(&path).unwrap();
         assert!(matches!(Ledger::open(dir.path(), key(), [1; 16], false), Err(LedgerError::Missing { .. })));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_never_taken_for_a_torn_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        l.record_erasures(vec![tomb(1, 1)]).unwrap();
+        l.compact().unwrap();
+        drop(l);
+        let path = dir.path().join(FILE_NAME);
+        let mut bad = fs::read(&path).unwrap();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        fs::write(&path, &bad).unwrap();
+        assert!(matches!(open(dir.path()), Err(LedgerError::Damaged { .. })));
+    }
+
+    #[test]
+    fn a_final_epoch_drops_only_erasures_the_data_directory_is_known_to_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path()).unwrap();
+        l.record_erasures(vec![tomb(1, 1)]).unwrap();
+        l.confirm(1);
+        l.record_erasures(vec![tomb(2, 1)]).unwrap();
+        l.record_destroyed(vec![1], 5).unwrap();
+        let s = l.state().unwrap();
+        assert_eq!(s.pending.keys().copied().collect::<Vec<_>>(), vec![[2; 32]], "the unconfirmed one stays");
+        assert_eq!(s.pruned_through, 1);
     }
 
     #[test]

@@ -83,13 +83,15 @@ impl Vault {
         files::private_dir(out).map_err(StoreError::from)?;
         let data = out.join("data");
         let copy = SledStore::open(&data, 16 << 20)?;
+        // Compaction would delete segments the copy still points into: held until they are
+        // copied. Taken before the write gate, so writers never wait for a compaction or a
+        // rotation to end, only for the copy of the index.
+        let _maintenance = self.maintenance.lock().map_err(|_| lock("maintenance"))?;
+        let rotation = self.rotation.lock().map_err(|_| lock("rotation"))?;
         // Write calls wait here, as tasks, until the index is copied.
         let writers = self.write_gate.blocking_write();
-        // Compaction would delete segments the copy still points into: held until they are copied.
-        let _maintenance = self.maintenance.lock().map_err(|_| lock("maintenance"))?;
         let (records, segments, ledger_counter, key_epochs) = {
             // Every tree writer holds one of these: while all are held, the tree stands still.
-            let _rotation = self.rotation.lock().map_err(|_| lock("rotation"))?;
             let _writers = self.epoch_guard.write().map_err(|_| lock("epoch"))?;
             let _erasures = self.erasure_order.lock().map_err(|_| lock("erasure"))?;
             let segments = self.values.files_with_lengths()?;
@@ -97,6 +99,7 @@ impl Vault {
             (records, segments, data_counter(self.store.as_ref())?, self.keys.epochs())
         };
         drop(writers);
+        drop(rotation);
         copy_files(&segments, &data.join("values"))?;
         copy_files(audit, &data.join("audit"))?;
         copy.sync(Durability::Fsync)?;

@@ -152,6 +152,8 @@ impl Vault {
     /// puts back registry records (revocations, deletions, suspensions). A rotation is
     /// due after it (the tombstones stay pending until their epoch is destroyed).
     pub(super) fn replay_ledger(&self, v: Verdict) -> Result<(), VaultError> {
+        // What the data directory holds at open is on its disk: durable.
+        self.ledger.confirm(v.applied);
         if v.missing.is_empty() && v.applied == v.last_data {
             return Ok(());
         }
@@ -398,18 +400,26 @@ pub(super) fn verdict(
     let applied = found.applied;
     let (counter, last_data, confirmed, pruned, missing) =
         ledger.with_state(|s| (s.counter, s.last_data, s.confirmed, s.pruned_through, s.after(applied)))?;
-    if found.fresh && counter > 0 {
+    if found.fresh && (counter > 0 || keys.current_epoch() > 1) {
         return Err(VaultError::Rollback(format!(
             "the data directory is empty, but this key directory has served one before (its erasure ledger holds \
-             {counter} entries): point data_dir at that data directory, put a backup back with `chatvault \
-             restore`, or start a new deployment with a new key directory"
+             {counter} entries, its key store is at epoch {}): point data_dir at that data directory, put a backup \
+             back with `chatvault restore`, or start a new deployment with a new key directory",
+            keys.current_epoch()
         )));
     }
     if applied > last_data {
+        let cut = match ledger.torn_at() {
+            Some(at) => format!(
+                " (or the ledger's damaged last entry, at byte {at}, was set aside: if this key directory is \
+                 current, that entry is the one missing)"
+            ),
+            None => String::new(),
+        };
         return Err(VaultError::Rollback(format!(
             "the key directory is older than the data directory (its erasure ledger ends at entry {last_data}, \
              the data directory holds entry {applied}): it was restored from a backup, which can bring back \
-             destroyed key-store keys. Start with the current key directory"
+             destroyed key-store keys{cut}. Start with the current key directory"
         )));
     }
     let oldest_live = keys.epochs().first().copied().unwrap_or(0);
@@ -475,6 +485,9 @@ mod tests {
             // or a later erasure's counter would hide this one.
             let later = v.delete_transcript(&tenant, "u").await;
             assert!(matches!(later, Err(VaultError::Store(StoreError::Failed))), "{later:?}");
+            // Nor may a rotation make the unapplied erasure final (and unreplayable).
+            assert!(v.rotate_key_store().is_err());
+            assert_eq!(v.keys.epochs(), vec![1]);
         }
         let v = testing::open(dir.path(), testing::HandClock::new(), |_| {});
         assert!(matches!(v.get_transcript(&tenant, "t"), Err(VaultError::Erased(_))), "the shred was not finished");

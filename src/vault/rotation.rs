@@ -38,6 +38,11 @@ impl Vault {
 
     fn rotate_inner(&self) -> Result<RotationReport, VaultError> {
         let _one = self.rotation.lock().map_err(|_| VaultError::Internal("lock".into()))?;
+        // A store refusing writes may lack an erasure the ledger holds: destroying its
+        // epoch now would make that erasure unreplayable. The restart comes first.
+        if self.commit.is_failed() {
+            return Err(crate::store::StoreError::Failed.into());
+        }
         let epochs = self.keys.epochs();
         let target = match epochs.as_slice() {
             // Already more than one epoch: a rotation was cut short; resume it.

@@ -47,13 +47,15 @@ impl Vault {
     /// Returns the subject keys destroyed, the epoch to destroy, and the ledger entry.
     fn erase_tenant_keys(&self, tenant: &TenantId) -> Result<(u64, u64, u64), VaultError> {
         let mut subjects = 0u64;
-        // Held for the whole erasure, so no rotation can carry a key of this tenant into
-        // a new epoch before it is deleted: the tombstone's epoch is the one to destroy.
-        let _epoch = self.epoch_shared()?;
+        // The epoch guard is taken per page, so no writer waits behind a waiting rotation
+        // for the whole erasure. A rotation that runs between pages deletes this tenant's
+        // keys instead of carrying them into its new epoch (see `erased_tenants`), so the
+        // tombstone's epoch stays the one to destroy.
         let epoch = self.keys.current_epoch();
         let mut counter = None;
         for prefix in [layout::subject_keys_prefix(tenant.as_str()), layout::transcript_keys_prefix(tenant.as_str())] {
             loop {
+                let _epoch = self.epoch_shared()?;
                 let page = self.store.scan(&prefix, None, 1000)?;
                 if page.is_empty() && counter.is_some() {
                     break;

@@ -166,7 +166,12 @@ impl Vault {
         let _epoch = self.epoch_shared()?;
         let _held = self.locks.lock(tenant.as_str(), &[sb]);
         let Some(subj) = self.read_subject(tenant, sb)?.filter(|s| s.active) else { return Ok(()) };
-        let old = self.subject_key(tenant, sb, subj.generation)?;
+        let old = match self.subject_key(tenant, sb, subj.generation) {
+            Ok(k) => k,
+            // Its key is gone (a tenant erased, its records not yet reclaimed): nothing to re-key.
+            Err(VaultError::Erased(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let fresh = SecretKey::generate().map_err(seal_err)?;
         let mut batch = Batch::default();
         let prefix = layout::by_subject_prefix(tenant.as_str(), sb, subj.generation);

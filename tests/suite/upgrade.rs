@@ -3,7 +3,8 @@
 //! release at 81447d5 (before transcript keys had records of their own): tenant `acme`,
 //! alice with chat-1 (3 messages, metadata), chat-2 (closed) and chat-3 (deleted), bob's
 //! chat-4 (replaced), carol's chat-5 (carol shredded, the rotation not yet run), and dave,
-//! whose only transcript, chat-7, was deleted.
+//! whose only transcript, chat-7, was deleted; and tenant gone-co, deleted just before the
+//! upgrade (its records not yet reclaimed).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -64,6 +65,9 @@ async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures
     assert_eq!(dave_status, SubjectStatus::Active);
     assert_eq!(get(&mut c, "chat-7").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(blind_of(&server, "carol@example.com").await.1, SubjectStatus::Shredded);
+    let mut admin = server.admin().await;
+    let gone = admin.get_tenant(pb::GetTenantRequest { tenant_id: "gone-co".into() }).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "the deleted tenant stays deleted");
 
     // Old and new records side by side: appends and new transcripts work.
     let append = pb::AppendMessagesRequest {
