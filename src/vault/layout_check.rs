@@ -26,6 +26,23 @@ pub fn refuse_overlap(data_dir: &Path, key_dir: &Path) -> Result<(), VaultError>
     )))
 }
 
+/// Warns when the two directories exist on one file system: a snapshot of that volume
+/// (or its block-level backup) then holds both, which an erasure must not allow past one
+/// rotation period. Not refused: a test or a laptop has one disk.
+pub fn warn_if_same_volume(data_dir: &Path, key_dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(d), Ok(k)) = (std::fs::metadata(data_dir), std::fs::metadata(key_dir))
+        && d.dev() == k.dev()
+    {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            key_dir = %key_dir.display(),
+            "the key directory is on the same file system as the data directory: keep it on its own volume, \
+             out of the data's snapshots and backups (SECURITY.md)"
+        );
+    }
+}
+
 /// `path` made absolute and `.`/`..` folded, with symbolic links resolved as far as it
 /// exists already (it may not yet: the directories are created on first start).
 fn resolved(path: &Path) -> Result<PathBuf, VaultError> {

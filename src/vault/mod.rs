@@ -198,6 +198,7 @@ impl Vault {
         }
         erasure::note_wrapped_from(store.as_ref(), wrapped_from)?;
         ledger.repair_tail()?;
+        layout_check::warn_if_same_volume(&opts.data_dir, &opts.key_dir);
         let values = Arc::new(ValueLog::open(&opts.data_dir.join("values"), opts.value_segment_bytes)?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;
         commit.attach_before(values.clone());
