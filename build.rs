@@ -20,7 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("chatvault_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    // Every service decodes with the project's codec: a bad request is INVALID_ARGUMENT.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .codec_path("crate::grpc::codec::StrictCodec")
+        .compile_fds(fds)?;
 
     // The load benchmark's echo service: compiled apart so it never joins the public API.
     println!("cargo:rerun-if-changed=benches/proto/echo.proto");

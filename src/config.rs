@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::crypto::Algorithm;
+use crate::grpc::{ConnectionLimits, WorkLimits};
 use crate::keys::RootKeySource;
 use crate::store::Durability;
 use crate::tenancy::{AuthConfig, OperatorToken};
@@ -32,6 +33,13 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the admin listener. Keep it on loopback or a management network.
     pub admin_listen: SocketAddr,
+    /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP); none to turn it off.
+    /// It shows counts and latencies, no tenant or subject id; keep it on loopback or a
+    /// management network.
+    pub metrics_listen: Option<SocketAddr>,
+    /// A listener without TLS on an address other than loopback is refused unless this is
+    /// set: API keys and transcripts would cross the network in clear.
+    pub allow_plaintext_non_loopback: bool,
     /// File with the operator token (mode 0600). Else `CHATVAULT_OPERATOR_TOKEN`, else a
     /// generated development token in the key directory.
     pub operator_token_file: Option<PathBuf>,
@@ -76,6 +84,10 @@ pub struct Config {
     pub limits: Limits,
     /// API key verification, allowlists, trusted proxies, lockout.
     pub auth: AuthConfig,
+    /// Bounds on work in progress, so no tenant can stall the others (`grpc::limits`).
+    pub work: WorkLimits,
+    /// Bounds on each listener's connections (`grpc::connections`).
+    pub connections: ConnectionLimits,
     /// TLS of the data listener; plaintext when absent.
     pub tls: Option<TlsFiles>,
     /// TLS of the admin listener; plaintext when absent.
@@ -115,6 +127,8 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50053))),
+            allow_plaintext_non_loopback: false,
             operator_token_file: None,
             data_dir: PathBuf::from("chatvault-data"),
             key_dir: PathBuf::from("chatvault-keys"),
@@ -134,6 +148,8 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            work: WorkLimits::default(),
+            connections: ConnectionLimits::default(),
             tls: None,
             admin_tls: None,
             replay_erasures: false,
@@ -192,6 +208,30 @@ impl Config {
         Ok((OperatorToken::new(text).map_err(bad)?, dev.then_some(path)))
     }
 
+    /// Refuses a listener that would speak plaintext off loopback, unless allowed; warns
+    /// when it is allowed.
+    pub fn check_listeners(&self) -> Result<(), ConfigError> {
+        for (name, addr, tls) in
+            [("listen", self.listen, self.tls.is_some()), ("admin_listen", self.admin_listen, self.admin_tls.is_some())]
+        {
+            if tls || addr.ip().is_loopback() {
+                continue;
+            }
+            if !self.allow_plaintext_non_loopback {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} = {addr} is not loopback and has no TLS: API keys and transcripts would cross the \
+                     network in clear. Configure [{}] or set allow_plaintext_non_loopback = true",
+                    if name == "listen" { "tls" } else { "admin_tls" }
+                )));
+            }
+            tracing::warn!(%addr, listener = name, "serving plaintext on a non-loopback address (allowed by configuration)");
+        }
+        if let Some(addr) = self.metrics_listen.filter(|a| !a.ip().is_loopback()) {
+            tracing::warn!(%addr, "the metrics endpoint is not on loopback: keep it on a management network");
+        }
+        Ok(())
+    }
+
     pub fn vault_options(&self) -> Result<VaultOptions, ConfigError> {
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid("max_request_bytes must be at least 1024".into()));
@@ -223,5 +263,17 @@ mod tests {
         let cfg: Config = toml::from_str(text).unwrap();
         assert_eq!(cfg.durability, Durability::Fsync);
         assert!(toml::from_str::<Config>("listne = \"1.2.3.4:1\"").is_err());
+    }
+
+    #[test]
+    fn plaintext_off_loopback_is_refused_unless_allowed() {
+        let mut c = Config { listen: "0.0.0.0:50051".parse().unwrap(), ..Config::default() };
+        let e = c.check_listeners().unwrap_err().to_string();
+        assert!(e.contains("listen = 0.0.0.0:50051") && e.contains("allow_plaintext_non_loopback"), "{e}");
+        c.allow_plaintext_non_loopback = true;
+        assert!(c.check_listeners().is_ok());
+        let admin = Config { admin_listen: "[::]:50052".parse().unwrap(), ..Config::default() };
+        assert!(admin.check_listeners().unwrap_err().to_string().contains("admin_tls"));
+        assert!(Config::default().check_listeners().is_ok());
     }
 }

@@ -11,6 +11,7 @@ pub mod export;
 pub mod failpoint;
 pub mod grpc;
 pub mod keys;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod tenancy;

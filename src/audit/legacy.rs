@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::segment::Segments;
-use super::{AuditError, AuditLog, Event, Record};
+use super::{AuditError, AuditLog, Event, Operation, Outcome};
 use crate::clock::SystemClock;
 use crate::crypto::{SecretKey, blind_index};
 use crate::store::{Batch, Durability, KvStore, space};
@@ -16,6 +16,21 @@ use crate::store::{Batch, Durability, KvStore, space};
 const RECORD_V1: u8 = 1;
 const V1_DOMAIN: &[u8] = b"chatvault/audit/v1";
 const MAC_LEN: usize = 32;
+
+/// A record as version 1 serialized it: the layout is frozen, whatever `Record` becomes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct V1Record {
+    seq: u64,
+    at_micros: i64,
+    operation: Operation,
+    outcome: Outcome,
+    tenant: String,
+    key_id: String,
+    subject: String,
+    transcript: String,
+    source: String,
+    prev: [u8; MAC_LEN],
+}
 
 pub fn migrate(dir: &Path, store: &dyn KvStore, key: &SecretKey, segment_bytes: u64) -> Result<(), AuditError> {
     let staging = dir.with_extension("migrating");
@@ -77,6 +92,7 @@ fn copy(staging: &Path, store: &dyn KvStore, key: &SecretKey, segment_bytes: u64
                 subject: rec.subject,
                 transcript: rec.transcript,
                 source: rec.source,
+                count: 1,
             };
             log.append_at(rec.at_micros, rec.operation, rec.outcome, ev)?;
             prev = mac;
@@ -87,7 +103,7 @@ fn copy(staging: &Path, store: &dyn KvStore, key: &SecretKey, segment_bytes: u64
     Ok(expect - 1)
 }
 
-fn decode_v1(key: &SecretKey, value: &[u8]) -> Option<(Record, [u8; MAC_LEN])> {
+fn decode_v1(key: &SecretKey, value: &[u8]) -> Option<(V1Record, [u8; MAC_LEN])> {
     let (&v, rest) = value.split_first()?;
     if v != RECORD_V1 || rest.len() < MAC_LEN {
         return None;
@@ -102,14 +118,14 @@ fn decode_v1(key: &SecretKey, value: &[u8]) -> Option<(Record, [u8; MAC_LEN])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Filter, Operation, Outcome};
+    use crate::audit::Filter;
     use crate::store::SledStore;
 
     /// Writes a trail the way the store-based version did.
     fn write_v1(store: &dyn KvStore, key: &SecretKey, subjects: &[&str]) {
         let mut prev = [0u8; MAC_LEN];
         for (i, s) in subjects.iter().enumerate() {
-            let rec = Record {
+            let rec = V1Record {
                 seq: i as u64 + 1,
                 at_micros: 1_700_000_000_000_000 + i as i64,
                 operation: Operation::GetTranscript,

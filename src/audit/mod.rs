@@ -28,6 +28,8 @@ use crate::crypto::{SecretKey, blind_index};
 use crate::store::{Durability, KvStore, StoreError, SyncTarget};
 
 const RECORD_V2: u8 = 2;
+/// A V2 record followed by how many events it stands for (an aggregate of refusals).
+const RECORD_V3: u8 = 3;
 const MAC_LEN: usize = 32;
 const MAC_DOMAIN: &[u8] = b"chatvault/audit/v2";
 /// Records a query examines per call; it returns a page token to go on.
@@ -220,11 +222,16 @@ impl AuditLog {
     /// sequence number for errors when the record's own cannot be read.
     fn decode(&self, payload: &[u8], prev: &[u8; MAC_LEN], near: u64) -> Result<(Record, [u8; MAC_LEN]), AuditError> {
         let (&v, rest) = payload.split_first().ok_or(AuditError::Corrupt(near))?;
-        if v != RECORD_V2 || rest.len() < MAC_LEN {
+        if !(v == RECORD_V2 || v == RECORD_V3) || rest.len() < MAC_LEN {
             return Err(AuditError::Corrupt(near));
         }
         let (body, mac) = rest.split_at(rest.len() - MAC_LEN);
-        let s: Stored = postcard::from_bytes(body).map_err(|_| AuditError::Corrupt(near))?;
+        let (s, tail): (Stored, &[u8]) = postcard::take_from_bytes(body).map_err(|_| AuditError::Corrupt(near))?;
+        let count = match (v, tail) {
+            (RECORD_V2, []) => 1,
+            (RECORD_V3, tail) => postcard::from_bytes::<u32>(tail).map_err(|_| AuditError::Corrupt(near))?,
+            _ => return Err(AuditError::Corrupt(near)),
+        };
         if self.mac(prev, body) != mac {
             return Err(AuditError::BadMac(s.seq));
         }
@@ -238,6 +245,7 @@ impl AuditLog {
             subject: s.subject.unpack(),
             transcript: s.transcript.unpack(),
             source: s.source,
+            count,
             prev: *prev,
         };
         Ok((rec, mac.try_into().map_err(|_| AuditError::Corrupt(near))?))
@@ -253,6 +261,7 @@ impl AuditLog {
     fn append_at(&self, at_micros: i64, operation: Operation, outcome: Outcome, ev: Event) -> Result<u64, AuditError> {
         let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
         let seq = head.next_seq;
+        let count = ev.count;
         let stored = Stored {
             seq,
             at_micros,
@@ -264,8 +273,11 @@ impl AuditLog {
             transcript: StoredId::pack(ev.transcript),
             source: ev.source,
         };
-        let mut payload = vec![RECORD_V2];
+        let mut payload = vec![if count > 1 { RECORD_V3 } else { RECORD_V2 }];
         postcard::to_io(&stored, &mut payload).map_err(|_| AuditError::Corrupt(seq))?;
+        if count > 1 {
+            postcard::to_io(&count, &mut payload).map_err(|_| AuditError::Corrupt(seq))?;
+        }
         let mac = self.mac(&head.prev, &payload[1..]);
         payload.extend_from_slice(&mac);
         self.segments.append(seq, &head.prev, &payload)?;

@@ -57,6 +57,9 @@ names! {
         ExportTenant => "tenant.export",
         GetErasure => "subject.erasure.get",
         Backup => "admin.backup",
+        // Refused authentications from one source in one window, counted in `count`.
+        AuthFailedRepeated => "auth.failed.repeated",
+        AdminDeniedRepeated => "admin.denied.repeated",
     }
 }
 
@@ -103,6 +106,9 @@ pub struct Event {
     /// Hex blind index of the transcript.
     pub transcript: String,
     pub source: String,
+    /// How many events this one record stands for: above 1 for an aggregate of refused
+    /// calls from one source (0 and 1 both mean one).
+    pub count: u32,
 }
 
 /// One stored, chained record.
@@ -117,6 +123,8 @@ pub struct Record {
     pub subject: String,
     pub transcript: String,
     pub source: String,
+    /// Events the record stands for (1 but for aggregates).
+    pub count: u32,
     /// MAC of the previous record: the chain link.
     pub prev: [u8; 32],
 }
@@ -133,6 +141,6 @@ mod tests {
         assert_eq!(code(Operation::VerifyAudit), [20]);
         assert_eq!(code(Operation::ExportTenant), [22]);
         assert_eq!(code(Operation::GetErasure), [23]);
-        assert_eq!(Operation::ALL.len(), 25);
+        assert_eq!(Operation::ALL.len(), 27);
     }
 }

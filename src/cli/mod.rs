@@ -71,6 +71,9 @@ pub struct ServerArgs {
     /// Admin listen address [default: 127.0.0.1:50052].
     #[arg(long, env = "CHATVAULT_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Prometheus endpoint address [default: 127.0.0.1:50053].
+    #[arg(long, env = "CHATVAULT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Data directory [default: ./chatvault-data].
     #[arg(long, env = "CHATVAULT_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -104,6 +107,9 @@ impl ServerArgs {
         }
         if let Some(v) = self.admin_listen {
             cfg.admin_listen = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            cfg.metrics_listen = Some(v);
         }
         if let Some(v) = &self.data_dir {
             cfg.data_dir = v.clone();

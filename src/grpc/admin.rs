@@ -17,7 +17,21 @@ use crate::tenancy::{
 };
 use crate::vault::{TenantId, Vault};
 
+/// The admin listener's defence against token guessing: lockout and aggregated records.
+pub struct AdminGuard {
+    lockout: tenancy::Lockout,
+    denials: super::denials::Denials,
+}
+
+impl AdminGuard {
+    pub fn new(cfg: tenancy::LockoutConfig) -> Arc<Self> {
+        Arc::new(AdminGuard { lockout: tenancy::Lockout::new(cfg), denials: Default::default() })
+    }
+}
+
 pub struct Admin {
+    pub guard: Arc<AdminGuard>,
+    pub work: Arc<super::limits::Work>,
     pub registry: Arc<Registry>,
     pub vault: Arc<Vault>,
     pub audit: Arc<AuditLog>,
@@ -80,6 +94,7 @@ fn record_out(r: Record) -> pb::AuditRecord {
         transcript_blind_id: r.transcript,
         source_address: r.source,
         previous_mac: hex::encode(r.prev),
+        count: r.count,
     }
 }
 
@@ -102,28 +117,83 @@ async fn record_change<T>(
 }
 
 impl Admin {
-    /// Checks the operator token; a refusal is recorded with the caller's address.
+    /// Checks the operator token. A source that keeps presenting wrong ones is locked out
+    /// as on the data listener; refusals are recorded in aggregate.
     fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let source = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-        let presented = match bearer(req.metadata()) {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                return Err(self.refuse(source, "operator token required: send `authorization: Bearer <token>`"));
-            }
-            Err(()) => return Err(self.refuse(source, "malformed authorization header: expected `Bearer <token>`")),
-        };
-        if !self.token.matches(presented) {
-            return Err(self.refuse(source, "operator token not recognised"));
+        let ip = req.remote_addr().map(|a| a.ip());
+        let source = ip.map(|ip| ip.to_string()).unwrap_or_default();
+        let now = std::time::Instant::now();
+        if let Some(ip) = ip
+            && let Err(refusal) = self.guard.lockout.check(ip, now)
+        {
+            let retry = match refusal {
+                tenancy::Refusal::Locked(d) | tenancy::Refusal::Throttled(d) => d,
+                tenancy::Refusal::Full => std::time::Duration::from_secs(1),
+            };
+            return Err(self.refuse(
+                ip,
+                source,
+                Outcome::LockedOut,
+                crate::tenancy::AuthError::LockedOut { retry_after: retry }.to_string(),
+                Some(retry),
+            ));
         }
-        Ok(source)
+        let why = match bearer(req.metadata()) {
+            Ok(Some(t)) if self.token.matches(t) => return Ok(source),
+            Ok(Some(_)) => "operator token not recognised",
+            Ok(None) => "operator token required: send `authorization: Bearer <token>`",
+            Err(()) => "malformed authorization header: expected `Bearer <token>`",
+        };
+        if let Some(ip) = ip
+            && let Ok(locked) = self.guard.lockout.junk(ip, now)
+            && !locked.is_empty()
+        {
+            tracing::warn!(%ip, "admin listener: address locked out after repeated wrong operator tokens");
+        }
+        Err(self.refuse(
+            ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            source,
+            Outcome::Unauthenticated,
+            why.into(),
+            None,
+        ))
     }
 
-    fn refuse(&self, source: String, why: &'static str) -> Status {
+    fn refuse(
+        &self,
+        ip: std::net::IpAddr,
+        source: String,
+        outcome: Outcome,
+        why: String,
+        retry: Option<std::time::Duration>,
+    ) -> Status {
         let ev = Event { source, ..Event::default() };
-        if let Err(e) = self.audit.append(Operation::AdminDenied, Outcome::Unauthenticated, ev) {
+        if self.guard.denials.note(ip, outcome, &ev, std::time::Instant::now()) == super::denials::Note::Record
+            && let Err(e) = self.audit.append(Operation::AdminDenied, outcome, ev)
+        {
             tracing::error!(error = %e, "cannot record a refused operator token");
         }
-        Status::unauthenticated(why)
+        match retry {
+            Some(after) => <Status as tonic_types::StatusExt>::with_error_details(
+                tonic::Code::ResourceExhausted,
+                why,
+                tonic_types::ErrorDetails::with_retry_info(Some(after)),
+            ),
+            None => Status::unauthenticated(why),
+        }
+    }
+
+    /// Writes the aggregates of refused operator tokens whose window closed (all of them
+    /// when told): for a worker, which outlives no one's borrow of the admin service.
+    pub fn flusher(&self) -> Arc<dyn Fn(bool) + Send + Sync> {
+        let (guard, audit) = (self.guard.clone(), self.audit.clone());
+        Arc::new(move |all| {
+            for (outcome, ev) in guard.denials.take_closed(std::time::Instant::now(), all) {
+                if let Err(e) = audit.append(Operation::AdminDeniedRepeated, outcome, ev) {
+                    tracing::error!(error = %e, "cannot record refused operator tokens");
+                }
+            }
+        })
     }
 
     /// Records an admin change (durably) and passes its result through.
@@ -202,7 +272,7 @@ impl AdminService for Admin {
             (self.registry.clone(), self.vault.clone(), self.audit.clone(), self.clock.now());
         // Detached: a client that goes away mid-erasure leaves neither half an erasure
         // nor an unrecorded one.
-        let reply = erasing(async move {
+        let reply = erasing(&self.work, async move {
             let result = async {
                 let tid = tenant_id(&id)?;
                 if registry.status(&tid).map_err(tenancy_status)?.is_none() {

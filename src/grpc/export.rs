@@ -27,14 +27,11 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>
 
 pub struct Exports {
     gate: Arc<Gate>,
-    /// A reader that takes no data for this long is given up on, so a stalled client
-    /// cannot hold a thread of the blocking pool (shared with every read) for ever.
-    stall_limit: Duration,
 }
 
 impl Exports {
-    pub fn new(gate: Arc<Gate>, stall_limit: Duration) -> Self {
-        Exports { gate, stall_limit }
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Exports { gate }
     }
 
     async fn stream(&self, who: Principal, subject_id: Option<String>) -> Result<Response<ChunkStream>, Status> {
@@ -42,6 +39,11 @@ impl Exports {
             Some(id) => (Operation::ExportSubject, Scope::Subject(id)),
             None => (Operation::ExportTenant, Scope::Tenant),
         };
+        // A place in the export pool, per tenant and in all, or RESOURCE_EXHAUSTED now.
+        let slot = self.gate.work.export_slot(who.tenant.as_str())?;
+        // A reader that takes no data for this long is given up on, so a stalled client
+        // holds one of the export pool's threads for seconds, not for ever.
+        let stall_limit: Duration = self.gate.work.export_stall();
         let export = Export::start(&self.gate.vault, &who.tenant, scope).map_err(export_status);
         let ids = Ids { subject_id: subject_id.as_deref(), ..Ids::default() };
         // Recorded before the first byte leaves: an export the trail cannot hold is refused.
@@ -52,8 +54,9 @@ impl Exports {
         // stalled reader has left the chunk channel full.
         let (end_tx, end_rx) = mpsc::channel(1);
         let gate = self.gate.clone();
-        let (rt, stall_limit) = (tokio::runtime::Handle::current(), self.stall_limit);
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let mut stalled = false;
             let mut send = |data| match rt.block_on(tx.send_timeout(Ok(pb::ExportChunk { data }), stall_limit)) {
                 Ok(()) => true,

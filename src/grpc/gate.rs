@@ -7,15 +7,19 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use super::credentials::{bearer, forwarded_for};
+use super::denials::Note;
 use super::status::{auth_status, outcome_of, to_status};
 use crate::audit::{AuditError, AuditLog, Event, Operation, Outcome};
-use crate::tenancy::{AuthError, Authenticator, Culprit, Denied, Principal};
+use crate::tenancy::{Authenticator, Culprit, Denied, Principal};
 use crate::vault::Vault;
 
 pub struct Gate {
     pub vault: Arc<Vault>,
     auth: Arc<Authenticator>,
     audit: Arc<AuditLog>,
+    denials: super::denials::Denials,
+    /// The bounded pools calls draw on (`limits`).
+    pub work: Arc<super::limits::Work>,
 }
 
 /// The ids a call names: raw ones are blinded with the tenant's key before recording.
@@ -28,11 +32,17 @@ pub struct Ids<'a> {
 }
 
 impl Gate {
-    pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>, audit: Arc<AuditLog>) -> Self {
-        Gate { vault, auth, audit }
+    pub fn new(
+        vault: Arc<Vault>,
+        auth: Arc<Authenticator>,
+        audit: Arc<AuditLog>,
+        work: Arc<super::limits::Work>,
+    ) -> Self {
+        Gate { vault, auth, audit, denials: Default::default(), work }
     }
 
-    /// Who the call acts for. A refusal is recorded, then answered.
+    /// Who the call acts for. A refusal is recorded (in aggregate, see `denials`), then
+    /// answered.
     pub async fn admit<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let peer = req.remote_addr().map(|a| a.ip()).ok_or_else(|| Status::internal("no peer address"))?;
         let md = req.metadata();
@@ -42,11 +52,11 @@ impl Gate {
             Ok(p) => Ok(p),
             Err(denied) => {
                 let status = auth_status(&denied.error);
-                // Attempts refused during a lockout are not recorded one by one (the lockout
-                // itself was): a flood must not be able to fill the trail.
-                if !matches!(denied.error, AuthError::LockedOut { .. }) {
-                    self.record_denial(&denied, outcome_of::<()>(&Err(status.clone())));
+                crate::metrics::get().auth_failure(denied.error.reason());
+                if !denied.locked.is_empty() {
+                    crate::metrics::get().lockouts.inc_by(denied.locked.len() as u64);
                 }
+                self.record_denial(&denied, outcome_of::<()>(&Err(status.clone())));
                 Err(status)
             }
         }
@@ -59,19 +69,31 @@ impl Gate {
             source: d.source.to_string(),
             ..Event::default()
         };
-        if let Err(e) = self.audit.append(Operation::Authenticate, outcome, ev.clone()) {
+        if self.denials.note(d.source, outcome, &ev, std::time::Instant::now()) == Note::Record
+            && let Err(e) = self.audit.append(Operation::Authenticate, outcome, ev.clone())
+        {
             tracing::error!(error = %e, "cannot record a failed authentication");
         }
         for c in &d.locked {
-            // One record per locked culprit: a key id (with the address that tripped it),
-            // or an address (with no key id).
-            let (what, ev) = match c {
-                Culprit::Key(k) => (format!("key id {k}"), ev.clone()),
-                Culprit::Source(ip) => (format!("address {ip}"), Event { key_id: String::new(), ..ev.clone() }),
+            // One record per culprit locked: at most one per key id and source, source or
+            // network per back-off period.
+            let what = c.describe();
+            let ev = match c {
+                Culprit::Key(..) => ev.clone(),
+                Culprit::Source(_) | Culprit::Network(_) => Event { key_id: String::new(), ..ev.clone() },
             };
             tracing::warn!(locked = %what, "authentication locked out after repeated failures");
             if let Err(e) = self.audit.append(Operation::Lockout, Outcome::LockedOut, ev) {
                 tracing::error!(error = %e, "cannot record a lockout");
+            }
+        }
+    }
+
+    /// Writes the aggregates of refusals whose window closed (all of them at shutdown).
+    pub fn flush_denials(&self, all: bool) {
+        for (outcome, ev) in self.denials.take_closed(std::time::Instant::now(), all) {
+            if let Err(e) = self.audit.append(Operation::AuthFailedRepeated, outcome, ev) {
+                tracing::error!(error = %e, "cannot record refused authentications");
             }
         }
     }
@@ -93,6 +115,7 @@ impl Gate {
             subject: ids.subject_blind.or(subject).unwrap_or_default(),
             transcript: transcript.unwrap_or_default(),
             source: who.source.to_string(),
+            count: 1,
         };
         self.audit.append(op, outcome_of(result), ev).map_err(audit_status)?;
         if op.is_change() && result.is_ok() {
@@ -115,8 +138,10 @@ pub async fn detached<T: Send + 'static>(
 /// erasure ledger) while holding its subject's lock, which must not stall an executor
 /// thread, and like every change it finishes even if the client goes away.
 pub async fn erasing<T: Send + 'static>(
+    work: &super::limits::Work,
     call: impl Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
+    let _slot = work.erasure_slot().await?;
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || handle.block_on(Vault::deferring_durability(call)))
         .await

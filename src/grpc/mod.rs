@@ -1,10 +1,16 @@
 //! The gRPC edge: wire types in and out, statuses for errors. The vault never sees prost.
 
 mod admin;
+pub mod codec;
+pub mod connections;
 mod convert;
 mod credentials;
+mod denials;
+mod discovery;
 mod export;
 mod gate;
+pub mod limits;
+mod observe;
 mod status;
 mod subjects;
 mod transcripts;
@@ -14,10 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
-pub use admin::Admin;
+pub use connections::ConnectionLimits;
+pub use limits::{Work, WorkLimits};
+
+pub use admin::{Admin, AdminGuard};
 pub use credentials::Bearer;
 pub use gate::Gate;
 
@@ -31,9 +41,12 @@ pub mod pb {
 /// Transport settings of one listener.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
+    /// For logs and metrics: `data` or `admin`.
+    pub name: &'static str,
     pub max_message_bytes: usize,
     pub request_timeout: Duration,
     pub tls: Option<ServerTlsConfig>,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +57,21 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-fn builder(opts: &ServeOptions) -> Result<Server, ServeError> {
-    let b = Server::builder().timeout(opts.request_timeout);
-    Ok(match &opts.tls {
-        Some(tls) => b.tls_config(tls.clone())?,
-        None => b,
-    })
+/// The server of one listener: deadline, HTTP/2 keepalive, TLS, connection accounting.
+macro_rules! server {
+    ($opts:expr, $table:expr) => {{
+        let opts: &ServeOptions = $opts;
+        let c = &opts.connections;
+        let b = Server::builder()
+            .timeout(opts.request_timeout)
+            .http2_keepalive_interval(Some(Duration::from_secs(c.keepalive_interval_secs.max(1))))
+            .http2_keepalive_timeout(Some(Duration::from_secs(c.keepalive_timeout_secs.max(1))));
+        let b = match &opts.tls {
+            Some(tls) => b.tls_config(tls.clone())?,
+            None => b,
+        };
+        b.layer(observe::ObserveLayer::new($table, opts.request_timeout))
+    }};
 }
 
 /// Serves the data API, health and reflection on `listener` until `shutdown` resolves.
@@ -70,31 +92,35 @@ pub async fn serve(
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     // A chunk is 64 KiB plus at most one message as JSON: not bounded by the request limit.
-    let exports = ExportServiceServer::new(export::Exports::new(gate, opts.request_timeout))
+    let exports = ExportServiceServer::new(export::Exports::new(gate))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes.max(64 * 1024 * 1024));
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TranscriptServiceServer<transcripts::Transcripts>>().await;
-    health.set_serving::<SubjectServiceServer<subjects::Subjects>>().await;
-    health.set_serving::<ExportServiceServer<export::Exports>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    builder(&opts)?
-        .add_service(health_service)
-        .add_service(reflection)
+    let served = [
+        <TranscriptServiceServer<transcripts::Transcripts> as NamedService>::NAME,
+        <SubjectServiceServer<subjects::Subjects> as NamedService>::NAME,
+        <ExportServiceServer<export::Exports> as NamedService>::NAME,
+    ];
+    let health = tonic_health::server::HealthReporter::new();
+    for name in served {
+        health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let (v1, v1alpha) = discovery::reflection(&served)?;
+    let (incoming, table) =
+        connections::incoming(listener, opts.connections.clone(), crate::metrics::get().clone(), opts.name);
+    server!(&opts, table)
+        .add_service(discovery::health(health))
+        .add_service(v1)
+        .add_service(v1alpha)
         .add_service(transcripts)
         .add_service(subjects)
         .add_service(exports)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
 
-/// Serves the admin API on its own listener.
 /// Serves the admin API on its own listener, with the health service `health` reports
-/// to (the erasure check, [`ERASURE_HEALTH`], among others).
+/// to (the erasure check, [`ERASURE_HEALTH`], among others) and reflection.
 pub async fn serve_admin(
     admin: Admin,
     listener: TcpListener,
@@ -102,16 +128,21 @@ pub async fn serve_admin(
     health: tonic_health::server::HealthReporter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let svc = pb::admin_service_server::AdminServiceServer::new(admin)
+    use pb::admin_service_server::AdminServiceServer;
+    let svc = AdminServiceServer::new(admin)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let health = tonic_health::pb::health_server::HealthServer::new(
-        tonic_health::server::HealthService::from_health_reporter(health),
-    );
-    builder(&opts)?
-        .add_service(health)
+    let served = [<AdminServiceServer<Admin> as NamedService>::NAME];
+    health.set_service_status(served[0], tonic_health::ServingStatus::Serving).await;
+    let (v1, v1alpha) = discovery::reflection(&served)?;
+    let (incoming, table) =
+        connections::incoming(listener, opts.connections.clone(), crate::metrics::get().clone(), opts.name);
+    server!(&opts, table)
+        .add_service(discovery::health(health))
+        .add_service(v1)
+        .add_service(v1alpha)
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
@@ -120,8 +151,8 @@ pub async fn serve_admin(
 /// rotation keeps failing: erasures are not becoming final.
 pub const ERASURE_HEALTH: &str = "chatvault.erasure";
 
-/// Accepted connections with TCP_NODELAY (without it, Nagle's algorithm and delayed ACKs
-/// add ~40 ms to small responses) and keepalive (dead peers are noticed).
+/// Accepted connections with TCP_NODELAY and keepalive, and nothing more: for the load
+/// benchmark's echo floor, which must not pay for chatvault's accounting.
 pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)))
 }

@@ -17,6 +17,11 @@ pub fn to_status(e: VaultError) -> Status {
         VaultError::NotFound(_) | VaultError::Erased(_) => Status::not_found(e.to_string()),
         VaultError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
         VaultError::Aborted(_) => Status::aborted(e.to_string()),
+        VaultError::Busy(_) => Status::with_error_details(
+            Code::ResourceExhausted,
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+        ),
         VaultError::Integrity(_) | VaultError::Corrupt(_) => {
             tracing::error!(error = %e, "stored data failed verification");
             Status::data_loss(e.to_string())
@@ -47,7 +52,9 @@ pub fn auth_status(e: &AuthError) -> Status {
             Status::unauthenticated(e.to_string())
         }
         AuthError::Suspended | AuthError::SourceDenied { .. } => Status::permission_denied(e.to_string()),
-        AuthError::LockedOut { retry_after } => retry(Code::ResourceExhausted, *retry_after),
+        AuthError::LockedOut { retry_after } | AuthError::Throttled { retry_after } => {
+            retry(Code::ResourceExhausted, *retry_after)
+        }
         AuthError::Busy => retry(Code::Unavailable, Duration::from_secs(1)),
         AuthError::BadForwardedFor(_) => Status::invalid_argument(e.to_string()),
         AuthError::Internal => Status::internal(e.to_string()),

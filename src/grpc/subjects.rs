@@ -29,7 +29,7 @@ impl SubjectService for Subjects {
         let who = self.gate.admit(&req).await?;
         let pb::ShredSubjectRequest { subject_id } = req.into_inner();
         let gate = self.gate.clone();
-        erasing(async move {
+        erasing(&self.gate.work, async move {
             let result = gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
             gate.record(
                 &who,

@@ -109,11 +109,26 @@ impl TranscriptService for Transcripts {
         let who = self.gate.admit(&req).await?;
         let pb::GetTranscriptRequest { transcript_id } = req.into_inner();
         let (vault, tenant, id) = (self.gate.vault.clone(), who.tenant.clone(), transcript_id.clone());
-        let result = blocking(move || vault.get_transcript(&tenant, &id)).await;
-        let subject = result.as_ref().ok().map(|t| t.subject_id.clone());
+        let result = match self.gate.work.read_slot().await {
+            Ok(slot) => {
+                let mut budget = self.gate.work.byte_budget(tenant.as_str());
+                blocking(move || {
+                    let _slot = slot;
+                    let t = vault.get_transcript_reserving(&tenant, &id, &mut |n| budget.reserve(n))?;
+                    Ok((t, budget))
+                })
+                .await
+            }
+            Err(busy) => Err(busy),
+        };
+        let subject = result.as_ref().ok().map(|(t, _)| t.subject_id.clone());
         let ids = Ids { subject_id: subject.as_deref(), ..transcript(&transcript_id) };
         self.gate.record(&who, Operation::GetTranscript, ids, &result).await?;
-        Ok(Response::new(pb::GetTranscriptResponse { transcript: Some(transcript_out(result?)) }))
+        let (t, budget) = result?;
+        let mut resp = Response::new(pb::GetTranscriptResponse { transcript: Some(transcript_out(t)) });
+        // The bytes stay counted until the response is out, not just decrypted.
+        resp.extensions_mut().insert(super::observe::Hold::new(budget));
+        Ok(resp)
     }
 
     async fn list_transcripts(
@@ -123,7 +138,16 @@ impl TranscriptService for Transcripts {
         let who = self.gate.admit(&req).await?;
         let pb::ListTranscriptsRequest { subject_id, page_size, page_token } = req.into_inner();
         let (vault, tenant, sid) = (self.gate.vault.clone(), who.tenant.clone(), subject_id.clone());
-        let result = blocking(move || vault.list_transcripts(&tenant, &sid, page_size, &page_token)).await;
+        let result = match self.gate.work.read_slot().await {
+            Ok(slot) => {
+                blocking(move || {
+                    let _slot = slot;
+                    vault.list_transcripts(&tenant, &sid, page_size, &page_token)
+                })
+                .await
+            }
+            Err(busy) => Err(busy),
+        };
         let ids = Ids { subject_id: Some(&subject_id), ..Ids::default() };
         self.gate.record(&who, Operation::ListTranscripts, ids, &result).await?;
         let page = result?;
@@ -140,7 +164,7 @@ impl TranscriptService for Transcripts {
         let who = self.gate.admit(&req).await?;
         let pb::DeleteTranscriptRequest { transcript_id } = req.into_inner();
         let gate = self.gate.clone();
-        erasing(async move {
+        erasing(&self.gate.work, async move {
             let result = gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
             let ids = Ids {
                 subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),

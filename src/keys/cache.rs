@@ -29,7 +29,9 @@ impl KeyCache {
     }
 
     pub fn get(&self, k: &KeyRef) -> Option<Arc<SecretKey>> {
-        self.inner.lock().ok()?.get(k).cloned()
+        let found = self.inner.lock().ok()?.get(k).cloned();
+        crate::metrics::get().key_cache(found.is_some());
+        found
     }
 
     pub fn insert(&self, k: KeyRef, v: Arc<SecretKey>) {

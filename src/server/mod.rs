@@ -8,7 +8,7 @@ mod workers;
 
 pub use node::Node;
 pub use restore::restore;
-use workers::{ledger_worker, reclaim_worker, rotate_on_sighup, rotation_worker};
+use workers::{denials_worker, ledger_worker, reclaim_worker, rotate_on_sighup, rotation_worker};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,7 @@ pub enum ServerError {
 }
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    config.check_listeners()?;
     let dev_key = matches!(config.root_key_source()?, crate::keys::RootKeySource::Development(_));
     let Node { vault, registry, audit, clock, report } = Node::open(&config).await?;
     if let Some(path) = &report.generated_dev_key {
@@ -69,16 +70,28 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         );
     }
     let auth = Arc::new(Authenticator::new(registry.clone(), config.auth.clone())?);
-    let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone()));
-    let admin =
-        Admin { registry, vault: vault.clone(), audit: audit.clone(), token, key_hash: config.auth.key_hash, clock };
+    let work = Arc::new(grpc::Work::new(config.work.clone()));
+    let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone(), work.clone()));
+    let admin_guard = grpc::AdminGuard::new(config.auth.lockout);
+    let admin = Admin {
+        guard: admin_guard.clone(),
+        work,
+        registry,
+        vault: vault.clone(),
+        audit: audit.clone(),
+        token,
+        key_hash: config.auth.key_hash,
+        clock,
+    };
     let tls = |t: &Option<crate::config::TlsFiles>| t.as_ref().map(|t| t.server_config()).transpose();
     let serve_opts = ServeOptions {
+        name: "data",
         max_message_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
         tls: tls(&config.tls)?,
+        connections: config.connections.clone(),
     };
-    let admin_opts = ServeOptions { tls: tls(&config.admin_tls)?, ..serve_opts.clone() };
+    let admin_opts = ServeOptions { name: "admin", tls: tls(&config.admin_tls)?, ..serve_opts.clone() };
 
     let bind = |addr: std::net::SocketAddr| async move {
         let l = TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })?;
@@ -87,6 +100,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     };
     let (listener, addr) = bind(config.listen).await?;
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), key_dir = %config.key_dir.display(),
         epoch = vault.key_epoch(), durability = ?config.durability, "chatvault serving");
     // Handlers go in before the ready line: a SIGHUP or SIGTERM sent the moment the server
@@ -95,6 +112,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     // Scripts and tests wait for these exact lines on stdout; the data line comes last.
+    if let Some((_, metrics_addr)) = &metrics_listener {
+        println!("chatvault metrics listening on {metrics_addr}");
+    }
     println!("chatvault admin listening on {admin_addr}");
     println!("chatvault listening on {addr}");
 
@@ -110,6 +130,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
         tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
         tokio::spawn(ledger_worker(vault.clone(), audit.clone(), stop_rx.clone())),
+        tokio::spawn(denials_worker(gate.clone(), admin.flusher(), stop_rx.clone())),
     ];
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
@@ -117,6 +138,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     };
     let admin_task =
         tokio::spawn(grpc::serve_admin(admin, admin_listener, admin_opts, admin_health, drained(drain_rx.clone())));
+    if let Some((l, _)) = metrics_listener {
+        let refresh = observed(vault.clone(), audit.clone());
+        tokio::spawn(crate::metrics::serve(l, refresh, drained(drain_rx.clone())));
+    }
     let serve = grpc::serve(gate, listener, serve_opts, drained(drain_rx));
     tokio::pin!(serve);
     let served = tokio::select! {
@@ -149,4 +174,29 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     vault.checkpoint_ledger(audit.durable_head())?;
     served?;
     Ok(())
+}
+
+/// What a scrape reads fresh from the vault and the audit trail.
+fn observed(vault: Arc<crate::vault::Vault>, audit: Arc<crate::audit::AuditLog>) -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(move || {
+        let m = crate::metrics::get();
+        if let Ok(o) = vault.erasure_overview() {
+            m.erasures_pending.set(i64::try_from(o.pending_erasures).unwrap_or(i64::MAX));
+            let age = o.oldest_pending_at.map(|t| (vault.now().micros() - t.micros()) / 1_000_000).unwrap_or(0);
+            m.oldest_pending_erasure_seconds.set(age.max(0));
+            m.rotation_due.set(i64::from(o.rotation_due));
+            m.rotation_failures.set(i64::from(o.rotation.consecutive_failures));
+            m.key_store_epochs.set(i64::from(o.live_epochs));
+        }
+        if let Ok(b) = vault.maintenance_backlog() {
+            m.reclaim_backlog_records.set(i64::try_from(b.garbage_records).unwrap_or(i64::MAX));
+            m.value_log_dead_bytes.set(i64::try_from(b.dead_value_bytes).unwrap_or(i64::MAX));
+            m.disk(crate::metrics::Area::Index, b.index_bytes);
+            m.disk(crate::metrics::Area::Values, b.value_bytes);
+            m.disk(crate::metrics::Area::Ledger, b.ledger_bytes);
+        }
+        if let Ok(files) = audit.files_with_lengths() {
+            m.disk(crate::metrics::Area::Audit, files.iter().map(|(_, n)| n).sum());
+        }
+    })
 }

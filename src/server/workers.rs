@@ -142,3 +142,20 @@ pub(super) async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: w
         }
     }
 }
+
+/// Writes the aggregates of refused calls (data and admin listeners) as their windows
+/// close, and whatever is left at shutdown.
+pub(super) async fn denials_worker(
+    gate: Arc<crate::grpc::Gate>,
+    admin: Arc<dyn Fn(bool) + Send + Sync>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let stopping = stopped(&mut stop, Duration::from_secs(10)).await;
+        gate.flush_denials(stopping);
+        admin(stopping);
+        if stopping {
+            return;
+        }
+    }
+}

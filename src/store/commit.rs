@@ -173,11 +173,15 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
         let stopping = target == u64::MAX;
         let round_mode = if shared.forced.load(Ordering::SeqCst) > fsynced { Durability::Fsync } else { mode };
         if target > durable || stopping || round_mode != mode {
+            let started = std::time::Instant::now();
             let outcome = if shared.poisoned.load(Ordering::SeqCst) {
                 Err(StoreError::Failed)
             } else {
                 sync_round(&shared, store.as_ref(), round_mode)
             };
+            if !stopping {
+                crate::metrics::get().commit_round(target.saturating_sub(durable), started.elapsed());
+            }
             if let Err(e) = outcome {
                 tracing::error!(error = %e, "durable sync failed; refusing further writes");
                 let _ = tx.send(Progress { durable, fsynced, failed: true });

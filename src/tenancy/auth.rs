@@ -2,6 +2,7 @@
 //! allowlist on every request. argon2 runs only on a cache miss, a few at a time, and
 //! never for an address or key id that is locked out.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use zeroize::Zeroizing;
 
 use super::apikey::{self, KeyHashParams, KeyId};
 use super::cidr::Cidr;
-use super::lockout::{Culprit, Lockout, LockoutConfig};
+use super::lockout::{Culprit, Lockout, LockoutConfig, Refusal};
 use super::model::TenantStatus;
 use super::registry::Registry;
 use super::source::{ClientAddress, client_address};
@@ -79,12 +80,34 @@ pub enum AuthError {
     SourceDenied { ip: IpAddr, forwarded_ignored: bool },
     #[error("too many failed authentications; retry in {}s", .retry_after.as_secs().max(1))]
     LockedOut { retry_after: Duration },
+    #[error("too many API key verifications from this address (auth.lockout.verify_per_minute); retry in {}s",
+        .retry_after.as_secs().max(1))]
+    Throttled { retry_after: Duration },
     #[error("authentication is busy; retry shortly")]
     Busy,
     #[error("{0}")]
     BadForwardedFor(String),
     #[error("authentication failed on a server fault")]
     Internal,
+}
+
+impl AuthError {
+    /// A short stable name, for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Unrecognised => "unrecognised",
+            AuthError::Revoked => "revoked",
+            AuthError::Suspended => "suspended",
+            AuthError::SourceDenied { .. } => "source_denied",
+            AuthError::LockedOut { .. } => "locked_out",
+            AuthError::Throttled { .. } => "throttled",
+            AuthError::Busy => "busy",
+            AuthError::BadForwardedFor(_) => "bad_forwarded_for",
+            AuthError::Internal => "internal",
+        }
+    }
 }
 
 /// A refusal with what is known of the attempt, for the audit trail.
@@ -114,6 +137,10 @@ pub struct Authenticator {
     /// Per-process key for cache digests: the cache never holds a secret or its plain hash.
     cache_key: SecretKey,
     cache: Mutex<lru::LruCache<[u8; 32], Cached>>,
+    /// Verifications under way, by cache digest: concurrent first calls with one key wait
+    /// for a single argon2 run instead of each spending one (a pool of clients starting
+    /// together must not use up its address's allowance).
+    flights: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     /// Verified against for unknown key ids, so they cost the same time as wrong secrets.
     decoy_hash: String,
 }
@@ -142,6 +169,7 @@ impl Authenticator {
             verify_memory: Arc::default(),
             cache_key: SecretKey::generate()?,
             cache: Mutex::new(lru::LruCache::new(NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN))),
+            flights: Mutex::default(),
             decoy_hash,
             cfg,
         })
@@ -174,20 +202,22 @@ impl Authenticator {
             // Cheap to send, so counted against the address like a wrong key: a flood of
             // junk ends in a lockout instead of an endless stream of audit records.
             Err(error) => {
-                let source = [Culprit::source(ip)];
-                if let Some(retry_after) = self.lockout.locked(&source, Instant::now()) {
-                    return Err(deny(AuthError::LockedOut { retry_after }, None, ip));
-                }
-                let locked = self.lockout.failed(&source, Instant::now());
-                return Err(Denied { locked, ..deny(error, None, ip) });
+                return Err(match self.lockout.junk(ip, Instant::now()) {
+                    Ok(locked) => Denied { locked, ..deny(error, None, ip) },
+                    Err(refusal) => deny(refused(refusal), None, ip),
+                });
             }
         };
         let digest = blind_index(&self.cache_key, b"api-key-cache", token.as_bytes());
         if !self.cached(&digest, &key_id) {
-            self.verify(&key_id, secret, ip).await?;
-            if let Ok(mut c) = self.cache.lock() {
-                let expires = Instant::now() + Duration::from_secs(self.cfg.cache_ttl_secs);
-                c.put(digest, Cached { key_id: key_id.clone(), expires });
+            let flight = Flight::join(&self.flights, digest);
+            let _turn = flight.lock.lock().await;
+            if !self.cached(&digest, &key_id) {
+                self.verify(&key_id, secret, ip).await?;
+                if let Ok(mut c) = self.cache.lock() {
+                    let expires = Instant::now() + Duration::from_secs(self.cfg.cache_ttl_secs);
+                    c.put(digest, Cached { key_id: key_id.clone(), expires });
+                }
             }
         }
         // The live state, every time: a revocation or suspension needs no cache flush.
@@ -233,20 +263,34 @@ impl Authenticator {
         }
     }
 
-    /// The slow path: lockout, then argon2 under the concurrency cap.
+    /// The slow path: lockout (the attempt is counted now, before it waits), then argon2
+    /// under the concurrency cap.
     async fn verify(&self, key_id: &KeyId, secret: &str, ip: IpAddr) -> Result<(), Denied> {
-        let culprits = [Culprit::Key(key_id.clone()), Culprit::source(ip)];
         let denied = |error, locked| Denied { error, key_id: Some(key_id.clone()), tenant: None, source: ip, locked };
-        if let Some(retry_after) = self.lockout.locked(&culprits, Instant::now()) {
-            return Err(denied(AuthError::LockedOut { retry_after }, Vec::new()));
-        }
-        let owner = self.registry.key_owner(key_id).map_err(|_| denied(AuthError::Internal, Vec::new()))?;
+        let attempt =
+            self.lockout.begin(Some(key_id), ip, Instant::now()).map_err(|r| denied(refused(r), Vec::new()))?;
+        let owner = match self.registry.key_owner(key_id) {
+            Ok(o) => o,
+            Err(_) => {
+                self.lockout.finish(attempt, true, Instant::now());
+                return Err(denied(AuthError::Internal, Vec::new()));
+            }
+        };
         let hash = owner.as_ref().map(|o| o.key().hash.clone()).unwrap_or_else(|| self.decoy_hash.clone());
         let wait = Duration::from_millis(self.cfg.verify_wait_ms);
+        let metrics = crate::metrics::get();
+        let waiting = crate::metrics::GaugeGuard::inc(&metrics.argon2_waiting);
         let permit = match tokio::time::timeout(wait, self.verify_slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
-            _ => return Err(denied(AuthError::Busy, Vec::new())),
+            _ => {
+                // Not verified, so not a failure of the key: taken back.
+                self.lockout.finish(attempt, true, Instant::now());
+                return Err(denied(AuthError::Busy, Vec::new()));
+            }
         };
+        drop(waiting);
+        let running = crate::metrics::GaugeGuard::inc(&metrics.argon2_running);
+        metrics.argon2_verifications.inc();
         let secret = Zeroizing::new(secret.to_owned());
         let pool = self.verify_memory.clone();
         let matches = tokio::task::spawn_blocking(move || {
@@ -256,18 +300,56 @@ impl Authenticator {
                 p.push(memory);
             }
             drop(permit);
+            drop(running);
             ok
         })
         .await
-        .map_err(|_| denied(AuthError::Internal, Vec::new()))?;
-        if matches && owner.is_some() {
-            self.lockout.succeeded(key_id);
+        .unwrap_or(false);
+        let ok = matches && owner.is_some();
+        let locked = self.lockout.finish(attempt, ok, Instant::now());
+        if ok {
             Ok(())
         } else {
-            let locked = self.lockout.failed(&culprits, Instant::now());
             let mut d = denied(AuthError::Unrecognised, locked);
             d.tenant = owner.map(|o| o.tenant.id.clone());
             Err(d)
         }
+    }
+}
+
+/// A place in line for one digest's verification; the entry goes when its last holder does.
+struct Flight<'a> {
+    map: &'a Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    digest: [u8; 32],
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Flight<'a> {
+    fn join(map: &'a Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>, digest: [u8; 32]) -> Self {
+        let lock = match map.lock() {
+            Ok(mut m) => m.entry(digest).or_default().clone(),
+            // A poisoned map only loses the sharing, never the check.
+            Err(_) => Arc::default(),
+        };
+        Flight { map, digest, lock }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && m.get(&self.digest).is_some_and(|l| Arc::ptr_eq(l, &self.lock) && Arc::strong_count(l) <= 2)
+        {
+            m.remove(&self.digest);
+        }
+    }
+}
+
+/// What a lockout refusal is answered as.
+fn refused(r: Refusal) -> AuthError {
+    match r {
+        Refusal::Locked(retry_after) => AuthError::LockedOut { retry_after },
+        Refusal::Throttled(retry_after) => AuthError::Throttled { retry_after },
+        Refusal::Full => AuthError::Busy,
     }
 }

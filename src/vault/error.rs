@@ -23,6 +23,9 @@ pub enum VaultError {
     /// A concurrency check the client asked for failed; re-read and retry.
     #[error("{0}")]
     Aborted(String),
+    /// A bound on work in progress was reached (the text names it); retry shortly.
+    #[error("{0}")]
+    Busy(String),
     /// A stored record failed authentication: tampered with, moved, or keyed wrongly.
     #[error("stored {0} failed authentication: altered, moved or keyed wrongly")]
     Integrity(&'static str),

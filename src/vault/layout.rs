@@ -217,6 +217,11 @@ pub fn value_tally(segment: u32) -> Vec<u8> {
     k
 }
 
+/// Every value-log segment's tally.
+pub fn value_tally_prefix() -> Vec<u8> {
+    vec![kind::VALUES, VALUES_TALLY]
+}
+
 /// Value-log segments compacted and waiting for their files to be deleted.
 pub fn value_retired_prefix() -> Vec<u8> {
     vec![kind::VALUES, VALUES_RETIRED]

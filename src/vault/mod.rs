@@ -36,6 +36,7 @@ pub use model::{
     SignedReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched, Transcript, TranscriptPage,
 };
 pub use receipts::{RECEIPT_FORMAT, ReceiptError, ReceiptPayload, verify_receipt};
+pub use reclaim::Backlog;
 pub use tenants::TenantErasure;
 pub use validate::Limits;
 

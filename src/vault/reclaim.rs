@@ -100,3 +100,33 @@ impl Vault {
         Ok(removed)
     }
 }
+
+/// Work the background maintenance has not done yet, and the space it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Queued reclaim items, counted up to 10,000.
+    pub garbage_records: u64,
+    /// Value-log bytes no record points at, waiting for compaction.
+    pub dead_value_bytes: u64,
+    pub index_bytes: u64,
+    pub value_bytes: u64,
+    pub ledger_bytes: u64,
+}
+
+impl Vault {
+    /// For metrics: reclaim and compaction backlog, bytes on disk. A bounded scan.
+    pub fn maintenance_backlog(&self) -> Result<Backlog, VaultError> {
+        let garbage = self.store.scan(&layout::garbage_prefix(), None, 10_000)?.len() as u64;
+        let mut dead = 0u64;
+        for (_, v) in self.store.scan(&layout::value_tally_prefix(), None, 100_000)? {
+            dead += records::decode::<records::SegmentTally>(&v, "value log tally")?.dead_bytes;
+        }
+        Ok(Backlog {
+            garbage_records: garbage,
+            dead_value_bytes: dead,
+            index_bytes: self.store.size_on_disk()?,
+            value_bytes: self.values.size_on_disk()?,
+            ledger_bytes: self.ledger.size(),
+        })
+    }
+}

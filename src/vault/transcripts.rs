@@ -276,13 +276,25 @@ impl Vault {
 
     /// Reads a whole transcript, decrypted.
     pub fn get_transcript(&self, tenant: &TenantId, transcript_id: &str) -> Result<Transcript, VaultError> {
+        self.get_transcript_reserving(tenant, transcript_id, &mut |_| Ok(()))
+    }
+
+    /// [`Vault::get_transcript`], calling `reserve` with the bytes read so far before each
+    /// message is decrypted: how the edge bounds the memory reads hold at once.
+    pub fn get_transcript_reserving(
+        &self,
+        tenant: &TenantId,
+        transcript_id: &str,
+        reserve: &mut dyn FnMut(usize) -> Result<(), String>,
+    ) -> Result<Transcript, VaultError> {
         self.limits.id("transcript_id", transcript_id)?;
         let tkey = self.tenant_key(tenant, false)?.ok_or(VaultError::NotFound("transcript"))?;
         let (_, tb) = self.blinds(&tkey, None, Some(transcript_id));
         let hkey = layout::header(tenant.as_str(), &tb);
         let h = self.read_header(&hkey)?.ok_or(VaultError::NotFound("transcript"))?;
         self.check_live(tenant, &h)?;
-        let t = self.read_transcript(tenant, &tb, &h).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h))?;
+        let t =
+            self.read_transcript(tenant, &tb, &h, reserve).or_else(|e| self.unless_replaced(e, tenant, &hkey, &h))?;
         // No stored count to check against: if the transcript was replaced or deleted while
         // we read (and its messages reclaimed), what we read may be cut short. Say so instead.
         // A close meanwhile changes only ended_at, not the messages: that read stands.
@@ -315,7 +327,13 @@ impl Vault {
         }
     }
 
-    fn read_transcript(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<Transcript, VaultError> {
+    fn read_transcript(
+        &self,
+        tenant: &TenantId,
+        tb: &Blind,
+        h: &Header,
+        reserve: &mut dyn FnMut(usize) -> Result<(), String>,
+    ) -> Result<Transcript, VaultError> {
         let (mut t, tk) = self.summary(tenant, tb, h)?;
         let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
         let mut bytes = 0usize;
@@ -327,6 +345,7 @@ impl Vault {
                     "transcript is larger than max_response_bytes ({limit})"
                 )));
             }
+            reserve(bytes).map_err(VaultError::Busy)?;
             t.messages.push(place.open_message(&tk, seq, sealed)?);
             Ok(ControlFlow::Continue(()))
         })?;

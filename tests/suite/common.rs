@@ -68,6 +68,8 @@ pub struct Server {
     child: Child,
     pub url: String,
     pub admin_url: String,
+    /// Where `GET /metrics` is served.
+    pub metrics_addr: Option<String>,
     pub log: PathBuf,
     api_keys: Arc<Mutex<HashMap<String, String>>>,
 }
@@ -77,11 +79,13 @@ pub struct Opts<'a> {
     pub root_key_hex: &'a str,
     pub args: Vec<&'a str>,
     pub env: Vec<(&'a str, &'a str)>,
+    /// A command the server runs under (`prlimit --nofile=128:128`): it must exec it.
+    pub wrapper: Vec<&'a str>,
 }
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { root_key_hex: ROOT_KEY_HEX, args: Vec::new(), env: Vec::new() }
+        Opts { root_key_hex: ROOT_KEY_HEX, args: Vec::new(), env: Vec::new(), wrapper: Vec::new() }
     }
 }
 
@@ -103,9 +107,18 @@ impl Server {
             "server-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        let bin = env!("CARGO_BIN_EXE_chatvault");
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dirs.data())
             .arg("--key-dir")
@@ -123,20 +136,23 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut admin = None;
+            let (mut admin, mut metrics) = (None, None);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("chatvault admin listening on ") {
+                if let Some(addr) = line.strip_prefix("chatvault metrics listening on ") {
+                    metrics = Some(addr.to_owned());
+                } else if let Some(addr) = line.strip_prefix("chatvault admin listening on ") {
                     admin = Some(addr.to_owned());
                 } else if let Some(addr) = line.strip_prefix("chatvault listening on ") {
-                    let _ = tx.send((addr.to_owned(), admin.clone().unwrap_or_default()));
+                    let _ = tx.send((addr.to_owned(), admin.clone().unwrap_or_default(), metrics.clone()));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((addr, admin)) => Ok(Server {
+            Ok((addr, admin, metrics)) => Ok(Server {
                 child,
                 url: format!("http://{addr}"),
                 admin_url: format!("http://{admin}"),
+                metrics_addr: metrics,
                 log,
                 api_keys: dirs.api_keys.clone(),
             }),
@@ -203,6 +219,25 @@ impl Server {
     pub async fn exports(&self, tenant: &str) -> Exports {
         let key = self.api_key(tenant).await;
         ExportServiceClient::with_interceptor(self.channel().await, Bearer::new(&key).unwrap())
+    }
+
+    /// What `GET /metrics` answers (the body), over a plain socket.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.as_deref().expect("a metrics listener");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+    }
+
+    /// The sum of every sample whose series starts with `prefix` (a name, or a name and
+    /// the start of its labels: `chatvault_requests_total{rpc="/x"`).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        sum_series(&self.metrics_text().await, prefix)
     }
 
     pub fn pid(&self) -> String {
@@ -354,4 +389,13 @@ pub fn raw_message_envelopes(dirs: &Dirs) -> Vec<Vec<u8>> {
 /// How many records of one type the stopped server left.
 pub fn raw_count(dirs: &Dirs, kind: u8) -> usize {
     raw_tree(dirs).1.scan_prefix([kind]).count()
+}
+
+/// The sum of the samples of `text` (Prometheus exposition) whose series starts with `prefix`.
+pub fn sum_series(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with([' ', '{', ',', '}']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -226,7 +226,7 @@ async fn exports_page_past_one_index_scan_and_meet_a_transcript_moved_meanwhile_
 #[tokio::test]
 async fn a_reader_that_stalls_is_given_up_on_with_deadline_exceeded_and_an_invalid_document() {
     let dirs = Dirs::new();
-    let cfg = dirs.config("request_timeout_ms = 1000\n");
+    let cfg = dirs.config("[work]\nexport_stall_timeout_ms = 1000\n");
     let server = Server::start_with(&dirs, Opts { args: vec!["--config", cfg.to_str().unwrap()], ..Opts::default() });
     let mut c = server.transcripts("acme").await;
     let text = "z".repeat(60 * 1024);

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod crashes;
 mod durability;
+mod edge;
 mod export;
 mod forensic;
 mod rollback;
