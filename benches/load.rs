@@ -6,6 +6,8 @@
 //! `cargo bench --bench load -- [--quick] [--clients N] [--seconds S] [--sizes 256,1024,16384]
 //!  [--export-mib M] [--out FILE]`
 //! Prints a markdown report (also written to --out, default target/bench-load.md).
+//! `cargo bench --bench load -- --soak-minutes 10 --out target/bench-soak.md` runs only the
+//! soak (`load/soak.rs`): mixed traffic at 70% of capacity beside a hostile client.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +25,9 @@ mod echo {
     tonic::include_proto!("chatvault.bench.v1");
 }
 
+#[path = "load/soak.rs"]
+mod soak;
+
 const ROOT_KEY_HEX: &str = "4242424242424242424242424242424242424242424242424242424242424242";
 const OPERATOR_TOKEN: &str = "bench-operator-token-0123456789abcdef";
 
@@ -38,6 +43,8 @@ struct Args {
     export_mib: u64,
     /// Only the export run.
     export_only: bool,
+    /// Only the soak, this many minutes.
+    soak_minutes: Option<f64>,
 }
 
 fn args() -> Args {
@@ -50,6 +57,7 @@ fn args() -> Args {
         sizes_only: false,
         export_mib: 1024,
         export_only: false,
+        soak_minutes: None,
     };
     // `cargo test --benches` runs this without `--bench`: a quick smoke run, not a measurement.
     if !std::env::args().any(|a| a == "--bench") {
@@ -77,6 +85,9 @@ fn args() -> Args {
             "--export-mib" => a.export_mib = it.next().and_then(|v| v.parse().ok()).expect("--export-mib M"),
             "--out" => a.out = it.next().expect("--out FILE"),
             "--sizes-only" => a.sizes_only = true,
+            "--soak-minutes" => {
+                a.soak_minutes = Some(it.next().and_then(|v| v.parse().ok()).expect("--soak-minutes M"));
+            }
             "--export-only" => {
                 a.export_only = true;
                 a.sizes.clear();
@@ -142,14 +153,23 @@ impl Proc {
     /// `cache_mib`: sled's page cache (`store_cache_bytes`) if not the default.
     fn serve(dir: tempfile::TempDir, durability: &str, cache_mib: Option<u64>) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatvault"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--durability", durability])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--key-dir")
-            .arg(dir.path().join("keys"))
-            .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
-            .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
-            .env("CHATVAULT_LOG", "warn");
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--durability", durability])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--key-dir")
+        .arg(dir.path().join("keys"))
+        .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+        .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .env("CHATVAULT_LOG", "warn");
         if let Some(mib) = cache_mib {
             let config = dir.path().join("chatvault.toml");
             std::fs::write(&config, format!("store_cache_bytes = {}\n", mib << 20)).unwrap();
@@ -702,6 +722,11 @@ fn main() {
         return rt.block_on(run_echo_server());
     }
     let a = args();
+    if let Some(minutes) = a.soak_minutes {
+        let out = rt.block_on(soak::run(soak::Plan::full(minutes, a.clients)));
+        println!("{out}");
+        return std::fs::write(&a.out, &out).expect("write report");
+    }
     let mut out = String::new();
     let head = "| run | req/s | ratio | p50 µs | p99 µs | p999 µs | server CPU | server RSS idle / peak MiB |\n|---|---|---|---|---|---|---|---|";
     out += &format!("### gRPC over loopback: {} clients, {} s per run\n\n", a.clients, a.seconds);
@@ -782,6 +807,10 @@ fn main() {
             return;
         }
 
+        if a.quick {
+            // The soak's smoke run: proves it runs; its measurement is `--soak-minutes`.
+            out += &soak::run(soak::Plan::smoke()).await;
+        }
         let (n_small, n_big, subjects) = if a.quick { (10, 1_000, 3) } else { (10, 100_000, 5) };
         let (small, big) = shred_latencies((subjects, n_small), (subjects, n_big)).await;
         let p50 = |v: &Vec<u32>| v[v.len() / 2];

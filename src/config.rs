@@ -262,6 +262,12 @@ mod tests {
         let text = include_str!("../deploy/chatvault.toml");
         let cfg: Config = toml::from_str(text).unwrap();
         assert_eq!(cfg.durability, Durability::Fsync);
+        // "Defaults shown": the example says what a server without it does.
+        let d = Config::default();
+        assert_eq!((cfg.metrics_listen, cfg.allow_plaintext_non_loopback), (d.metrics_listen, false));
+        assert_eq!(cfg.auth.lockout, d.auth.lockout);
+        assert_eq!(cfg.work, d.work);
+        assert_eq!(cfg.connections, d.connections);
         assert!(toml::from_str::<Config>("listne = \"1.2.3.4:1\"").is_err());
     }
 
