@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 cargo bench --bench engine -- --noplot
 cargo bench --bench load -- --out target/bench-load.md "$@"
 cargo bench --bench erasure -- --out target/bench-erasure.md
+# Ten minutes at 70% of capacity beside a hostile client (SOAK_MINUTES to change it).
+cargo bench --bench load -- --soak-minutes "${SOAK_MINUTES:-10}" --out target/bench-soak.md
 # The SQLCipher peer needs Debian's libsqlcipher-dev; install it if we may.
 if ! pkg-config --exists sqlcipher 2>/dev/null && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsqlcipher-dev pkg-config >/dev/null

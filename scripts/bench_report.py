@@ -116,6 +116,11 @@ try:
     print(open("target/bench-erasure.md").read())
 except OSError:
     print("(erasure bench not run)")
+print("\n## The edge under hostile load (`benches/load/soak.rs`)\n")
+try:
+    print(open("target/bench-soak.md").read())
+except OSError:
+    print("(soak not run: `cargo bench --bench load -- --soak-minutes 10 --out target/bench-soak.md`)")
 print()
 try:
     print(open("target/bench-peer.md").read())

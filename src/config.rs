@@ -233,6 +233,7 @@ impl Config {
     }
 
     pub fn vault_options(&self) -> Result<VaultOptions, ConfigError> {
+        self.work.validate(self.limits.max_response_bytes as u64).map_err(ConfigError::Invalid)?;
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid("max_request_bytes must be at least 1024".into()));
         }

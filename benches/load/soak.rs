@@ -402,14 +402,23 @@ pub async fn run(plan: Plan) -> String {
     };
     hc.put_transcript(pb::PutTranscriptRequest { transcript: Some(big) }).await.expect("seed big");
 
+    // Capacity is measured with the attacker at work (it shares the two cores), then the
+    // baseline at 70% of it without the attacker, then the soak at the same rate with it.
+    let good_key_id = key.split('_').nth(1).unwrap_or_default().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_, probe) = attack(&srv, hostile_key.clone(), good_key_id.clone(), &plan, stop.clone()).await;
     let cap = capacity(&channels, &key, plan.clients, plan.capacity_secs).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in probe {
+        let _ = t.await;
+    }
     let rate = 0.7 * cap;
     eprintln!("soak: capacity {cap:.0} ops/s; driving {rate:.0} ops/s");
     let sample = Duration::from_secs_f64(plan.sample_secs);
     let baseline = open_loop(&channels, &key, plan.clients, rate, plan.baseline_secs, sample, |_, _| {}).await;
+    eprintln!("soak baseline: p99 {:.1} ms", baseline.p(0.99));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let good_key_id = key.split('_').nth(1).unwrap_or_default().to_owned();
     let (hostile, attacker) = attack(&srv, hostile_key, good_key_id, &plan, stop.clone()).await;
     let pid = srv.child.id();
     let mut rows = Vec::new();
@@ -434,7 +443,7 @@ pub async fn run(plan: Plan) -> String {
         "\n### Soak: {:.1} min of mixed traffic at 70% of capacity, beside a hostile client\n\n\
          Good clients: {} subjects, 60% GetTranscript ({SEEDED_MESSAGES} × 1 KiB), 25% AppendMessages (1 KiB), \
          10% ListTranscripts, 5% ExportSubject; open loop at {rate:.0} ops/s (capacity of the mix, measured \
-         closed-loop first in this run: {cap:.0} ops/s), latency from when each op was due. durability fsync, \
+         closed-loop first in this run with the attacker at work: {cap:.0} ops/s), latency from when each op was due. durability fsync, \
          store_cache_bytes 64 MiB, every other setting default. The hostile client, all the while: exports and \
          720 KiB reads on a connection that grants no flow-control window (one of each every 0.5 s), 20 guesses \
          a second at the good tenant's key id from one address, 50 junk credentials and 50 invalid requests \

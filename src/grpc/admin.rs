@@ -117,46 +117,37 @@ async fn record_change<T>(
 }
 
 impl Admin {
-    /// Checks the operator token. A source that keeps presenting wrong ones is locked out
-    /// as on the data listener; refusals are recorded in aggregate.
+    /// Checks the operator token. The right token is always let in (it is compared in
+    /// constant time, no argon2: locking it out would only let anyone on the admin
+    /// network lock the operator out); a source that keeps presenting wrong ones is
+    /// locked out as on the data listener, and refusals are recorded in aggregate.
     fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let ip = req.remote_addr().map(|a| a.ip());
         let source = ip.map(|ip| ip.to_string()).unwrap_or_default();
-        let now = std::time::Instant::now();
-        if let Some(ip) = ip
-            && let Err(refusal) = self.guard.lockout.check(ip, now)
-        {
-            let retry = match refusal {
-                tenancy::Refusal::Locked(d) | tenancy::Refusal::Throttled(d) => d,
-                tenancy::Refusal::Full => std::time::Duration::from_secs(1),
-            };
-            return Err(self.refuse(
-                ip,
-                source,
-                Outcome::LockedOut,
-                crate::tenancy::AuthError::LockedOut { retry_after: retry }.to_string(),
-                Some(retry),
-            ));
-        }
         let why = match bearer(req.metadata()) {
             Ok(Some(t)) if self.token.matches(t) => return Ok(source),
             Ok(Some(_)) => "operator token not recognised",
             Ok(None) => "operator token required: send `authorization: Bearer <token>`",
             Err(()) => "malformed authorization header: expected `Bearer <token>`",
         };
-        if let Some(ip) = ip
-            && let Ok(locked) = self.guard.lockout.junk(ip, now)
-            && !locked.is_empty()
-        {
-            tracing::warn!(%ip, "admin listener: address locked out after repeated wrong operator tokens");
+        let now = std::time::Instant::now();
+        let addr = ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        match self.guard.lockout.check(addr, now).and_then(|()| self.guard.lockout.junk(addr, now)) {
+            Ok(locked) => {
+                if !locked.is_empty() {
+                    tracing::warn!(ip = %addr, "admin listener: address locked out after repeated wrong operator tokens");
+                }
+                Err(self.refuse(addr, source, Outcome::Unauthenticated, why.into(), None))
+            }
+            Err(refusal) => {
+                let retry = match refusal {
+                    tenancy::Refusal::Locked(d) | tenancy::Refusal::Throttled(d) => d,
+                    tenancy::Refusal::Full => std::time::Duration::from_secs(1),
+                };
+                let why = crate::tenancy::AuthError::LockedOut { retry_after: retry }.to_string();
+                Err(self.refuse(addr, source, Outcome::LockedOut, why, Some(retry)))
+            }
         }
-        Err(self.refuse(
-            ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-            source,
-            Outcome::Unauthenticated,
-            why.into(),
-            None,
-        ))
     }
 
     fn refuse(
@@ -272,7 +263,8 @@ impl AdminService for Admin {
             (self.registry.clone(), self.vault.clone(), self.audit.clone(), self.clock.now());
         // Detached: a client that goes away mid-erasure leaves neither half an erasure
         // nor an unrecorded one.
-        let reply = erasing(&self.work, async move {
+        // The operator's erasures have a pool of their own (no tenant id has a space).
+        let reply = erasing(&self.work, " operator", async move {
             let result = async {
                 let tid = tenant_id(&id)?;
                 if registry.status(&tid).map_err(tenancy_status)?.is_none() {

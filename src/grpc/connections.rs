@@ -1,13 +1,15 @@
 //! Connections of one listener, bounded: a cap on how many are open at once (and per
-//! source), a deadline for a new connection's first bytes, and an idle timeout for one
-//! with no call in flight. tonic and hyper offer HTTP/2 keepalive and a maximum
-//! connection age but none of these, and without them idle sockets that never send the
-//! HTTP/2 preface pile up until the process runs out of file descriptors.
+//! source), a deadline for a new connection's first call, an idle timeout for one with no
+//! call in flight, and a deadline for each unary response to be taken. tonic and hyper
+//! offer HTTP/2 keepalive, a stream cap and a maximum connection age (set in `grpc`), but
+//! none of these; without them sockets that never make a call pile up until the process
+//! runs out of file descriptors.
 //!
 //! Each accepted socket is wrapped in a [`Conn`] that shares a [`ConnState`] with a
-//! watchdog task and with [`ActivityLayer`], which counts the calls in flight on it
-//! (a streamed response counts until its body ends). A connection the watchdog gives up
-//! on reads as closed by its peer, so hyper ends it the ordinary way.
+//! watchdog task and with the observing layer, which counts the calls in flight on it
+//! (a streamed response counts until its body ends). A connection given up on reads as
+//! closed by its peer and fails every write, so hyper ends it even when the peer has
+//! stopped reading.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -37,7 +39,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Connections open at once from one address (an IPv6 /64).
     pub max_connections_per_source: usize,
-    /// A new connection must send its first bytes (TLS hello or HTTP/2 preface) within this.
+    /// A new connection must make its first call within this (TLS and the HTTP/2
+    /// preface included); clients reconnect transparently when they need one again.
     pub handshake_timeout_ms: u64,
     /// A connection with no call in flight for this long is closed.
     pub idle_timeout_secs: u64,
@@ -45,6 +48,12 @@ pub struct ConnectionLimits {
     /// connection is dropped.
     pub keepalive_interval_secs: u64,
     pub keepalive_timeout_secs: u64,
+    /// Calls open at once on one connection (HTTP/2 streams).
+    pub max_concurrent_streams: u32,
+    /// A connection is asked to go away after this long (a stream held open for ever,
+    /// health Watch say, does not keep it), and closed `max_connection_age_grace_secs` later.
+    pub max_connection_age_secs: u64,
+    pub max_connection_age_grace_secs: u64,
 }
 
 impl Default for ConnectionLimits {
@@ -52,39 +61,53 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             max_connections: 4096,
             max_connections_per_source: 512,
-            handshake_timeout_ms: 5_000,
+            handshake_timeout_ms: 10_000,
             idle_timeout_secs: 300,
             keepalive_interval_secs: 60,
             keepalive_timeout_secs: 20,
+            max_concurrent_streams: 200,
+            max_connection_age_secs: 3_600,
+            max_connection_age_grace_secs: 300,
         }
     }
 }
 
 /// File descriptors kept for the server's own files (sled, segments, the ledger, logs).
 const FD_RESERVE: u64 = 64;
+/// Connections of the admin listener, at most, and what the metrics endpoint may hold:
+/// both are kept out of the data listener's share of the fd limit.
+const ADMIN_MAX: usize = 64;
+pub const METRICS_MAX: usize = 16;
 
 impl ConnectionLimits {
-    /// The connection cap that fits this process's file-descriptor limit.
-    pub fn effective_max(&self) -> usize {
+    /// The connection cap of `listener` that fits this process's file-descriptor limit
+    /// together with the other listeners'.
+    pub fn effective_max(&self, listener: &str) -> usize {
+        let cap = self.max_connections.max(1);
+        if listener == "admin" {
+            return cap.min(ADMIN_MAX);
+        }
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
-        let room = usize::try_from(soft.saturating_sub(FD_RESERVE).max(1)).unwrap_or(usize::MAX);
-        self.max_connections.max(1).min(room)
+        let others = (ADMIN_MAX + METRICS_MAX) as u64;
+        let room = usize::try_from(soft.saturating_sub(FD_RESERVE + others).max(1)).unwrap_or(usize::MAX);
+        cap.min(room)
     }
 }
 
 /// What the watchdog and the activity layer know of one connection.
 pub struct ConnState {
     opened: Instant,
-    /// Set once the peer sent its first bytes.
-    spoke: AtomicBool,
+    source: IpAddr,
+    /// Set once the peer made its first call.
+    served: AtomicBool,
     /// Calls in flight (a streamed response until its body ends).
     active: AtomicUsize,
     /// Milliseconds after `opened` when the last call ended.
     last_ms: AtomicU64,
     closed: AtomicBool,
     waker: Mutex<Option<Waker>>,
-    /// Unary responses not yet out, with the time they must be by: a flag set when sent,
-    /// dead when the response was dropped. In deadline order.
+    /// Responses not yet out, with the time they must be by: a flag set when sent, dead
+    /// when the response was dropped.
     sends: Mutex<VecDeque<(Instant, Weak<AtomicBool>)>>,
 }
 
@@ -100,7 +123,7 @@ impl ConnState {
         }
     }
 
-    /// Registers a unary response that must be out by `deadline`, or the connection goes.
+    /// Registers a response that must be out by `deadline`, or the connection goes.
     pub fn expect_sent(&self, deadline: Instant, sent: &Arc<AtomicBool>) {
         if let Ok(mut q) = self.sends.lock() {
             while q.front().is_some_and(|(_, s)| is_settled(s)) {
@@ -116,16 +139,25 @@ impl ConnState {
     /// The earliest deadline of a response still unsent, if any; true in `.1` if it passed.
     fn send_deadline(&self, now: Instant) -> Option<(Instant, bool)> {
         let mut q = self.sends.lock().ok()?;
-        while q.front().is_some_and(|(_, s)| is_settled(s)) {
-            q.pop_front();
-        }
-        q.front().map(|(d, _)| (*d, *d <= now))
+        q.retain(|(_, s)| !is_settled(s));
+        q.iter().map(|(d, _)| *d).min().map(|d| (d, d <= now))
     }
 
     /// A call began on this connection; the guard ends it.
     pub fn begin(self: &Arc<Self>) -> CallGuard {
+        self.served.store(true, Ordering::SeqCst);
         self.active.fetch_add(1, Ordering::SeqCst);
         CallGuard(self.clone())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn remember(&self, cx: &Context<'_>) {
+        if let Ok(mut w) = self.waker.lock() {
+            *w = Some(cx.waker().clone());
+        }
     }
 }
 
@@ -150,26 +182,45 @@ impl Drop for CallGuard {
     }
 }
 
-/// The open connections of a listener, by peer address.
+/// Who a connection is: its two ends (one remote address can reach a listener on two
+/// local addresses).
+pub type ConnKey = (Option<SocketAddr>, SocketAddr);
+
+/// The open connections of a listener.
 #[derive(Clone, Default)]
 pub struct ConnTable {
-    inner: Arc<Mutex<HashMap<SocketAddr, Arc<ConnState>>>>,
+    inner: Arc<Mutex<HashMap<ConnKey, Arc<ConnState>>>>,
 }
 
 impl ConnTable {
-    pub fn get(&self, peer: &SocketAddr) -> Option<Arc<ConnState>> {
-        self.inner.lock().ok()?.get(peer).cloned()
+    pub fn get(&self, key: &ConnKey) -> Option<Arc<ConnState>> {
+        self.inner.lock().ok()?.get(key).cloned()
     }
 
     fn per_source(&self, ip: IpAddr) -> usize {
         let key = source_key(ip);
-        self.inner.lock().map(|m| m.keys().filter(|a| source_key(a.ip()) == key).count()).unwrap_or(0)
+        self.inner.lock().map(|m| m.values().filter(|s| s.source == key).count()).unwrap_or(0)
     }
 
-    /// Closes the oldest connection that has sent nothing yet; whether there was one.
-    fn evict_silent(&self) -> bool {
+    /// Makes room for a connection from `ip` in a full table: closes the oldest
+    /// connection that has made no call yet, or else the oldest idle one of the source
+    /// holding the most connections, if that is not `ip`'s own. Whether one was closed.
+    fn evict_for(&self, ip: IpAddr) -> bool {
         let Ok(map) = self.inner.lock() else { return false };
-        let victim = map.values().filter(|s| !s.spoke.load(Ordering::SeqCst)).min_by_key(|s| s.opened).cloned();
+        let open = || map.values().filter(|s| !s.is_closed());
+        let victim = open().filter(|s| !s.served.load(Ordering::SeqCst)).min_by_key(|s| s.opened).cloned();
+        let victim = victim.or_else(|| {
+            let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+            for s in open() {
+                *counts.entry(s.source).or_default() += 1;
+            }
+            let mine = counts.get(&source_key(ip)).copied().unwrap_or(0);
+            let (&hog, &most) = counts.iter().max_by_key(|(_, n)| **n)?;
+            if most <= mine + 1 {
+                return None; // no one holds more than its share
+            }
+            open().filter(|s| s.source == hog && s.active.load(Ordering::SeqCst) == 0).min_by_key(|s| s.opened).cloned()
+        });
         drop(map);
         victim.is_some_and(|s| {
             s.close();
@@ -205,8 +256,12 @@ pub struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let (Some(peer), Ok(mut map)) = (self.info.remote_addr, self.table.inner.lock()) {
-            map.remove(&peer);
+        let Some(peer) = self.info.remote_addr else { return };
+        if let Ok(mut map) = self.table.inner.lock() {
+            let key = (self.info.local_addr, peer);
+            if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, &self.state)) {
+                map.remove(&key);
+            }
         }
     }
 }
@@ -220,30 +275,40 @@ impl Connected for Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.state.closed.load(Ordering::SeqCst) {
+        if self.state.is_closed() {
             // Read as the peer closing: hyper ends the connection.
             return Poll::Ready(Ok(()));
         }
-        if let Ok(mut w) = self.state.waker.lock() {
-            *w = Some(cx.waker().clone());
-        }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.spoke.store(true, Ordering::SeqCst);
-        }
-        polled
+        self.state.remember(cx);
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
+}
+
+/// Writes to a connection given up on fail: a peer that stopped reading would otherwise
+/// keep hyper waiting to flush for ever, and the connection with it.
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "connection closed by the server")
 }
 
 impl AsyncWrite for Conn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.state.is_closed() {
+            return Poll::Ready(Err(gone()));
+        }
+        self.state.remember(cx);
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.is_closed() {
+            return Poll::Ready(Err(gone()));
+        }
+        self.state.remember(cx);
         Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.is_closed() {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -251,6 +316,10 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.state.is_closed() {
+            return Poll::Ready(Err(gone()));
+        }
+        self.state.remember(cx);
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -259,7 +328,7 @@ impl AsyncWrite for Conn {
 }
 
 /// Accepts on `listener` under `limits`: the stream tonic serves from, and the table of
-/// open connections the activity layer consults.
+/// open connections the observing layer consults.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
@@ -268,8 +337,13 @@ pub fn incoming(
 ) -> (ReceiverStream<io::Result<Conn>>, ConnTable) {
     let table = ConnTable::default();
     let (tx, rx) = mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(limits.effective_max()));
-    let t = table.clone();
+    let admission = Admission {
+        slots: Arc::new(Semaphore::new(limits.effective_max(listener_name))),
+        limits,
+        table: table.clone(),
+        metrics,
+        listener: listener_name,
+    };
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -281,63 +355,77 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Some(conn) = admit(stream, peer, &limits, &slots, &t, &metrics, listener_name).await else { continue };
-            if tx.send(Ok(conn)).await.is_err() {
+            if tx.is_closed() {
                 return; // the server stopped
+            }
+            if let Some(conn) = admission.admit(stream, peer, &tx) {
+                let _ = tx.send(Ok(conn)).await;
             }
         }
     });
     (ReceiverStream::new(rx), table)
 }
 
-async fn admit(
-    stream: TcpStream,
-    peer: SocketAddr,
-    limits: &ConnectionLimits,
-    slots: &Arc<Semaphore>,
-    table: &ConnTable,
-    metrics: &Metrics,
-    listener_name: &'static str,
-) -> Option<Conn> {
-    if table.per_source(peer.ip()) >= limits.max_connections_per_source {
-        metrics.connection_refused(listener_name, "per_source");
-        return None;
-    }
-    let slot = match slots.clone().try_acquire_owned() {
-        Ok(s) => s,
-        // Full: a connection that has not said a word yet gives up its place to this one
-        // (its slot frees as soon as hyper sees it closed); failing that, this one is closed.
-        Err(_) if table.evict_silent() => {
-            match tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned()).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    metrics.connection_refused(listener_name, "max_connections");
-                    return None;
-                }
-            }
-        }
-        Err(_) => {
-            metrics.connection_refused(listener_name, "max_connections");
+/// What deciding on a new connection needs.
+#[derive(Clone)]
+struct Admission {
+    limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
+    table: ConnTable,
+    metrics: Arc<Metrics>,
+    listener: &'static str,
+}
+
+impl Admission {
+    /// The connection if it may start now; None if refused or if it waits for the place
+    /// of one just evicted (off the accept loop, which must not wait).
+    fn admit(&self, stream: TcpStream, peer: SocketAddr, tx: &mpsc::Sender<io::Result<Conn>>) -> Option<Conn> {
+        if self.table.per_source(peer.ip()) >= self.limits.max_connections_per_source {
+            self.metrics.connection_refused(self.listener, "per_source");
             return None;
         }
-    };
-    let _ = stream.set_nodelay(true);
-    let state = Arc::new(ConnState {
-        opened: Instant::now(),
-        spoke: AtomicBool::new(false),
-        active: AtomicUsize::new(0),
-        last_ms: AtomicU64::new(0),
-        closed: AtomicBool::new(false),
-        waker: Mutex::new(None),
-        sends: Mutex::default(),
-    });
-    if let Ok(mut map) = table.inner.lock() {
-        map.insert(peer, state.clone());
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(self.open(stream, peer, slot)),
+            // Full: the place of an evicted connection frees as soon as hyper sees it closed.
+            Err(_) if self.table.evict_for(peer.ip()) => {
+                let (this, tx) = (self.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(1), this.slots.clone().acquire_owned()).await {
+                        Ok(Ok(slot)) => {
+                            let _ = tx.send(Ok(this.open(stream, peer, slot))).await;
+                        }
+                        _ => this.metrics.connection_refused(this.listener, "max_connections"),
+                    }
+                });
+                None
+            }
+            Err(_) => {
+                self.metrics.connection_refused(self.listener, "max_connections");
+                None
+            }
+        }
     }
-    tokio::spawn(watchdog(Arc::downgrade(&state), limits.clone()));
-    let info = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: Some(peer) };
-    let open = crate::metrics::GaugeGuard::inc(&metrics.connections(listener_name));
-    Some(Conn { stream, state, info, table: table.clone(), _slot: slot, _open: open })
+
+    fn open(&self, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) -> Conn {
+        let _ = stream.set_nodelay(true);
+        let state = Arc::new(ConnState {
+            opened: Instant::now(),
+            source: source_key(peer.ip()),
+            served: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            sends: Mutex::default(),
+        });
+        let info = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: Some(peer) };
+        if let Ok(mut map) = self.table.inner.lock() {
+            map.insert((info.local_addr, peer), state.clone());
+        }
+        tokio::spawn(watchdog(Arc::downgrade(&state), self.limits.clone()));
+        let open = crate::metrics::GaugeGuard::inc(&self.metrics.connections(self.listener));
+        Conn { stream, state, info, table: self.table.clone(), _slot: slot, _open: open }
+    }
 }
 
 /// Closes the connection when it stays silent past the handshake deadline, idle past the
@@ -349,7 +437,7 @@ async fn watchdog(state: Weak<ConnState>, limits: ConnectionLimits) {
     tokio::time::sleep(handshake).await;
     loop {
         let Some(s) = state.upgrade() else { return };
-        if !s.spoke.load(Ordering::SeqCst) {
+        if !s.served.load(Ordering::SeqCst) {
             s.close();
             return;
         }

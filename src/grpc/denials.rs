@@ -34,11 +34,18 @@ struct Window {
 
 struct State {
     windows: HashMap<(IpAddr, Outcome), Window>,
+    /// Aggregates of windows that closed and were replaced before the next flush.
+    due: Vec<(Outcome, Event)>,
     tokens: f64,
     refilled: Instant,
-    /// Refusals past the server-wide rate, or from sources beyond `TRACKED`.
-    overflow: u32,
-    overflow_outcome: Outcome,
+    /// Refusals past the server-wide rate, or from sources beyond `TRACKED`, by outcome.
+    overflow: HashMap<Outcome, u32>,
+}
+
+/// What an aggregate says: the source and how many, not the tenant or key id of the
+/// first refusal (the others may have named different ones).
+fn aggregate(outcome: Outcome, w: &Window) -> (Outcome, Event) {
+    (outcome, Event { source: w.ev.source.clone(), count: w.suppressed, ..Event::default() })
 }
 
 pub struct Denials {
@@ -50,10 +57,10 @@ impl Default for Denials {
         Denials {
             state: Mutex::new(State {
                 windows: HashMap::new(),
+                due: Vec::new(),
                 tokens: RECORDS_PER_SECOND * 10.0,
                 refilled: Instant::now(),
-                overflow: 0,
-                overflow_outcome: Outcome::Unauthenticated,
+                overflow: HashMap::new(),
             }),
         }
     }
@@ -75,14 +82,18 @@ impl Denials {
         st.tokens = (st.tokens + elapsed * RECORDS_PER_SECOND).min(RECORDS_PER_SECOND * 10.0);
         st.refilled = now;
         if st.tokens < 1.0 || (st.windows.len() >= TRACKED && !st.windows.contains_key(&key)) {
-            st.overflow += 1;
-            st.overflow_outcome = outcome;
+            *st.overflow.entry(outcome).or_default() += 1;
             crate::metrics::get().audit_denials_suppressed.inc();
             return Note::Counted;
         }
         st.tokens -= 1.0;
-        // A window that closed with refusals counted is flushed by `take_closed` first.
-        st.windows.insert(key, Window { start: now, suppressed: 0, ev: ev.clone() });
+        let fresh = Window { start: now, suppressed: 0, ev: ev.clone() };
+        // A closed window not flushed yet keeps its count, for the next flush.
+        if let Some(old) = st.windows.insert(key, fresh)
+            && old.suppressed > 0
+        {
+            st.due.push(aggregate(outcome, &old));
+        }
         Note::Record
     }
 
@@ -90,18 +101,16 @@ impl Denials {
     /// overflow), as events with their counts. Closed windows are forgotten.
     pub fn take_closed(&self, now: Instant, all: bool) -> Vec<(Outcome, Event)> {
         let Ok(mut st) = self.state.lock() else { return Vec::new() };
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut st.due);
         st.windows.retain(|(_, outcome), w| {
             let closed = all || now.duration_since(w.start) >= WINDOW;
             if closed && w.suppressed > 0 {
-                out.push((*outcome, Event { count: w.suppressed, ..w.ev.clone() }));
+                out.push(aggregate(*outcome, w));
             }
             !closed
         });
-        if st.overflow > 0 {
-            let ev = Event { source: "*".into(), count: st.overflow, ..Event::default() };
-            out.push((st.overflow_outcome, ev));
-            st.overflow = 0;
+        for (outcome, count) in st.overflow.drain() {
+            out.push((outcome, Event { source: "*".into(), count, ..Event::default() }));
         }
         out
     }
@@ -129,6 +138,23 @@ mod tests {
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].1.count, due[0].1.source.as_str()), (999, "198.51.100.7"));
         assert_eq!(d.note(ip, Outcome::Unauthenticated, &ev("198.51.100.7"), t0 + WINDOW), Note::Record);
+    }
+
+    #[test]
+    fn a_window_replaced_before_the_flush_keeps_its_count_and_names_no_tenant() {
+        let d = Denials::default();
+        let t0 = Instant::now();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let first = Event { tenant: "acme".into(), key_id: "k1".into(), ..ev("198.51.100.7") };
+        assert_eq!(d.note(ip, Outcome::Unauthenticated, &first, t0), Note::Record);
+        for _ in 0..5 {
+            d.note(ip, Outcome::Unauthenticated, &ev("198.51.100.7"), t0);
+        }
+        // The flood goes on past the window, before any flush.
+        assert_eq!(d.note(ip, Outcome::Unauthenticated, &ev("198.51.100.7"), t0 + WINDOW), Note::Record);
+        let due = d.take_closed(t0 + WINDOW, false);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].1.count, due[0].1.tenant.as_str(), due[0].1.key_id.as_str()), (5, "", ""));
     }
 
     #[test]

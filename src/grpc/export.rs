@@ -12,6 +12,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::gate::{Gate, Ids};
+use super::observe::Connection;
 use super::pb::{self, export_service_server::ExportService};
 use super::status::to_status;
 use crate::audit::Operation;
@@ -34,7 +35,12 @@ impl Exports {
         Exports { gate }
     }
 
-    async fn stream(&self, who: Principal, subject_id: Option<String>) -> Result<Response<ChunkStream>, Status> {
+    async fn stream(
+        &self,
+        who: Principal,
+        subject_id: Option<String>,
+        conn: Option<Connection>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let (op, scope) = match &subject_id {
             Some(id) => (Operation::ExportSubject, Scope::Subject(id)),
             None => (Operation::ExportTenant, Scope::Tenant),
@@ -82,6 +88,12 @@ impl Exports {
                 }
                 Err(ExportError::Cancelled) if stalled => {
                     tracing::warn!(tenant, operation = %op, "export stopped: its reader took no data in time");
+                    // Its stream holds chunks nobody takes, with the status behind them: a
+                    // reader that comes back gets them; one that does not loses the
+                    // connection, and the stream with it.
+                    if let Some(c) = &conn {
+                        c.response_due_by(std::time::Instant::now() + stall_limit);
+                    }
                     Status::deadline_exceeded(format!(
                         "the export stopped: no data was read for {} ms",
                         stall_limit.as_millis()
@@ -118,12 +130,14 @@ impl ExportService for Exports {
 
     async fn export_subject(&self, req: Request<pb::ExportSubjectRequest>) -> Result<Response<ChunkStream>, Status> {
         let who = self.gate.admit(&req).await?;
+        let conn = req.extensions().get::<Connection>().cloned();
         let pb::ExportSubjectRequest { subject_id } = req.into_inner();
-        self.stream(who, Some(subject_id)).await
+        self.stream(who, Some(subject_id), conn).await
     }
 
     async fn export_tenant(&self, req: Request<pb::ExportTenantRequest>) -> Result<Response<ChunkStream>, Status> {
         let who = self.gate.admit(&req).await?;
-        self.stream(who, None).await
+        let conn = req.extensions().get::<Connection>().cloned();
+        self.stream(who, None, conn).await
     }
 }

@@ -139,13 +139,18 @@ pub async fn detached<T: Send + 'static>(
 /// thread, and like every change it finishes even if the client goes away.
 pub async fn erasing<T: Send + 'static>(
     work: &super::limits::Work,
+    tenant: &str,
     call: impl Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
-    let _slot = work.erasure_slot().await?;
+    let slot = work.erasure_slot(tenant).await?;
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || handle.block_on(Vault::deferring_durability(call)))
-        .await
-        .map_err(|_| Status::internal("worker failed"))?
+    tokio::task::spawn_blocking(move || {
+        // Held by the erasure itself: a caller that goes away does not free it early.
+        let _slot = slot;
+        handle.block_on(Vault::deferring_durability(call))
+    })
+    .await
+    .map_err(|_| Status::internal("worker failed"))?
 }
 
 pub fn audit_status(e: AuditError) -> Status {

@@ -25,12 +25,15 @@ pub struct WorkLimits {
     pub max_exports_per_tenant: usize,
     /// A reader that takes no export data for this long is given up on.
     pub export_stall_timeout_ms: u64,
-    /// Reads (GetTranscript, ListTranscripts) running at once, server-wide.
+    /// Reads (GetTranscript, ListTranscripts) running at once, server-wide and per tenant.
     pub max_concurrent_reads: usize,
-    /// Erasures running at once (each syncs the key volume).
+    pub max_concurrent_reads_per_tenant: usize,
+    /// Erasures running at once (each syncs the key volume), server-wide and per tenant.
     pub max_concurrent_erasures: usize,
-    /// Decrypted response bytes GetTranscript calls hold at once, server-wide and per
-    /// tenant: a transcript of the maximum size decrypts to tens of MiB.
+    pub max_concurrent_erasures_per_tenant: usize,
+    /// Response bytes GetTranscript calls hold at once until their responses are out,
+    /// server-wide and per tenant: a transcript of the maximum size decrypts to tens of
+    /// MiB, held twice (decrypted, then encoded), and both are counted.
     pub max_inflight_response_bytes: u64,
     pub max_inflight_response_bytes_per_tenant: u64,
     /// How long a call waits for a read, erasure or byte slot before RESOURCE_EXHAUSTED.
@@ -44,11 +47,32 @@ impl Default for WorkLimits {
             max_exports_per_tenant: 2,
             export_stall_timeout_ms: 5_000,
             max_concurrent_reads: 64,
+            max_concurrent_reads_per_tenant: 16,
             max_concurrent_erasures: 16,
+            max_concurrent_erasures_per_tenant: 4,
             max_inflight_response_bytes: 256 << 20,
             max_inflight_response_bytes_per_tenant: 96 << 20,
             busy_wait_ms: 1_000,
         }
+    }
+}
+
+impl WorkLimits {
+    /// Checks the limits against each other and against the largest response.
+    pub fn validate(&self, max_response_bytes: u64) -> Result<(), String> {
+        let need = max_response_bytes.saturating_mul(RESPONSE_COPIES);
+        for (field, v) in [
+            ("work.max_inflight_response_bytes", self.max_inflight_response_bytes),
+            ("work.max_inflight_response_bytes_per_tenant", self.max_inflight_response_bytes_per_tenant),
+        ] {
+            if v < need {
+                return Err(format!(
+                    "{field} = {v} cannot hold one response of limits.max_response_bytes ({max_response_bytes}) \
+                     twice over (decrypted and encoded): set it to at least {need}"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -67,7 +91,16 @@ pub struct Work {
 
 struct Tenant {
     exports: Arc<Semaphore>,
+    reads: Arc<Semaphore>,
+    erasures: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
+}
+
+/// A place in a tenant's pool and in the server's; freed on drop (move it into the
+/// blocking closure, so that a caller going away does not free it early).
+pub struct Slot {
+    _tenant: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
 }
 
 /// An export's place in both of its pools; freed when the export ends.
@@ -105,8 +138,11 @@ impl Work {
 
     fn tenant<T>(&self, tenant: &str, f: impl FnOnce(&Tenant) -> T) -> T {
         let mut map = self.per_tenant.lock().unwrap_or_else(|p| p.into_inner());
+        let permits = |n: usize| Arc::new(Semaphore::new(n.max(1)));
         let t = map.entry(tenant.to_owned()).or_insert_with(|| Tenant {
-            exports: Arc::new(Semaphore::new(self.cfg.max_exports_per_tenant.max(1))),
+            exports: permits(self.cfg.max_exports_per_tenant),
+            reads: permits(self.cfg.max_concurrent_reads_per_tenant),
+            erasures: permits(self.cfg.max_concurrent_erasures_per_tenant),
             bytes: Arc::new(Semaphore::new(
                 usize::try_from((self.cfg.max_inflight_response_bytes_per_tenant / UNIT).max(1))
                     .unwrap_or(usize::MAX >> 4),
@@ -139,14 +175,31 @@ impl Work {
         Duration::from_millis(self.cfg.export_stall_timeout_ms.max(1))
     }
 
-    /// A thread for one read, waited for up to `busy_wait_ms`.
-    pub async fn read_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.slot(&self.reads, "max_concurrent_reads", self.cfg.max_concurrent_reads).await
+    /// A thread for one read of `tenant`, waited for up to `busy_wait_ms`. A tenant whose
+    /// response bytes are all held (its clients take no responses) is refused at once, so
+    /// its reads do not sit on slots waiting for bytes.
+    pub async fn read_slot(&self, tenant: &str) -> Result<Slot, Status> {
+        let (t, bytes) = self.tenant(tenant, |t| (t.reads.clone(), t.bytes.clone()));
+        if bytes.available_permits() == 0 {
+            return Err(bytes_exhausted(
+                self.cfg.max_inflight_response_bytes,
+                self.cfg.max_inflight_response_bytes_per_tenant,
+            ));
+        }
+        let tenant_permit =
+            self.slot(&t, "max_concurrent_reads_per_tenant", self.cfg.max_concurrent_reads_per_tenant).await?;
+        let global = self.slot(&self.reads, "max_concurrent_reads", self.cfg.max_concurrent_reads).await?;
+        Ok(Slot { _tenant: tenant_permit, _global: global })
     }
 
-    /// A thread for one erasure, waited for up to `busy_wait_ms`.
-    pub async fn erasure_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.slot(&self.erasures, "max_concurrent_erasures", self.cfg.max_concurrent_erasures).await
+    /// A thread for one erasure of `tenant` (the operator's erasures count as a tenant of
+    /// their own), waited for up to `busy_wait_ms`.
+    pub async fn erasure_slot(&self, tenant: &str) -> Result<Slot, Status> {
+        let t = self.tenant(tenant, |t| t.erasures.clone());
+        let tenant_permit =
+            self.slot(&t, "max_concurrent_erasures_per_tenant", self.cfg.max_concurrent_erasures_per_tenant).await?;
+        let global = self.slot(&self.erasures, "max_concurrent_erasures", self.cfg.max_concurrent_erasures).await?;
+        Ok(Slot { _tenant: tenant_permit, _global: global })
     }
 
     async fn slot(&self, sem: &Arc<Semaphore>, limit: &'static str, n: usize) -> Result<OwnedSemaphorePermit, Status> {
@@ -174,7 +227,7 @@ impl ByteBudget {
     /// Makes sure `total` bytes are reserved (called from the blocking read as it goes,
     /// 64 KiB at a time). Errs, naming the limit, if they cannot be had in time.
     pub fn reserve(&mut self, total: usize) -> Result<(), String> {
-        let want = (total as u64).div_ceil(UNIT).div_ceil(64) * 64;
+        let want = (total as u64).saturating_mul(RESPONSE_COPIES).div_ceil(UNIT).div_ceil(64) * 64;
         if want <= self.held_units {
             return Ok(());
         }
@@ -187,11 +240,7 @@ impl ByteBudget {
         });
         let Some((t, g)) = got else {
             crate::metrics::get().limit_hit("max_inflight_response_bytes");
-            return Err(format!(
-                "reads are holding their limit of decrypted response bytes (max_inflight_response_bytes {} B, \
-                 per tenant {} B)",
-                self.limits.0, self.limits.1
-            ));
+            return Err(bytes_message(self.limits.0, self.limits.1));
         };
         self.held.push(t);
         self.held.push(g);
@@ -205,6 +254,24 @@ impl Drop for ByteBudget {
     fn drop(&mut self) {
         crate::metrics::get().response_bytes_held.dec_by(i64::try_from(self.held_units * UNIT).unwrap_or(0));
     }
+}
+
+/// A response is held decrypted and then encoded: both copies are counted.
+const RESPONSE_COPIES: u64 = 2;
+
+fn bytes_message(global: u64, tenant: u64) -> String {
+    format!(
+        "reads are holding their limit of response bytes (max_inflight_response_bytes {global} B, per tenant {tenant} B)"
+    )
+}
+
+fn bytes_exhausted(global: u64, tenant: u64) -> Status {
+    crate::metrics::get().limit_hit("max_inflight_response_bytes");
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("{}; retry shortly", bytes_message(global, tenant)),
+        ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+    )
 }
 
 /// RESOURCE_EXHAUSTED with RetryInfo, naming the limit.
@@ -236,6 +303,17 @@ mod tests {
         assert!(w.export_slot("c").is_ok());
     }
 
+    #[test]
+    fn a_response_budget_smaller_than_the_largest_response_is_refused_naming_both() {
+        let small = WorkLimits { max_inflight_response_bytes_per_tenant: 32 << 20, ..WorkLimits::default() };
+        let e = small.validate(32 << 20).unwrap_err();
+        assert!(
+            e.contains("work.max_inflight_response_bytes_per_tenant") && e.contains("limits.max_response_bytes"),
+            "{e}"
+        );
+        assert!(WorkLimits::default().validate(32 << 20).is_ok());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn response_bytes_are_bounded_and_given_back() {
         let w = Arc::new(Work::new(WorkLimits {
@@ -247,7 +325,7 @@ mod tests {
         let w2 = w.clone();
         tokio::task::spawn_blocking(move || {
             let mut first = w2.byte_budget("a");
-            first.reserve(900 << 10).unwrap();
+            first.reserve(450 << 10).unwrap(); // counted twice: 900 KiB
             let mut second = w2.byte_budget("a");
             let e = second.reserve(200 << 10).err().unwrap();
             assert!(e.contains("max_inflight_response_bytes 1048576"), "{e}");

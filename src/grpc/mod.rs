@@ -24,7 +24,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
-pub use connections::ConnectionLimits;
+pub use connections::{ConnectionLimits, METRICS_MAX as METRICS_CONNECTIONS};
 pub use limits::{Work, WorkLimits};
 
 pub use admin::{Admin, AdminGuard};
@@ -65,7 +65,10 @@ macro_rules! server {
         let b = Server::builder()
             .timeout(opts.request_timeout)
             .http2_keepalive_interval(Some(Duration::from_secs(c.keepalive_interval_secs.max(1))))
-            .http2_keepalive_timeout(Some(Duration::from_secs(c.keepalive_timeout_secs.max(1))));
+            .http2_keepalive_timeout(Some(Duration::from_secs(c.keepalive_timeout_secs.max(1))))
+            .max_concurrent_streams(c.max_concurrent_streams.max(1))
+            .max_connection_age(Duration::from_secs(c.max_connection_age_secs.max(1)))
+            .max_connection_age_grace(Duration::from_secs(c.max_connection_age_grace_secs));
         let b = match &opts.tls {
             Some(tls) => b.tls_config(tls.clone())?,
             None => b,

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use super::connections::{CallGuard, ConnTable};
+use super::connections::{CallGuard, ConnState, ConnTable};
 
 /// Something a handler keeps alive until its response is sent or dropped: put in the
 /// response's extensions (which want `Clone`, hence the shared slot).
@@ -81,23 +81,33 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let peer =
-            req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr).or_else(|| {
-                req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr)
-            });
-        let guard = peer.and_then(|p| self.table.get(&p)).map(|s| s.begin());
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let ends = req.extensions().get::<TcpConnectInfo>().map(|i| (i.local_addr, i.remote_addr)).or_else(|| {
+            req.extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(|i| (i.get_ref().local_addr, i.get_ref().remote_addr))
+        });
+        let state = ends.and_then(|(local, remote)| self.table.get(&(local, remote?)));
+        let sent = Arc::new(AtomicBool::new(false));
+        if let Some(s) = &state {
+            // For handlers that must give up on their response (a stalled export).
+            req.extensions_mut().insert(Connection { state: s.clone(), sent: sent.clone() });
+        }
+        let guard = state.map(|s| s.begin());
         let path = req.uri().path();
         let rpc = if super::discovery::is_known_method(path) { path.to_owned() } else { "unknown".to_owned() };
         let started = Instant::now();
         let send_timeout = self.send_timeout;
         let fut = self.inner.call(req);
         Box::pin(async move {
+            // A call whose future is dropped (its deadline passed, or its client reset it)
+            // is counted all the same.
+            let mut unanswered = Unanswered { rpc: Some(rpc), started, deadline: send_timeout };
             let mut resp = fut.await?;
+            let rpc = unanswered.rpc.take().unwrap_or_default();
             client_fault_is_invalid_argument(resp.headers_mut());
             let code = grpc_status(resp.headers());
             let hold = resp.extensions_mut().remove::<Hold>().and_then(|h| h.take());
-            let sent = Arc::new(AtomicBool::new(false));
             if let Some(g) = &guard
                 && !STREAMING.iter().any(|p| rpc.starts_with(p))
             {
@@ -107,6 +117,39 @@ where
                 tonic::body::Body::new(Tracked { inner, guard, rpc, started, code, hold, sent, done: false })
             }))
         })
+    }
+}
+
+/// The connection a call came on and whether its response is out, in its request's
+/// extensions.
+#[derive(Clone)]
+pub struct Connection {
+    state: Arc<ConnState>,
+    sent: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// The response must be out by `deadline`, or the whole connection is given up on:
+    /// the only way to drop a stream whose peer grants it no window.
+    pub fn response_due_by(&self, deadline: Instant) {
+        self.state.expect_sent(deadline, &self.sent);
+    }
+}
+
+/// Records a call that ended before it had a response.
+struct Unanswered {
+    rpc: Option<String>,
+    started: Instant,
+    deadline: Duration,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(rpc) = self.rpc.take() {
+            let took = self.started.elapsed();
+            let code = if took >= self.deadline { tonic::Code::DeadlineExceeded } else { tonic::Code::Cancelled };
+            crate::metrics::get().observe_request(&rpc, code, took);
+        }
     }
 }
 

@@ -28,8 +28,8 @@ impl SubjectService for Subjects {
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::ShredSubjectRequest { subject_id } = req.into_inner();
-        let gate = self.gate.clone();
-        erasing(&self.gate.work, async move {
+        let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
+        erasing(&self.gate.work, tenant.as_str(), async move {
             let result = gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
             gate.record(
                 &who,

@@ -109,7 +109,7 @@ impl TranscriptService for Transcripts {
         let who = self.gate.admit(&req).await?;
         let pb::GetTranscriptRequest { transcript_id } = req.into_inner();
         let (vault, tenant, id) = (self.gate.vault.clone(), who.tenant.clone(), transcript_id.clone());
-        let result = match self.gate.work.read_slot().await {
+        let result = match self.gate.work.read_slot(who.tenant.as_str()).await {
             Ok(slot) => {
                 let mut budget = self.gate.work.byte_budget(tenant.as_str());
                 blocking(move || {
@@ -138,7 +138,7 @@ impl TranscriptService for Transcripts {
         let who = self.gate.admit(&req).await?;
         let pb::ListTranscriptsRequest { subject_id, page_size, page_token } = req.into_inner();
         let (vault, tenant, sid) = (self.gate.vault.clone(), who.tenant.clone(), subject_id.clone());
-        let result = match self.gate.work.read_slot().await {
+        let result = match self.gate.work.read_slot(who.tenant.as_str()).await {
             Ok(slot) => {
                 blocking(move || {
                     let _slot = slot;
@@ -163,8 +163,8 @@ impl TranscriptService for Transcripts {
     ) -> Result<Response<pb::DeleteTranscriptResponse>, Status> {
         let who = self.gate.admit(&req).await?;
         let pb::DeleteTranscriptRequest { transcript_id } = req.into_inner();
-        let gate = self.gate.clone();
-        erasing(&self.gate.work, async move {
+        let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
+        erasing(&self.gate.work, tenant.as_str(), async move {
             let result = gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
             let ids = Ids {
                 subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),

@@ -211,7 +211,10 @@ impl Authenticator {
         let digest = blind_index(&self.cache_key, b"api-key-cache", token.as_bytes());
         if !self.cached(&digest, &key_id) {
             let flight = Flight::join(&self.flights, digest);
-            let _turn = flight.lock.lock().await;
+            let wait = Duration::from_millis(self.cfg.verify_wait_ms);
+            let Ok(_turn) = tokio::time::timeout(wait, flight.lock.lock()).await else {
+                return Err(deny(AuthError::Busy, Some(&key_id), ip));
+            };
             if !self.cached(&digest, &key_id) {
                 self.verify(&key_id, secret, ip).await?;
                 if let Ok(mut c) = self.cache.lock() {
@@ -272,7 +275,7 @@ impl Authenticator {
         let owner = match self.registry.key_owner(key_id) {
             Ok(o) => o,
             Err(_) => {
-                self.lockout.finish(attempt, true, Instant::now());
+                drop(attempt); // not verified: neither a failure nor a success
                 return Err(denied(AuthError::Internal, Vec::new()));
             }
         };
@@ -283,8 +286,7 @@ impl Authenticator {
         let permit = match tokio::time::timeout(wait, self.verify_slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
-                // Not verified, so not a failure of the key: taken back.
-                self.lockout.finish(attempt, true, Instant::now());
+                drop(attempt); // not verified, so not a failure of the key: taken back
                 return Err(denied(AuthError::Busy, Vec::new()));
             }
         };

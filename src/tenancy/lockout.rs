@@ -9,9 +9,9 @@
 //! each source has a bucket of argon2 work, refilled slowly, whatever its outcome.
 //!
 //! Bounded without letting an attacker evict their own entries cheaply: entries that are
-//! counting live in an LRU (evicting one costs the attacker an argon2 verification from
-//! a new source, so flushing it costs minutes), locked ones in a table of their own that
-//! is never evicted; when that is full, new attempts are refused until locks expire.
+//! counting live in an LRU (evicting one takes a failure from a fresh source, and sources
+//! are themselves counted per /48), locked ones in a table of their own that only ever
+//! drops the lock nearest its end, so a newer lock never gives way to an older one.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -124,19 +124,35 @@ pub enum Refusal {
     Locked(Duration),
     /// The source spent its argon2 allowance: retry after this long.
     Throttled(Duration),
-    /// The lockout table is full of locks: nothing new is verified until some expire.
+    /// The lockout's state is unusable (a poisoned lock): nothing is verified.
     Full,
 }
 
-/// An attempt under way: its culprits, counted.
-#[derive(Debug)]
-pub struct Attempt {
+/// An attempt under way: its culprits, counted as in flight. Dropped without
+/// [`Lockout::finish`] (its caller went away, or it was never verified) it is taken back,
+/// neither a failure nor a success.
+pub struct Attempt<'a> {
+    lockout: &'a Lockout,
     culprits: Vec<Culprit>,
 }
 
-impl Attempt {
+impl Attempt<'_> {
     pub fn culprits(&self) -> &[Culprit] {
         &self.culprits
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.culprits.is_empty() {
+            return;
+        }
+        let Ok(mut st) = self.lockout.state.lock() else { return };
+        for c in &self.culprits {
+            if let Some(n) = st.counting.peek_mut(c) {
+                n.in_flight = n.in_flight.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -144,6 +160,37 @@ struct State {
     counting: lru::LruCache<Culprit, Count>,
     locked: HashMap<Culprit, Instant>,
     buckets: lru::LruCache<IpAddr, Bucket>,
+    pruned: Instant,
+}
+
+impl State {
+    /// When `c` is locked until, if it is now.
+    fn locked_until(&self, c: &Culprit, now: Instant) -> Option<Instant> {
+        self.locked.get(c).copied().filter(|until| *until > now)
+    }
+
+    /// Drops expired locks, at most once a second (not on every attempt).
+    fn prune(&mut self, now: Instant) {
+        if now.duration_since(self.pruned) >= Duration::from_secs(1) {
+            self.locked.retain(|_, until| *until > now);
+            self.pruned = now;
+        }
+    }
+
+    /// Locks `c` until `until`. A full table first drops every expired lock, then, if it
+    /// must, the lock nearest its end: a flood of locks never unlocks the newest culprit.
+    fn lock(&mut self, c: Culprit, until: Instant, now: Instant, cap: usize) {
+        if self.locked.len() >= cap {
+            self.locked.retain(|_, u| *u > now);
+            self.pruned = now;
+        }
+        if self.locked.len() >= cap
+            && let Some(soonest) = self.locked.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone())
+        {
+            self.locked.remove(&soonest);
+        }
+        self.locked.insert(c, until);
+    }
 }
 
 pub struct Lockout {
@@ -160,6 +207,7 @@ impl Lockout {
                 counting: lru::LruCache::new(cap),
                 locked: HashMap::new(),
                 buckets: lru::LruCache::new(cap),
+                pruned: Instant::now(),
             }),
         }
     }
@@ -178,24 +226,24 @@ impl Lockout {
             return Ok(());
         }
         let mut st = self.state.lock().map_err(|_| Refusal::Full)?;
-        st.locked.retain(|_, until| *until > now);
-        match Culprit::of(None, ip).iter().filter_map(|c| st.locked.get(c)).max() {
-            Some(until) => Err(Refusal::Locked(*until - now)),
+        st.prune(now);
+        match Culprit::of(None, ip).iter().filter_map(|c| st.locked_until(c, now)).max() {
+            Some(until) => Err(Refusal::Locked(until - now)),
             None => Ok(()),
         }
     }
 
     /// Starts an attempt that will cost an argon2 verification, or says why it may not.
-    pub fn begin(&self, key: Option<&KeyId>, ip: IpAddr, now: Instant) -> Result<Attempt, Refusal> {
+    pub fn begin(&self, key: Option<&KeyId>, ip: IpAddr, now: Instant) -> Result<Attempt<'_>, Refusal> {
         let culprits = Culprit::of(key, ip);
         if self.cfg.max_failures == 0 {
-            return Ok(Attempt { culprits });
+            return Ok(Attempt { lockout: self, culprits: Vec::new() });
         }
         let mut st = self.state.lock().map_err(|_| Refusal::Full)?;
         let window = Duration::from_secs(self.cfg.window_secs);
-        st.locked.retain(|_, until| *until > now);
-        if let Some(until) = culprits.iter().filter_map(|c| st.locked.get(c)).max() {
-            return Err(Refusal::Locked(*until - now));
+        st.prune(now);
+        if let Some(until) = culprits.iter().filter_map(|c| st.locked_until(c, now)).max() {
+            return Err(Refusal::Locked(until - now));
         }
         for c in &culprits {
             if let Some(n) = st.counting.peek(c)
@@ -215,7 +263,7 @@ impl Lockout {
             }
             n.in_flight += 1;
         }
-        Ok(Attempt { culprits })
+        Ok(Attempt { lockout: self, culprits })
     }
 
     fn take_token(&self, st: &mut State, source: IpAddr, now: Instant) -> Result<(), Refusal> {
@@ -233,14 +281,16 @@ impl Lockout {
 
     /// Ends an attempt. A success takes it back from every count (and clears the key's);
     /// a failure stays counted. Returns the culprits this failure locked.
-    pub fn finish(&self, attempt: Attempt, ok: bool, now: Instant) -> Vec<Culprit> {
+    pub fn finish(&self, mut attempt: Attempt<'_>, ok: bool, now: Instant) -> Vec<Culprit> {
+        let culprits = std::mem::take(&mut attempt.culprits);
         if self.cfg.max_failures == 0 {
             return Vec::new();
         }
         let Ok(mut st) = self.state.lock() else { return Vec::new() };
         let backoff = Duration::from_secs(self.cfg.backoff_secs);
+        let cap = self.cfg.tracked.max(16);
         let mut locked = Vec::new();
-        for c in attempt.culprits {
+        for c in culprits {
             let limit = self.limit(&c);
             let Some(n) = st.counting.get_mut(&c) else { continue };
             n.in_flight = n.in_flight.saturating_sub(1);
@@ -253,10 +303,8 @@ impl Lockout {
             n.failures += 1;
             if n.failures >= limit {
                 st.counting.pop(&c);
-                if st.locked.len() < self.cfg.tracked.max(16) {
-                    st.locked.insert(c.clone(), now + backoff);
-                    locked.push(c);
-                }
+                st.lock(c.clone(), now + backoff, now, cap);
+                locked.push(c);
             }
         }
         locked
@@ -266,11 +314,6 @@ impl Lockout {
     pub fn junk(&self, ip: IpAddr, now: Instant) -> Result<Vec<Culprit>, Refusal> {
         let attempt = self.begin(None, ip, now)?;
         Ok(self.finish(attempt, false, now))
-    }
-
-    /// Whether a table full of locks is refusing new attempts.
-    pub fn is_full(&self) -> bool {
-        self.state.lock().map(|st| st.locked.len() >= self.cfg.tracked.max(16)).unwrap_or(true)
     }
 }
 
@@ -356,6 +399,35 @@ mod tests {
         }
         assert!(matches!(l.begin(Some(&key()), ip, t0), Err(Refusal::Throttled(_))));
         assert!(l.begin(Some(&key()), ip, t0 + Duration::from_secs(2)).is_ok(), "refilled one a second");
+    }
+
+    #[test]
+    fn an_attempt_abandoned_midway_is_taken_back_not_left_in_flight() {
+        // (The argon2 allowance is spent by abandoned attempts too: it is not what is tested.)
+        let l = Lockout::new(LockoutConfig { verify_burst: 1000, ..cfg() });
+        let t0 = Instant::now();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        // Callers that went away while waiting for argon2, many times the limit.
+        for _ in 0..30 {
+            drop(l.begin(Some(&key()), ip, t0).unwrap());
+        }
+        assert!(l.begin(Some(&key()), ip, t0).is_ok(), "abandoned attempts must not hold the source at its limit");
+    }
+
+    #[test]
+    fn a_full_lock_table_drops_the_lock_nearest_its_end_never_the_new_one() {
+        let l = Lockout::new(LockoutConfig { max_failures: 1, tracked: 16, backoff_secs: 100, ..cfg() });
+        let t0 = Instant::now();
+        for i in 0..16u8 {
+            fail(&l, None, &format!("198.51.100.{i}"), t0 + Duration::from_secs(u64::from(i))).unwrap();
+        }
+        let late = t0 + Duration::from_secs(20);
+        let locked = fail(&l, None, "203.0.113.1", late).unwrap();
+        assert_eq!(locked, [Culprit::Source("203.0.113.1".parse().unwrap())]);
+        assert!(matches!(l.begin(None, "203.0.113.1".parse().unwrap(), late), Err(Refusal::Locked(_))));
+        // The oldest lock (ending first) gave way; the others hold.
+        assert!(l.begin(None, "198.51.100.0".parse().unwrap(), late).is_ok());
+        assert!(matches!(l.begin(None, "198.51.100.1".parse().unwrap(), late), Err(Refusal::Locked(_))));
     }
 
     #[test]
