@@ -109,24 +109,38 @@ fn subject(client: usize) -> String {
 }
 
 /// Closed loop, `clients` at once, for `secs`: the capacity of the good mix.
+/// Closed loop, `clients` at once, for `secs`: the capacity of the good mix, counting
+/// only the ops that succeeded (a refusal is fast, and not capacity).
 async fn capacity(channels: &[Channel], key: &str, clients: usize, secs: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (ch, key, done) = (channels[c % channels.len()].clone(), key.to_owned(), done.clone());
+        let (ch, key, done, failed) =
+            (channels[c % channels.len()].clone(), key.to_owned(), done.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = c as u64;
             while Instant::now() < deadline {
-                let _ = good_op(ch.clone(), &key, c, n).await;
-                done.fetch_add(1, Ordering::Relaxed);
-                n += 1;
+                match good_op(ch.clone(), &key, c, n).await {
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) => {
+                        *failed.lock().unwrap().entry(format!("{:?} {}", s.code(), s.message())).or_default() += 1
+                    }
+                }
+                n += clients as u64;
             }
         }));
     }
     let started = Instant::now();
     for t in tasks {
         let _ = t.await;
+    }
+    let failed = failed.lock().unwrap();
+    if !failed.is_empty() {
+        eprintln!("soak: refused while measuring capacity: {failed:?}");
     }
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
@@ -416,7 +430,7 @@ pub async fn run(plan: Plan) -> String {
     eprintln!("soak: capacity {cap:.0} ops/s; driving {rate:.0} ops/s");
     let sample = Duration::from_secs_f64(plan.sample_secs);
     let baseline = open_loop(&channels, &key, plan.clients, rate, plan.baseline_secs, sample, |_, _| {}).await;
-    eprintln!("soak baseline: p99 {:.1} ms", baseline.p(0.99));
+    eprintln!("soak baseline: p99 {:.1} ms, errors {:?}", baseline.p(0.99), baseline.errors);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (hostile, attacker) = attack(&srv, hostile_key, good_key_id, &plan, stop.clone()).await;

@@ -43,11 +43,11 @@ pub struct WorkLimits {
 impl Default for WorkLimits {
     fn default() -> Self {
         WorkLimits {
-            max_exports: 8,
-            max_exports_per_tenant: 2,
+            max_exports: 16,
+            max_exports_per_tenant: 4,
             export_stall_timeout_ms: 5_000,
             max_concurrent_reads: 64,
-            max_concurrent_reads_per_tenant: 16,
+            max_concurrent_reads_per_tenant: 32,
             max_concurrent_erasures: 16,
             max_concurrent_erasures_per_tenant: 4,
             max_inflight_response_bytes: 256 << 20,

@@ -85,10 +85,10 @@ async fn stalled_exports_from_one_tenant_do_not_slow_another_tenants_reads() {
             Err(s) => refused.push(s),
         }
     }
-    assert_eq!(opened.len(), 2, "the per-tenant export limit (2 by default)");
+    assert_eq!(opened.len(), 4, "the per-tenant export limit (4 by default)");
     assert!(refused.iter().all(|s| s.code() == Code::ResourceExhausted), "{refused:?}");
     let s = &refused[0];
-    assert!(s.message().contains("max_exports_per_tenant") && s.message().contains('2'), "{}", s.message());
+    assert!(s.message().contains("max_exports_per_tenant") && s.message().contains('4'), "{}", s.message());
     use tonic_types::StatusExt;
     assert!(s.get_details_retry_info().is_some(), "RetryInfo with the refusal");
 
