@@ -63,29 +63,33 @@ impl Tally {
     }
 }
 
-/// One good op, chosen by `n`: 60% GetTranscript, 25% AppendMessages, 10% ListTranscripts,
-/// 5% ExportSubject — all on the client's own subject.
+/// One good op, chosen by `n`: 60% GetTranscript, 20% AppendMessages, 5% PutTranscript
+/// (replacing the client's live chat with a fresh one, so the data stays the same size
+/// and the old one becomes garbage to reclaim), 10% ListTranscripts, 5% ExportSubject.
 async fn good_op(ch: Channel, key: &str, client: usize, n: u64) -> Result<(), tonic::Status> {
     let mut c = tenant_client(ch.clone(), key);
+    let live = || pb::Transcript {
+        transcript_id: format!("live-{client}"),
+        subject_id: subject(client),
+        ..Default::default()
+    };
     match n % 20 {
         0..=11 => c.get_transcript(pb::GetTranscriptRequest { transcript_id: seeded(client) }).await.map(|_| ()),
-        12..=16 => {
-            // A fresh transcript every 50 appends, so reads and appends stay the same size.
-            let id = format!("live-{client}-{}", n / 1000);
+        12..=15 => {
             let req = pb::AppendMessagesRequest {
-                transcript_id: id.clone(),
+                transcript_id: format!("live-{client}"),
                 messages: vec![message(n as usize, MESSAGE_BYTES)],
                 expected_message_count: None,
             };
             match c.append_messages(req.clone()).await {
                 Err(s) if s.code() == tonic::Code::NotFound => {
-                    let t = pb::Transcript { transcript_id: id, subject_id: subject(client), ..Default::default() };
-                    c.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await?;
+                    c.put_transcript(pb::PutTranscriptRequest { transcript: Some(live()) }).await?;
                     c.append_messages(req).await.map(|_| ())
                 }
                 r => r.map(|_| ()),
             }
         }
+        16 => c.put_transcript(pb::PutTranscriptRequest { transcript: Some(live()) }).await.map(|_| ()),
         17 | 18 => {
             let req =
                 pb::ListTranscriptsRequest { subject_id: subject(client), page_size: 20, page_token: String::new() };
@@ -185,7 +189,8 @@ async fn open_loop(
                 let mut t = t.lock().unwrap();
                 t.lat_us.push(us);
                 if let Err(s) = &r {
-                    *t.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                    let what = s.message().split(" (").next().unwrap_or_default();
+                    *t.errors.entry(format!("{:?}: {what}", s.code())).or_default() += 1;
                 }
             }
             drop(permit);
@@ -232,8 +237,11 @@ async fn attack(
     let h = Arc::new(Hostile::default());
     let mut tasks = Vec::new();
     let url = srv.url.clone();
+    // SOAK_ATTACKS=stalls,guesses,junk,sockets picks parts of the attack (all by default).
+    let parts = std::env::var("SOAK_ATTACKS").unwrap_or_else(|_| "stalls,guesses,junk,sockets".into());
+    let on = |part: &str| parts.split(',').any(|p| p == part);
     // Stalled exports and stalled big reads, on connections that never take data.
-    {
+    if on("stalls") {
         let (h, stop, key, url) = (h.clone(), stop.clone(), hostile_key.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let ch = from(&url, "127.0.0.61").initial_stream_window_size(0).connect().await.expect("connect");
@@ -274,7 +282,7 @@ async fn attack(
         }));
     }
     // Guessing the good tenant's key id, 20 a second, from one address.
-    {
+    if on("guesses") {
         let (h, stop, url) = (h.clone(), stop.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let ch = from(&url, "127.0.0.62").connect().await.expect("connect");
@@ -288,7 +296,7 @@ async fn attack(
         }));
     }
     // Junk credentials (no argon2), and bad requests with a valid key, 50 a second each.
-    {
+    if on("junk") {
         let (h, stop, url, key) = (h.clone(), stop.clone(), url.clone(), hostile_key.clone());
         tasks.push(tokio::spawn(async move {
             let junk = from(&url, "127.0.0.63").connect().await.expect("connect");
@@ -307,7 +315,7 @@ async fn attack(
     }
     // Silent sockets: each reconnects as soon as the server closes it.
     let addr = url.trim_start_matches("http://").to_owned();
-    for _ in 0..plan.idle_sockets {
+    for _ in 0..if on("sockets") { plan.idle_sockets } else { 0 } {
         let (h, stop, addr) = (h.clone(), stop.clone(), addr.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -433,7 +441,13 @@ pub async fn run(plan: Plan) -> String {
     eprintln!("soak baseline: p99 {:.1} ms, errors {:?}", baseline.p(0.99), baseline.errors);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (hostile, attacker) = attack(&srv, hostile_key, good_key_id, &plan, stop.clone()).await;
+    // SOAK_ATTACK=0: the same soak with no attacker, to tell what the attacker costs.
+    let attacking = std::env::var("SOAK_ATTACK").map(|v| v != "0").unwrap_or(true);
+    let (hostile, attacker) = if attacking {
+        attack(&srv, hostile_key, good_key_id, &plan, stop.clone()).await
+    } else {
+        (Arc::new(Hostile::default()), Vec::new())
+    };
     let pid = srv.child.id();
     let mut rows = Vec::new();
     let mut last = 0.0;
@@ -455,7 +469,8 @@ pub async fn run(plan: Plan) -> String {
 
     let mut out = format!(
         "\n### Soak: {:.1} min of mixed traffic at 70% of capacity, beside a hostile client\n\n\
-         Good clients: {} subjects, 60% GetTranscript ({SEEDED_MESSAGES} × 1 KiB), 25% AppendMessages (1 KiB), \
+         Good clients: {} subjects, 60% GetTranscript ({SEEDED_MESSAGES} × 1 KiB), 20% AppendMessages (1 KiB) to a live \
+         chat, 5% PutTranscript replacing that chat with a fresh one (the data stays the same size; reclaim runs), \
          10% ListTranscripts, 5% ExportSubject; open loop at {rate:.0} ops/s (capacity of the mix, measured \
          closed-loop first in this run with the attacker at work: {cap:.0} ops/s), latency from when each op was due. durability fsync, \
          store_cache_bytes 64 MiB, every other setting default. The hostile client, all the while: exports and \

@@ -84,13 +84,16 @@ impl ConnectionLimits {
     /// together with the other listeners'.
     pub fn effective_max(&self, listener: &str) -> usize {
         let cap = self.max_connections.max(1);
-        if listener == "admin" {
-            return cap.min(ADMIN_MAX);
-        }
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
-        let others = (ADMIN_MAX + METRICS_MAX) as u64;
-        let room = usize::try_from(soft.saturating_sub(FD_RESERVE + others).max(1)).unwrap_or(usize::MAX);
-        cap.min(room)
+        let room = usize::try_from(soft.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+        // Under a low limit the admin listener and the metrics endpoint get a share of
+        // what is left rather than all of it.
+        let admin = ADMIN_MAX.min(room / 4).max(1);
+        if listener == "admin" {
+            return cap.min(admin);
+        }
+        let others = admin + METRICS_MAX.min(room / 8);
+        cap.min(room.saturating_sub(others).max(1))
     }
 }
 
@@ -105,6 +108,8 @@ pub struct ConnState {
     /// Milliseconds after `opened` when the last call ended.
     last_ms: AtomicU64,
     closed: AtomicBool,
+    /// Set once a new connection waits for this one's place (so two never wait for one).
+    claimed: AtomicBool,
     waker: Mutex<Option<Waker>>,
     /// Responses not yet out, with the time they must be by: a flag set when sent, dead
     /// when the response was dropped.
@@ -204,7 +209,8 @@ impl ConnTable {
 
     /// Makes room for a connection from `ip` in a full table: closes the oldest
     /// connection that has made no call yet, or else the oldest idle one of the source
-    /// holding the most connections, if that is not `ip`'s own. Whether one was closed.
+    /// holding the most connections, if that is not `ip`'s own. Whether a place frees
+    /// for it soon (the caller then waits for it).
     fn evict_for(&self, ip: IpAddr) -> bool {
         let Ok(map) = self.inner.lock() else { return false };
         let open = || map.values().filter(|s| !s.is_closed());
@@ -221,8 +227,12 @@ impl ConnTable {
             }
             open().filter(|s| s.source == hog && s.active.load(Ordering::SeqCst) == 0).min_by_key(|s| s.opened).cloned()
         });
+        // A connection closed a moment ago, whose place no one waits for yet, will do too.
+        let victim =
+            victim.or_else(|| map.values().find(|s| s.is_closed() && !s.claimed.swap(true, Ordering::SeqCst)).cloned());
         drop(map);
         victim.is_some_and(|s| {
+            s.claimed.store(true, Ordering::SeqCst);
             s.close();
             true
         })
@@ -415,6 +425,7 @@ impl Admission {
             active: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            claimed: AtomicBool::new(false),
             waker: Mutex::new(None),
             sends: Mutex::default(),
         });
