@@ -131,6 +131,115 @@ fn fdatasync_floor(dir: &std::path::Path, rounds: usize) -> Duration {
     percentile(&mut lat, 0.5)
 }
 
+/// Retention purging N expired transcripts (each its own subject, closed a year ago) in
+/// one run, against DeleteTranscript one at a time; GetTranscript of live transcripts
+/// while it runs against idle.
+fn retention(rt: &tokio::runtime::Runtime, n: usize, tenant: &TenantId, fdatasync: Duration) -> String {
+    use chatvault::audit::AuditLog;
+    use chatvault::retention::Purger;
+    use chatvault::tenancy::{Registry, RetentionPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let v = Arc::new(open(dir.path(), Durability::Fsync));
+    let store = v.shared_store();
+    let registry =
+        Arc::new(Registry::open(store.clone(), v.clone(), v.control_key(b"bench-registry"), v.algorithm()).unwrap());
+    let audit = Arc::new(
+        AuditLog::open(
+            &dir.path().join("audit"),
+            store.as_ref(),
+            v.control_key(b"bench-audit"),
+            Arc::new(chatvault::clock::SystemClock),
+        )
+        .unwrap(),
+    );
+    v.attach_durable(audit.clone());
+    v.attach_holds(registry.clone());
+    let now = v.now();
+    let policy = RetentionPolicy { purge_after_close_secs: 86_400, ..RetentionPolicy::default() };
+    registry.create(tenant.clone(), String::new(), Vec::new(), policy, now).unwrap();
+    let year = 365 * 86_400_000_000i64;
+    let started = Instant::now();
+    // Expired ones, then 1,000 live ones the readers read.
+    let concurrent = 64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(concurrent) {
+        rt.block_on(async {
+            let puts = chunk.iter().map(|&i| {
+                let m = Message::new("m0", AuthorRole::Visitor, "Visitor", "where is my order?");
+                let mut t = Transcript::new(format!("old{i}"), format!("s{i}"), vec![m]);
+                t.started_at = chatvault::vault::Timestamp::from_micros(now.micros() - year - 3_600_000_000);
+                t.ended_at = chatvault::vault::Timestamp::from_micros(now.micros() - year);
+                let v = v.clone();
+                let tenant = tenant.clone();
+                async move { v.put_transcript(&tenant, t).await.unwrap() }
+            });
+            futures_join(puts).await;
+        });
+        if chunk[0] > 0 && chunk[0] % 100_000 == 0 {
+            eprintln!("{} expired transcripts stored ({:.0} s)", chunk[0], started.elapsed().as_secs_f64());
+        }
+    }
+    let live = 1000;
+    for i in 0..live {
+        let m = Message::new("m0", AuthorRole::Visitor, "Visitor", "still here");
+        rt.block_on(v.put_transcript(tenant, Transcript::new(format!("t{i}"), format!("live{i}"), vec![m]))).unwrap();
+    }
+    let mut idle = reads(&v, tenant, live, None, Duration::from_secs(3));
+    let purger = Arc::new(Purger::new(v.clone(), registry.clone(), audit.clone()).unwrap());
+    let busy = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (v, tenant, busy) = (v.clone(), tenant.clone(), busy.clone());
+        std::thread::spawn(move || reads(&v, &tenant, live, Some(&busy), Duration::ZERO))
+    };
+    let t = Instant::now();
+    let mut purged = 0;
+    // A run purges at most MAX_PER_RUN per tenant; runs follow one another until done.
+    loop {
+        let r = rt.block_on(purger.run()).unwrap();
+        purged += r.purged;
+        if r.purged == 0 {
+            break;
+        }
+    }
+    let took = t.elapsed();
+    busy.store(false, Ordering::SeqCst);
+    let mut during = reader.join().unwrap();
+    assert_eq!(purged as usize, n, "every expired transcript purged");
+    // The baseline: DeleteTranscript one at a time (what a client purging by itself does).
+    let rounds = 300.min(live);
+    let t = Instant::now();
+    for i in 0..rounds {
+        rt.block_on(v.delete_transcript(tenant, &format!("t{i}"))).unwrap();
+    }
+    let one_by_one = t.elapsed().as_secs_f64() / rounds as f64;
+    let rate = purged as f64 / took.as_secs_f64();
+    format!(
+        "\n#### retention purging {n} expired transcripts (each its own subject), durability fsync\n\n         | what | transcripts/s |\n|---|---|\n         | retention run (time index, batches of {batch} under one ledger entry) | {rate:.0} |\n         | baseline: DeleteTranscript one at a time ({rounds}) | {:.0} |\n\n         Retention {:.1}x the one-at-a-time rate ({:.1} s in all; one fdatasync {:.0} µs). GetTranscript of live          transcripts while it ran, one reader: p50 {:.1} µs, p99 {:.1} µs ({} reads); idle: p50 {:.1} µs, p99 {:.1} µs          (p99 {:.2}x idle).\n",
+        1.0 / one_by_one,
+        rate * one_by_one,
+        took.as_secs_f64(),
+        us(fdatasync),
+        us(percentile(&mut during, 0.5)),
+        us(percentile(&mut during, 0.99)),
+        during.len(),
+        us(percentile(&mut idle, 0.5)),
+        us(percentile(&mut idle, 0.99)),
+        percentile(&mut during, 0.99).as_secs_f64() / percentile(&mut idle, 0.99).as_secs_f64().max(1e-9),
+        batch = chatvault::retention::BATCH,
+    )
+}
+
+/// Runs futures to completion together, on the runtime's threads.
+async fn futures_join<F>(fs: impl Iterator<Item = F>)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
 fn main() {
     let a = args();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -217,6 +326,7 @@ fn main() {
         row("PutTranscript, for comparison (data sync only)", &mut puts),
         us(sync),
     );
+    out += &retention(&rt, a.transcripts, &tenant, sync);
     println!("{out}");
     if let Some(parent) = std::path::Path::new(&a.out).parent() {
         let _ = std::fs::create_dir_all(parent);

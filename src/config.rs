@@ -72,6 +72,14 @@ pub struct Config {
     pub rotation_check_interval_secs: u64,
     /// Pause between background reclaim passes over dead ciphertext.
     pub reclaim_interval_ms: u64,
+    /// How often retention runs (closing idle chats, purging expired ones); 0: only when
+    /// asked (`RunRetention`).
+    pub retention_interval_secs: u64,
+    /// Audit records are kept this many days, then pruned by whole segments at a
+    /// retention run; 0 keeps them for ever.
+    pub audit_retention_days: u64,
+    /// Size of one audit segment: the unit of pruning.
+    pub audit_segment_bytes: u64,
     /// Dead ciphertext younger than this is left alone, so reads already in flight finish.
     pub reclaim_min_age_ms: u64,
     /// Size at which a value-log segment (message ciphertext) is closed; compaction
@@ -142,6 +150,9 @@ impl Default for Config {
             store_cache_bytes: 256 * 1024 * 1024,
             rotation_check_interval_secs: 3600,
             reclaim_interval_ms: 1000,
+            retention_interval_secs: 300,
+            audit_retention_days: 0,
+            audit_segment_bytes: crate::audit::SEGMENT_BYTES,
             reclaim_min_age_ms: 60_000,
             value_segment_bytes: crate::vault::DEFAULT_VALUE_SEGMENT_BYTES,
             inline_values_below: 0,

@@ -93,6 +93,7 @@ fn copy(staging: &Path, store: &dyn KvStore, key: &SecretKey, segment_bytes: u64
                 transcript: rec.transcript,
                 source: rec.source,
                 count: 1,
+                detail: String::new(),
             };
             log.append_at(rec.at_micros, rec.operation, rec.outcome, ev)?;
             prev = mac;

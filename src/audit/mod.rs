@@ -11,6 +11,7 @@
 
 mod anchor;
 mod legacy;
+mod prune;
 mod record;
 mod segment;
 
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use anchor::AnchorCheck;
+pub use prune::{Checkpoint, Pruned};
 pub use record::{Event, Operation, Outcome, Record};
 use segment::{FrameError, Reader, SegmentView, Segments};
 
@@ -30,12 +32,16 @@ use crate::store::{Durability, KvStore, StoreError, SyncTarget};
 const RECORD_V2: u8 = 2;
 /// A V2 record followed by how many events it stands for (an aggregate of refusals).
 const RECORD_V3: u8 = 3;
+/// A V2 record followed by its count and a detail: the reason an operator gave.
+const RECORD_V4: u8 = 4;
+/// Longest detail kept.
+pub const MAX_DETAIL: usize = 500;
 const MAC_LEN: usize = 32;
 const MAC_DOMAIN: &[u8] = b"chatvault/audit/v2";
 /// Records a query examines per call; it returns a page token to go on.
 const SCAN_BUDGET: usize = 50_000;
 /// A segment holds ~90,000 records: the unit a reader starts from and, later, archiving removes.
-const SEGMENT_BYTES: u64 = 16 << 20;
+pub const SEGMENT_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -49,6 +55,8 @@ pub enum AuditError {
         "the audit trail kept in the store by an earlier version is broken at record {0} ({1}); it was not migrated"
     )]
     Legacy(u64, String),
+    #[error("the audit trail's pruning checkpoint fails its MAC: altered, or written under another root key")]
+    BadCheckpoint,
     #[error("internal lock poisoned")]
     Poisoned,
 }
@@ -100,6 +108,10 @@ pub struct Verification {
     /// Records lost in a restore, accepted by the operator and recorded in the erasure
     /// ledger: not a break, but never hidden.
     pub accepted_gaps: Vec<crate::keys::AuditGap>,
+    /// Records pruned by the trail's retention: the chain is proven from the checkpoint
+    /// after them (`first_seq`).
+    pub pruned: u64,
+    pub first_seq: u64,
 }
 
 /// A blind id as stored: 32 raw bytes instead of 64 hex characters.
@@ -164,8 +176,19 @@ impl AuditLog {
     /// Opens the trail in `dir` and finds its newest record, which the next one chains to.
     /// A trail an earlier version kept in `store` is moved into `dir` first.
     pub fn open(dir: &Path, store: &dyn KvStore, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
-        legacy::migrate(dir, store, &key, SEGMENT_BYTES)?;
-        Self::open_segments(Segments::open(dir, SEGMENT_BYTES)?, key, clock)
+        Self::open_sized(dir, store, key, clock, SEGMENT_BYTES)
+    }
+
+    /// [`Self::open`] with segments of `segment_bytes`: what retention prunes at a time.
+    pub fn open_sized(
+        dir: &Path,
+        store: &dyn KvStore,
+        key: SecretKey,
+        clock: Arc<dyn Clock>,
+        segment_bytes: u64,
+    ) -> Result<Self, AuditError> {
+        legacy::migrate(dir, store, &key, segment_bytes)?;
+        Self::open_segments(Segments::open(dir, segment_bytes)?, key, clock)
     }
 
     fn open_segments(segments: Segments, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
@@ -222,14 +245,17 @@ impl AuditLog {
     /// sequence number for errors when the record's own cannot be read.
     fn decode(&self, payload: &[u8], prev: &[u8; MAC_LEN], near: u64) -> Result<(Record, [u8; MAC_LEN]), AuditError> {
         let (&v, rest) = payload.split_first().ok_or(AuditError::Corrupt(near))?;
-        if !(v == RECORD_V2 || v == RECORD_V3) || rest.len() < MAC_LEN {
+        if !(RECORD_V2..=RECORD_V4).contains(&v) || rest.len() < MAC_LEN {
             return Err(AuditError::Corrupt(near));
         }
         let (body, mac) = rest.split_at(rest.len() - MAC_LEN);
         let (s, tail): (Stored, &[u8]) = postcard::take_from_bytes(body).map_err(|_| AuditError::Corrupt(near))?;
-        let count = match (v, tail) {
-            (RECORD_V2, []) => 1,
-            (RECORD_V3, tail) => postcard::from_bytes::<u32>(tail).map_err(|_| AuditError::Corrupt(near))?,
+        let (count, detail) = match (v, tail) {
+            (RECORD_V2, []) => (1, String::new()),
+            (RECORD_V3, tail) => {
+                (postcard::from_bytes::<u32>(tail).map_err(|_| AuditError::Corrupt(near))?, String::new())
+            }
+            (RECORD_V4, tail) => postcard::from_bytes::<(u32, String)>(tail).map_err(|_| AuditError::Corrupt(near))?,
             _ => return Err(AuditError::Corrupt(near)),
         };
         if self.mac(prev, body) != mac {
@@ -246,6 +272,7 @@ impl AuditLog {
             transcript: s.transcript.unpack(),
             source: s.source,
             count,
+            detail,
             prev: *prev,
         };
         Ok((rec, mac.try_into().map_err(|_| AuditError::Corrupt(near))?))
@@ -273,11 +300,20 @@ impl AuditLog {
             transcript: StoredId::pack(ev.transcript),
             source: ev.source,
         };
-        let mut payload = vec![if count > 1 { RECORD_V3 } else { RECORD_V2 }];
+        let detail: String = ev.detail.chars().filter(|c| !c.is_control()).take(MAX_DETAIL).collect();
+        let version = match (count > 1, detail.is_empty()) {
+            (_, false) => RECORD_V4,
+            (true, true) => RECORD_V3,
+            (false, true) => RECORD_V2,
+        };
+        let mut payload = vec![version];
         postcard::to_io(&stored, &mut payload).map_err(|_| AuditError::Corrupt(seq))?;
-        if count > 1 {
-            postcard::to_io(&count, &mut payload).map_err(|_| AuditError::Corrupt(seq))?;
+        match version {
+            RECORD_V3 => postcard::to_io(&count, &mut payload).map(drop),
+            RECORD_V4 => postcard::to_io(&(count, &detail), &mut payload).map(drop),
+            _ => Ok(()),
         }
+        .map_err(|_| AuditError::Corrupt(seq))?;
         let mac = self.mac(&head.prev, &payload[1..]);
         payload.extend_from_slice(&mac);
         self.segments.append(seq, &head.prev, &payload)?;
@@ -324,14 +360,41 @@ impl AuditLog {
         let mut prev = [0u8; MAC_LEN];
         let mut records = 0;
         let mut accepted = Vec::new();
+        let checkpoint = match self.checkpoint() {
+            Ok(c) => c,
+            Err(AuditError::BadCheckpoint) => {
+                let why = AuditError::BadCheckpoint.to_string();
+                return Ok(Verification {
+                    records: 0,
+                    head_seq: 0,
+                    head_mac: String::new(),
+                    broken: Some((0, why)),
+                    accepted_gaps: Vec::new(),
+                    pruned: 0,
+                    first_seq: 0,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(c) = &checkpoint {
+            expect_seq = c.first_seq;
+            prev = c.prev;
+        }
+        let (pruned, first_seq) = checkpoint.as_ref().map(|c| (c.pruned, c.first_seq)).unwrap_or((0, 1));
         let report = |records, next_seq: u64, prev: [u8; MAC_LEN], broken, accepted_gaps| Verification {
             records,
             head_seq: next_seq.saturating_sub(1),
             head_mac: hex::encode(prev),
             broken,
             accepted_gaps,
+            pruned,
+            first_seq,
         };
         for view in self.segments.snapshot()? {
+            // Left by a prune a crash cut short: before the checkpoint, so not the chain's.
+            if view.first_seq < first_seq {
+                continue;
+            }
             let reader = match Reader::open(&view) {
                 Ok(r) => r,
                 Err(e) => return Ok(report(records, expect_seq, prev, Some((expect_seq, frame_why(e))), accepted)),

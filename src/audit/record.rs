@@ -60,6 +60,12 @@ names! {
         // Refused authentications from one source in one window, counted in `count`.
         AuthFailedRepeated => "auth.failed.repeated",
         AdminDeniedRepeated => "admin.denied.repeated",
+        // Retention's deletions and closes of one tenant in one run, counted in `count`.
+        RetentionPurge => "retention.purge",
+        RetentionClose => "retention.close",
+        SetHold => "admin.hold.set",
+        ReleaseHold => "admin.hold.release",
+        RunRetention => "admin.retention.run",
     }
 }
 
@@ -109,6 +115,8 @@ pub struct Event {
     /// How many events this one record stands for: above 1 for an aggregate of refused
     /// calls from one source (0 and 1 both mean one).
     pub count: u32,
+    /// The reason an operator gave for a hold set or released; never client data.
+    pub detail: String,
 }
 
 /// One stored, chained record.
@@ -125,6 +133,8 @@ pub struct Record {
     pub source: String,
     /// Events the record stands for (1 but for aggregates).
     pub count: u32,
+    /// The reason an operator gave (holds), or empty.
+    pub detail: String,
     /// MAC of the previous record: the chain link.
     pub prev: [u8; 32],
 }
@@ -141,6 +151,7 @@ mod tests {
         assert_eq!(code(Operation::VerifyAudit), [20]);
         assert_eq!(code(Operation::ExportTenant), [22]);
         assert_eq!(code(Operation::GetErasure), [23]);
-        assert_eq!(Operation::ALL.len(), 27);
+        assert_eq!(code(Operation::AdminDeniedRepeated), [26]);
+        assert_eq!(Operation::ALL.len(), 32);
     }
 }

@@ -171,6 +171,21 @@ impl Segments {
         Ok(())
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Deletes the `n` oldest closed segments (never the active one).
+    pub fn remove_oldest(&self, n: usize) -> Result<(), StoreError> {
+        let mut closed = self.closed.lock().map_err(|_| StoreError::Failed)?;
+        let n = n.min(closed.len());
+        for view in closed.drain(..n) {
+            fs::remove_file(&view.path)?;
+        }
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
     /// Every segment, oldest first, cut at what was written when this was called.
     pub fn snapshot(&self) -> Result<Vec<SegmentView>, StoreError> {
         // Active first: a roll between the two locks then shows a segment twice, never none.

@@ -49,7 +49,22 @@ enum AdminCommand {
         purge_after_close_secs: u64,
         #[arg(long, default_value_t = 0)]
         close_inactive_after_secs: u64,
+        /// Purge any transcript this long after it started, closed or not.
+        #[arg(long, default_value_t = 0)]
+        max_age_secs: u64,
+        /// Purge transcripts as soon as they close.
+        #[arg(long)]
+        purge_on_close: bool,
     },
+    /// What retention has done for a tenant; `--run` runs it for every tenant first.
+    RetentionStatus {
+        tenant: String,
+        #[arg(long)]
+        run: bool,
+    },
+    /// Legal holds: set, release, list.
+    #[command(subcommand)]
+    Hold(HoldCommand),
     /// The audit trail: query, verify.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -104,6 +119,41 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum HoldCommand {
+    /// Hold the whole tenant, or one subject (--subject) or transcript (--transcript).
+    Set {
+        tenant: String,
+        #[arg(long, conflicts_with = "transcript")]
+        subject: Option<String>,
+        #[arg(long)]
+        transcript: Option<String>,
+        /// Why (a case reference); kept with the hold and in the audit trail.
+        #[arg(long)]
+        reason: String,
+    },
+    Release {
+        tenant: String,
+        hold_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    List {
+        tenant: String,
+    },
+}
+
+fn hold_json(h: pb::Hold) -> Value {
+    json!({
+        "hold_id": h.hold_id,
+        "scope": h.scope,
+        "subject": (!h.subject.is_empty()).then_some(h.subject),
+        "transcript": (!h.transcript.is_empty()).then_some(h.transcript),
+        "reason": h.reason,
+        "set_at": h.set_at.map(|t| t.to_string()),
+    })
+}
+
+#[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Records, oldest first. Times are RFC 3339 (2026-11-23T10:00:00Z).
     Query {
@@ -143,7 +193,9 @@ fn tenant_json(t: pb::Tenant) -> Value {
         "created_at": t.created_at.map(|t| t.to_string()),
         "allowlist": t.allowlist,
         "retention": { "purge_after_close_secs": r.purge_after_close_seconds,
-                       "close_inactive_after_secs": r.close_inactive_after_seconds },
+                       "close_inactive_after_secs": r.close_inactive_after_seconds,
+                       "max_age_secs": r.max_age_seconds,
+                       "purge_on_close": r.purge_on_close },
         "live_api_keys": t.live_api_keys,
     })
 }
@@ -252,10 +304,18 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
             let req = pb::SetAllowlistRequest { tenant_id: tenant, allowlist: networks };
             tenant_json(c.set_allowlist(req).await.map_err(status)?.into_inner())
         }
-        AdminCommand::Retention { tenant, purge_after_close_secs, close_inactive_after_secs } => {
+        AdminCommand::Retention {
+            tenant,
+            purge_after_close_secs,
+            close_inactive_after_secs,
+            max_age_secs,
+            purge_on_close,
+        } => {
             let retention = pb::Retention {
                 purge_after_close_seconds: purge_after_close_secs,
                 close_inactive_after_seconds: close_inactive_after_secs,
+                max_age_seconds: max_age_secs,
+                purge_on_close,
             };
             let req = pb::SetRetentionRequest { tenant_id: tenant, retention: Some(retention) };
             tenant_json(c.set_retention(req).await.map_err(status)?.into_inner())
@@ -281,6 +341,41 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
                 req.page_token = r.next_page_token;
             }
         }
+        AdminCommand::RetentionStatus { tenant, run } => {
+            if run {
+                c.run_retention(pb::RunRetentionRequest {}).await.map_err(status)?;
+            }
+            let req = pb::GetRetentionStatusRequest { tenant_id: tenant };
+            let s = c.get_retention_status(req).await.map_err(status)?.into_inner();
+            json!({
+                "tenant_id": s.tenant_id,
+                "last_run_at": s.last_run_at.map(|t| t.to_string()),
+                "purged_total": s.purged_total,
+                "closed_total": s.closed_total,
+                "last_purged": s.last_purged,
+                "last_closed": s.last_closed,
+                "backlog": s.backlog,
+                "held": s.held,
+            })
+        }
+        AdminCommand::Hold(HoldCommand::Set { tenant, subject, transcript, reason }) => {
+            let req = pb::SetHoldRequest {
+                tenant_id: tenant,
+                subject_id: subject.unwrap_or_default(),
+                transcript_id: transcript.unwrap_or_default(),
+                reason,
+            };
+            hold_json(c.set_hold(req).await.map_err(status)?.into_inner())
+        }
+        AdminCommand::Hold(HoldCommand::Release { tenant, hold_id, reason }) => {
+            let req = pb::ReleaseHoldRequest { tenant_id: tenant, hold_id, reason };
+            hold_json(c.release_hold(req).await.map_err(status)?.into_inner())
+        }
+        AdminCommand::Hold(HoldCommand::List { tenant }) => {
+            let req = pb::ListHoldsRequest { tenant_id: tenant };
+            let holds = c.list_holds(req).await.map_err(status)?.into_inner().holds;
+            Value::Array(holds.into_iter().map(hold_json).collect())
+        }
         AdminCommand::Erasures => {
             let r = c.get_erasure_status(pb::GetErasureStatusRequest {}).await.map_err(status)?.into_inner();
             json!({
@@ -301,6 +396,8 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
                 "records_checked": r.records_checked,
                 "head_sequence": r.head_sequence,
                 "head_mac": r.head_mac,
+                "pruned_records": r.pruned_records,
+                "first_sequence": r.first_sequence,
                 "first_bad_sequence": (!r.intact).then_some(r.first_bad_sequence),
                 "problem": (!r.intact).then_some(r.problem),
                 "accepted_gaps": r.accepted_gaps.iter().map(|g| json!({

@@ -4,6 +4,7 @@
 mod admin;
 mod client;
 mod connect;
+mod erase;
 mod receipt;
 
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// An erasure job: shred every subject id in a file, with receipts, resumable.
+    Erase(erase::EraseArgs),
     /// Erasure receipts: check one offline, fetch the signing key.
     #[command(subcommand)]
     Receipt(receipt::ReceiptCommand),
@@ -146,6 +149,7 @@ pub fn main() -> ExitCode {
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
+        Command::Erase(args) => runtime.block_on(erase::run(args)),
         Command::Backup(args) => runtime.block_on(admin::backup(args)),
         Command::Restore { from, server } => server.config().and_then(|cfg| runtime.block_on(restore(cfg, &from))),
         Command::Client(cmd) => runtime.block_on(client::run(cmd)),

@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::tenancy::{
     self, ApiKeyInfo, KeyHashParams, KeyId, OperatorToken, Registry, RetentionPolicy, Tenant, TenantStatus,
 };
-use crate::vault::{TenantId, Vault};
+use crate::vault::{HoldScope, TenantId, Vault};
 
 /// The admin listener's defence against token guessing: lockout and aggregated records.
 pub struct AdminGuard {
@@ -38,6 +38,7 @@ pub struct Admin {
     pub token: OperatorToken,
     pub key_hash: KeyHashParams,
     pub clock: Arc<dyn Clock>,
+    pub purger: Arc<crate::retention::Purger>,
 }
 
 fn tenant_id(s: &str) -> Result<TenantId, Status> {
@@ -53,6 +54,34 @@ fn retention_in(r: Option<pb::Retention>) -> RetentionPolicy {
     RetentionPolicy {
         purge_after_close_secs: r.purge_after_close_seconds,
         close_inactive_after_secs: r.close_inactive_after_seconds,
+        max_age_secs: r.max_age_seconds,
+        purge_on_close: r.purge_on_close,
+    }
+}
+
+fn hold_out(h: &tenancy::Hold) -> pb::Hold {
+    let (scope, subject, transcript) = match h.scope {
+        HoldScope::Tenant => ("tenant", String::new(), String::new()),
+        HoldScope::Subject(s) => ("subject", hex::encode(s), String::new()),
+        HoldScope::Transcript { transcript, subject } => ("transcript", hex::encode(subject), hex::encode(transcript)),
+    };
+    pb::Hold {
+        hold_id: h.id.clone(),
+        scope: scope.into(),
+        subject,
+        transcript,
+        reason: h.reason.clone(),
+        set_at: crate::vault::Timestamp::from_micros(h.set_at).map(timestamp_out),
+    }
+}
+
+fn retention_error(e: crate::retention::RetentionError) -> Status {
+    match e {
+        crate::retention::RetentionError::Vault(v) => to_status(v),
+        other => {
+            tracing::error!(error = %other, "retention failed");
+            Status::internal("retention failed; see the server log")
+        }
     }
 }
 
@@ -69,6 +98,8 @@ fn tenant_out(t: &Tenant) -> pb::Tenant {
         retention: Some(pb::Retention {
             purge_after_close_seconds: t.retention.purge_after_close_secs,
             close_inactive_after_seconds: t.retention.close_inactive_after_secs,
+            max_age_seconds: t.retention.max_age_secs,
+            purge_on_close: t.retention.purge_on_close,
         }),
         live_api_keys: t.keys.iter().filter(|k| k.is_live()).count() as u32,
     }
@@ -95,6 +126,7 @@ fn record_out(r: Record) -> pb::AuditRecord {
         source_address: r.source,
         previous_mac: hex::encode(r.prev),
         count: r.count,
+        detail: r.detail,
     }
 }
 
@@ -199,6 +231,52 @@ impl Admin {
         record_change(&self.audit, &self.vault, source, op, tenant, key_id, result).await
     }
 
+    /// Records a hold change with what it covers and the operator's reason.
+    async fn record_hold(
+        &self,
+        source: String,
+        op: Operation,
+        tenant: &str,
+        reason: &str,
+        result: Result<tenancy::Hold, Status>,
+    ) -> Result<pb::Hold, Status> {
+        let (subject, transcript) = match result.as_ref().map(|h| h.scope) {
+            Ok(HoldScope::Subject(s)) => (hex::encode(s), String::new()),
+            Ok(HoldScope::Transcript { transcript, subject }) => (hex::encode(subject), hex::encode(transcript)),
+            _ => (String::new(), String::new()),
+        };
+        let hold_id = result.as_ref().map(|h| h.id.clone()).unwrap_or_default();
+        let ev = Event {
+            tenant: tenant.to_owned(),
+            source,
+            subject,
+            transcript,
+            detail: format!("{hold_id}: {reason}"),
+            ..Event::default()
+        };
+        self.audit.append(op, outcome_of(&result), ev).map_err(audit_status)?;
+        self.vault.wait_durable().await.map_err(to_status)?;
+        result.map(|h| hold_out(&h))
+    }
+
+    /// What a SetHold names, resolved to blind ids.
+    fn hold_scope(&self, tid: &TenantId, r: &pb::SetHoldRequest) -> Result<HoldScope, Status> {
+        self.registry.get(tid).map_err(tenancy_status)?;
+        match (r.subject_id.as_str(), r.transcript_id.as_str()) {
+            ("", "") => Ok(HoldScope::Tenant),
+            (s, "") => {
+                self.vault.limits().id("subject_id", s).map_err(to_status)?;
+                Ok(HoldScope::Subject(self.vault.subject_blind(tid, s).map_err(to_status)?))
+            }
+            ("", t) => {
+                self.vault.limits().id("transcript_id", t).map_err(to_status)?;
+                let (transcript, subject) = self.vault.transcript_blinds(tid, t).map_err(to_status)?;
+                Ok(HoldScope::Transcript { transcript, subject })
+            }
+            _ => Err(Status::invalid_argument("subject_id, transcript_id: name at most one of them")),
+        }
+    }
+
     /// Runs a registry change: it syncs the key volume and the store, so off the
     /// executor's own threads.
     fn tenant_change(
@@ -272,6 +350,9 @@ impl AdminService for Admin {
                 }
                 // First no call is admitted, then the keys go; a retry after a failure
                 // finishes the erasure.
+                if let Some(hold) = crate::vault::HoldCheck::any_hold(&*registry, tid.as_str()) {
+                    return Err(to_status(crate::vault::VaultError::Held(hold)));
+                }
                 registry.mark_deleted(&tid, now).map_err(tenancy_status)?;
                 let erased = vault.erase_tenant(&tid).await.map_err(to_status)?;
                 tracing::info!(tenant = %id, subjects = erased.subjects_shredded, "tenant deleted and shredded");
@@ -431,6 +512,8 @@ impl AdminService for Admin {
                     accepted_at: crate::vault::Timestamp::from_micros(g.at_micros).map(timestamp_out),
                 })
                 .collect(),
+            pruned_records: v.pruned,
+            first_sequence: v.first_seq,
         }))
     }
 
@@ -452,6 +535,81 @@ impl AdminService for Admin {
             last_failure_at: ts(failed_at),
             last_failure: failure.unwrap_or_default(),
         }))
+    }
+
+    async fn set_hold(&self, req: Request<pb::SetHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let source = self.operator(&req)?;
+        let r = req.into_inner();
+        let result = tenant_id(&r.tenant_id).and_then(|tid| {
+            let scope = self.hold_scope(&tid, &r)?;
+            tokio::task::block_in_place(|| {
+                self.vault.while_erasures_wait(&tid, &scope, || {
+                    self.registry.add_hold(&tid, scope, &r.reason, self.clock.now())
+                })
+            })
+            .map(|(_, hold)| hold)
+            .map_err(tenancy_status)
+        });
+        if let Ok(h) = &result {
+            tracing::info!(tenant = %r.tenant_id, hold = %h.id, "legal hold set");
+        }
+        Ok(Response::new(self.record_hold(source, Operation::SetHold, &r.tenant_id, &r.reason, result).await?))
+    }
+
+    async fn release_hold(&self, req: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let source = self.operator(&req)?;
+        let r = req.into_inner();
+        let result = if r.reason.trim().is_empty() {
+            Err(Status::invalid_argument("reason: required (why the hold is released)"))
+        } else {
+            tenant_id(&r.tenant_id).and_then(|tid| {
+                tokio::task::block_in_place(|| self.registry.release_hold(&tid, &r.hold_id)).map_err(tenancy_status)
+            })
+        };
+        Ok(Response::new(self.record_hold(source, Operation::ReleaseHold, &r.tenant_id, &r.reason, result).await?))
+    }
+
+    async fn list_holds(&self, req: Request<pb::ListHoldsRequest>) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        self.operator(&req)?;
+        let tid = tenant_id(&req.get_ref().tenant_id)?;
+        let t = self.registry.get(&tid).map_err(tenancy_status)?;
+        Ok(Response::new(pb::ListHoldsResponse { holds: t.holds.iter().map(hold_out).collect() }))
+    }
+
+    async fn get_retention_status(
+        &self,
+        req: Request<pb::GetRetentionStatusRequest>,
+    ) -> Result<Response<pb::RetentionStatus>, Status> {
+        self.operator(&req)?;
+        let tid = tenant_id(&req.get_ref().tenant_id)?;
+        self.registry.get(&tid).map_err(tenancy_status)?;
+        let s = self.purger.status(&tid).map_err(retention_error)?;
+        Ok(Response::new(pb::RetentionStatus {
+            tenant_id: tid.as_str().to_owned(),
+            last_run_at: (s.last_run_at != 0)
+                .then(|| crate::vault::Timestamp::from_micros(s.last_run_at))
+                .flatten()
+                .map(timestamp_out),
+            purged_total: s.purged_total,
+            closed_total: s.closed_total,
+            last_purged: s.last_purged,
+            last_closed: s.last_closed,
+            backlog: s.backlog,
+            held: s.held,
+        }))
+    }
+
+    async fn run_retention(
+        &self,
+        req: Request<pb::RunRetentionRequest>,
+    ) -> Result<Response<pb::RunRetentionResponse>, Status> {
+        let source = self.operator(&req)?;
+        let result = self.purger.run().await.map_err(retention_error).map(|r| pb::RunRetentionResponse {
+            purged: r.purged,
+            closed: r.closed,
+            held: r.held,
+        });
+        Ok(Response::new(self.record(source, Operation::RunRetention, "", "", result).await?))
     }
 
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<pb::BackupResponse>, Status> {

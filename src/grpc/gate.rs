@@ -107,6 +107,22 @@ impl Gate {
         ids: Ids<'_>,
         result: &Result<T, Status>,
     ) -> Result<(), Status> {
+        self.note(who, op, ids, result)?;
+        if op.is_change() && result.is_ok() {
+            self.vault.wait_durable().await.map_err(to_status)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a served call's record without waiting for it to be durable: for a batch,
+    /// whose one wait before the reply covers every record.
+    pub fn note<T>(
+        &self,
+        who: &Principal,
+        op: Operation,
+        ids: Ids<'_>,
+        result: &Result<T, Status>,
+    ) -> Result<(), Status> {
         let (subject, transcript) =
             self.vault.blind_ids(&who.tenant, ids.subject_id, ids.transcript_id).unwrap_or((None, None));
         let ev = Event {
@@ -116,11 +132,9 @@ impl Gate {
             transcript: transcript.unwrap_or_default(),
             source: who.source.to_string(),
             count: 1,
+            detail: String::new(),
         };
         self.audit.append(op, outcome_of(result), ev).map_err(audit_status)?;
-        if op.is_change() && result.is_ok() {
-            self.vault.wait_durable().await.map_err(to_status)?;
-        }
         Ok(())
     }
 }

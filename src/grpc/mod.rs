@@ -30,6 +30,7 @@ pub use limits::{Work, WorkLimits};
 pub use admin::{Admin, AdminGuard};
 pub use credentials::Bearer;
 pub use gate::Gate;
+pub use subjects::MAX_BATCH as SHRED_BATCH_MAX;
 
 /// Generated wire types and stubs of `proto/chatvault/v1`.
 pub mod pb {

@@ -16,6 +16,10 @@ pub fn to_status(e: VaultError) -> Status {
         VaultError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         VaultError::NotFound(_) | VaultError::Erased(_) => Status::not_found(e.to_string()),
         VaultError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        VaultError::Held(ref hold) => {
+            let details = ErrorDetails::with_error_info("LEGAL_HOLD", "chatvault", [("hold".to_owned(), hold.clone())]);
+            Status::with_error_details(Code::FailedPrecondition, e.to_string(), details)
+        }
         VaultError::Aborted(_) => Status::aborted(e.to_string()),
         VaultError::Busy(_) => Status::with_error_details(
             Code::ResourceExhausted,

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::convert::{erasure_out, receipt_out, subject_out};
@@ -9,6 +10,47 @@ use super::gate::{Gate, Ids, erasing};
 use super::pb::{self, subject_service_server::SubjectService};
 use super::status::to_status;
 use crate::audit::Operation;
+
+/// Subjects per ShredSubjects call at most.
+pub const MAX_BATCH: usize = 1000;
+
+/// One subject's outcome in a batch.
+fn shred_result(
+    gate: &Gate,
+    tenant: &crate::vault::TenantId,
+    subject_id: &str,
+    result: Result<crate::vault::ShredReceipt, Status>,
+) -> pb::ShredSubjectResult {
+    let blind = || gate.vault.blind_ids(tenant, Some(subject_id), None).ok().and_then(|(b, _)| b).unwrap_or_default();
+    match result {
+        Ok(r) => {
+            let outcome = if !matches!(r.state, crate::vault::ErasureState::NothingErased) {
+                pb::ShredOutcome::Shredded
+            } else {
+                pb::ShredOutcome::Unknown
+            };
+            pb::ShredSubjectResult {
+                subject_blind_id: r.subject_blind_id.clone(),
+                outcome: outcome as i32,
+                reason: String::new(),
+                receipt: Some(receipt_out(r)),
+            }
+        }
+        Err(s) => {
+            let outcome = if s.code() == tonic::Code::FailedPrecondition && s.message().contains("legal hold") {
+                pb::ShredOutcome::Held
+            } else {
+                pb::ShredOutcome::Failed
+            };
+            pb::ShredSubjectResult {
+                subject_blind_id: if s.code() == tonic::Code::InvalidArgument { String::new() } else { blind() },
+                outcome: outcome as i32,
+                reason: s.message().to_owned(),
+                receipt: None,
+            }
+        }
+    }
+}
 
 pub struct Subjects {
     gate: Arc<Gate>,
@@ -41,6 +83,55 @@ impl SubjectService for Subjects {
             let receipt = result?;
             tracing::info!(tenant = who.tenant.as_str(), subject = %receipt.subject_blind_id, "subject shredded");
             Ok(Response::new(pb::ShredSubjectResponse { receipt: Some(receipt_out(receipt)) }))
+        })
+        .await
+    }
+
+    async fn shred_subjects(
+        &self,
+        req: Request<pb::ShredSubjectsRequest>,
+    ) -> Result<Response<pb::ShredSubjectsResponse>, Status> {
+        let who = self.gate.admit(&req).await?;
+        let pb::ShredSubjectsRequest { subject_ids, request_id } = req.into_inner();
+        if subject_ids.is_empty() || subject_ids.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "subject_ids: 1 to {MAX_BATCH} per batch, got {}",
+                subject_ids.len()
+            )));
+        }
+        if request_id.chars().count() > 128 || request_id.chars().any(char::is_control) {
+            return Err(Status::invalid_argument("request_id: at most 128 characters, no control characters"));
+        }
+        let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
+        erasing(&self.gate.work, tenant.as_str(), async move {
+            if !request_id.is_empty()
+                && let Some(bytes) = gate.vault.recall_request(&who.tenant, &request_id).map_err(to_status)?
+            {
+                let mut answer = pb::ShredSubjectsResponse::decode(bytes.as_slice())
+                    .map_err(|_| Status::data_loss("the kept answer to this request_id is corrupt"))?;
+                answer.replayed = true;
+                return Ok(Response::new(answer));
+            }
+            let mut results = Vec::with_capacity(subject_ids.len());
+            for subject_id in &subject_ids {
+                let result = gate.vault.shred_subject(&who.tenant, subject_id).await.map_err(to_status);
+                let ids = Ids { subject_id: Some(subject_id), ..Ids::default() };
+                gate.note(&who, Operation::ShredSubject, ids, &result)?;
+                results.push(shred_result(&gate, &who.tenant, subject_id, result));
+            }
+            gate.vault.wait_durable().await.map_err(to_status)?;
+            let shredded = results.iter().filter(|r| r.outcome() == pb::ShredOutcome::Shredded).count();
+            tracing::info!(
+                tenant = who.tenant.as_str(),
+                subjects = results.len(),
+                shredded,
+                "subjects shredded in a batch"
+            );
+            let answer = pb::ShredSubjectsResponse { results, replayed: false };
+            if !request_id.is_empty() {
+                gate.vault.keep_request(&who.tenant, &request_id, &answer.encode_to_vec()).await.map_err(to_status)?;
+            }
+            Ok(Response::new(answer))
         })
         .await
     }

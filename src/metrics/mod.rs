@@ -107,6 +107,10 @@ pub struct Metrics {
     pub reclaim_backlog_records: Gauge,
     pub value_log_dead_bytes: Gauge,
     pub disk_bytes: Family<AreaLabels, Gauge>,
+    pub retention_purged: Counter,
+    pub retention_closed: Counter,
+    pub retention_backlog: Gauge,
+    pub retention_runs: Counter,
 }
 
 /// The work limits `limits_hit` counts, by the name their refusals give.
@@ -156,6 +160,10 @@ impl Metrics {
             reclaim_backlog_records: Gauge::default(),
             value_log_dead_bytes: Gauge::default(),
             disk_bytes: Family::default(),
+            retention_purged: Counter::default(),
+            retention_closed: Counter::default(),
+            retention_backlog: Gauge::default(),
+            retention_runs: Counter::default(),
             registry: Registry::default(),
         };
         // Series that start at zero rather than appear with their first event: a rate of
@@ -216,6 +224,14 @@ impl Metrics {
         );
         r.register("value_log_dead_bytes", "value-log bytes no record points at", m.value_log_dead_bytes.clone());
         r.register("disk_bytes", "bytes on disk, by area", m.disk_bytes.clone());
+        r.register("retention_purged", "transcripts purged by retention", m.retention_purged.clone());
+        r.register("retention_closed", "idle transcripts closed by retention", m.retention_closed.clone());
+        r.register(
+            "retention_backlog",
+            "transcripts due that the last tenant run left for the next",
+            m.retention_backlog.clone(),
+        );
+        r.register("retention_runs", "retention runs of one tenant", m.retention_runs.clone());
         Metrics { registry, ..m }
     }
 
@@ -234,6 +250,13 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    pub fn retention_run(&self, purged: u64, closed: u64, backlog: u64) {
+        self.retention_purged.inc_by(purged);
+        self.retention_closed.inc_by(closed);
+        self.retention_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        self.retention_runs.inc();
     }
 
     pub fn limit_hit(&self, limit: &str) {

@@ -8,7 +8,7 @@ mod workers;
 
 pub use node::Node;
 pub use restore::restore;
-use workers::{denials_worker, ledger_worker, reclaim_worker, rotate_on_sighup, rotation_worker};
+use workers::{denials_worker, ledger_worker, reclaim_worker, retention_worker, rotate_on_sighup, rotation_worker};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,8 @@ pub enum ServerError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("retention: {0}")]
+    Retention(#[from] crate::retention::RetentionError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     /// A check at start failed; the text says what and what to do.
@@ -73,6 +75,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let work = Arc::new(grpc::Work::new(config.work.clone()));
     let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone(), work.clone()));
     let admin_guard = grpc::AdminGuard::new(config.auth.lockout);
+    let purger = Arc::new(
+        crate::retention::Purger::new(vault.clone(), registry.clone(), audit.clone())?
+            .keeping_audit_for(config.audit_retention_days),
+    );
     let admin = Admin {
         guard: admin_guard.clone(),
         work,
@@ -82,6 +88,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         token,
         key_hash: config.auth.key_hash,
         clock,
+        purger: purger.clone(),
     };
     let tls = |t: &Option<crate::config::TlsFiles>| t.as_ref().map(|t| t.server_config()).transpose();
     let serve_opts = ServeOptions {
@@ -130,6 +137,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
         tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
         tokio::spawn(ledger_worker(vault.clone(), audit.clone(), stop_rx.clone())),
+        tokio::spawn(retention_worker(purger, config.retention_interval_secs, stop_rx.clone())),
         tokio::spawn(denials_worker(gate.clone(), admin.flusher(), stop_rx.clone())),
     ];
     let (drain_tx, drain_rx) = watch::channel(false);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::ServerError;
 use crate::audit::{AnchorCheck, AuditLog};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::OpenReport;
 use crate::tenancy::Registry;
@@ -27,11 +27,12 @@ impl Node {
     /// then the registry and the audit trail on top of it.
     pub async fn open(config: &Config) -> Result<Node, ServerError> {
         let opts = config.vault_options()?;
-        let (vault, report) = tokio::task::spawn_blocking(move || Vault::open(opts))
+        let clock = crate::clock::server_clock();
+        let vault_clock = clock.clone();
+        let (vault, report) = tokio::task::spawn_blocking(move || Vault::open_with_clock(opts, vault_clock))
             .await
             .map_err(|e| VaultError::Internal(e.to_string()))??;
         let vault = Arc::new(vault);
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store = vault.shared_store();
         let registry = Arc::new(Registry::open(
             store.clone(),
@@ -39,14 +40,16 @@ impl Node {
             vault.control_key(b"chatvault/control/tenant-registry/v1"),
             vault.algorithm(),
         )?);
-        let audit = Arc::new(AuditLog::open(
+        let audit = Arc::new(AuditLog::open_sized(
             &audit_dir(&config.data_dir),
             store.as_ref(),
             vault.control_key(b"chatvault/control/audit-chain/v1"),
             clock.clone(),
+            config.audit_segment_bytes.max(4096),
         )?);
         check_audit_anchor(&vault, &audit, config.replay_erasures)?;
         vault.attach_durable(audit.clone());
+        vault.attach_holds(registry.clone());
         Ok(Node { vault, registry, audit, clock, report })
     }
 }

@@ -159,3 +159,23 @@ pub(super) async fn denials_worker(
         }
     }
 }
+
+/// Runs retention every `every_secs` (0: only when asked through the admin API).
+pub(super) async fn retention_worker(
+    purger: Arc<crate::retention::Purger>,
+    every_secs: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    if every_secs == 0 {
+        return;
+    }
+    while !stopped(&mut stop, Duration::from_secs(every_secs)).await {
+        match purger.run().await {
+            Ok(r) if r.purged + r.closed > 0 => {
+                tracing::info!(purged = r.purged, closed = r.closed, held = r.held, "retention run")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "retention run failed; retried at the next interval"),
+        }
+    }
+}

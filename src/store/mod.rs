@@ -18,6 +18,8 @@ pub mod space {
     pub const TENANCY: u8 = 0x10;
     /// The audit trail of versions before it moved to its own files (migrated at open).
     pub const AUDIT: u8 = 0x11;
+    /// Retention's leases and per-tenant status.
+    pub const RETENTION: u8 = 0x12;
 }
 
 /// How hard an acknowledged write is pushed towards the disk before the client hears "ok".

@@ -14,7 +14,7 @@ pub use apikey::{ApiKey, KeyHashParams, KeyId};
 pub use auth::{AuthConfig, AuthError, Authenticator, Denied, Principal};
 pub use cidr::{Cidr, CidrError, canonical as canonical_ip, parse_list};
 pub use lockout::{Culprit, Lockout, LockoutConfig, Refusal, source_of};
-pub use model::{ApiKeyInfo, RetentionPolicy, Tenant, TenantStatus};
+pub use model::{ApiKeyInfo, Hold, RetentionPolicy, Tenant, TenantStatus};
 pub use operator::OperatorToken;
 pub use registry::{KeyOwner, RecordSink, Registry};
 

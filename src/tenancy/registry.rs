@@ -7,12 +7,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::TenancyError;
 use super::apikey::{self, ApiKey, KeyHashParams, KeyId};
 use super::cidr::Cidr;
-use super::model::{ApiKeyInfo, ApiKeyRecord, RetentionPolicy, Tenant, TenantRecord, TenantStatus};
+use super::model::{
+    ApiKeyInfo, ApiKeyRecord, Hold, RetentionPolicy, Tenant, TenantRecord, TenantRecordV1, TenantStatus,
+};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use crate::store::{KvStore, space};
+use crate::vault::{Blind, HoldCheck, HoldScope};
 use crate::vault::{TenantId, Timestamp};
 
 const RECORD_V1: u8 = 1;
+const RECORD_V2: u8 = 2;
+/// Holds per tenant at once: a legal department's open matters, not a data store.
+pub const MAX_HOLDS: usize = 1000;
+/// Longest hold reason.
+const MAX_REASON: usize = 500;
 /// Longest display name: a business name, not an essay.
 const MAX_NAME: usize = 200;
 /// Networks per tenant: enough for any real deployment, small enough to check per request.
@@ -110,7 +118,10 @@ impl Registry {
     fn unseal(&self, name: &str, bytes: &[u8]) -> Result<Tenant, TenancyError> {
         let plain = crypto::open(&self.seal_key, aad(name).as_slice(), bytes).map_err(|_| TenancyError::Corrupt)?;
         let rec: TenantRecord = match plain.split_first() {
-            Some((&RECORD_V1, body)) => postcard::from_bytes(body).map_err(|_| TenancyError::Corrupt)?,
+            Some((&RECORD_V2, body)) => postcard::from_bytes(body).map_err(|_| TenancyError::Corrupt)?,
+            Some((&RECORD_V1, body)) => {
+                postcard::from_bytes::<TenantRecordV1>(body).map_err(|_| TenancyError::Corrupt)?.into()
+            }
             _ => return Err(TenancyError::Corrupt),
         };
         if rec.id != name {
@@ -124,11 +135,12 @@ impl Registry {
             allowlist: super::cidr::parse_list(&rec.allowlist).map_err(|_| TenancyError::Corrupt)?,
             retention: rec.retention,
             keys: rec.keys,
+            holds: rec.holds,
         })
     }
 
     fn persist(&self, t: &Tenant) -> Result<(), TenancyError> {
-        let mut plain = vec![RECORD_V1];
+        let mut plain = vec![RECORD_V2];
         postcard::to_io(&TenantRecord::from(t), &mut plain).map_err(|_| TenancyError::Corrupt)?;
         let id = t.id.as_str();
         let sealed = crypto::seal(self.alg, &self.seal_key, aad(id).as_slice(), &plain)?;
@@ -166,6 +178,7 @@ impl Registry {
     ) -> Result<Arc<Tenant>, TenancyError> {
         check_name(&display_name)?;
         check_allowlist(&allowlist)?;
+        check_retention(&retention)?;
         let _w = self.write.lock().map_err(|_| TenancyError::Poisoned)?;
         if let Some(old) = self.read()?.tenants.get(id.as_str()) {
             return Err(match old.status {
@@ -181,6 +194,7 @@ impl Registry {
             allowlist,
             retention,
             keys: Vec::new(),
+            holds: Vec::new(),
         };
         self.persist(&t)?;
         let t = Arc::new(t);
@@ -278,12 +292,56 @@ impl Registry {
     }
 
     pub fn set_retention(&self, id: &TenantId, retention: RetentionPolicy) -> Result<Arc<Tenant>, TenancyError> {
+        check_retention(&retention)?;
         Ok(self
             .update(id, |t| {
                 t.retention = retention;
                 Ok(())
             })?
             .0)
+    }
+
+    /// Places a legal hold. `scope` names subjects and transcripts by blind id only. The
+    /// caller holds the vault's erasure locks for what it covers while this runs.
+    pub fn add_hold(
+        &self,
+        id: &TenantId,
+        scope: HoldScope,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(Arc<Tenant>, Hold), TenancyError> {
+        if reason.trim().is_empty() || reason.chars().count() > MAX_REASON || reason.chars().any(char::is_control) {
+            return Err(TenancyError::invalid(
+                "reason",
+                format!("required: 1 to {MAX_REASON} characters, no control characters (a case reference, say)"),
+            ));
+        }
+        let hold_id = format!("hold-{}", hex::encode(crypto::random_bytes::<8>()?));
+        self.update(id, |t| {
+            if t.holds.len() >= MAX_HOLDS {
+                return Err(TenancyError::invalid("hold", format!("the tenant already has {MAX_HOLDS} holds")));
+            }
+            if let Some(same) = t.holds.iter().find(|h| h.scope == scope) {
+                return Ok(same.clone()); // one hold per scope; setting it again is not an error
+            }
+            let hold = Hold { id: hold_id, scope, reason: reason.to_owned(), set_at: now.micros() };
+            t.holds.push(hold.clone());
+            Ok(hold)
+        })
+    }
+
+    /// Releases a hold; what it covered is subject to retention and erasure again.
+    pub fn release_hold(&self, id: &TenantId, hold_id: &str) -> Result<Hold, TenancyError> {
+        Ok(self
+            .update(id, |t| {
+                let at = t
+                    .holds
+                    .iter()
+                    .position(|h| h.id == hold_id)
+                    .ok_or_else(|| TenancyError::invalid("hold_id", format!("no hold {hold_id} on this tenant")))?;
+                Ok(t.holds.remove(at))
+            })?
+            .1)
     }
 
     /// The key with this id and its tenant, deleted tenants included (their keys are revoked).
@@ -303,6 +361,26 @@ fn check_name(name: &str) -> Result<(), TenancyError> {
         ));
     }
     Ok(())
+}
+
+fn check_retention(r: &RetentionPolicy) -> Result<(), TenancyError> {
+    r.validate().map_err(|(field, why)| TenancyError::invalid(field, why))
+}
+
+impl HoldCheck for Registry {
+    fn hold_on(&self, tenant: &str, subject: &Blind, transcript: Option<&Blind>) -> Option<String> {
+        let state = self.state.read().ok()?;
+        let t = state.tenants.get(tenant)?;
+        t.holds.iter().find(|h| crate::vault::hold_covers(&h.scope, subject, transcript)).map(|h| h.id.clone())
+    }
+
+    fn any_hold(&self, tenant: &str) -> Option<String> {
+        let state = self.state.read().ok()?;
+        let holds = &state.tenants.get(tenant)?.holds;
+        // The tenant-wide hold first: it is the one a tenant deletion is about.
+        let hold = holds.iter().find(|h| h.scope == HoldScope::Tenant).or(holds.first());
+        hold.map(|h| h.id.clone())
+    }
 }
 
 fn check_allowlist(list: &[Cidr]) -> Result<(), TenancyError> {

@@ -305,14 +305,35 @@ impl Vault {
         h: &Header,
         batch: &mut Batch,
     ) -> Result<(), VaultError> {
-        if let Some(mut subj) = self.read_subject(tenant, &h.subject)?
-            && subj.active
-            && subj.generation == h.generation
-        {
-            subj.transcript_count = subj.transcript_count.saturating_sub(1);
-            batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&subj)?);
-        }
+        self.queue_delete_among(tenant, tb, h, batch, &mut HashMap::new())
+    }
+
+    /// [`Self::queue_delete`] for one of several deletions in one batch: `subjects` holds
+    /// the subject records as the batch leaves them, so two transcripts of one subject
+    /// take two off its count.
+    pub(super) fn queue_delete_among(
+        &self,
+        tenant: &super::TenantId,
+        tb: &Blind,
+        h: &Header,
+        batch: &mut Batch,
+        subjects: &mut HashMap<Blind, Option<records::SubjectRecord>>,
+    ) -> Result<(), VaultError> {
+        let subj = match subjects.get(&h.subject) {
+            Some(s) => s.clone(),
+            None => self.read_subject(tenant, &h.subject)?,
+        };
+        let subj = match subj {
+            Some(mut s) if s.active && s.generation == h.generation => {
+                s.transcript_count = s.transcript_count.saturating_sub(1);
+                batch.put(layout::subject(tenant.as_str(), &h.subject), records::encode(&s)?);
+                Some(s)
+            }
+            other => other,
+        };
+        subjects.insert(h.subject, subj);
         batch.delete(layout::header(tenant.as_str(), tb));
+        super::times::reindex(batch, tenant.as_str(), tb, Some(h), None);
         batch.delete(layout::body(tenant.as_str(), tb, h.incarnation));
         self.discard_transcript_key(batch, tenant.as_str(), tb, h.incarnation);
         batch.delete(layout::by_subject(tenant.as_str(), &h.subject, h.generation, h.started_at, tb));

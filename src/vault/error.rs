@@ -20,6 +20,9 @@ pub enum VaultError {
     /// The request is valid but the transcript's state forbids it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A legal hold (named) covers what was to be erased; nothing was.
+    #[error("legal hold {0} covers this; it is kept until the hold is released")]
+    Held(String),
     /// A concurrency check the client asked for failed; re-read and retry.
     #[error("{0}")]
     Aborted(String),

@@ -13,6 +13,8 @@ mod kind {
     pub const GARBAGE: u8 = 0x06;
     pub const BODY: u8 = 0x07;
     pub const VALUES: u8 = 0x08;
+    pub const TIMES: u8 = 0x09;
+    pub const REQUESTS: u8 = 0x0a;
 }
 
 const VALUES_TALLY: u8 = 1;
@@ -116,6 +118,8 @@ pub fn tenant_prefixes(tenant: &str) -> Vec<Vec<u8>> {
         .iter()
         .map(|&k| with_tenant(k, tenant, 0))
         .collect();
+    v.extend(TimeIndex::ALL.iter().map(|&which| times_prefix(which, tenant)));
+    v.push(with_tenant(kind::REQUESTS, tenant, 0));
     v.push(transcript_keys_prefix(tenant));
     v.push(subject_keys_prefix(tenant));
     v.push(tenant_key(tenant));
@@ -141,6 +145,20 @@ pub fn parse_subject(key: &[u8]) -> Option<(String, Blind)> {
     let rest = rest.get(len as usize..)?;
     (k == kind::SUBJECT).then_some(())?;
     Some((tenant, rest.try_into().ok()?))
+}
+
+/// Every transcript header of every tenant.
+pub fn all_headers_prefix() -> Vec<u8> {
+    vec![kind::HEADER]
+}
+
+/// The tenant and transcript a [`header`] key names.
+pub fn parse_header(key: &[u8]) -> Option<(String, Blind)> {
+    let (&k, rest) = key.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    (k == kind::HEADER).then_some(())?;
+    let tenant = std::str::from_utf8(rest.get(..len as usize)?).ok()?.to_owned();
+    Some((tenant, rest.get(len as usize..)?.try_into().ok()?))
 }
 
 /// Every transcript header of one tenant, in blind-id order.
@@ -238,6 +256,66 @@ pub fn value_segment_of(key: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(key.get(2..)?.try_into().ok()?))
 }
 
+/// The time indexes retention reads: a run finds what is due by scanning the oldest
+/// entries of one tenant, so it costs what it purges, never a scan of the tenant.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TimeIndex {
+    /// Every live transcript, by `started_at`.
+    Started = 1,
+    /// Closed transcripts, by `ended_at`.
+    Closed = 2,
+    /// Open transcripts, by the minute of their last write.
+    Active = 3,
+}
+
+impl TimeIndex {
+    pub const ALL: [TimeIndex; 3] = [TimeIndex::Started, TimeIndex::Closed, TimeIndex::Active];
+}
+
+pub fn times_prefix(which: TimeIndex, tenant: &str) -> Vec<u8> {
+    let mut k = vec![kind::TIMES, which as u8];
+    k.push(tenant.len() as u8);
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+/// Microseconds as big-endian bytes that sort like the signed number.
+fn ordered(micros: i64) -> [u8; 8] {
+    ((micros as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// An entry of a time index; its value is the transcript's incarnation.
+pub fn time_entry(which: TimeIndex, tenant: &str, at_micros: i64, transcript: &Blind) -> Vec<u8> {
+    let mut k = times_prefix(which, tenant);
+    k.extend_from_slice(&ordered(at_micros));
+    k.extend_from_slice(transcript);
+    k
+}
+
+/// The first key of `which` past every entry at or before `at_micros`.
+pub fn time_bound(which: TimeIndex, tenant: &str, at_micros: i64) -> Vec<u8> {
+    time_entry(which, tenant, at_micros, &[0xff; 32])
+}
+
+/// The time and transcript of a [`time_entry`] key.
+pub fn parse_time_entry(key: &[u8]) -> Option<(i64, Blind)> {
+    let tail = key.get(key.len().checked_sub(40)?..)?;
+    let at = u64::from_be_bytes(tail[..8].try_into().ok()?) ^ (1 << 63);
+    Some((at as i64, tail[8..].try_into().ok()?))
+}
+
+/// Every kept answer to a batch request.
+pub fn requests_prefix() -> Vec<u8> {
+    vec![kind::REQUESTS]
+}
+
+/// The kept answer to one tenant's batch request (`request` is a hash of its id).
+pub fn request(tenant: &str, request: &Blind) -> Vec<u8> {
+    let mut k = with_tenant(kind::REQUESTS, tenant, 32);
+    k.extend_from_slice(request);
+    k
+}
+
 pub fn garbage_prefix() -> Vec<u8> {
     vec![kind::GARBAGE]
 }
@@ -285,6 +363,18 @@ mod tests {
     fn subject_keys_parse_back() {
         assert_eq!(parse_subject(&subject("acme", &[5; 32])), Some(("acme".into(), [5; 32])));
         assert_eq!(parse_subject(&header("acme", &[5; 32])), None);
+    }
+
+    #[test]
+    fn time_entries_sort_by_time_before_and_after_1970_and_parse_back() {
+        let at = |t: i64| time_entry(TimeIndex::Closed, "acme", t, &[3; 32]);
+        assert!(at(-5) < at(0) && at(0) < at(7) && at(7) < at(i64::MAX));
+        assert!(at(7) < time_bound(TimeIndex::Closed, "acme", 7));
+        assert!(time_bound(TimeIndex::Closed, "acme", 7) < time_entry(TimeIndex::Closed, "acme", 8, &[0; 32]));
+        assert_eq!(parse_time_entry(&at(-5)), Some((-5, [3; 32])));
+        assert!(at(1).starts_with(&times_prefix(TimeIndex::Closed, "acme")));
+        assert!(!at(1).starts_with(&times_prefix(TimeIndex::Started, "acme")));
+        assert_eq!(parse_header(&header("acme", &[4; 32])), Some(("acme".into(), [4; 32])));
     }
 
     #[test]

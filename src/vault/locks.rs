@@ -37,6 +37,11 @@ impl LockTable {
         Guards { _held: held }
     }
 
+    /// Every stripe: no subject write of any tenant runs until the guards drop.
+    pub fn lock_all(&self) -> Guards<'_> {
+        Guards { _held: self.stripes.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner())).collect() }
+    }
+
     #[cfg(test)]
     pub fn same_stripe(tenant: &str, a: &[u8; 32], b: &[u8; 32]) -> bool {
         Self::stripe(tenant, a) == Self::stripe(tenant, b)

@@ -6,19 +6,23 @@ mod backup;
 mod bulk;
 mod erasure;
 mod error;
+mod holds;
 mod layout;
 mod layout_check;
 mod locks;
 mod model;
+mod purge;
 mod receipts;
 mod reclaim;
 mod records;
+mod requests;
 mod rotation;
 mod seal;
 mod subjects;
 mod tenants;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
+mod times;
 mod transcript_keys;
 mod transcripts;
 mod validate;
@@ -31,20 +35,23 @@ pub use backup::{MANIFEST as BACKUP_MANIFEST, Manifest as BackupManifest};
 pub use bulk::{Scope, Visit, Walked};
 pub use erasure::ErasureOverview;
 pub use error::VaultError;
+pub use holds::{HoldCheck, HoldScope, covers as hold_covers};
+pub use layout::{Blind, TimeIndex};
 pub use model::{
     AuthorRole, ErasureState, ErasureStatus, Message, MessageRef, RotationHealth, RotationReport, ShredReceipt,
     SignedReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched, Transcript, TranscriptPage,
 };
+pub use purge::Swept;
 pub use receipts::{RECEIPT_FORMAT, ReceiptError, ReceiptPayload, verify_receipt};
 pub use reclaim::Backlog;
 pub use tenants::TenantErasure;
+pub use times::Due;
 pub use validate::Limits;
 
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, Ledger, OpenReport, ReceiptSigner, RootKeySource};
 use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget, ValueLog};
-use layout::Blind;
 use records::{BodyRecord, KeyRecord, SubjectRecord};
 use seal::{crypto_err, seal_err};
 
@@ -148,6 +155,8 @@ pub struct Vault {
     /// Body records of recent incarnations, their subject-wrapped keys filled in (see
     /// `Vault::body_record`). Ciphertext only: useless once its subject key is shredded.
     bodies: Mutex<lru::LruCache<(String, Blind, u64), Arc<BodyRecord>>>,
+    /// Where legal holds are asked about (see `holds.rs`); none until attached.
+    holds: RwLock<Option<Arc<dyn holds::HoldCheck>>>,
 }
 
 const SUBJECT_DOMAIN: &[u8] = b"subject";
@@ -231,10 +240,12 @@ impl Vault {
             counts: Mutex::new(lru::LruCache::new(cache_entries)),
             subject_hints: Mutex::new(lru::LruCache::new(cache_entries)),
             bodies: Mutex::new(lru::LruCache::new(cache_entries)),
+            holds: RwLock::new(None),
             reclaim_min_age_micros: i64::try_from(opts.reclaim_min_age_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
         };
         vault.drop_torn_pointers()?;
         vault.migrate_transcript_keys()?;
+        vault.migrate_time_indexes()?;
         vault.replay_ledger(verdict)?;
         vault.note_unrecorded_destructions()?;
         vault.resume_rotation();

@@ -74,7 +74,7 @@ impl Vault {
                         let tb = layout::trailing_blind(k).ok_or(VaultError::Corrupt("subject index"))?;
                         let hkey = layout::header(tenant.as_str(), &tb);
                         if let Some(bytes) = self.store.get(&hkey)? {
-                            let h: Header = records::decode(&bytes, "transcript header")?;
+                            let h: Header = records::decode_header(&bytes)?;
                             if h.subject == subject && h.generation == generation {
                                 b.delete(hkey);
                                 self.queue_garbage(

@@ -45,9 +45,10 @@ pub struct SubjectRecord {
     pub last_shredded_at: Option<i64>,
 }
 
-/// Per transcript: small plaintext bookkeeping, written on put and close only. Appends
-/// never rewrite it (the message count is the last message's sequence number + 1), so an
-/// append writes just its messages, however long the transcript is. No personal data.
+/// Per transcript: small plaintext bookkeeping, written on put and close, and by an
+/// append only when the minute of the last write moved on (the message count is the last
+/// message's sequence number + 1), so an append mostly writes just its messages, however
+/// long the transcript is. No personal data.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Header {
     pub subject: [u8; 32],
@@ -55,6 +56,46 @@ pub struct Header {
     pub incarnation: u64,
     pub started_at: i64,
     pub ended_at: Option<i64>,
+    /// The minute (µs) of the last write to an open transcript: its entry in the
+    /// activity index. None in headers written before the time indexes, until migrated.
+    pub activity: Option<i64>,
+}
+
+/// [`Header`] as written before the time indexes (record version 1).
+#[derive(Deserialize)]
+struct HeaderV1 {
+    subject: [u8; 32],
+    generation: u32,
+    incarnation: u64,
+    started_at: i64,
+    ended_at: Option<i64>,
+}
+
+const HEADER_V2: u8 = 2;
+
+pub fn encode_header(h: &Header) -> Result<Vec<u8>, VaultError> {
+    let mut out = vec![HEADER_V2];
+    postcard::to_io(h, &mut out).map_err(|e| VaultError::Internal(format!("encode: {e}")))?;
+    Ok(out)
+}
+
+pub fn decode_header(bytes: &[u8]) -> Result<Header, VaultError> {
+    const WHAT: &str = "transcript header";
+    match bytes.split_first() {
+        Some((&HEADER_V2, body)) => postcard::from_bytes(body).map_err(|_| VaultError::Corrupt(WHAT)),
+        Some((&RECORD_V1, body)) => {
+            let h: HeaderV1 = postcard::from_bytes(body).map_err(|_| VaultError::Corrupt(WHAT))?;
+            Ok(Header {
+                subject: h.subject,
+                generation: h.generation,
+                incarnation: h.incarnation,
+                started_at: h.started_at,
+                ended_at: h.ended_at,
+                activity: None,
+            })
+        }
+        _ => Err(VaultError::Corrupt(WHAT)),
+    }
 }
 
 /// Per transcript incarnation, written once: its encrypted [`Body`] and, in records of
@@ -119,6 +160,25 @@ pub enum Garbage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_written_before_the_time_indexes_read_back_without_activity() {
+        #[derive(Serialize)]
+        struct Old {
+            subject: [u8; 32],
+            generation: u32,
+            incarnation: u64,
+            started_at: i64,
+            ended_at: Option<i64>,
+        }
+        let old =
+            encode(&Old { subject: [1; 32], generation: 2, incarnation: 3, started_at: 4, ended_at: Some(5) }).unwrap();
+        let h = decode_header(&old).unwrap();
+        assert_eq!((h.generation, h.incarnation, h.started_at, h.ended_at, h.activity), (2, 3, 4, Some(5), None));
+        let new = Header { activity: Some(60_000_000), ..h };
+        assert_eq!(decode_header(&encode_header(&new).unwrap()).unwrap(), new);
+        assert!(decode_header(&[9, 0]).is_err());
+    }
 
     #[test]
     fn unknown_record_versions_are_refused() {

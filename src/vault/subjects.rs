@@ -25,6 +25,7 @@ impl Vault {
             let tkey = self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?;
             let (sb, _) = self.blinds(&tkey, Some(subject_id), None);
             let _held = self.locks.lock(tenant.as_str(), &[&sb]);
+            self.refuse_if_held(tenant, &sb, None)?;
             let epoch = self.keys.current_epoch();
             let mut batch = Batch::default();
             let done = match self.queue_shred(tenant, &sb, now, &mut batch)? {

@@ -22,6 +22,9 @@ impl Vault {
     pub async fn erase_tenant(&self, tenant: &TenantId) -> Result<TenantErasure, VaultError> {
         let _writing = self.write_gate.read().await;
         {
+            // A hold being set waits for this, or this sees it.
+            let _all = self.locks.lock_all();
+            self.refuse_if_tenant_held(tenant)?;
             let _init = self.tenant_key_init.lock().map_err(|_| VaultError::Internal("tenant key lock".into()))?;
             self.closed_tenants
                 .write()

@@ -9,6 +9,7 @@ use super::model::{Message, ShredReceipt, TenantId, Timestamp, Touched, Transcri
 use super::receipts::Erased;
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
 use super::seal::{Place, seal_err};
+use super::times;
 use super::{Vault, VaultError};
 use crate::crypto::{SecretKey, random_bytes};
 use crate::keys::{ErasureKind, Tombstone};
@@ -97,11 +98,13 @@ impl Vault {
                     incarnation: place_inc,
                     started_at: started.micros(),
                     ended_at: t.ended_at.map(Timestamp::micros),
+                    activity: t.ended_at.is_none().then(|| times::minute(now)),
                 };
+                times::reindex(&mut batch, tenant.as_str(), &tb, old.as_ref(), Some(&header));
                 batch.put(layout::body(tenant.as_str(), &tb, place_inc), records::encode(&body)?);
                 batch
                     .put(layout::by_subject(tenant.as_str(), &sb, subj.generation, header.started_at, &tb), Vec::new());
-                batch.put(hkey.clone(), records::encode(&header)?);
+                batch.put(hkey.clone(), records::encode_header(&header)?);
                 batch.put(layout::subject(tenant.as_str(), &sb), records::encode(&subj)?);
                 self.apply(batch)?;
                 if let Some(o) = &old {
@@ -197,6 +200,12 @@ impl Vault {
                 })
                 .collect::<Result<Vec<_>, VaultError>>()?;
             self.put_messages(batch, sealed)?;
+            let minute = times::minute(now);
+            if h.activity != Some(minute) {
+                let moved = Header { activity: Some(minute), ..h.clone() };
+                times::reindex(batch, tenant.as_str(), tb, Some(&h), Some(&moved));
+                batch.put(layout::header(tenant.as_str(), tb), records::encode_header(&moved)?);
+            }
             // Still under the stripe lock; if the batch then fails, the entry is dropped below.
             self.set_count(tenant, tb, &h, Some(total as u32));
             Ok(total as u32)
@@ -222,8 +231,11 @@ impl Vault {
             if ended.micros() < h.started_at {
                 return Err(VaultError::invalid("ended_at", "must not be before the transcript's started_at"));
             }
+            let before = h.clone();
             h.ended_at = Some(ended.micros());
-            batch.put(layout::header(tenant.as_str(), tb), records::encode(&h)?);
+            h.activity = None;
+            times::reindex(batch, tenant.as_str(), tb, Some(&before), Some(&h));
+            batch.put(layout::header(tenant.as_str(), tb), records::encode_header(&h)?);
             Ok(ended)
         })?;
         self.durable(applied.ticket()).await?;
@@ -243,6 +255,7 @@ impl Vault {
         self.limits.id("transcript_id", transcript_id)?;
         let now = self.clock.now();
         let ((tb, subject), ticket) = self.with_live_header(tenant, transcript_id, |tb, h, change| {
+            self.refuse_if_held(tenant, &h.subject, Some(tb))?;
             self.queue_delete(tenant, tb, &h, change)?;
             let token = self.transcript_token(tenant.as_str(), tb, h.incarnation);
             let tomb = self.tombstone(ErasureKind::Transcript, tenant.as_str(), token, now);
@@ -396,7 +409,7 @@ impl Vault {
         self.message_count(tenant, tb, h)
     }
 
-    fn set_count(&self, tenant: &TenantId, tb: &Blind, h: &Header, count: Option<u32>) {
+    pub(super) fn set_count(&self, tenant: &TenantId, tb: &Blind, h: &Header, count: Option<u32>) {
         if let Ok(mut c) = self.counts.lock() {
             let key = (tenant.as_str().to_owned(), *tb, h.incarnation);
             match count {
@@ -554,7 +567,7 @@ impl Vault {
 
     pub(super) fn read_header(&self, key: &[u8]) -> Result<Option<Header>, VaultError> {
         match self.store.get(key)? {
-            Some(b) => Ok(Some(records::decode(&b, "transcript header")?)),
+            Some(b) => Ok(Some(records::decode_header(&b)?)),
             None => Ok(None),
         }
     }
