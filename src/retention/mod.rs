@@ -186,6 +186,10 @@ impl Purger {
                 }
             };
             status::add_batch(self.store.as_ref(), tenant.as_str(), purged, closed)?;
+            // The counts are as durable as what they count (a crash between the two loses
+            // at most this batch's count, never adds one).
+            self.vault.wait_durable().await?;
+            crate::failpoint::hit("retention.after_batch");
             total.done += s.done;
             total.held += s.held;
             total.stale += s.stale;
