@@ -51,6 +51,12 @@ impl Vault {
                 if current != old {
                     continue;
                 }
+                // Replacing a transcript destroys the old one's key: a hold keeps it.
+                if let Some(o) = &old
+                    && self.check_live(tenant, o).is_ok()
+                {
+                    self.refuse_if_held(tenant, &o.subject, Some(&tb))?;
+                }
                 let mut batch = Batch::default();
                 let mut subj = self.read_subject(tenant, &sb)?;
                 let dek = match &mut subj {

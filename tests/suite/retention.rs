@@ -256,6 +256,10 @@ async fn a_legal_hold_keeps_what_it_covers_from_purges_and_erasures_until_it_is_
     assert!(refused.message().contains(&c1.hold_id), "carol's shred would erase the held c1: {refused:?}");
     let refused = c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "a1".into() }).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
+    // Replacing a held transcript would destroy it as surely as deleting it.
+    let replace = pb::PutTranscriptRequest { transcript: Some(transcript("c1", "carol", n, &["overwritten"])) };
+    let refused = c.put_transcript(replace).await.unwrap_err();
+    assert!(refused.message().contains(&c1.hold_id), "{refused:?}");
     assert_eq!(readable(&server, "legal", &["a1", "c1"]).await, ["a1", "c1"]);
     // A tenant hold stops the tenant's deletion; its keys keep working.
     let whole = admin.set_hold(hold("", "", "regulator inquiry")).await.unwrap().into_inner();
