@@ -57,6 +57,8 @@ pub enum AuditError {
     Legacy(u64, String),
     #[error("the audit trail's pruning checkpoint fails its MAC: altered, or written under another root key")]
     BadCheckpoint,
+    #[error("the audit trail is broken at record {0} ({1}); nothing is pruned until `audit verify` is clean")]
+    Broken(u64, String),
     #[error("internal lock poisoned")]
     Poisoned,
 }
@@ -516,6 +518,37 @@ mod tests {
 
     fn ev(tenant: &str, subject: &str) -> Event {
         Event { tenant: tenant.into(), key_id: "k1".into(), subject: subject.into(), ..Event::default() }
+    }
+
+    /// A segment someone deleted between two old ones is never laundered into a clean
+    /// checkpoint: prune refuses, and verify still reports the loss.
+    #[test]
+    fn prune_refuses_a_trail_someone_cut_and_prunes_a_whole_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path(), 1024);
+        for i in 0..60 {
+            log.append(Operation::PutTranscript, Outcome::Ok, ev("acme", &format!("{i:064x}"))).unwrap();
+        }
+        let views = log.segments.snapshot().unwrap();
+        assert!(views.len() > 4, "{}", views.len());
+        // Everything is older than a negative retention: all but the active segment may go.
+        let whole = tempfile::tempdir().unwrap();
+        let copy = whole.path().join("audit");
+        std::fs::create_dir_all(&copy).unwrap();
+        for v in &views {
+            std::fs::copy(&v.path, copy.join(v.path.file_name().unwrap())).unwrap();
+        }
+        std::fs::remove_file(&views[2].path).unwrap();
+        let cut = log_in(dir.path(), 1024);
+        assert!(matches!(cut.prune(-1_000_000, None), Err(AuditError::Broken(..))));
+        assert!(cut.verify().unwrap().broken.is_some());
+
+        let intact = log_in(whole.path(), 1024);
+        let p = intact.prune(-1_000_000, None).unwrap();
+        assert_eq!(p.segments as usize, views.len() - 1);
+        let v = intact.verify().unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!((v.pruned, v.first_seq, v.head_seq), (p.records, p.records + 1, 60));
     }
 
     /// Rewrites the payload of record `seq` in the segment files with `edit`, fixing the

@@ -63,37 +63,51 @@ impl AuditLog {
     /// Deletes the closed segments whose records are all older than `keep_micros`
     /// (the segment being written to always stays, and so does the one holding record
     /// `anchored`, which the erasure ledger checks the trail against at the next start).
+    /// What goes is checked first, record by record, to chain on from the checkpoint into
+    /// the first segment kept: a trail someone cut is refused, never laundered into a
+    /// clean checkpoint.
     pub fn prune(&self, keep_micros: i64, anchored: Option<u64>) -> Result<Pruned, AuditError> {
         let cutoff = self.clock.now().micros().saturating_sub(keep_micros);
         let views = self.segments.snapshot()?;
-        let mut drop = 0usize;
+        let old = self.checkpoint()?;
+        let (mut expect, mut prev) = old.as_ref().map(|c| (c.first_seq, c.prev)).unwrap_or((1, [0; MAC_LEN]));
+        // Left behind by a prune a crash cut short: already counted, and going now.
+        let leftover = views.iter().take_while(|v| v.first_seq < expect).count();
+        let mut drop = leftover;
         let mut records = 0u64;
-        // Never the last (active) segment: the next one's header says where the chain goes on.
-        for (k, view) in views.iter().enumerate().take(views.len().saturating_sub(1)) {
+        for k in leftover..views.len().saturating_sub(1) {
             if anchored.is_some_and(|seq| views[k + 1].first_seq > seq) {
                 break;
             }
+            let view = &views[k];
             let mut r = Reader::open(view).map_err(|e| frame_err(e, view.first_seq))?;
-            let (mut newest, mut n) = (i64::MIN, 0u64);
-            let mut prev = r.header.prev;
+            self.chains_on(expect, &prev, &r.header)?;
+            let (mut at, mut mac, mut newest, mut n) = (r.header.first_seq, r.header.prev, i64::MIN, 0u64);
             while let Some(p) = r.next_frame().map_err(|e| frame_err(e, view.first_seq))? {
-                let (rec, mac) = self.decode(&p, &prev, view.first_seq)?;
+                let (rec, m) = self.decode(&p, &mac, view.first_seq)?;
+                if rec.seq != at {
+                    return Err(AuditError::Broken(at, format!("record {} found where {at} belongs", rec.seq)));
+                }
                 newest = newest.max(rec.at_micros);
-                prev = mac;
-                n += 1;
+                (at, mac, n) = (at + 1, m, n + 1);
             }
             if newest >= cutoff {
                 break;
             }
-            drop += 1;
+            (expect, prev) = (at, mac);
+            drop = k + 1;
             records += n;
         }
-        if drop == 0 {
+        if drop == leftover {
+            if leftover > 0 {
+                self.segments.remove_oldest(leftover)?;
+            }
             return Ok(Pruned::default());
         }
         let next = &views[drop];
         let header = Reader::open(next).map_err(|e| frame_err(e, next.first_seq))?.header;
-        let pruned = self.checkpoint()?.map(|c| c.pruned).unwrap_or(0) + records;
+        self.chains_on(expect, &prev, &header)?;
+        let pruned = old.map(|c| c.pruned).unwrap_or(0) + records;
         let at = self.clock.now().micros();
         let c = Checkpoint {
             first_seq: header.first_seq,
@@ -106,8 +120,27 @@ impl AuditLog {
         // The checkpoint is durable first: a crash now leaves segments verify skips and
         // the next prune deletes.
         self.segments.remove_oldest(drop)?;
-        tracing::info!(segments = drop, records, first_kept = header.first_seq, "audit trail pruned");
-        Ok(Pruned { segments: drop as u64, records })
+        tracing::info!(segments = drop - leftover, records, first_kept = header.first_seq, "audit trail pruned");
+        Ok(Pruned { segments: (drop - leftover) as u64, records })
+    }
+
+    /// Whether a segment starting with `header` goes on from record `expect` - 1, whose
+    /// MAC is `prev` (or across a loss the operator accepted).
+    fn chains_on(
+        &self,
+        expect: u64,
+        prev: &[u8; MAC_LEN],
+        header: &super::segment::SegmentHeader,
+    ) -> Result<(), AuditError> {
+        if header.first_seq == expect && header.prev == *prev {
+            return Ok(());
+        }
+        if let Some(gap) = self.accepted_gap(expect, header.first_seq)
+            && header.prev == gap.to_mac
+        {
+            return Ok(());
+        }
+        Err(AuditError::Broken(expect, format!("the segment from record {} does not chain on", header.first_seq)))
     }
 }
 

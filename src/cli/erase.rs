@@ -56,8 +56,8 @@ struct Item {
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Entry {
-    /// The first line: which input this journal is for.
-    Start { input_sha256: String, items: usize },
+    /// The first line: which input this journal is for, cut into batches of `batch`.
+    Start { input_sha256: String, items: usize, batch: usize },
     /// Batch `batch` is about to be sent.
     Sent { batch: usize },
     /// Batch `batch`'s receipts are written; the receipts file is `receipts_len` bytes.
@@ -67,9 +67,12 @@ enum Entry {
 /// What a journal says, read back.
 #[derive(Default)]
 struct Progress {
-    started: Option<(String, usize)>,
+    started: Option<(String, usize, usize)>,
     done: usize,
     receipts_len: u64,
+    /// Bytes of whole, readable lines: a line a crash cut short is cut off before more
+    /// are appended.
+    valid_len: u64,
 }
 
 const MAX_ID: usize = 1024;
@@ -123,12 +126,18 @@ fn read_items(path: &Path) -> Result<(Vec<Item>, Vec<String>, String), String> {
 fn read_journal(path: &Path) -> Result<Progress, String> {
     let mut p = Progress::default();
     let Ok(f) = File::open(path) else { return Ok(p) };
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| format!("journal {}: {e}", path.display()))?;
-        // A line cut short by a crash is the last one: what it said never happened.
-        let Ok(entry) = serde_json::from_str::<Entry>(&line) else { break };
+    let mut reader = BufReader::new(f);
+    let mut line = String::new();
+    for i in 0.. {
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(|e| format!("journal {}: {e}", path.display()))?;
+        // A line cut short by a crash is the last one (no newline, or unreadable): what
+        // it said never happened.
+        let Some(text) = line.strip_suffix('\n') else { break };
+        let Ok(entry) = serde_json::from_str::<Entry>(text) else { break };
+        p.valid_len += n as u64;
         match entry {
-            Entry::Start { input_sha256, items } if i == 0 => p.started = Some((input_sha256, items)),
+            Entry::Start { input_sha256, items, batch } if i == 0 => p.started = Some((input_sha256, items, batch)),
             Entry::Sent { .. } => {}
             Entry::Done { batch, receipts_len } if batch == p.done => {
                 p.done = batch + 1;
@@ -140,20 +149,21 @@ fn read_journal(path: &Path) -> Result<Progress, String> {
     Ok(p)
 }
 
+/// One write of the whole line, then a sync: a crash leaves it whole or cut short, and a
+/// line cut short is dropped at the next start.
 fn append_durably(f: &mut File, line: &str) -> Result<(), String> {
-    f.write_all(line.as_bytes())
-        .and_then(|()| f.write_all(b"\n"))
-        .and_then(|()| f.sync_data())
-        .map_err(|e| e.to_string())
+    f.write_all(format!("{line}\n").as_bytes()).and_then(|()| f.sync_data()).map_err(|e| e.to_string())
 }
 
 fn journal_line(e: &Entry) -> String {
     serde_json::to_string(e).unwrap_or_default()
 }
 
-/// The request id of one batch: the same on every run over the same input.
-fn batch_request_id(input_sha256: &str, batch: usize) -> String {
-    format!("erase-{}-{batch}", &input_sha256[..32])
+/// The request id of one batch: the same on every run over the same input, and naming
+/// exactly which lines it holds.
+fn batch_request_id(input_sha256: &str, batch: &[Item]) -> String {
+    let (first, last) = (batch.first().map(|i| i.line).unwrap_or(0), batch.last().map(|i| i.line).unwrap_or(0));
+    format!("erase-{}-{first}-{last}-{}", &input_sha256[..32], batch.len())
 }
 
 fn outcome_name(o: pb::ShredOutcome) -> &'static str {
@@ -166,7 +176,7 @@ fn outcome_name(o: pb::ShredOutcome) -> &'static str {
 }
 
 pub async fn run(args: EraseArgs) -> Result<(), String> {
-    let batch_size = args.batch.clamp(1, crate::grpc::SHRED_BATCH_MAX);
+    let mut batch_size = args.batch.clamp(1, crate::grpc::SHRED_BATCH_MAX);
     let (items, problems, digest) = read_items(&args.subjects)?;
     for p in &problems {
         eprintln!("{}: {p}", args.subjects.display());
@@ -192,7 +202,7 @@ pub async fn run(args: EraseArgs) -> Result<(), String> {
         .map_err(|e| format!("receipts {}: {e}", receipts_path.display()))?;
     let have = receipts.metadata().map_err(|e| e.to_string())?.len();
     match &progress.started {
-        Some((sha, n)) if *sha != digest || *n != items.len() => {
+        Some((sha, n, _)) if *sha != digest || *n != items.len() => {
             return Err(format!(
                 "{} was written for another input (the subjects file changed since); \
                  finish with the original file or start with a new --receipts",
@@ -216,6 +226,13 @@ pub async fn run(args: EraseArgs) -> Result<(), String> {
         }
         _ => {}
     }
+    // A job resumes in the batches it began with, whatever --batch says now.
+    if let Some((_, _, batch)) = progress.started {
+        if batch != batch_size {
+            eprintln!("resuming in batches of {batch}, as the job began (--batch {batch_size} ignored)");
+        }
+        batch_size = batch.clamp(1, crate::grpc::SHRED_BATCH_MAX);
+    }
     // Receipts past what the journal vouches for belong to a batch that is sent again.
     receipts.set_len(progress.receipts_len).map_err(|e| e.to_string())?;
     receipts.seek(std::io::SeekFrom::End(0)).map_err(|e| e.to_string())?;
@@ -225,12 +242,11 @@ pub async fn run(args: EraseArgs) -> Result<(), String> {
         .mode(0o600)
         .open(&journal_path)
         .map_err(|e| format!("journal {}: {e}", journal_path.display()))?;
+    journal.set_len(progress.valid_len).map_err(|e| e.to_string())?;
     if progress.started.is_none() {
         journal.set_len(0).map_err(|e| e.to_string())?;
-        append_durably(
-            &mut journal,
-            &journal_line(&Entry::Start { input_sha256: digest.clone(), items: items.len() }),
-        )?;
+        let start = Entry::Start { input_sha256: digest.clone(), items: items.len(), batch: batch_size };
+        append_durably(&mut journal, &journal_line(&start))?;
     }
 
     let batches: Vec<&[Item]> = items.chunks(batch_size).collect();
@@ -266,7 +282,7 @@ pub async fn run(args: EraseArgs) -> Result<(), String> {
         append_durably(&mut journal, &journal_line(&Entry::Sent { batch: k }))?;
         let req = pb::ShredSubjectsRequest {
             subject_ids: batch.iter().map(|i| i.subject_id.clone()).collect(),
-            request_id: batch_request_id(&digest, k),
+            request_id: batch_request_id(&digest, batch),
         };
         // A batch once sent is finished before Ctrl-C is taken: its receipts go down.
         let answer = tokio::select! {
@@ -324,4 +340,27 @@ pub async fn run(args: EraseArgs) -> Result<(), String> {
     });
     println!("{summary}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line a crash cut short (no newline) is not taken, and is cut off before the
+    /// next entry, so it can never hide the ones after it.
+    #[test]
+    fn a_journal_line_cut_short_is_dropped_and_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let start = journal_line(&Entry::Start { input_sha256: "ab".repeat(32), items: 3, batch: 1 });
+        let done = journal_line(&Entry::Done { batch: 0, receipts_len: 10 });
+        std::fs::write(
+            &path,
+            format!("{start}\n{done}\n{}", journal_line(&Entry::Done { batch: 1, receipts_len: 20 })),
+        )
+        .unwrap();
+        let p = read_journal(&path).unwrap();
+        assert_eq!((p.done, p.receipts_len), (1, 10), "the unterminated line did not happen");
+        assert_eq!(p.valid_len as usize, start.len() + done.len() + 2);
+    }
 }

@@ -246,6 +246,7 @@ impl Admin {
             _ => (String::new(), String::new()),
         };
         let hold_id = result.as_ref().map(|h| h.id.clone()).unwrap_or_default();
+        // The reason given with this call (a hold set again keeps its first reason).
         let ev = Event {
             tenant: tenant.to_owned(),
             source,
@@ -350,10 +351,16 @@ impl AdminService for Admin {
                 }
                 // First no call is admitted, then the keys go; a retry after a failure
                 // finishes the erasure.
-                if let Some(hold) = crate::vault::HoldCheck::any_hold(&*registry, tid.as_str()) {
-                    return Err(to_status(crate::vault::VaultError::Held(hold)));
-                }
-                registry.mark_deleted(&tid, now).map_err(tenancy_status)?;
+                // Checked and marked with every hold-setter waiting: no hold can come in
+                // between and leave a tenant deleted but not erasable.
+                vault
+                    .while_erasures_wait(&tid, &HoldScope::Tenant, || {
+                        if let Some(hold) = crate::vault::HoldCheck::any_hold(&*registry, tid.as_str()) {
+                            return Err(to_status(crate::vault::VaultError::Held(hold)));
+                        }
+                        registry.mark_deleted(&tid, now).map_err(tenancy_status)
+                    })
+                    .map_err(to_status)??;
                 let erased = vault.erase_tenant(&tid).await.map_err(to_status)?;
                 tracing::info!(tenant = %id, subjects = erased.subjects_shredded, "tenant deleted and shredded");
                 Ok(pb::DeleteTenantResponse {
@@ -541,12 +548,14 @@ impl AdminService for Admin {
         let source = self.operator(&req)?;
         let r = req.into_inner();
         let result = tenant_id(&r.tenant_id).and_then(|tid| {
+            tenancy::check_hold_reason(&r.reason).map_err(tenancy_status)?;
             let scope = self.hold_scope(&tid, &r)?;
             tokio::task::block_in_place(|| {
                 self.vault.while_erasures_wait(&tid, &scope, || {
                     self.registry.add_hold(&tid, scope, &r.reason, self.clock.now())
                 })
             })
+            .map_err(to_status)?
             .map(|(_, hold)| hold)
             .map_err(tenancy_status)
         });

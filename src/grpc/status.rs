@@ -67,7 +67,9 @@ pub fn auth_status(e: &AuthError) -> Status {
 
 pub fn tenancy_status(e: TenancyError) -> Status {
     match e {
-        TenancyError::NotFound(_) | TenancyError::KeyNotFound(_) => Status::not_found(e.to_string()),
+        TenancyError::NotFound(_) | TenancyError::KeyNotFound(_) | TenancyError::HoldNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
         TenancyError::AlreadyExists(_) | TenancyError::IdRetired(_) => Status::already_exists(e.to_string()),
         TenancyError::TooManyKeys(_) => Status::failed_precondition(e.to_string()),
         TenancyError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),

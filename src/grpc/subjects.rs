@@ -14,6 +14,17 @@ use crate::audit::Operation;
 /// Subjects per ShredSubjects call at most.
 pub const MAX_BATCH: usize = 1000;
 
+/// What a batch asked, for telling a replay from a reuse of its request id.
+fn batch_digest(subject_ids: &[String]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for id in subject_ids {
+        h.update((id.len() as u64).to_be_bytes());
+        h.update(id.as_bytes());
+    }
+    h.finalize().into()
+}
+
 /// One subject's outcome in a batch.
 fn shred_result(
     gate: &Gate,
@@ -104,10 +115,17 @@ impl SubjectService for Subjects {
         }
         let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
         erasing(&self.gate.work, tenant.as_str(), async move {
+            let asked = batch_digest(&subject_ids);
             if !request_id.is_empty()
                 && let Some(bytes) = gate.vault.recall_request(&who.tenant, &request_id).map_err(to_status)?
             {
-                let mut answer = pb::ShredSubjectsResponse::decode(bytes.as_slice())
+                let (kept_for, answer) = bytes.split_at_checked(32).unwrap_or((&[], &[]));
+                if kept_for != asked.as_slice() {
+                    return Err(Status::invalid_argument(
+                        "request_id: already used within the last day for a different list of subject_ids",
+                    ));
+                }
+                let mut answer = pb::ShredSubjectsResponse::decode(answer)
                     .map_err(|_| Status::data_loss("the kept answer to this request_id is corrupt"))?;
                 answer.replayed = true;
                 return Ok(Response::new(answer));
@@ -129,7 +147,9 @@ impl SubjectService for Subjects {
             );
             let answer = pb::ShredSubjectsResponse { results, replayed: false };
             if !request_id.is_empty() {
-                gate.vault.keep_request(&who.tenant, &request_id, &answer.encode_to_vec()).await.map_err(to_status)?;
+                let mut kept = asked.to_vec();
+                kept.extend_from_slice(&answer.encode_to_vec());
+                gate.vault.keep_request(&who.tenant, &request_id, &kept).await.map_err(to_status)?;
             }
             Ok(Response::new(answer))
         })

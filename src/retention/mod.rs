@@ -27,6 +27,8 @@ use crate::vault::{Due, Swept, TenantId, TimeIndex, Vault, VaultError};
 pub const BATCH: usize = 64;
 /// Transcripts one run handles per tenant at most; the rest is the backlog, taken next run.
 pub const MAX_PER_RUN: u64 = 100_000;
+/// How finely the activity index records a chat's last write.
+const ACTIVITY_GRAIN_MICROS: i64 = 60 * 1_000_000;
 /// How long a lease on a tenant holds without being renewed (it is, at every batch). A
 /// node that died holding one delays that tenant's retention this long, no more.
 const LEASE_MICROS: i64 = 60 * 1_000_000;
@@ -49,6 +51,8 @@ pub struct RunReport {
     pub held: u64,
     /// Tenants skipped because another node held their lease.
     pub leased_elsewhere: u64,
+    /// Tenants whose run failed (logged); retried at the next run.
+    pub failed: u64,
 }
 
 /// Who holds a tenant's lease, and until when (µs, vault clock).
@@ -107,11 +111,16 @@ impl Purger {
         if let Err(e) = self.vault.prune_requests(10_000) {
             tracing::error!(error = %e, "pruning kept batch answers failed");
         }
-        let anchored = self.vault.anchored_audit_head().ok().flatten().map(|a| a.seq);
-        if self.audit_keep_micros > 0
-            && let Err(e) = self.audit.prune(self.audit_keep_micros, anchored)
-        {
-            tracing::error!(error = %e, "pruning the audit trail failed");
+        if self.audit_keep_micros > 0 {
+            // Without the anchor no segment is known safe to go: none goes.
+            match self.vault.anchored_audit_head() {
+                Ok(anchor) => {
+                    if let Err(e) = self.audit.prune(self.audit_keep_micros, anchor.map(|a| a.seq)) {
+                        tracing::error!(error = %e, "pruning the audit trail failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "audit trail not pruned: the ledger's anchor cannot be read"),
+            }
         }
         let tenants = self.registry.list().map_err(|e| VaultError::Internal(e.to_string()))?;
         for t in tenants.iter().filter(|t| t.status != TenantStatus::Deleted && t.retention.is_active()) {
@@ -121,7 +130,15 @@ impl Purger {
             }
             let outcome = self.run_tenant(t).await;
             self.drop_lease(&t.id)?;
-            let r = outcome?;
+            // One tenant's failure (a damaged record, say) must not stop the others'.
+            let r = match outcome {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, tenant = t.id.as_str(), "retention run of a tenant failed");
+                    report.failed += 1;
+                    continue;
+                }
+            };
             report.purged += r.purged;
             report.closed += r.closed;
             report.held += r.held;
@@ -136,8 +153,10 @@ impl Purger {
         let mut run = status::Run { at: now, ..status::Run::default() };
         let mut budget = MAX_PER_RUN;
         if p.close_inactive_after_secs > 0 {
-            let s =
-                self.sweep(&t.id, TimeIndex::Active, ago(p.close_inactive_after_secs), &mut budget, Some(now)).await?;
+            // An activity entry is the minute a write fell in: the write may have come up
+            // to a minute after it, so the entry must be a minute older than the policy.
+            let cutoff = ago(p.close_inactive_after_secs).saturating_sub(ACTIVITY_GRAIN_MICROS);
+            let s = self.sweep(&t.id, TimeIndex::Active, cutoff, &mut budget, Some(now)).await?;
             run.closed += s.0.done;
             run.backlog += s.1;
         }

@@ -16,7 +16,7 @@ pub use cidr::{Cidr, CidrError, canonical as canonical_ip, parse_list};
 pub use lockout::{Culprit, Lockout, LockoutConfig, Refusal, source_of};
 pub use model::{ApiKeyInfo, Hold, RetentionPolicy, Tenant, TenantStatus};
 pub use operator::OperatorToken;
-pub use registry::{KeyOwner, RecordSink, Registry};
+pub use registry::{KeyOwner, RecordSink, Registry, check_hold_reason};
 
 use crate::crypto::CryptoError;
 use crate::store::StoreError;
@@ -31,6 +31,8 @@ pub enum TenancyError {
     IdRetired(String),
     #[error("API key {0} not found for this tenant")]
     KeyNotFound(String),
+    #[error("hold_id: no hold {0} on this tenant")]
+    HoldNotFound(String),
     #[error("a tenant may have at most {0} live API keys; revoke one first")]
     TooManyKeys(usize),
     #[error("{field}: {reason}")]

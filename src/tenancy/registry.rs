@@ -310,12 +310,7 @@ impl Registry {
         reason: &str,
         now: Timestamp,
     ) -> Result<(Arc<Tenant>, Hold), TenancyError> {
-        if reason.trim().is_empty() || reason.chars().count() > MAX_REASON || reason.chars().any(char::is_control) {
-            return Err(TenancyError::invalid(
-                "reason",
-                format!("required: 1 to {MAX_REASON} characters, no control characters (a case reference, say)"),
-            ));
-        }
+        check_hold_reason(reason)?;
         let hold_id = format!("hold-{}", hex::encode(crypto::random_bytes::<8>()?));
         self.update(id, |t| {
             if t.holds.len() >= MAX_HOLDS {
@@ -338,7 +333,7 @@ impl Registry {
                     .holds
                     .iter()
                     .position(|h| h.id == hold_id)
-                    .ok_or_else(|| TenancyError::invalid("hold_id", format!("no hold {hold_id} on this tenant")))?;
+                    .ok_or_else(|| TenancyError::HoldNotFound(hold_id.to_owned()))?;
                 Ok(t.holds.remove(at))
             })?
             .1)
@@ -363,19 +358,31 @@ fn check_name(name: &str) -> Result<(), TenancyError> {
     Ok(())
 }
 
+/// A hold's reason: required, short, one line.
+pub fn check_hold_reason(reason: &str) -> Result<(), TenancyError> {
+    if reason.trim().is_empty() || reason.chars().count() > MAX_REASON || reason.chars().any(char::is_control) {
+        return Err(TenancyError::invalid(
+            "reason",
+            format!("required: 1 to {MAX_REASON} characters, no control characters (a case reference, say)"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_retention(r: &RetentionPolicy) -> Result<(), TenancyError> {
     r.validate().map_err(|(field, why)| TenancyError::invalid(field, why))
 }
 
 impl HoldCheck for Registry {
+    // A poisoned lock still holds the state: holds are read, never lost to a panic.
     fn hold_on(&self, tenant: &str, subject: &Blind, transcript: Option<&Blind>) -> Option<String> {
-        let state = self.state.read().ok()?;
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let t = state.tenants.get(tenant)?;
         t.holds.iter().find(|h| crate::vault::hold_covers(&h.scope, subject, transcript)).map(|h| h.id.clone())
     }
 
     fn any_hold(&self, tenant: &str) -> Option<String> {
-        let state = self.state.read().ok()?;
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let holds = &state.tenants.get(tenant)?.holds;
         // The tenant-wide hold first: it is the one a tenant deletion is about.
         let hold = holds.iter().find(|h| h.scope == HoldScope::Tenant).or(holds.first());

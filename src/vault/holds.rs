@@ -52,7 +52,8 @@ impl Vault {
     }
 
     pub(super) fn hold_on(&self, tenant: &TenantId, subject: &Blind, transcript: Option<&Blind>) -> Option<String> {
-        let h = self.holds.read().ok()?;
+        // A poisoned lock still holds the holds: they are read, never lost to a panic.
+        let h = self.holds.read().unwrap_or_else(|p| p.into_inner());
         h.as_ref()?.hold_on(tenant.as_str(), subject, transcript)
     }
 
@@ -70,7 +71,8 @@ impl Vault {
     }
 
     pub(super) fn refuse_if_tenant_held(&self, tenant: &TenantId) -> Result<(), VaultError> {
-        let held = self.holds.read().ok().and_then(|h| h.as_ref()?.any_hold(tenant.as_str()));
+        let held =
+            self.holds.read().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|h| h.any_hold(tenant.as_str()));
         match held {
             Some(id) => Err(VaultError::Held(id)),
             None => Ok(()),
@@ -79,16 +81,32 @@ impl Vault {
 
     /// Runs `f` (setting a hold) while no erasure of what `scope` covers is under way:
     /// one that started first finishes, one that comes later sees the hold.
-    pub fn while_erasures_wait<R>(&self, tenant: &TenantId, scope: &HoldScope, f: impl FnOnce() -> R) -> R {
+    /// A transcript's subject is checked again under the lock: one moved to another
+    /// subject meanwhile is refused (ABORTED, retry), so a hold never names a stale one.
+    pub fn while_erasures_wait<R>(
+        &self,
+        tenant: &TenantId,
+        scope: &HoldScope,
+        f: impl FnOnce() -> R,
+    ) -> Result<R, VaultError> {
         let _held = match scope {
             HoldScope::Tenant => self.locks.lock_all(),
             HoldScope::Subject(s) | HoldScope::Transcript { subject: s, .. } => self.locks.lock(tenant.as_str(), &[s]),
         };
-        f()
+        if let HoldScope::Transcript { transcript, subject } = scope {
+            let h = self.read_header(&super::layout::header(tenant.as_str(), transcript))?;
+            if h.is_none_or(|h| h.subject != *subject) {
+                return Err(VaultError::Aborted(
+                    "transcript_id: the transcript was replaced or deleted while the hold was being set; retry".into(),
+                ));
+            }
+        }
+        Ok(f())
     }
 
     /// The blind id of a subject, for naming it in a hold.
     pub fn subject_blind(&self, tenant: &TenantId, subject_id: &str) -> Result<Blind, VaultError> {
+        let _epoch = self.epoch_shared()?;
         let tkey = self.tenant_key(tenant, true)?.ok_or_else(|| VaultError::Internal("tenant key".into()))?;
         Ok(self.blinds(&tkey, Some(subject_id), None).0)
     }

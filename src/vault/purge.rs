@@ -24,24 +24,59 @@ pub struct Swept {
     pub stale: u64,
 }
 
+/// What a due entry's transcript is now, read under its subject's lock.
+enum Found {
+    /// Readable, the same incarnation: its header.
+    Live(Header),
+    /// The same incarnation, its subject shredded: its entries can all go.
+    Dead(Header),
+    /// Deleted or replaced since (or its subject lock was not taken: re-read next run).
+    Gone,
+}
+
 impl Vault {
-    /// The header `due` names, if it is still that incarnation and readable.
+    /// The header `due` names, if it is still that incarnation.
     fn due_header(&self, tenant: &TenantId, due: &Due) -> Result<Option<Header>, VaultError> {
         let h = self.read_header(&layout::header(tenant.as_str(), &due.transcript))?;
         Ok(h.filter(|h| h.incarnation == due.incarnation))
     }
 
-    /// Queues the removal of an index entry whose transcript is gone or dead.
-    fn drop_stale(&self, tenant: &TenantId, which: TimeIndex, due: &Due, batch: &mut Batch) -> Result<(), VaultError> {
-        match self.due_header(tenant, due)? {
-            // Dead (its subject shredded): every entry of it goes.
-            Some(h) => times::reindex(batch, tenant.as_str(), &due.transcript, Some(&h), None),
-            // Gone or replaced: the entry is the dead one's (a replacement has its own).
-            None => {
-                let key = layout::time_entry(which, tenant.as_str(), due.at, &due.transcript);
-                if self.store.get(&key)?.as_deref() == Some(due.incarnation.to_be_bytes().as_slice()) {
+    /// What `due` names now, with `locked` the subjects whose locks are held. Errors other
+    /// than "erased" are errors: a read that failed never passes for a dead transcript.
+    fn find(&self, tenant: &TenantId, due: &Due, locked: &[Blind]) -> Result<Found, VaultError> {
+        let Some(h) = self.due_header(tenant, due)? else { return Ok(Found::Gone) };
+        if !locked.contains(&h.subject) {
+            return Ok(Found::Gone);
+        }
+        match self.check_live(tenant, &h) {
+            Ok(()) => Ok(Found::Live(h)),
+            Err(VaultError::Erased(_)) => Ok(Found::Dead(h)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes an entry that no longer stands for what its transcript is: `h` is the
+    /// transcript's current header (under its lock), if it has one. Without one, only
+    /// the exact entry of the incarnation that was found goes, by compare-and-swap, so an
+    /// entry a new incarnation wrote meanwhile at the same key stays.
+    fn drop_stale(
+        &self,
+        tenant: &TenantId,
+        which: TimeIndex,
+        due: &Due,
+        found: &Found,
+        batch: &mut Batch,
+    ) -> Result<(), VaultError> {
+        let key = layout::time_entry(which, tenant.as_str(), due.at, &due.transcript);
+        match found {
+            Found::Dead(h) => times::reindex(batch, tenant.as_str(), &due.transcript, Some(h), None),
+            Found::Live(h) => {
+                if !times::entries(tenant.as_str(), &due.transcript, h).contains(&key) {
                     batch.delete(key);
                 }
+            }
+            Found::Gone => {
+                let _ = self.store.compare_and_swap(&key, Some(due.incarnation.to_be_bytes().as_slice()), None)?;
             }
         }
         Ok(())
@@ -67,6 +102,8 @@ impl Vault {
         let mut swept = Swept::default();
         let (erased, applied) = {
             let _epoch = self.epoch_shared()?;
+            // A tenant being erased is written to by no one, retention included.
+            self.check_open(tenant)?;
             let subjects = self.subjects_of(tenant, due)?;
             let _held = self.locks.lock(tenant.as_str(), &subjects.iter().collect::<Vec<_>>());
             let mut batch = Batch::default();
@@ -74,10 +111,21 @@ impl Vault {
             let mut erased = Vec::new();
             let mut counts = HashMap::new();
             for d in due {
-                let live = match self.due_header(tenant, d)? {
-                    Some(h) if subjects.contains(&h.subject) && self.check_live(tenant, &h).is_ok() => h,
+                let found = self.find(tenant, d, &subjects)?;
+                let live = match &found {
+                    // Still the entry it was found by (closed and started times never move).
+                    Found::Live(h)
+                        if times::entries(tenant.as_str(), &d.transcript, h).contains(&layout::time_entry(
+                            which,
+                            tenant.as_str(),
+                            d.at,
+                            &d.transcript,
+                        )) =>
+                    {
+                        h.clone()
+                    }
                     _ => {
-                        self.drop_stale(tenant, which, d, &mut batch)?;
+                        self.drop_stale(tenant, which, d, &found, &mut batch)?;
                         swept.stale += 1;
                         continue;
                     }
@@ -120,22 +168,17 @@ impl Vault {
         let mut swept = Swept::default();
         let ticket = {
             let _epoch = self.epoch_shared()?;
+            self.check_open(tenant)?;
             let subjects = self.subjects_of(tenant, due)?;
             let _held = self.locks.lock(tenant.as_str(), &subjects.iter().collect::<Vec<_>>());
             let mut batch = Batch::default();
             for d in due {
-                let mut h = match self.due_header(tenant, d)? {
-                    Some(h)
-                        if subjects.contains(&h.subject)
-                            && h.ended_at.is_none()
-                            && h.activity == Some(d.at)
-                            && self.check_live(tenant, &h).is_ok() =>
-                    {
-                        h
-                    }
-                    // Written since (its entry moved on), closed since, or dead.
+                let found = self.find(tenant, d, &subjects)?;
+                let mut h = match &found {
+                    Found::Live(h) if h.ended_at.is_none() && h.activity == Some(d.at) => h.clone(),
+                    // Written since (its entry moved on), closed since, gone or dead.
                     _ => {
-                        self.drop_stale(tenant, TimeIndex::Active, d, &mut batch)?;
+                        self.drop_stale(tenant, TimeIndex::Active, d, &found, &mut batch)?;
                         swept.stale += 1;
                         continue;
                     }

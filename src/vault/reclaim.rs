@@ -77,6 +77,9 @@ impl Vault {
                             let h: Header = records::decode_header(&bytes)?;
                             if h.subject == subject && h.generation == generation {
                                 b.delete(hkey);
+                                // Its time-index entries go with it: nothing of a shredded
+                                // transcript stays, not even when it was written.
+                                super::times::reindex(&mut b, tenant.as_str(), &tb, Some(&h), None);
                                 self.queue_garbage(
                                     &mut b,
                                     &Garbage::Incarnation {

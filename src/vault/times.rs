@@ -29,7 +29,7 @@ pub struct Due {
 }
 
 /// The index entries a header stands for.
-fn entries(tenant: &str, tb: &Blind, h: &Header) -> Vec<Vec<u8>> {
+pub(super) fn entries(tenant: &str, tb: &Blind, h: &Header) -> Vec<Vec<u8>> {
     let mut v = vec![layout::time_entry(TimeIndex::Started, tenant, h.started_at, tb)];
     match (h.ended_at, h.activity) {
         (Some(ended), _) => v.push(layout::time_entry(TimeIndex::Closed, tenant, ended, tb)),

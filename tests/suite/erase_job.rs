@@ -166,6 +166,10 @@ async fn a_batch_sent_again_with_its_request_id_gets_the_same_answer_and_shreds_
     assert!(again.replayed);
     assert_eq!(again.results, first.results);
     assert!(get(&mut c, "chat-2").await.is_ok(), "the replay shredded nothing");
+    let reused = pb::ShredSubjectsRequest { subject_ids: vec!["bob".into()], request_id: "batch-1".into() };
+    let e = s.shred_subjects(reused).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("request_id"), "{e:?}");
     for bad in [
         pb::ShredSubjectsRequest { subject_ids: vec![], request_id: String::new() },
         pb::ShredSubjectsRequest { subject_ids: vec!["a".into(); 1001], request_id: String::new() },
