@@ -118,6 +118,19 @@ fn reads(v: &Vault, tenant: &TenantId, n: usize, busy: Option<&AtomicBool>, for_
     lat
 }
 
+/// Read latencies while something ran, beside idle ones.
+fn beside_idle(during: &mut [Duration], idle: &mut [Duration]) -> String {
+    format!(
+        "p50 {:.1} µs, p99 {:.1} µs ({} reads); idle before it: p50 {:.1} µs, p99 {:.1} µs (p99 {:.2}x idle).",
+        us(percentile(during, 0.5)),
+        us(percentile(during, 0.99)),
+        during.len(),
+        us(percentile(idle, 0.5)),
+        us(percentile(idle, 0.99)),
+        percentile(during, 0.99).as_secs_f64() / percentile(idle, 0.99).as_secs_f64().max(1e-9),
+    )
+}
+
 /// One `fdatasync` of a small append: the floor under any durable erasure.
 fn fdatasync_floor(dir: &std::path::Path, rounds: usize) -> Duration {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("floor")).unwrap();
@@ -213,17 +226,17 @@ fn retention(rt: &tokio::runtime::Runtime, n: usize, tenant: &TenantId, fdatasyn
     let one_by_one = t.elapsed().as_secs_f64() / rounds as f64;
     let rate = purged as f64 / took.as_secs_f64();
     format!(
-        "\n#### retention purging {n} expired transcripts (each its own subject), durability fsync\n\n         | what | transcripts/s |\n|---|---|\n         | retention run (time index, batches of {batch} under one ledger entry) | {rate:.0} |\n         | baseline: DeleteTranscript one at a time ({rounds}) | {:.0} |\n\n         Retention {:.1}x the one-at-a-time rate ({:.1} s in all; one fdatasync {:.0} µs). GetTranscript of live          transcripts while it ran, one reader: p50 {:.1} µs, p99 {:.1} µs ({} reads); idle: p50 {:.1} µs, p99 {:.1} µs          (p99 {:.2}x idle).\n",
+        "\n#### retention purging {n} expired transcripts (each its own subject), durability fsync\n\n\
+         | what | transcripts/s |\n|---|---|\n\
+         | retention run (time index, batches of {batch} under one ledger entry) | {rate:.0} |\n\
+         | baseline: DeleteTranscript one at a time ({rounds}) | {:.0} |\n\n\
+         Retention {:.1}x the one-at-a-time rate ({:.1} s in all; one fdatasync {:.0} µs). GetTranscript of live \
+         transcripts while it ran, one reader: {}\n",
         1.0 / one_by_one,
         rate * one_by_one,
         took.as_secs_f64(),
         us(fdatasync),
-        us(percentile(&mut during, 0.5)),
-        us(percentile(&mut during, 0.99)),
-        during.len(),
-        us(percentile(&mut idle, 0.5)),
-        us(percentile(&mut idle, 0.99)),
-        percentile(&mut during, 0.99).as_secs_f64() / percentile(&mut idle, 0.99).as_secs_f64().max(1e-9),
+        beside_idle(&mut during, &mut idle),
         batch = chatvault::retention::BATCH,
     )
 }
@@ -271,19 +284,13 @@ fn main() {
          | what | seconds | records/s |\n|---|---|---|\n\
          | chatvault rotation (open, re-seal, compare-and-swap, fsync, destroy) | {:.1} | {:.0} |\n\
          | baseline: raw sled read + compare-and-swap of as many ~95 B records, then flush | {:.1} | {:.0} |\n\n\
-         Rotation throughput {:.2}x the raw rewrite. GetTranscript while the rotation ran, one reader: \
-         p50 {:.1} µs, p99 {:.1} µs ({} reads); idle before it: p50 {:.1} µs, p99 {:.1} µs (p99 {:.2}x idle).\n",
+         Rotation throughput {:.2}x the raw rewrite. GetTranscript while the rotation ran, one reader: {}\n",
         rotation.as_secs_f64(),
         keys as f64 / rotation.as_secs_f64(),
         floor.as_secs_f64(),
         keys as f64 / floor.as_secs_f64(),
         floor.as_secs_f64() / rotation.as_secs_f64(),
-        us(percentile(&mut during, 0.5)),
-        us(percentile(&mut during, 0.99)),
-        during.len(),
-        us(percentile(&mut idle, 0.5)),
-        us(percentile(&mut idle, 0.99)),
-        percentile(&mut during, 0.99).as_secs_f64() / percentile(&mut idle, 0.99).as_secs_f64().max(1e-9),
+        beside_idle(&mut during, &mut idle),
         n = a.transcripts,
     );
     eprintln!("rotation done");
