@@ -141,6 +141,12 @@ pub fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
+    // Before any key is read: no core dumps, no other user's access to what is written.
+    if matches!(cli.command, Command::Serve(_) | Command::Restore { .. } | Command::Keys { .. })
+        && let Err(e) = crate::server::harden_process()
+    {
+        return fail(e);
+    }
     let result = match cli.command {
         Command::Serve(args) => match args.config() {
             Ok(cfg) => runtime.block_on(crate::server::run(cfg)).map_err(|e| e.to_string()),

@@ -2,10 +2,12 @@
 //! background workers (key rotation, reclaim, ledger checkpoints), serves gRPC, and shuts
 //! all of it down cleanly on SIGTERM / Ctrl-C.
 
+mod harden;
 mod node;
 mod restore;
 mod workers;
 
+pub use harden::harden_process;
 pub use node::Node;
 pub use restore::restore;
 use workers::{denials_worker, ledger_worker, reclaim_worker, retention_worker, rotate_on_sighup, rotation_worker};
@@ -48,6 +50,8 @@ pub enum ServerError {
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
     config.check_listeners()?;
+    harden::close_directory(&config.data_dir, "data_dir").map_err(ServerError::Refused)?;
+    harden::close_directory(&config.key_dir, "key_dir").map_err(ServerError::Refused)?;
     let dev_key = matches!(config.root_key_source()?, crate::keys::RootKeySource::Development(_));
     let Node { vault, registry, audit, clock, report } = Node::open(&config).await?;
     if let Some(path) = &report.generated_dev_key {

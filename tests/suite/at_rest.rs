@@ -203,3 +203,41 @@ async fn delete_removes_the_transcript_key_from_the_store_at_once() {
     assert_eq!(raw_count(&dirs, kind::BODY), 1);
     assert_eq!(raw_count(&dirs, kind::MESSAGE), 2, "message ciphertext awaits the reclaimer");
 }
+
+/// Every file and folder the server writes is its own alone, whatever the umask it was
+/// started with, a data directory others could enter is closed, and it never dumps core.
+#[tokio::test]
+async fn the_server_keeps_its_files_to_itself_and_never_dumps_core() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = Dirs::new();
+    std::fs::create_dir_all(dirs.data()).unwrap();
+    std::fs::set_permissions(dirs.data(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Started under the usual umask 022 (and an unlimited core size, where allowed).
+    let server = Server::start_with(
+        &dirs,
+        Opts {
+            wrapper: vec!["sh", "-c", "umask 022; ulimit -c unlimited 2>/dev/null; exec \"$0\" \"$@\""],
+            ..Opts::default()
+        },
+    );
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t1", "alice", 1_700_000_000, &["private"])).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap().to_owned();
+    assert!(core.split_whitespace().skip(4).take(2).all(|v| v == "0"), "{core}");
+    server.stop().await;
+    for root in [dirs.data(), dirs.keys()] {
+        let mut open = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(p) = stack.pop() {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                open.push(format!("{} {mode:o}", p.display()));
+            }
+            if p.is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        assert!(open.is_empty(), "open to other users: {open:?}");
+    }
+}

@@ -1,0 +1,34 @@
+//! What the process does to itself before it touches a key: files it creates are its
+//! own (umask 0077, so sled's files are 0600 too), it never writes a core dump (one held
+//! message text and an API-key secret), and it cannot be attached to by another process
+//! of the same user. And the data and key directories are its own alone.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+
+/// Sets the umask, turns core dumps off and makes the process non-dumpable. Failing to
+/// turn dumps off is refused: a server that may dump its keys does not start.
+pub fn harden_process() -> Result<(), String> {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })
+        .map_err(|e| format!("cannot turn core dumps off (RLIMIT_CORE): {e}"))?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"))?;
+    Ok(())
+}
+
+/// A data or key directory that others may enter is closed (0700), saying so: anyone
+/// who can read it can take the copy the erasure model assumes only backups hold.
+pub fn close_directory(dir: &Path, what: &str) -> Result<(), String> {
+    let Ok(meta) = std::fs::metadata(dir) else { return Ok(()) };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700)).map_err(|e| {
+            format!("{what} {} is open to other users ({mode:o}) and cannot be closed: {e}", dir.display())
+        })?;
+        tracing::warn!(dir = %dir.display(), was = format!("{mode:o}"), "{what} was open to other users; closed to 0700");
+    }
+    Ok(())
+}
