@@ -105,6 +105,10 @@ pub struct Config {
     /// file: a choice made once, by an operator who knows a backup was restored.
     #[serde(skip)]
     pub replay_erasures: bool,
+    /// Start on a value log damaged where writes were acknowledged, cutting it there
+    /// (`serve --accept-damage`). Never from the file, for the same reason.
+    #[serde(skip)]
+    pub accept_damage: bool,
 }
 
 /// PEM files of one listener's TLS. With `client_ca_file`, clients must present a
@@ -164,6 +168,7 @@ impl Default for Config {
             tls: None,
             admin_tls: None,
             replay_erasures: false,
+            accept_damage: false,
         }
     }
 }
@@ -261,6 +266,7 @@ impl Config {
         opts.value_segment_bytes = self.value_segment_bytes;
         opts.inline_values_below = self.inline_values_below;
         opts.replay_erasures = self.replay_erasures;
+        opts.accept_damage = self.accept_damage;
         Ok(opts)
     }
 }

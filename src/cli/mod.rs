@@ -97,6 +97,10 @@ pub struct ServerArgs {
     /// instead of refusing to start.
     #[arg(long)]
     replay_erasures: bool,
+    /// The value log is damaged where writes were acknowledged (start refused, naming the
+    /// file and offset): cut it there, keeping the cut bytes beside it, and lose what they held.
+    #[arg(long)]
+    accept_damage: bool,
 }
 
 impl ServerArgs {
@@ -130,6 +134,7 @@ impl ServerArgs {
             cfg.cipher = v;
         }
         cfg.replay_erasures = self.replay_erasures;
+        cfg.accept_damage = self.accept_damage;
         Ok(cfg)
     }
 }

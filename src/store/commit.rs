@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-use super::{Durability, KvStore, StoreError, SyncTarget};
+use super::{Batch, Durability, KvStore, StoreError, SyncTarget};
 
 /// A position in the write order: durable once the committer has synced past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -203,6 +203,15 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
 fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
     let before = shared.before.lock().map_err(|_| StoreError::Failed)?.clone();
     before.iter().try_for_each(|t| t.sync(mode))?;
+    if mode == Durability::Fsync {
+        let mut marks = Batch::default();
+        for (k, v) in before.iter().filter_map(|t| t.synced_mark()) {
+            marks.put(k, v);
+        }
+        if !marks.is_empty() {
+            store.apply(marks)?;
+        }
+    }
     store.sync(mode)?;
     let after = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
     after.iter().try_for_each(|t| t.sync(mode))

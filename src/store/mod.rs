@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use commit::{CommitTicket, GroupCommit};
 pub use sled_store::SledStore;
-pub use values::{ValueBuf, ValueLog, ValuePointer};
+pub use values::{ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, mark_key as values_mark_key};
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record
 /// types use 0x00..=0x0f (see `vault/layout.rs`).
@@ -20,6 +20,8 @@ pub mod space {
     pub const AUDIT: u8 = 0x11;
     /// Retention's leases and per-tenant status.
     pub const RETENTION: u8 = 0x12;
+    /// How far the logs beside the store were durable at the last commit round.
+    pub const LOG_MARKS: u8 = 0x13;
 }
 
 /// How hard an acknowledged write is pushed towards the disk before the client hears "ok".
@@ -99,6 +101,12 @@ pub trait KvStore: Send + Sync + 'static {
 /// durable together with it, so one wait covers both.
 pub trait SyncTarget: Send + Sync + 'static {
     fn sync(&self, mode: Durability) -> Result<(), StoreError>;
+    /// After a `sync` of a target synced before the store: a record saying how far it is
+    /// durable, which the same round makes durable in the store. What it holds up to there
+    /// was acknowledged; damage before it is never taken for a torn write.
+    fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        None
+    }
 }
 
 /// Why storage failed. The message names no key or value.

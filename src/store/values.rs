@@ -106,6 +106,18 @@ pub struct ValueLog {
     /// Set when a sync or a repair of the file failed: what the kernel holds is then
     /// unknown, so nothing more is written or acknowledged until restart.
     failed: AtomicBool,
+    /// How far the log was durable at its last sync: (segment, length).
+    synced: Mutex<Option<(u32, u64)>>,
+}
+
+/// Where the group commit records how far the log was durable (`SyncTarget::synced_mark`).
+pub fn mark_key() -> Vec<u8> {
+    vec![super::space::LOG_MARKS, b'v']
+}
+
+/// A mark read back from the store: (segment, length).
+pub fn decode_mark(bytes: &[u8]) -> Option<(u32, u64)> {
+    Some((u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?), u64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?)))
 }
 
 fn name(id: u32) -> String {
@@ -116,6 +128,20 @@ impl ValueLog {
     /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the end of
     /// the newest segment (a crash mid-write, never acknowledged) is cut off.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_checked(dir, max_bytes, None, false)
+    }
+
+    /// [`Self::open`], knowing how far the log was durable when writes were last
+    /// acknowledged (`acknowledged`, the store's mark): a damaged frame before that is
+    /// damage, not a torn write, and open refuses, naming the file and the offset and
+    /// changing nothing — unless `accept_damage`, when it is cut off like a torn tail (the
+    /// bytes kept beside it) and said so at error level.
+    pub fn open_checked(
+        dir: &Path,
+        max_bytes: u64,
+        acknowledged: Option<(u32, u64)>,
+        accept_damage: bool,
+    ) -> Result<Self, StoreError> {
         super::files::private_dir(dir)?;
         let mut files = BTreeMap::new();
         let mut ids = Vec::new();
@@ -129,6 +155,25 @@ impl ValueLog {
             Some((id, file)) => {
                 let len = file.metadata()?.len();
                 let valid = valid_length(&dir.join(name(id)), len)?;
+                let damaged = match acknowledged {
+                    Some((seg, _)) if seg > id => {
+                        Some(format!("value log: segment {seg} is missing, and writes in it were acknowledged"))
+                    }
+                    Some((seg, off)) if seg == id && off > valid => Some(format!(
+                        "value log segment {}: the frame at offset {valid} is damaged, and the log was durable \
+                         up to offset {off} of it when writes were last acknowledged: this is damage, not a torn \
+                         write. Nothing was changed. Restore the data directory from a backup (`chatvault \
+                         restore`), or start once with --accept-damage to cut the segment at {valid} (the bytes \
+                         from there are kept beside it) and lose what they held",
+                        dir.join(name(id)).display()
+                    )),
+                    _ => None,
+                };
+                match damaged {
+                    Some(why) if !accept_damage => return Err(StoreError::Damaged(why)),
+                    Some(why) => tracing::error!("{why}; accepted (--accept-damage): cutting it off"),
+                    None => {}
+                }
                 if valid < len {
                     let aside = set_aside(dir, id, &file, valid, len)?;
                     tracing::warn!(
@@ -158,6 +203,7 @@ impl ValueLog {
             active: Mutex::new(active),
             torn,
             failed: AtomicBool::new(false),
+            synced: Mutex::new(None),
         })
     }
 
@@ -319,8 +365,22 @@ impl SyncTarget for ValueLog {
             return Ok(());
         }
         self.check_failed()?;
-        let file = self.active.lock().map_err(|_| StoreError::Failed)?.file.clone();
-        file.sync_data().map_err(|e| self.fail(e))
+        let (id, len, file) = {
+            let a = self.active.lock().map_err(|_| StoreError::Failed)?;
+            (a.id, a.len, a.file.clone())
+        };
+        file.sync_data().map_err(|e| self.fail(e))?;
+        if let Ok(mut s) = self.synced.lock() {
+            *s = Some((id, len));
+        }
+        Ok(())
+    }
+
+    fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (id, len) = (*self.synced.lock().ok()?)?;
+        let mut v = id.to_be_bytes().to_vec();
+        v.extend_from_slice(&len.to_be_bytes());
+        Some((mark_key(), v))
     }
 }
 

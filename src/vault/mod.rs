@@ -78,6 +78,9 @@ pub struct VaultOptions {
     /// Bring a data directory the erasure ledger says was rolled back forward instead of
     /// refusing it (`--replay-erasures`, `chatvault restore`).
     pub replay_erasures: bool,
+    /// Open a value log whose acknowledged part is damaged, cutting it there (see
+    /// `ValueLog::open_checked`); refused otherwise.
+    pub accept_damage: bool,
 }
 
 impl VaultOptions {
@@ -95,6 +98,7 @@ impl VaultOptions {
             value_segment_bytes: DEFAULT_VALUE_SEGMENT_BYTES,
             inline_values_below: 0,
             replay_erasures: false,
+            accept_damage: false,
         }
     }
 }
@@ -209,7 +213,14 @@ impl Vault {
         erasure::note_wrapped_from(store.as_ref(), wrapped_from)?;
         ledger.repair_tail()?;
         layout_check::warn_if_same_volume(&opts.data_dir, &opts.key_dir);
-        let values = Arc::new(ValueLog::open(&opts.data_dir.join("values"), opts.value_segment_bytes)?);
+        let acknowledged =
+            store.get(&crate::store::values_mark_key())?.and_then(|b| crate::store::decode_values_mark(&b));
+        let values = Arc::new(ValueLog::open_checked(
+            &opts.data_dir.join("values"),
+            opts.value_segment_bytes,
+            acknowledged,
+            opts.accept_damage,
+        )?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;
         commit.attach_before(values.clone());
         let cache_entries =

@@ -108,13 +108,16 @@ async fn a_write_cut_short_in_the_value_log_leaves_its_transcript_readable_up_to
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("t", "s", 1_700_000_000, &["one", "two"])).await;
+    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
+    let before_third = std::fs::metadata(&segment).unwrap().len();
     append_third(&mut c, "three").await;
     server.stop().await;
     // A power loss before the log's sync: sled kept the pointer, the log lost the tail
-    // of the last write (which therefore was never acknowledged).
-    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
+    // of the last write (which therefore was never acknowledged), and the commit round's
+    // mark of how far the log was durable is the one from before that write.
     let len = std::fs::metadata(&segment).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(len - 3).unwrap();
+    set_values_mark(&dirs, &segment, before_third);
 
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
@@ -123,6 +126,48 @@ async fn a_write_cut_short_in_the_value_log_leaves_its_transcript_readable_up_to
     append_third(&mut c, "three again").await;
     assert_eq!(get(&mut c, "t").await.unwrap().messages[2].text, "three again");
     server.stop().await;
+    let kept = files_below(&dirs.data().join("values"));
+    assert!(kept.iter().any(|f| f.to_string_lossy().contains(".torn-")), "the cut bytes are kept aside: {kept:?}");
+}
+
+/// Rewrites the store's record of how far the value log was durable (segment `file`, up
+/// to `len`), as a power loss before the round that moved it would have left it.
+fn set_values_mark(dirs: &Dirs, file: &std::path::Path, len: u64) {
+    let id: u32 = file.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().parse().unwrap();
+    let (db, tree) = raw_tree(dirs);
+    let mut v = id.to_be_bytes().to_vec();
+    v.extend_from_slice(&len.to_be_bytes());
+    tree.insert([0x13, b'v'], v).unwrap();
+    db.flush().unwrap();
+}
+
+/// A flipped byte in what was acknowledged is damage, not a torn write: the server
+/// refuses to start, naming the file and the offset, and changes nothing; told to accept
+/// the loss, it cuts there (the bytes kept beside it) and serves what is before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_acknowledged_values_refuses_the_start_naming_the_file_and_offset() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
+    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
+    let first_end = std::fs::metadata(&segment).unwrap().len();
+    put(&mut c, transcript("second", "s", 1_700_000_000, &["two", "three"])).await;
+    server.kill9();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = first_end as usize + 20; // inside the second transcript's first frame
+    bytes[at] ^= 0x40;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let refused = Server::try_start(&dirs, Opts::default()).err().expect("a damaged value log is refused");
+    assert!(refused.contains(&segment.display().to_string()), "{refused}");
+    assert!(refused.contains(&format!("offset {first_end}")) && refused.contains("not a torn"), "{refused}");
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "nothing was changed");
+
+    let server = Server::start_with(&dirs, Opts { args: vec!["--accept-damage"], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
+    assert!(server.log_text().contains("accepted (--accept-damage)"));
     let kept = files_below(&dirs.data().join("values"));
     assert!(kept.iter().any(|f| f.to_string_lossy().contains(".torn-")), "the cut bytes are kept aside: {kept:?}");
 }
