@@ -178,7 +178,7 @@ impl AuditLog {
     /// Opens the trail in `dir` and finds its newest record, which the next one chains to.
     /// A trail an earlier version kept in `store` is moved into `dir` first.
     pub fn open(dir: &Path, store: &dyn KvStore, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
-        Self::open_sized(dir, store, key, clock, SEGMENT_BYTES)
+        Self::open_sized(dir, store, key, clock, SEGMENT_BYTES, false)
     }
 
     /// [`Self::open`] with segments of `segment_bytes`: what retention prunes at a time.
@@ -188,9 +188,10 @@ impl AuditLog {
         key: SecretKey,
         clock: Arc<dyn Clock>,
         segment_bytes: u64,
+        accept_damage: bool,
     ) -> Result<Self, AuditError> {
         legacy::migrate(dir, store, &key, segment_bytes)?;
-        Self::open_segments(Segments::open(dir, segment_bytes)?, key, clock)
+        Self::open_segments(Segments::open_checked(dir, segment_bytes, accept_damage)?, key, clock)
     }
 
     fn open_segments(segments: Segments, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {

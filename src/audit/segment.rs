@@ -59,6 +59,14 @@ impl Segments {
     /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the very end
     /// of the newest segment (a crash mid-write, never acknowledged) is cut off.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_checked(dir, max_bytes, false)
+    }
+
+    /// [`Self::open`], telling damage from a torn write: each record is one `write`, so
+    /// only the last frame can be torn, and a bad frame followed by a good one is damage.
+    /// That is refused, naming the file and offset and changing nothing, unless
+    /// `accept_damage` (then cut off like a torn tail, said at error level).
+    pub fn open_checked(dir: &Path, max_bytes: u64, accept_damage: bool) -> Result<Self, StoreError> {
         files::private_dir(dir)?;
         let found = files::numbered(dir, SUFFIX)?;
         let mut views: Vec<SegmentView> = Vec::with_capacity(found.len());
@@ -78,6 +86,19 @@ impl Segments {
         let active = match views.pop() {
             Some(mut last) => {
                 let valid = valid_length(&last)?;
+                if valid < last.len && frame_follows(&last.path, valid, last.len)? {
+                    let why = format!(
+                        "audit segment {}: the record at offset {valid} is damaged and good records follow it: this \
+                         is damage, not a torn write. Nothing was changed. Restore the data directory from a backup, \
+                         or start once with --accept-damage to cut the segment there (the records after it are lost \
+                         and `audit verify` will not see them)",
+                        last.path.display()
+                    );
+                    if !accept_damage {
+                        return Err(StoreError::Damaged(why));
+                    }
+                    tracing::error!("{why}; accepted (--accept-damage): cutting it off");
+                }
                 let file = OpenOptions::new().append(true).open(&last.path)?;
                 if valid < last.len {
                     tracing::warn!(
@@ -268,6 +289,29 @@ fn eof_is_damage(e: std::io::Error) -> FrameError {
 }
 
 /// Bytes of `view` that hold a header and whole frames.
+/// Whether a whole, good frame starts right after the (damaged) frame at `at`, going by
+/// that frame's length field: what tells a flipped byte from a cut-short last write.
+fn frame_follows(path: &Path, at: u64, file_len: u64) -> Result<bool, StoreError> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path)?;
+    let head = |off: u64| -> Result<Option<(usize, u32)>, StoreError> {
+        let mut h = [0u8; FRAME_HEAD];
+        if off + FRAME_HEAD as u64 > file_len {
+            return Ok(None);
+        }
+        f.read_exact_at(&mut h, off)?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let ok = len > 0 && len <= MAX_PAYLOAD && off + (FRAME_HEAD + len) as u64 <= file_len;
+        Ok(ok.then_some((len, u32::from_le_bytes([h[4], h[5], h[6], h[7]]))))
+    };
+    let Some((len, _)) = head(at)? else { return Ok(false) };
+    let next = at + (FRAME_HEAD + len) as u64;
+    let Some((next_len, crc)) = head(next)? else { return Ok(false) };
+    let mut payload = vec![0u8; next_len];
+    f.read_exact_at(&mut payload, next + FRAME_HEAD as u64)?;
+    Ok(crc32fast::hash(&payload) == crc)
+}
+
 fn valid_length(view: &SegmentView) -> Result<u64, StoreError> {
     let mut r = match Reader::open(view) {
         Ok(r) => r,
@@ -338,6 +382,33 @@ mod tests {
         let s = Segments::open(dir.path(), 1 << 20).unwrap();
         s.append(2, &[1; 32], b"again").unwrap();
         assert_eq!(all_payloads(&s), vec![b"first".to_vec(), b"again".to_vec()]);
+    }
+
+    #[test]
+    fn a_flipped_byte_before_good_records_is_refused_at_open_and_a_cut_short_last_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+        for seq in 1..=3 {
+            s.append(seq, &[0; 32], &[seq as u8; 40]).unwrap();
+        }
+        let view = s.snapshot().unwrap()[0].clone();
+        drop(s);
+        let good = fs::read(&view.path).unwrap();
+        let second = HEADER_LEN + FRAME_HEAD + 40;
+        let mut bytes = good.clone();
+        bytes[second + FRAME_HEAD + 5] ^= 1;
+        fs::write(&view.path, &bytes).unwrap();
+        let refused = Segments::open(dir.path(), 1 << 20).err().expect("damage is refused");
+        let why = refused.to_string();
+        assert!(why.contains(&format!("offset {second}")) && why.contains("not a torn write"), "{why}");
+        assert_eq!(fs::read(&view.path).unwrap(), bytes, "nothing was changed");
+        let accepted = Segments::open_checked(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!(accepted.snapshot().unwrap()[0].len, second as u64);
+        drop(accepted);
+        // A last record cut short by a crash is a torn write: cut, no refusal.
+        fs::write(&view.path, &good[..good.len() - 3]).unwrap();
+        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(all_payloads(&s).len(), 2);
     }
 
     #[test]

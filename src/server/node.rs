@@ -46,6 +46,7 @@ impl Node {
             vault.control_key(b"chatvault/control/audit-chain/v1"),
             clock.clone(),
             config.audit_segment_bytes.max(4096),
+            config.accept_damage,
         )?);
         check_audit_anchor(&vault, &audit, config.replay_erasures)?;
         vault.attach_durable(audit.clone());
