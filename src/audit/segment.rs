@@ -90,8 +90,9 @@ impl Segments {
                     let why = format!(
                         "audit segment {}: the record at offset {valid} is damaged and good records follow it: this \
                          is damage, not a torn write. Nothing was changed. Restore the data directory from a backup, \
-                         or start once with --accept-damage to cut the segment there (the records after it are lost \
-                         and `audit verify` will not see them)",
+                         or start once with `--accept-damage --replay-erasures` to cut the segment there and accept \
+                         the loss of the records after it (recorded in the erasure ledger; `audit verify` reports \
+                         it as an accepted gap)",
                         last.path.display()
                     );
                     if !accept_damage {
@@ -131,11 +132,13 @@ impl Segments {
             .as_ref()
             .is_none_or(|a| a.view.len > HEADER_LEN as u64 && a.view.len + frame.len() as u64 > self.max_bytes);
         if full {
+            // Closed segments are durable before the next one exists: `sync` only ever
+            // needs the active file, and only the newest segment can end torn.
+            if let Some(old) = active.as_ref() {
+                old.file.sync_data()?;
+            }
             let next = self.create(SegmentHeader { first_seq: seq, prev: *prev })?;
             if let Some(old) = active.replace(next) {
-                // Closed segments are durable before the next one exists: `sync` only
-                // ever needs the active file.
-                old.file.sync_data()?;
                 self.closed.lock().map_err(|_| StoreError::Failed)?.push(old.view);
             }
         }

@@ -21,14 +21,26 @@ pub fn harden_process() -> Result<(), String> {
 
 /// A data or key directory that others may enter is closed (0700), saying so: anyone
 /// who can read it can take the copy the erasure model assumes only backups hold.
+/// One the server does not own (a volume mounted for it, group-shared on purpose) is
+/// left as it is, with a warning; the files in it are the server's own either way.
 pub fn close_directory(dir: &Path, what: &str) -> Result<(), String> {
-    let Ok(meta) = std::fs::metadata(dir) else { return Ok(()) };
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700)).map_err(|e| {
-            format!("{what} {} is open to other users ({mode:o}) and cannot be closed: {e}", dir.display())
-        })?;
-        tracing::warn!(dir = %dir.display(), was = format!("{mode:o}"), "{what} was open to other users; closed to 0700");
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{what} {}: {e}", dir.display())),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
     }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"),
+            "{what} is open to other users and not owned by this process's user: left as it is; close it (0700)");
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{what} {} is open to other users ({mode:o}) and cannot be closed: {e}", dir.display()))?;
+    tracing::warn!(dir = %dir.display(), was = format!("{mode:o}"), "{what} was open to other users; closed to 0700");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-use super::{Batch, Durability, KvStore, StoreError, SyncTarget};
+use super::{Durability, KvStore, StoreError, SyncTarget};
 
 /// A position in the write order: durable once the committer has synced past it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -204,12 +204,18 @@ fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<
     let before = shared.before.lock().map_err(|_| StoreError::Failed)?.clone();
     before.iter().try_for_each(|t| t.sync(mode))?;
     if mode == Durability::Fsync {
-        let mut marks = Batch::default();
+        // A mark only moves forward (marks are big-endian, so bytes order as positions),
+        // even when two rounds write at once, and is written only when it moved.
         for (k, v) in before.iter().filter_map(|t| t.synced_mark()) {
-            marks.put(k, v);
-        }
-        if !marks.is_empty() {
-            store.apply(marks)?;
+            loop {
+                let old = store.get(&k)?;
+                if old.as_ref().is_some_and(|o| *o >= v) {
+                    break;
+                }
+                if store.compare_and_swap(&k, old.as_deref(), Some(v.clone()))? {
+                    break;
+                }
+            }
         }
     }
     store.sync(mode)?;

@@ -155,23 +155,35 @@ impl ValueLog {
             Some((id, file)) => {
                 let len = file.metadata()?.len();
                 let valid = valid_length(&dir.join(name(id)), len)?;
+                // (where the loss starts, why): acknowledged bytes that are not there.
                 let damaged = match acknowledged {
-                    Some((seg, _)) if seg > id => {
-                        Some(format!("value log: segment {seg} is missing, and writes in it were acknowledged"))
-                    }
-                    Some((seg, off)) if seg == id && off > valid => Some(format!(
-                        "value log segment {}: the frame at offset {valid} is damaged, and the log was durable \
-                         up to offset {off} of it when writes were last acknowledged: this is damage, not a torn \
-                         write. Nothing was changed. Restore the data directory from a backup (`chatvault \
-                         restore`), or start once with --accept-damage to cut the segment at {valid} (the bytes \
-                         from there are kept beside it) and lose what they held",
-                        dir.join(name(id)).display()
+                    Some((seg, _)) if seg > id => Some((
+                        (seg, 0),
+                        format!("value log: segment {seg} is missing, and writes in it were acknowledged"),
+                    )),
+                    Some((seg, off)) if seg == id && off > valid => Some((
+                        (id, valid),
+                        format!(
+                            "value log segment {}: what is at offset {valid} is damaged or missing, and the log was \
+                             durable up to offset {off} of it when writes were last acknowledged: this is damage, \
+                             not a torn write. Nothing was changed. Restore the data directory from a backup \
+                             (`chatvault restore`), or start once with --accept-damage to cut the segment at {valid} \
+                             (the bytes from there are kept beside it) and lose what they held",
+                            dir.join(name(id)).display()
+                        ),
                     )),
                     _ => None,
                 };
+                let mut next_id = id + 1;
                 match damaged {
-                    Some(why) if !accept_damage => return Err(StoreError::Damaged(why)),
-                    Some(why) => tracing::error!("{why}; accepted (--accept-damage): cutting it off"),
+                    Some((_, why)) if !accept_damage => return Err(StoreError::Damaged(why)),
+                    Some((from, why)) => {
+                        tracing::error!("{why}; accepted (--accept-damage): cutting it off");
+                        // Records pointing at the lost range are dropped like a torn tail's,
+                        // and writing goes on in a segment no record points into.
+                        torn = Some(from);
+                        next_id = next_id.max(from.0 + 1);
+                    }
                     None => {}
                 }
                 if valid < len {
@@ -187,10 +199,10 @@ impl ValueLog {
                     torn = Some((id, valid));
                 }
                 match (valid < HEADER_LEN, torn.is_some()) {
-                    (true, _) => create(dir, &mut files, id)?,
+                    (true, false) => create(dir, &mut files, id)?,
                     // New writes go to a new segment, so a record left pointing into the
                     // cut-off range can never be taken for one that points at a new value.
-                    (false, true) => create(dir, &mut files, id + 1)?,
+                    (_, true) => create(dir, &mut files, next_id)?,
                     (false, false) => Active { id, file, len: valid },
                 }
             }
@@ -371,7 +383,8 @@ impl SyncTarget for ValueLog {
         };
         file.sync_data().map_err(|e| self.fail(e))?;
         if let Ok(mut s) = self.synced.lock() {
-            *s = Some((id, len));
+            // Two rounds may sync at once; the mark only ever moves forward.
+            *s = (*s).max(Some((id, len)));
         }
         Ok(())
     }

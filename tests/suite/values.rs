@@ -171,3 +171,32 @@ async fn a_flipped_byte_in_acknowledged_values_refuses_the_start_naming_the_file
     let kept = files_below(&dirs.data().join("values"));
     assert!(kept.iter().any(|f| f.to_string_lossy().contains(".torn-")), "the cut bytes are kept aside: {kept:?}");
 }
+
+/// A segment that ends early, on a frame boundary, before what was acknowledged (a drive
+/// that lied about a flush): refused; accepted, the messages lost are dropped (their
+/// transcripts read up to them, never DATA_LOSS) and writing goes on in a new segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_values_missing_at_the_end_are_refused_then_dropped_whole_when_accepted() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
+    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
+    let first_end = std::fs::metadata(&segment).unwrap().len();
+    put(&mut c, transcript("second", "s", 1_700_000_000, &["two"])).await;
+    server.kill9();
+    std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(first_end).unwrap();
+    let refused = Server::try_start(&dirs, Opts::default()).err().expect("missing acknowledged values are refused");
+    assert!(refused.contains(&format!("offset {first_end}")), "{refused}");
+    let server = Server::start_with(&dirs, Opts { args: vec!["--accept-damage"], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
+    let second = get(&mut c, "second").await.expect("its header and body were in the index");
+    assert!(second.messages.is_empty(), "its lost message is dropped, not served as DATA_LOSS: {second:?}");
+    put(&mut c, transcript("third", "s", 1_700_000_000, &["three"])).await;
+    assert_eq!(get(&mut c, "third").await.unwrap().messages[0].text, "three");
+    server.stop().await;
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "third").await.unwrap().messages[0].text, "three", "a plain restart after it works");
+}
