@@ -51,11 +51,14 @@ impl Vault {
                 if current != old {
                     continue;
                 }
-                // Replacing a transcript destroys the old one's key: a hold keeps it.
+                // Replacing a transcript destroys the old one's key: a hold keeps it (one
+                // whose subject was shredded is gone already). Asked in memory first, so
+                // a replace with no hold in force reads nothing more.
                 if let Some(o) = &old
+                    && let Some(hold) = self.hold_on(tenant, &o.subject, Some(&tb))
                     && self.check_live(tenant, o).is_ok()
                 {
-                    self.refuse_if_held(tenant, &o.subject, Some(&tb))?;
+                    return Err(VaultError::Held(hold));
                 }
                 let mut batch = Batch::default();
                 let mut subj = self.read_subject(tenant, &sb)?;

@@ -240,6 +240,18 @@ impl Server {
         sum_series(&self.metrics_text().await, prefix)
     }
 
+    /// Asks for a key-store rotation (SIGHUP) and waits until it has destroyed the first
+    /// epoch's key-store key: every erasure made under it is then final.
+    pub async fn rotate_first_epoch_away(&self, dirs: &Dirs) {
+        self.signal("-HUP");
+        let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while first_ksk.exists() {
+            assert!(std::time::Instant::now() < deadline, "rotation did not finish:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn pid(&self) -> String {
         self.child.id().to_string()
     }

@@ -169,13 +169,7 @@ async fn a_restored_backup_never_revives_what_was_erased_after_it_was_taken() {
     assert!(v.intact && v.accepted_gaps.len() == 1, "{v:?}");
 
     // Once a rotation has destroyed the epoch the backup was taken under, it is dead.
-    server.signal("-HUP");
-    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while first_ksk.exists() {
-        assert!(std::time::Instant::now() < deadline, "no rotation:\n{}", server.log_text());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    server.rotate_first_epoch_away(&dirs).await;
     server.stop().await;
     std::fs::remove_dir_all(dirs.data()).unwrap();
     let (ok, err) = restore(&dirs, &backup, &dirs.keys());
@@ -212,13 +206,7 @@ async fn a_backup_is_dead_once_a_rotation_destroys_its_epoch_even_with_no_erasur
     put(&mut c, transcript("t", "s", 1_700_000_000, &["x"])).await;
     let backup = dirs.tmp.path().join("backup");
     server.admin().await.backup(pb::BackupRequest { out_dir: backup.display().to_string() }).await.unwrap();
-    server.signal("-HUP");
-    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while first_ksk.exists() {
-        assert!(std::time::Instant::now() < deadline, "no rotation:\n{}", server.log_text());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    server.rotate_first_epoch_away(&dirs).await;
     server.stop().await;
     std::fs::remove_dir_all(dirs.data()).unwrap();
     let (ok, err) = restore(&dirs, &backup, &dirs.keys());

@@ -119,13 +119,7 @@ async fn a_copy_taken_before_the_shred_is_useless_once_the_key_store_rotates() {
     let epoch = receipt.key_epoch;
     assert_eq!(epoch, 0, "the server-wide epoch is not shown to tenants");
     assert_eq!(erasure(&server, &receipt.erasure_id).await.state(), pb::ErasureState::Pending);
-    server.signal("-HUP");
-    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first_ksk.exists() {
-        assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server.rotate_first_epoch_away(&dirs).await;
     let status = erasure(&server, &receipt.erasure_id).await;
     assert_eq!(status.state(), pb::ErasureState::Final, "{status:?}");
     assert!(status.final_at.is_some());
@@ -339,23 +333,39 @@ async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_t
 
 #[tokio::test]
 async fn a_deleted_transcript_cannot_be_decrypted_from_a_copy_taken_before_the_delete_once_the_key_store_rotates() {
+    a_transcript_erased_by_cannot_be_decrypted_from_an_earlier_copy(false).await;
+}
+
+/// A retention purge is the same crypto-shred: the forensic scan finds nothing of it either.
+#[tokio::test]
+async fn a_transcript_retention_purged_cannot_be_decrypted_from_a_copy_taken_before_once_the_key_store_rotates() {
+    a_transcript_erased_by_cannot_be_decrypted_from_an_earlier_copy(true).await;
+}
+
+/// "doomed" (closed long ago) is erased by DeleteTranscript, or by retention purging it.
+async fn a_transcript_erased_by_cannot_be_decrypted_from_an_earlier_copy(by_retention: bool) {
     let dirs = Dirs::new();
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
-    put(&mut c, transcript("doomed", "dana", 1_700_000_000, &["dana's deleted words"])).await;
+    let mut doomed = transcript("doomed", "dana", 1_700_000_000, &["dana's deleted words"]);
+    doomed.ended_at = Some(prost_types::Timestamp { seconds: 1_700_000_100, nanos: 0 });
+    put(&mut c, doomed).await;
     put(&mut c, transcript("kept", "dana", 1_700_000_001, &["dana's kept words"])).await;
     let sb = hex::decode(subject(&server, "acme", "dana").await.subject_blind_id).unwrap();
     // The adversary's copy, and (control only) the key directory of that time.
     let stolen = snapshot(&dirs.data(), dirs.tmp.path().join("stolen-data"));
     let old_keys = snapshot(&dirs.keys(), dirs.tmp.path().join("old-keys"));
-    c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "doomed".into() }).await.unwrap();
-    server.signal("-HUP");
-    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first_ksk.exists() {
-        assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if by_retention {
+        let mut admin = server.admin().await;
+        let policy = pb::Retention { purge_after_close_seconds: 86_400, ..Default::default() };
+        let req = pb::SetRetentionRequest { tenant_id: "acme".into(), retention: Some(policy) };
+        admin.set_retention(req).await.unwrap();
+        let run = admin.run_retention(pb::RunRetentionRequest {}).await.unwrap().into_inner();
+        assert_eq!(run.purged, 1, "{run:?}");
+    } else {
+        c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "doomed".into() }).await.unwrap();
     }
+    server.rotate_first_epoch_away(&dirs).await;
     assert_eq!(get(&mut c, "doomed").await.unwrap_err().code(), Code::NotFound);
     server.stop().await;
 

@@ -7,7 +7,6 @@
 //! upgrade (its records not yet reclaimed).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use chatvault::crypto::SecretKey;
 use chatvault::grpc::pb::{self, SubjectStatus};
@@ -79,13 +78,7 @@ async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures
     put(&mut c, transcript("chat-6", "alice@example.com", 1_800_000_000, &["new chat"])).await;
 
     // The upgrade made a rotation due (the moved keys, carol's shred): run it.
-    server.signal("-HUP");
-    let first_ksk = dirs.keys().join(format!("ksk-{:020}.key", 1));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first_ksk.exists() {
-        assert!(Instant::now() < deadline, "rotation did not finish:\n{}", server.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server.rotate_first_epoch_away(&dirs).await;
     server.stop().await;
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;

@@ -141,19 +141,26 @@ fn set_values_mark(dirs: &Dirs, file: &std::path::Path, len: u64) {
     db.flush().unwrap();
 }
 
-/// A flipped byte in what was acknowledged is damage, not a torn write: the server
-/// refuses to start, naming the file and the offset, and changes nothing; told to accept
-/// the loss, it cuts there (the bytes kept beside it) and serves what is before it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_byte_in_acknowledged_values_refuses_the_start_naming_the_file_and_offset() {
-    let dirs = Dirs::new();
-    let server = Server::start(&dirs);
+/// Stores "first" and then "second" (both acknowledged, so in the log's durable part) and
+/// kills the server: the value segment, and where "second"'s frames begin.
+async fn two_acknowledged_then_kill9(dirs: &Dirs) -> (std::path::PathBuf, u64) {
+    let server = Server::start(dirs);
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
     let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
     let first_end = std::fs::metadata(&segment).unwrap().len();
     put(&mut c, transcript("second", "s", 1_700_000_000, &["two", "three"])).await;
     server.kill9();
+    (segment, first_end)
+}
+
+/// A flipped byte in what was acknowledged is damage, not a torn write: the server
+/// refuses to start, naming the file and the offset, and changes nothing; told to accept
+/// the loss, it cuts there (the bytes kept beside it) and serves what is before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_acknowledged_values_refuses_the_start_naming_the_file_and_offset() {
+    let dirs = Dirs::new();
+    let (segment, first_end) = two_acknowledged_then_kill9(&dirs).await;
     let mut bytes = std::fs::read(&segment).unwrap();
     let at = first_end as usize + 20; // inside the second transcript's first frame
     bytes[at] ^= 0x40;
@@ -178,13 +185,7 @@ async fn a_flipped_byte_in_acknowledged_values_refuses_the_start_naming_the_file
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_values_missing_at_the_end_are_refused_then_dropped_whole_when_accepted() {
     let dirs = Dirs::new();
-    let server = Server::start(&dirs);
-    let mut c = server.transcripts("acme").await;
-    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
-    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
-    let first_end = std::fs::metadata(&segment).unwrap().len();
-    put(&mut c, transcript("second", "s", 1_700_000_000, &["two"])).await;
-    server.kill9();
+    let (segment, first_end) = two_acknowledged_then_kill9(&dirs).await;
     std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(first_end).unwrap();
     let refused = Server::try_start(&dirs, Opts::default()).err().expect("missing acknowledged values are refused");
     assert!(refused.contains(&format!("offset {first_end}")), "{refused}");
