@@ -140,6 +140,17 @@ async fn record_change<T>(
     result: Result<T, Status>,
 ) -> Result<T, Status> {
     let ev = Event { tenant: tenant.to_owned(), key_id: key_id.to_owned(), source, ..Event::default() };
+    record_event(audit, vault, op, ev, result).await
+}
+
+/// Appends `ev` with the call's outcome; a change's record is durable before the reply.
+async fn record_event<T>(
+    audit: &AuditLog,
+    vault: &Vault,
+    op: Operation,
+    ev: Event,
+    result: Result<T, Status>,
+) -> Result<T, Status> {
     audit.append(op, outcome_of(&result), ev).map_err(audit_status)?;
     if !op.is_change() {
         return result;
@@ -255,9 +266,7 @@ impl Admin {
             detail: format!("{hold_id}: {reason}"),
             ..Event::default()
         };
-        self.audit.append(op, outcome_of(&result), ev).map_err(audit_status)?;
-        self.vault.wait_durable().await.map_err(to_status)?;
-        result.map(|h| hold_out(&h))
+        record_event(&self.audit, &self.vault, op, ev, result).await.map(|h| hold_out(&h))
     }
 
     /// What a SetHold names, resolved to blind ids.

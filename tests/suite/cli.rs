@@ -132,3 +132,27 @@ fn a_receipt_from_the_cli_verifies_offline_with_the_public_key_alone_and_a_tampe
         run(&[], &["receipt", "verify", "--public-key", public.to_str().unwrap(), public.to_str().unwrap()]);
     assert!(!ok && err.contains("not JSON"), "{err}");
 }
+
+#[test]
+fn an_operator_sets_retention_and_holds_and_reads_what_retention_did_from_the_shell() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let op = [("CHATVAULT_ADMIN_SERVER", server.admin_url.as_str()), ("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)];
+    let (ok, _, err) = run(&op, &["admin", "tenant", "create", "demo", "--allow", "127.0.0.1"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&op, &["admin", "retention", "demo", "--max-age-secs", "86400", "--purge-on-close"]);
+    assert!(ok && json(&out)["retention"]["max_age_secs"] == 86400, "{out}{err}");
+    let (ok, _, err) = run(&op, &["admin", "retention", "demo", "--max-age-secs", "99999999999999"]);
+    assert!(!ok && err.contains("retention.max_age_seconds"), "{err}");
+    let (ok, out, err) = run(&op, &["admin", "hold", "set", "demo", "--subject", "alice", "--reason", "case 7"]);
+    assert!(ok, "{err}");
+    let hold = json(&out)["hold_id"].as_str().unwrap().to_owned();
+    let (_, out, _) = run(&op, &["admin", "hold", "list", "demo"]);
+    assert_eq!(json(&out)[0]["reason"], "case 7", "{out}");
+    let (ok, out, err) = run(&op, &["admin", "retention-status", "demo", "--run"]);
+    assert!(ok && json(&out)["last_run_at"].is_string(), "{out}{err}");
+    let (ok, _, err) = run(&op, &["admin", "hold", "release", "demo", &hold, "--reason", "closed"]);
+    assert!(ok, "{err}");
+    let (_, out, _) = run(&op, &["admin", "hold", "list", "demo"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+}
