@@ -309,13 +309,14 @@ fn export_of(c: &mut Criterion, size: usize, per_transcript: usize) {
 fn key_handling(c: &mut Criterion) {
     let key = Arc::new(SecretKey::generate().unwrap());
     let plain = vec![1u8; KIB];
+    let region = chatvault::crypto::Binding::new("eu", false);
     let mut g = c.benchmark_group("crypto_1KiB");
     g.throughput(Throughput::Bytes(KIB as u64));
     for alg in [Algorithm::Aes256Gcm, Algorithm::ChaCha20Poly1305] {
         g.bench_function(format!("seal_{alg:?}"), |b| {
             b.iter(|| {
                 let aad = Aad::new(RecordKind::Message).bytes(b"tenant").bytes(&[0; 32]).u64(1);
-                black_box(crypto::seal(alg, &key, aad.as_slice(), &plain).unwrap())
+                black_box(region.seal(alg, &key, &aad, &plain).unwrap())
             })
         });
     }

@@ -154,8 +154,10 @@ fn retention(rt: &tokio::runtime::Runtime, n: usize, tenant: &TenantId, fdatasyn
     let dir = tempfile::tempdir().unwrap();
     let v = Arc::new(open(dir.path(), Durability::Fsync));
     let store = v.shared_store();
-    let registry =
-        Arc::new(Registry::open(store.clone(), v.clone(), v.control_key(b"bench-registry"), v.algorithm()).unwrap());
+    let registry = Arc::new(
+        Registry::open(store.clone(), v.clone(), v.control_key(b"bench-registry"), v.algorithm(), v.binding().clone())
+            .unwrap(),
+    );
     let audit = Arc::new(
         AuditLog::open(
             &dir.path().join("audit"),

@@ -136,6 +136,7 @@ impl Proc {
         let ch = Channel::from_shared(self.admin_url.clone()).unwrap().connect().await.expect("admin");
         let mut admin = AdminServiceClient::with_interceptor(ch, Bearer::new(OPERATOR_TOKEN).unwrap());
         let req = pb::CreateTenantRequest {
+            region: "eu".into(),
             tenant_id: "bench".into(),
             allowlist: vec!["127.0.0.0/8".into()],
             ..Default::default()
@@ -153,6 +154,7 @@ impl Proc {
     /// `cache_mib`: sled's page cache (`store_cache_bytes`) if not the default.
     fn serve(dir: tempfile::TempDir, durability: &str, cache_mib: Option<u64>) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatvault"));
+        cmd.env("CHATVAULT_REGION", "eu");
         cmd.args([
             "serve",
             "--listen",

@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 use crate::crypto::Algorithm;
 use crate::grpc::{ConnectionLimits, WorkLimits};
 use crate::keys::RootKeySource;
+use crate::region::RegionSpec;
 use crate::store::Durability;
 use crate::tenancy::{AuthConfig, OperatorToken};
 use crate::vault::{Limits, VaultOptions};
@@ -43,6 +44,16 @@ pub struct Config {
     /// File with the operator token (mode 0600). Else `CHATVAULT_OPERATOR_TOKEN`, else a
     /// generated development token in the key directory.
     pub operator_token_file: Option<PathBuf>,
+    /// The region served from `data_dir` / `key_dir` and the root key below, or, with
+    /// `[regions.*]`, the one of them this node hosts (`serve --region`). With neither
+    /// (the development default) the node hosts `eu` and `us` in `data_dir/<region>`
+    /// and `key_dir/<region>`.
+    pub region: Option<String>,
+    /// Regions with their own directories and root keys (`[regions.eu]`, `[regions.us]`).
+    pub regions: std::collections::BTreeMap<String, crate::region::RegionConfig>,
+    /// Where regions this node does not host are served: a call for one of their
+    /// tenants is answered FAILED_PRECONDITION naming the region and this endpoint.
+    pub region_endpoints: std::collections::BTreeMap<String, String>,
     /// sled database: transcripts, wrapped data keys. Back this up.
     pub data_dir: PathBuf,
     /// Key-store keys. Keep on its own small volume; never back it up together with the
@@ -142,6 +153,9 @@ impl Default for Config {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50053))),
             allow_plaintext_non_loopback: false,
             operator_token_file: None,
+            region: None,
+            regions: Default::default(),
+            region_endpoints: Default::default(),
             data_dir: PathBuf::from("chatvault-data"),
             key_dir: PathBuf::from("chatvault-keys"),
             root_key_file: None,
@@ -248,12 +262,101 @@ impl Config {
         Ok(())
     }
 
-    pub fn vault_options(&self) -> Result<VaultOptions, ConfigError> {
+    /// The regions this node hosts, resolved and checked: names, directories apart, each
+    /// with a root key of its own.
+    pub fn region_specs(&self) -> Result<Vec<RegionSpec>, ConfigError> {
+        use crate::region::{self, DEV_REGIONS, RegionSpec};
+        let bad = ConfigError::Invalid;
+        if let Some(name) = &self.region {
+            region::check_name(name).map_err(|e| bad(format!("region: {e}")))?;
+        }
+        for name in self.regions.keys() {
+            region::check_name(name).map_err(|e| bad(format!("regions: {e}")))?;
+        }
+        region::check_endpoints(&self.region_endpoints).map_err(bad)?;
+        let from_table = |name: &str, r: &crate::region::RegionConfig| {
+            let root_key = match (&r.root_key_file, &r.root_passphrase_file) {
+                (Some(f), _) => RootKeySource::File(f.clone()),
+                (None, Some(f)) => RootKeySource::PassphraseFile(f.clone()),
+                (None, None) => region::root_key_from_env(name).ok_or_else(|| {
+                    bad(format!(
+                        "regions.{name}: no root key: set root_key_file, root_passphrase_file or {}",
+                        region::root_key_env(name)
+                    ))
+                })?,
+            };
+            Ok::<_, ConfigError>(RegionSpec {
+                name: name.to_owned(),
+                data_dir: r.data_dir.clone(),
+                key_dir: r.key_dir.clone(),
+                root_key,
+            })
+        };
+        let specs = match (&self.region, self.regions.is_empty()) {
+            (Some(name), false) => {
+                let r = self.regions.get(name).ok_or_else(|| {
+                    let known: Vec<&str> = self.regions.keys().map(String::as_str).collect();
+                    bad(format!("region: {name:?} is not one of the configured regions ({})", known.join(", ")))
+                })?;
+                vec![from_table(name, r)?]
+            }
+            (None, false) => self.regions.iter().map(|(n, r)| from_table(n, r)).collect::<Result<_, _>>()?,
+            (Some(name), true) => vec![RegionSpec {
+                name: name.clone(),
+                data_dir: self.data_dir.clone(),
+                key_dir: self.key_dir.clone(),
+                root_key: self.root_key_source()?,
+            }],
+            (None, true) => {
+                // Development default: both regions under the given folders, each with
+                // its own development root key unless one is set for it.
+                if self.root_key_file.is_some() || self.root_passphrase_file.is_some() {
+                    return Err(bad(
+                        "root_key_file / root_passphrase_file name one root key, but the development default hosts                          two regions (eu, us): set region = \"eu\" (serve --region eu) for one region, or                          [regions.*] with a root key each"
+                            .into(),
+                    ));
+                }
+                if std::env::var_os(ROOT_KEY_ENV).is_some() || std::env::var_os(ROOT_PASSPHRASE_ENV).is_some() {
+                    return Err(bad(format!(
+                        "{ROOT_KEY_ENV} names one root key, but the development default hosts two regions (eu,                          us): start with --region eu for one region, or set {} and {}",
+                        region::root_key_env("eu"),
+                        region::root_key_env("us")
+                    )));
+                }
+                for (what, dir, marker) in
+                    [("data_dir", &self.data_dir, "db"), ("key_dir", &self.key_dir, "keydir.meta")]
+                {
+                    if dir.join(marker).exists() {
+                        return Err(bad(format!(
+                            "{what} {} holds a single-region directory from before regions: name its region                              (serve --region eu, or region = \"eu\" in the configuration)",
+                            dir.display()
+                        )));
+                    }
+                }
+                DEV_REGIONS
+                    .iter()
+                    .map(|name| RegionSpec {
+                        name: (*name).to_owned(),
+                        data_dir: self.data_dir.join(name),
+                        key_dir: self.key_dir.join(name),
+                        root_key: region::root_key_from_env(name).unwrap_or_else(|| {
+                            RootKeySource::Development(self.key_dir.join(name).join(DEV_ROOT_KEY_FILE))
+                        }),
+                    })
+                    .collect()
+            }
+        };
+        region::check_apart(&specs).map_err(bad)?;
+        Ok(specs)
+    }
+
+    pub fn vault_options(&self, spec: &RegionSpec) -> Result<VaultOptions, ConfigError> {
         self.work.validate(self.limits.max_response_bytes as u64).map_err(ConfigError::Invalid)?;
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid("max_request_bytes must be at least 1024".into()));
         }
-        let mut opts = VaultOptions::new(self.data_dir.clone(), self.key_dir.clone(), self.root_key_source()?);
+        let mut opts = VaultOptions::new(spec.data_dir.clone(), spec.key_dir.clone(), spec.root_key.clone());
+        opts.region = spec.name.clone();
         opts.algorithm = self.cipher;
         opts.durability = self.durability;
         opts.limits = self.limits.clone();

@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod grpc;
 pub mod keys;
 pub mod metrics;
+pub mod region;
 pub mod retention;
 pub mod server;
 pub mod store;

@@ -399,6 +399,7 @@ async fn provision(srv: &Proc, tenant: &str) -> String {
     let ch = Channel::from_shared(srv.admin_url.clone()).unwrap().connect().await.expect("admin");
     let mut admin = AdminServiceClient::with_interceptor(ch, Bearer::new(OPERATOR_TOKEN).unwrap());
     let req = pb::CreateTenantRequest {
+        region: "eu".into(),
         tenant_id: tenant.into(),
         allowlist: vec!["127.0.0.0/8".into()],
         ..Default::default()

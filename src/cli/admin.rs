@@ -20,6 +20,10 @@ pub struct AdminConn {
     /// A development server's token is in <key_dir>/dev-operator.token.
     #[arg(long, env = "CHATVAULT_OPERATOR_TOKEN_FILE", global = true)]
     operator_token_file: Option<PathBuf>,
+    /// The region to act in: required to create a tenant; for audit, erasures,
+    /// retention runs and backups, needed when the server hosts several regions.
+    #[arg(long, default_value = "", global = true)]
+    region: String,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -188,6 +192,7 @@ fn tenant_json(t: pb::Tenant) -> Value {
     let r = t.retention.unwrap_or_default();
     json!({
         "tenant_id": t.tenant_id,
+        "region": t.region,
         "display_name": t.display_name,
         "status": t.status().as_str_name(),
         "created_at": t.created_at.map(|t| t.to_string()),
@@ -239,7 +244,7 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
     let token = credential(OPERATOR_TOKEN_ENV, conn.operator_token_file.as_deref(), "operator token")?;
     let mut c: AdminServiceClient<Authed> =
         AdminServiceClient::with_interceptor(channel(&conn.admin_server, &conn.tls).await?, token);
-    let req = pb::BackupRequest { out_dir: out.display().to_string() };
+    let req = pb::BackupRequest { out_dir: out.display().to_string(), region: conn.region.clone() };
     let r = c.backup(req).await.map_err(status)?.into_inner();
     let out = json!({
         "out_dir": r.out_dir,
@@ -254,20 +259,27 @@ pub async fn backup(args: BackupArgs) -> Result<(), String> {
 
 pub async fn run(args: AdminArgs) -> Result<(), String> {
     let AdminArgs { conn, command } = args;
+    let region = conn.region.clone();
     let token = credential(OPERATOR_TOKEN_ENV, conn.operator_token_file.as_deref(), "operator token")?;
     let mut c: AdminServiceClient<Authed> =
         AdminServiceClient::with_interceptor(channel(&conn.admin_server, &conn.tls).await?, token);
     let out = match command {
         AdminCommand::Tenant(TenantCommand::Create { tenant, name, allow }) => {
-            let req =
-                pb::CreateTenantRequest { tenant_id: tenant, display_name: name, allowlist: allow, retention: None };
+            let req = pb::CreateTenantRequest {
+                tenant_id: tenant,
+                display_name: name,
+                allowlist: allow,
+                retention: None,
+                region: region.clone(),
+            };
             tenant_json(c.create_tenant(req).await.map_err(status)?.into_inner())
         }
         AdminCommand::Tenant(TenantCommand::Get { tenant }) => {
             tenant_json(c.get_tenant(pb::GetTenantRequest { tenant_id: tenant }).await.map_err(status)?.into_inner())
         }
         AdminCommand::Tenant(TenantCommand::List) => {
-            let r = c.list_tenants(pb::ListTenantsRequest {}).await.map_err(status)?.into_inner();
+            let r =
+                c.list_tenants(pb::ListTenantsRequest { region: region.clone() }).await.map_err(status)?.into_inner();
             json!({ "tenants": r.tenants.into_iter().map(tenant_json).collect::<Vec<_>>() })
         }
         AdminCommand::Tenant(TenantCommand::Suspend { tenant }) => tenant_json(
@@ -330,6 +342,7 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
                 end_time: time("until", until)?,
                 page_size: limit,
                 page_token: String::new(),
+                region: region.clone(),
             };
             let mut records = Vec::new();
             loop {
@@ -343,7 +356,7 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
         }
         AdminCommand::RetentionStatus { tenant, run } => {
             if run {
-                c.run_retention(pb::RunRetentionRequest {}).await.map_err(status)?;
+                c.run_retention(pb::RunRetentionRequest { region: region.clone() }).await.map_err(status)?;
             }
             let req = pb::GetRetentionStatusRequest { tenant_id: tenant };
             let s = c.get_retention_status(req).await.map_err(status)?.into_inner();
@@ -377,7 +390,11 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
             Value::Array(holds.into_iter().map(hold_json).collect())
         }
         AdminCommand::Erasures => {
-            let r = c.get_erasure_status(pb::GetErasureStatusRequest {}).await.map_err(status)?.into_inner();
+            let r = c
+                .get_erasure_status(pb::GetErasureStatusRequest { region: region.clone() })
+                .await
+                .map_err(status)?
+                .into_inner();
             json!({
                 "pending_erasures": r.pending_erasures,
                 "oldest_pending_at": r.oldest_pending_at.map(|t| t.to_string()),
@@ -390,7 +407,8 @@ pub async fn run(args: AdminArgs) -> Result<(), String> {
             })
         }
         AdminCommand::Audit(AuditCommand::Verify) => {
-            let r = c.verify_audit(pb::VerifyAuditRequest {}).await.map_err(status)?.into_inner();
+            let r =
+                c.verify_audit(pb::VerifyAuditRequest { region: region.clone() }).await.map_err(status)?.into_inner();
             let out = json!({
                 "intact": r.intact,
                 "records_checked": r.records_checked,

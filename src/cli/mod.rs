@@ -77,6 +77,12 @@ pub struct ServerArgs {
     /// Prometheus endpoint address [default: 127.0.0.1:50053].
     #[arg(long, env = "CHATVAULT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// The region to serve: with --data-dir/--key-dir, the region those directories are
+    /// (a data directory from before regions becomes it); with [regions.*] in the
+    /// configuration, the one of them to host [default: eu and us, in
+    /// <data-dir>/<region> and <key-dir>/<region>].
+    #[arg(long, env = "CHATVAULT_REGION")]
+    region: Option<String>,
     /// Data directory [default: ./chatvault-data].
     #[arg(long, env = "CHATVAULT_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -117,6 +123,9 @@ impl ServerArgs {
         }
         if let Some(v) = self.metrics_listen {
             cfg.metrics_listen = Some(v);
+        }
+        if let Some(v) = &self.region {
+            cfg.region = Some(v.clone());
         }
         if let Some(v) = &self.data_dir {
             cfg.data_dir = v.clone();
@@ -172,7 +181,8 @@ pub fn main() -> ExitCode {
 }
 
 fn rotate_offline(cfg: Config) -> Result<(), String> {
-    let opts = cfg.vault_options().map_err(|e| e.to_string())?;
+    let spec = crate::server::one_region(&cfg, "keys rotate").map_err(|e| e.to_string())?;
+    let opts = cfg.vault_options(&spec).map_err(|e| e.to_string())?;
     let (vault, _) = crate::vault::Vault::open(opts).map_err(|e| e.to_string())?;
     let report = vault.rotate_key_store().map_err(|e| e.to_string())?;
     println!(
@@ -183,7 +193,7 @@ fn rotate_offline(cfg: Config) -> Result<(), String> {
 }
 
 async fn restore(cfg: Config, from: &std::path::Path) -> Result<(), String> {
-    let data_dir = cfg.data_dir.clone();
+    let data_dir = crate::server::one_region(&cfg, "restore").map_err(|e| e.to_string())?.data_dir;
     let m = crate::server::restore(cfg, from).await.map_err(|e| e.to_string())?;
     let out = serde_json::json!({
         "restored_to": data_dir.display().to_string(),

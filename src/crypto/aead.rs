@@ -14,7 +14,10 @@ use zeroize::Zeroizing;
 
 use super::{CryptoError, SecretKey, random_bytes};
 
-const ENVELOPE_V1: u8 = 1;
+/// Before regions: the AAD is the record's own.
+pub const ENVELOPE_V1: u8 = 1;
+/// The AAD also names the region the record belongs to ([`super::Binding`]).
+pub const ENVELOPE_V2: u8 = 2;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 2 + NONCE_LEN;
@@ -64,9 +67,20 @@ impl Algorithm {
 
 /// Encrypts `plaintext` under `key`, binding it to `aad`.
 pub fn seal(alg: Algorithm, key: &SecretKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    seal_as(ENVELOPE_V1, alg, key, aad, plaintext)
+}
+
+/// [`seal`], stamping the envelope with `version`: which AAD scheme `aad` follows.
+pub(super) fn seal_as(
+    version: u8,
+    alg: Algorithm,
+    key: &SecretKey,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     let nonce: [u8; NONCE_LEN] = random_bytes()?;
     let mut out = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
-    out.push(ENVELOPE_V1);
+    out.push(version);
     out.push(alg.id());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
@@ -89,7 +103,7 @@ pub fn open(key: &SecretKey, aad: &[u8], envelope: &[u8]) -> Result<Zeroizing<Ve
     if envelope.len() < ENVELOPE_OVERHEAD {
         return Err(CryptoError::Malformed("envelope too short"));
     }
-    if envelope[0] != ENVELOPE_V1 {
+    if !matches!(envelope[0], ENVELOPE_V1 | ENVELOPE_V2) {
         return Err(CryptoError::UnknownVersion(envelope[0]));
     }
     let alg = Algorithm::from_id(envelope[1])?;
@@ -110,6 +124,11 @@ pub fn open(key: &SecretKey, aad: &[u8], envelope: &[u8]) -> Result<Zeroizing<Ve
     };
     result.map_err(|_| CryptoError::Authentication)?;
     Ok(body)
+}
+
+/// The version byte of an envelope: which AAD scheme it was sealed under.
+pub(super) fn version_of(envelope: &[u8]) -> Result<u8, CryptoError> {
+    envelope.first().copied().ok_or(CryptoError::Malformed("envelope too short"))
 }
 
 fn cipher<C: KeyInit>(key: &SecretKey) -> Result<C, CryptoError> {

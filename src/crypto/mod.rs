@@ -6,7 +6,7 @@ mod aead;
 mod kdf;
 mod secret;
 
-pub use aad::{Aad, RecordKind};
+pub use aad::{Aad, Binding, RecordKind};
 pub use aead::{Algorithm, ENVELOPE_OVERHEAD, open, seal};
 pub use kdf::{Argon2Params, blind_index, derive_key, key_from_passphrase};
 pub use secret::{KEY_LEN, SecretKey, random_bytes};

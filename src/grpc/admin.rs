@@ -29,16 +29,25 @@ impl AdminGuard {
     }
 }
 
-pub struct Admin {
-    pub guard: Arc<AdminGuard>,
-    pub work: Arc<super::limits::Work>,
+/// What the admin API acts on in one hosted region.
+pub struct AdminRegion {
+    pub name: String,
     pub registry: Arc<Registry>,
     pub vault: Arc<Vault>,
     pub audit: Arc<AuditLog>,
+    pub purger: Arc<crate::retention::Purger>,
+}
+
+pub struct Admin {
+    pub guard: Arc<AdminGuard>,
+    pub work: Arc<super::limits::Work>,
+    /// The hosted regions, in name order; never empty.
+    pub regions: Vec<Arc<AdminRegion>>,
+    /// Where the regions this node does not host are served.
+    pub endpoints: std::collections::BTreeMap<String, String>,
     pub token: OperatorToken,
     pub key_hash: KeyHashParams,
     pub clock: Arc<dyn Clock>,
-    pub purger: Arc<crate::retention::Purger>,
 }
 
 fn tenant_id(s: &str) -> Result<TenantId, Status> {
@@ -85,8 +94,9 @@ fn retention_error(e: crate::retention::RetentionError) -> Status {
     }
 }
 
-fn tenant_out(t: &Tenant) -> pb::Tenant {
+fn tenant_out(region: &str, t: &Tenant) -> pb::Tenant {
     pb::Tenant {
+        region: region.to_owned(),
         tenant_id: t.id.as_str().to_owned(),
         display_name: t.display_name.clone(),
         status: match t.status {
@@ -160,6 +170,45 @@ async fn record_event<T>(
 }
 
 impl Admin {
+    /// Where refusals that concern no tenant are recorded: the first hosted region.
+    fn first(&self) -> &Arc<AdminRegion> {
+        &self.regions[0]
+    }
+
+    /// The hosted region `tenant` is pinned to; for a tenant no hosted region knows, the
+    /// first one, whose registry then answers NOT_FOUND (and whose trail records it).
+    fn home(&self, tenant: &str) -> Arc<AdminRegion> {
+        self.holder(tenant).unwrap_or_else(|| self.first().clone())
+    }
+
+    /// The hosted region whose registry has `tenant`, if any.
+    fn holder(&self, tenant: &str) -> Option<Arc<AdminRegion>> {
+        let id = TenantId::parse(tenant).ok()?;
+        self.regions.iter().find(|r| r.registry.status(&id).ok().flatten().is_some()).cloned()
+    }
+
+    /// The hosted region a request names in its `region` field: may be empty only when
+    /// this node hosts one region. A region served elsewhere is FAILED_PRECONDITION
+    /// naming its endpoint; an unknown one INVALID_ARGUMENT.
+    fn named(&self, region: &str) -> Result<Arc<AdminRegion>, Status> {
+        let names = || self.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
+        if region.is_empty() {
+            return match self.regions.as_slice() {
+                [only] => Ok(only.clone()),
+                _ => Err(Status::invalid_argument(format!("region: required; this node hosts {}", names()))),
+            };
+        }
+        if let Some(r) = self.regions.iter().find(|r| r.name == region) {
+            return Ok(r.clone());
+        }
+        if let Some(url) = self.endpoints.get(region) {
+            let hosted: Vec<String> = self.regions.iter().map(|r| r.name.clone()).collect();
+            return Err(super::regions::wrong_region(region, Some(url), hosted.iter()));
+        }
+        let shown = if crate::region::check_name(region).is_ok() { region } else { "(not a region name)" };
+        Err(Status::invalid_argument(format!("region: unknown region {shown:?}; this node hosts {}", names())))
+    }
+
     /// Checks the operator token. The right token is always let in (it is compared in
     /// constant time, no argon2: locking it out would only let anyone on the admin
     /// network lock the operator out); a source that keeps presenting wrong ones is
@@ -203,7 +252,7 @@ impl Admin {
     ) -> Status {
         let ev = Event { source, ..Event::default() };
         if self.guard.denials.note(ip, outcome, &ev, std::time::Instant::now()) == super::denials::Note::Record
-            && let Err(e) = self.audit.append(Operation::AdminDenied, outcome, ev)
+            && let Err(e) = self.first().audit.append(Operation::AdminDenied, outcome, ev)
         {
             tracing::error!(error = %e, "cannot record a refused operator token");
         }
@@ -220,7 +269,7 @@ impl Admin {
     /// Writes the aggregates of refused operator tokens whose window closed (all of them
     /// when told): for a worker, which outlives no one's borrow of the admin service.
     pub fn flusher(&self) -> Arc<dyn Fn(bool) + Send + Sync> {
-        let (guard, audit) = (self.guard.clone(), self.audit.clone());
+        let (guard, audit) = (self.guard.clone(), self.first().audit.clone());
         Arc::new(move |all| {
             for (outcome, ev) in guard.denials.take_closed(std::time::Instant::now(), all) {
                 if let Err(e) = audit.append(Operation::AdminDeniedRepeated, outcome, ev) {
@@ -233,18 +282,20 @@ impl Admin {
     /// Records an admin change (durably) and passes its result through.
     async fn record<T>(
         &self,
+        r: &AdminRegion,
         source: String,
         op: Operation,
         tenant: &str,
         key_id: &str,
         result: Result<T, Status>,
     ) -> Result<T, Status> {
-        record_change(&self.audit, &self.vault, source, op, tenant, key_id, result).await
+        record_change(&r.audit, &r.vault, source, op, tenant, key_id, result).await
     }
 
     /// Records a hold change with what it covers and the operator's reason.
     async fn record_hold(
         &self,
+        r: &AdminRegion,
         source: String,
         op: Operation,
         tenant: &str,
@@ -266,21 +317,21 @@ impl Admin {
             detail: format!("{hold_id}: {reason}"),
             ..Event::default()
         };
-        record_event(&self.audit, &self.vault, op, ev, result).await.map(|h| hold_out(&h))
+        record_event(&r.audit, &r.vault, op, ev, result).await.map(|h| hold_out(&h))
     }
 
     /// What a SetHold names, resolved to blind ids.
-    fn hold_scope(&self, tid: &TenantId, r: &pb::SetHoldRequest) -> Result<HoldScope, Status> {
-        self.registry.get(tid).map_err(tenancy_status)?;
+    fn hold_scope(&self, home: &AdminRegion, tid: &TenantId, r: &pb::SetHoldRequest) -> Result<HoldScope, Status> {
+        home.registry.get(tid).map_err(tenancy_status)?;
         match (r.subject_id.as_str(), r.transcript_id.as_str()) {
             ("", "") => Ok(HoldScope::Tenant),
             (s, "") => {
-                self.vault.limits().id("subject_id", s).map_err(to_status)?;
-                Ok(HoldScope::Subject(self.vault.subject_blind(tid, s).map_err(to_status)?))
+                home.vault.limits().id("subject_id", s).map_err(to_status)?;
+                Ok(HoldScope::Subject(home.vault.subject_blind(tid, s).map_err(to_status)?))
             }
             ("", t) => {
-                self.vault.limits().id("transcript_id", t).map_err(to_status)?;
-                let (transcript, subject) = self.vault.transcript_blinds(tid, t).map_err(to_status)?;
+                home.vault.limits().id("transcript_id", t).map_err(to_status)?;
+                let (transcript, subject) = home.vault.transcript_blinds(tid, t).map_err(to_status)?;
                 Ok(HoldScope::Transcript { transcript, subject })
             }
             _ => Err(Status::invalid_argument("subject_id, transcript_id: name at most one of them")),
@@ -291,11 +342,12 @@ impl Admin {
     /// executor's own threads.
     fn tenant_change(
         &self,
+        home: &AdminRegion,
         tenant: &str,
         f: impl FnOnce(&TenantId) -> Result<Arc<Tenant>, tenancy::TenancyError>,
     ) -> Result<pb::Tenant, Status> {
         let id = tenant_id(tenant)?;
-        tokio::task::block_in_place(|| f(&id)).map(|t| tenant_out(&t)).map_err(tenancy_status)
+        tokio::task::block_in_place(|| f(&id)).map(|t| tenant_out(&home.name, &t)).map_err(tenancy_status)
     }
 }
 
@@ -303,19 +355,37 @@ impl Admin {
 impl AdminService for Admin {
     async fn create_tenant(&self, req: Request<pb::CreateTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
         let source = self.operator(&req)?;
-        let pb::CreateTenantRequest { tenant_id: id, display_name, allowlist, retention } = req.into_inner();
+        let pb::CreateTenantRequest { tenant_id: id, display_name, allowlist, retention, region } = req.into_inner();
         let now = self.clock.now();
-        let result = allowlist_in(&allowlist).and_then(|list| {
-            self.tenant_change(&id, |t| {
-                self.registry.create(t.clone(), display_name, list, retention_in(retention), now)
-            })
-        });
-        Ok(Response::new(self.record(source, Operation::CreateTenant, &id, "", result).await?))
+        let home = match (region.as_str(), self.named(&region)) {
+            ("", _) => Err(Status::invalid_argument(format!(
+                "region: required (the region the tenant is pinned to; this node hosts {})",
+                self.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+            (_, found) => found,
+        };
+        let home = match home {
+            Ok(h) => h,
+            Err(e) => return Err(self.record(self.first(), source, Operation::CreateTenant, &id, "", Err(e)).await?),
+        };
+        // One tenant id names one tenant on this node, whichever region it is in.
+        let elsewhere = self.holder(&id).filter(|r| r.name != home.name);
+        let result = match elsewhere {
+            Some(r) => Err(Status::already_exists(format!("tenant {id:?} exists already, in region {}", r.name))),
+            None => allowlist_in(&allowlist).and_then(|list| {
+                self.tenant_change(&home, &id, |t| {
+                    home.registry.create(t.clone(), display_name, list, retention_in(retention), now)
+                })
+            }),
+        };
+        Ok(Response::new(self.record(&home, source, Operation::CreateTenant, &id, "", result).await?))
     }
 
     async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
         self.operator(&req)?;
-        Ok(Response::new(self.tenant_change(&req.into_inner().tenant_id, |t| self.registry.get(t))?))
+        let id = req.into_inner().tenant_id;
+        let home = self.home(&id);
+        Ok(Response::new(self.tenant_change(&home, &id, |t| home.registry.get(t))?))
     }
 
     async fn list_tenants(
@@ -323,22 +393,32 @@ impl AdminService for Admin {
         req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         self.operator(&req)?;
-        let tenants = self.registry.list().map_err(tenancy_status)?;
-        Ok(Response::new(pb::ListTenantsResponse { tenants: tenants.iter().map(|t| tenant_out(t)).collect() }))
+        let region = req.into_inner().region;
+        let regions = match region.as_str() {
+            "" => self.regions.clone(),
+            r => vec![self.named(r)?],
+        };
+        let mut out = Vec::new();
+        for r in regions {
+            out.extend(r.registry.list().map_err(tenancy_status)?.iter().map(|t| tenant_out(&r.name, t)));
+        }
+        Ok(Response::new(pb::ListTenantsResponse { tenants: out }))
     }
 
     async fn suspend_tenant(&self, req: Request<pb::SuspendTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
-        let result = self.tenant_change(&id, |t| self.registry.set_suspended(t, true));
-        Ok(Response::new(self.record(source, Operation::SuspendTenant, &id, "", result).await?))
+        let home = self.home(&id);
+        let result = self.tenant_change(&home, &id, |t| home.registry.set_suspended(t, true));
+        Ok(Response::new(self.record(&home, source, Operation::SuspendTenant, &id, "", result).await?))
     }
 
     async fn resume_tenant(&self, req: Request<pb::ResumeTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
-        let result = self.tenant_change(&id, |t| self.registry.set_suspended(t, false));
-        Ok(Response::new(self.record(source, Operation::ResumeTenant, &id, "", result).await?))
+        let home = self.home(&id);
+        let result = self.tenant_change(&home, &id, |t| home.registry.set_suspended(t, false));
+        Ok(Response::new(self.record(&home, source, Operation::ResumeTenant, &id, "", result).await?))
     }
 
     async fn delete_tenant(
@@ -347,8 +427,9 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
+        let home = self.home(&id);
         let (registry, vault, audit, now) =
-            (self.registry.clone(), self.vault.clone(), self.audit.clone(), self.clock.now());
+            (home.registry.clone(), home.vault.clone(), home.audit.clone(), self.clock.now());
         // Detached: a client that goes away mid-erasure leaves neither half an erasure
         // nor an unrecorded one.
         // The operator's erasures have a pool of their own (no tenant id has a space).
@@ -389,8 +470,9 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::IssueApiKeyResponse>, Status> {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
-        let (registry, params, now) = (self.registry.clone(), self.key_hash, self.clock.now());
-        let (vault, audit) = (self.vault.clone(), self.audit.clone());
+        let home = self.home(&id);
+        let (registry, params, now) = (home.registry.clone(), self.key_hash, self.clock.now());
+        let (vault, audit) = (home.vault.clone(), home.audit.clone());
         let (info, key) = detached(async move {
             let result = match tenant_id(&id) {
                 // argon2 hashing is slow on purpose: off the executor.
@@ -412,7 +494,8 @@ impl AdminService for Admin {
         req: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
         self.operator(&req)?;
-        let t = self.registry.get(&tenant_id(&req.into_inner().tenant_id)?).map_err(tenancy_status)?;
+        let id = req.into_inner().tenant_id;
+        let t = self.home(&id).registry.get(&tenant_id(&id)?).map_err(tenancy_status)?;
         Ok(Response::new(pb::ListApiKeysResponse {
             keys: t.keys.iter().map(|k| key_out(&ApiKeyInfo::from(k))).collect(),
         }))
@@ -421,29 +504,32 @@ impl AdminService for Admin {
     async fn revoke_api_key(&self, req: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         let source = self.operator(&req)?;
         let pb::RevokeApiKeyRequest { tenant_id: id, key_id } = req.into_inner();
+        let home = self.home(&id);
         let result = tenant_id(&id).and_then(|tid| {
             let kid = KeyId::parse(&key_id)
                 .ok_or_else(|| Status::invalid_argument("key_id: expected the 16 hex characters of a key id"))?;
-            tokio::task::block_in_place(|| self.registry.revoke_key(&tid, &kid, self.clock.now()))
+            tokio::task::block_in_place(|| home.registry.revoke_key(&tid, &kid, self.clock.now()))
                 .map(|k| key_out(&k))
                 .map_err(tenancy_status)
         });
-        Ok(Response::new(self.record(source, Operation::RevokeApiKey, &id, &key_id, result).await?))
+        Ok(Response::new(self.record(&home, source, Operation::RevokeApiKey, &id, &key_id, result).await?))
     }
 
     async fn set_allowlist(&self, req: Request<pb::SetAllowlistRequest>) -> Result<Response<pb::Tenant>, Status> {
         let source = self.operator(&req)?;
         let pb::SetAllowlistRequest { tenant_id: id, allowlist } = req.into_inner();
-        let result =
-            allowlist_in(&allowlist).and_then(|list| self.tenant_change(&id, |t| self.registry.set_allowlist(t, list)));
-        Ok(Response::new(self.record(source, Operation::SetAllowlist, &id, "", result).await?))
+        let home = self.home(&id);
+        let result = allowlist_in(&allowlist)
+            .and_then(|list| self.tenant_change(&home, &id, |t| home.registry.set_allowlist(t, list)));
+        Ok(Response::new(self.record(&home, source, Operation::SetAllowlist, &id, "", result).await?))
     }
 
     async fn set_retention(&self, req: Request<pb::SetRetentionRequest>) -> Result<Response<pb::Tenant>, Status> {
         let source = self.operator(&req)?;
         let pb::SetRetentionRequest { tenant_id: id, retention } = req.into_inner();
-        let result = self.tenant_change(&id, |t| self.registry.set_retention(t, retention_in(retention)));
-        Ok(Response::new(self.record(source, Operation::SetRetention, &id, "", result).await?))
+        let home = self.home(&id);
+        let result = self.tenant_change(&home, &id, |t| home.registry.set_retention(t, retention_in(retention)));
+        Ok(Response::new(self.record(&home, source, Operation::SetRetention, &id, "", result).await?))
     }
 
     async fn query_audit(
@@ -452,6 +538,10 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::QueryAuditResponse>, Status> {
         let source = self.operator(&req)?;
         let q = req.into_inner();
+        let home = match (q.region.as_str(), q.tenant_id.as_str()) {
+            ("", t) if !t.is_empty() => self.home(t),
+            (r, _) => self.named(r)?,
+        };
         let mut filter = Filter {
             tenant: (!q.tenant_id.is_empty()).then(|| q.tenant_id.clone()),
             key_id: (!q.key_id.is_empty()).then(|| q.key_id.clone()),
@@ -473,7 +563,7 @@ impl AdminService for Admin {
                 ));
             }
             let (blind, _) =
-                self.vault.blind_ids(&tenant_id(&q.tenant_id)?, Some(&q.subject_id), None).map_err(to_status)?;
+                home.vault.blind_ids(&tenant_id(&q.tenant_id)?, Some(&q.subject_id), None).map_err(to_status)?;
             // A tenant that never wrote has no blind key: nothing can match.
             filter.subject = Some(blind.unwrap_or_else(|| "-".into()));
         }
@@ -482,7 +572,7 @@ impl AdminService for Admin {
             t => t.parse().map_err(|_| Status::invalid_argument("page_token: not a token this server issued"))?,
         };
         let size = if q.page_size == 0 { 100 } else { q.page_size as usize };
-        let audit = self.audit.clone();
+        let audit = home.audit.clone();
         let page = tokio::task::spawn_blocking(move || audit.query(&filter, after, size))
             .await
             .map_err(|_| Status::internal("worker failed"))
@@ -493,7 +583,7 @@ impl AdminService for Admin {
                 })
             });
         // Who read the trail is on the trail.
-        let page = self.record(source, Operation::QueryAudit, &q.tenant_id, &q.key_id, page).await?;
+        let page = self.record(&home, source, Operation::QueryAudit, &q.tenant_id, &q.key_id, page).await?;
         Ok(Response::new(pb::QueryAuditResponse {
             records: page.records.into_iter().map(record_out).collect(),
             next_page_token: page.next_after.map(|s| s.to_string()).unwrap_or_default(),
@@ -505,12 +595,13 @@ impl AdminService for Admin {
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let source = self.operator(&req)?;
-        let audit = self.audit.clone();
+        let home = self.named(&req.get_ref().region)?;
+        let audit = home.audit.clone();
         let v = tokio::task::spawn_blocking(move || audit.verify())
             .await
             .map_err(|_| Status::internal("worker failed"))
             .and_then(|r| r.map_err(|e| Status::unavailable(e.to_string())));
-        let v = self.record(source, Operation::VerifyAudit, "", "", v).await?;
+        let v = self.record(&home, source, Operation::VerifyAudit, "", "", v).await?;
         let (first_bad_sequence, problem) = v.broken.clone().unwrap_or_default();
         Ok(Response::new(pb::VerifyAuditResponse {
             intact: v.broken.is_none(),
@@ -538,7 +629,7 @@ impl AdminService for Admin {
         req: Request<pb::GetErasureStatusRequest>,
     ) -> Result<Response<pb::ErasureStatusReport>, Status> {
         self.operator(&req)?;
-        let o = self.vault.erasure_overview().map_err(to_status)?;
+        let o = self.named(&req.get_ref().region)?.vault.erasure_overview().map_err(to_status)?;
         let ts = |t: Option<crate::vault::Timestamp>| t.map(timestamp_out);
         let (failed_at, failure) = o.rotation.last_failure.clone().unzip();
         Ok(Response::new(pb::ErasureStatusReport {
@@ -556,12 +647,13 @@ impl AdminService for Admin {
     async fn set_hold(&self, req: Request<pb::SetHoldRequest>) -> Result<Response<pb::Hold>, Status> {
         let source = self.operator(&req)?;
         let r = req.into_inner();
+        let home = self.home(&r.tenant_id);
         let result = tenant_id(&r.tenant_id).and_then(|tid| {
             tenancy::check_hold_reason(&r.reason).map_err(tenancy_status)?;
-            let scope = self.hold_scope(&tid, &r)?;
+            let scope = self.hold_scope(&home, &tid, &r)?;
             tokio::task::block_in_place(|| {
-                self.vault.while_erasures_wait(&tid, &scope, || {
-                    self.registry.add_hold(&tid, scope, &r.reason, self.clock.now())
+                home.vault.while_erasures_wait(&tid, &scope, || {
+                    home.registry.add_hold(&tid, scope, &r.reason, self.clock.now())
                 })
             })
             .map_err(to_status)?
@@ -571,26 +663,29 @@ impl AdminService for Admin {
         if let Ok(h) = &result {
             tracing::info!(tenant = %r.tenant_id, hold = %h.id, "legal hold set");
         }
-        Ok(Response::new(self.record_hold(source, Operation::SetHold, &r.tenant_id, &r.reason, result).await?))
+        Ok(Response::new(self.record_hold(&home, source, Operation::SetHold, &r.tenant_id, &r.reason, result).await?))
     }
 
     async fn release_hold(&self, req: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
         let source = self.operator(&req)?;
         let r = req.into_inner();
+        let home = self.home(&r.tenant_id);
         let result = if r.reason.trim().is_empty() {
             Err(Status::invalid_argument("reason: required (why the hold is released)"))
         } else {
             tenant_id(&r.tenant_id).and_then(|tid| {
-                tokio::task::block_in_place(|| self.registry.release_hold(&tid, &r.hold_id)).map_err(tenancy_status)
+                tokio::task::block_in_place(|| home.registry.release_hold(&tid, &r.hold_id)).map_err(tenancy_status)
             })
         };
-        Ok(Response::new(self.record_hold(source, Operation::ReleaseHold, &r.tenant_id, &r.reason, result).await?))
+        Ok(Response::new(
+            self.record_hold(&home, source, Operation::ReleaseHold, &r.tenant_id, &r.reason, result).await?,
+        ))
     }
 
     async fn list_holds(&self, req: Request<pb::ListHoldsRequest>) -> Result<Response<pb::ListHoldsResponse>, Status> {
         self.operator(&req)?;
         let tid = tenant_id(&req.get_ref().tenant_id)?;
-        let t = self.registry.get(&tid).map_err(tenancy_status)?;
+        let t = self.home(tid.as_str()).registry.get(&tid).map_err(tenancy_status)?;
         Ok(Response::new(pb::ListHoldsResponse { holds: t.holds.iter().map(hold_out).collect() }))
     }
 
@@ -600,8 +695,9 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::RetentionStatus>, Status> {
         self.operator(&req)?;
         let tid = tenant_id(&req.get_ref().tenant_id)?;
-        self.registry.get(&tid).map_err(tenancy_status)?;
-        let s = self.purger.status(&tid).map_err(retention_error)?;
+        let home = self.home(tid.as_str());
+        home.registry.get(&tid).map_err(tenancy_status)?;
+        let s = home.purger.status(&tid).map_err(retention_error)?;
         Ok(Response::new(pb::RetentionStatus {
             tenant_id: tid.as_str().to_owned(),
             last_run_at: (s.last_run_at != 0)
@@ -622,21 +718,23 @@ impl AdminService for Admin {
         req: Request<pb::RunRetentionRequest>,
     ) -> Result<Response<pb::RunRetentionResponse>, Status> {
         let source = self.operator(&req)?;
-        let result = self.purger.run().await.map_err(retention_error).map(|r| pb::RunRetentionResponse {
+        let home = self.named(&req.get_ref().region)?;
+        let result = home.purger.run().await.map_err(retention_error).map(|r| pb::RunRetentionResponse {
             purged: r.purged,
             closed: r.closed,
             held: r.held,
         });
-        Ok(Response::new(self.record(source, Operation::RunRetention, "", "", result).await?))
+        Ok(Response::new(self.record(&home, source, Operation::RunRetention, "", "", result).await?))
     }
 
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<pb::BackupResponse>, Status> {
         let source = self.operator(&req)?;
-        let pb::BackupRequest { out_dir } = req.into_inner();
+        let pb::BackupRequest { out_dir, region } = req.into_inner();
+        let home = self.named(&region)?;
         let result = if out_dir.is_empty() || !std::path::Path::new(&out_dir).is_absolute() {
             Err(Status::invalid_argument("out_dir: must be an absolute path on the server's machine"))
         } else {
-            let (vault, audit, out) = (self.vault.clone(), self.audit.clone(), std::path::PathBuf::from(&out_dir));
+            let (vault, audit, out) = (home.vault.clone(), home.audit.clone(), std::path::PathBuf::from(&out_dir));
             tokio::task::spawn_blocking(move || {
                 let files = audit.files_with_lengths().map_err(|e| Status::unavailable(e.to_string()))?;
                 vault.backup(&out, &files).map_err(to_status)
@@ -645,7 +743,7 @@ impl AdminService for Admin {
             .map_err(|_| Status::internal("worker failed"))
             .and_then(|r| r)
         };
-        let m = self.record(source, Operation::Backup, "", "", result).await?;
+        let m = self.record(&home, source, Operation::Backup, "", "", result).await?;
         Ok(Response::new(pb::BackupResponse {
             out_dir,
             records: m.records,

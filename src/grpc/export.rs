@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::gate::{Gate, Ids};
 use super::observe::Connection;
 use super::pb::{self, export_service_server::ExportService};
+use super::regions::Regions;
 use super::status::to_status;
 use crate::audit::Operation;
 use crate::export::{DEFAULT_CHUNK_BYTES, Export, ExportError};
@@ -27,16 +28,17 @@ const CHANNEL_CHUNKS: usize = 4;
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
 pub struct Exports {
-    gate: Arc<Gate>,
+    regions: Arc<Regions>,
 }
 
 impl Exports {
-    pub fn new(gate: Arc<Gate>) -> Self {
-        Exports { gate }
+    pub fn new(regions: Arc<Regions>) -> Self {
+        Exports { regions }
     }
 
     async fn stream(
         &self,
+        gate: Arc<Gate>,
         who: Principal,
         subject_id: Option<String>,
         conn: Option<Connection>,
@@ -46,20 +48,19 @@ impl Exports {
             None => (Operation::ExportTenant, Scope::Tenant),
         };
         // A place in the export pool, per tenant and in all, or RESOURCE_EXHAUSTED now.
-        let slot = self.gate.work.export_slot(who.tenant.as_str())?;
+        let slot = self.regions.work.export_slot(who.tenant.as_str())?;
         // A reader that takes no data for this long is given up on, so a stalled client
         // holds one of the export pool's threads for seconds, not for ever.
-        let stall_limit: Duration = self.gate.work.export_stall();
-        let export = Export::start(&self.gate.vault, &who.tenant, scope).map_err(export_status);
+        let stall_limit: Duration = self.regions.work.export_stall();
+        let export = Export::start(&gate.vault, &who.tenant, scope).map_err(export_status);
         let ids = Ids { subject_id: subject_id.as_deref(), ..Ids::default() };
         // Recorded before the first byte leaves: an export the trail cannot hold is refused.
-        self.gate.record(&who, op, ids, &export).await?;
+        gate.record(&who, op, ids, &export).await?;
         let export = export?;
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         // The closing status has a channel of its own, so it follows the chunks even when a
         // stalled reader has left the chunk channel full.
         let (end_tx, end_rx) = mpsc::channel(1);
-        let gate = self.gate.clone();
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -129,15 +130,15 @@ impl ExportService for Exports {
     type ExportTenantStream = ChunkStream;
 
     async fn export_subject(&self, req: Request<pb::ExportSubjectRequest>) -> Result<Response<ChunkStream>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let conn = req.extensions().get::<Connection>().cloned();
         let pb::ExportSubjectRequest { subject_id } = req.into_inner();
-        self.stream(who, Some(subject_id), conn).await
+        self.stream(gate, who, Some(subject_id), conn).await
     }
 
     async fn export_tenant(&self, req: Request<pb::ExportTenantRequest>) -> Result<Response<ChunkStream>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let conn = req.extensions().get::<Connection>().cloned();
-        self.stream(who, None, conn).await
+        self.stream(gate, who, None, conn).await
     }
 }

@@ -11,6 +11,7 @@ mod export;
 mod gate;
 pub mod limits;
 mod observe;
+mod regions;
 mod status;
 mod subjects;
 mod transcripts;
@@ -27,9 +28,10 @@ use tonic::transport::{Server, ServerTlsConfig};
 pub use connections::{ConnectionLimits, METRICS_MAX as METRICS_CONNECTIONS};
 pub use limits::{Work, WorkLimits};
 
-pub use admin::{Admin, AdminGuard};
+pub use admin::{Admin, AdminGuard, AdminRegion};
 pub use credentials::Bearer;
 pub use gate::Gate;
+pub use regions::{Regions, wrong_region};
 pub use subjects::MAX_BATCH as SHRED_BATCH_MAX;
 
 /// Generated wire types and stubs of `proto/chatvault/v1`.
@@ -80,7 +82,7 @@ macro_rules! server {
 
 /// Serves the data API, health and reflection on `listener` until `shutdown` resolves.
 pub async fn serve(
-    gate: Arc<Gate>,
+    gate: Arc<Regions>,
     listener: TcpListener,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{erasure_out, receipt_out, subject_out};
 use super::gate::{Gate, Ids, erasing};
 use super::pb::{self, subject_service_server::SubjectService};
+use super::regions::Regions;
 use super::status::to_status;
 use crate::audit::Operation;
 
@@ -64,12 +65,12 @@ fn shred_result(
 }
 
 pub struct Subjects {
-    gate: Arc<Gate>,
+    regions: Arc<Regions>,
 }
 
 impl Subjects {
-    pub fn new(gate: Arc<Gate>) -> Self {
-        Subjects { gate }
+    pub fn new(regions: Arc<Regions>) -> Self {
+        Subjects { regions }
     }
 }
 
@@ -79,10 +80,10 @@ impl SubjectService for Subjects {
         &self,
         req: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::ShredSubjectRequest { subject_id } = req.into_inner();
-        let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
-        erasing(&self.gate.work, tenant.as_str(), async move {
+        let (gate, tenant) = (gate.clone(), who.tenant.clone());
+        erasing(&self.regions.work, tenant.as_str(), async move {
             let result = gate.vault.shred_subject(&who.tenant, &subject_id).await.map_err(to_status);
             gate.record(
                 &who,
@@ -102,7 +103,7 @@ impl SubjectService for Subjects {
         &self,
         req: Request<pb::ShredSubjectsRequest>,
     ) -> Result<Response<pb::ShredSubjectsResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::ShredSubjectsRequest { subject_ids, request_id } = req.into_inner();
         if subject_ids.is_empty() || subject_ids.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -113,8 +114,8 @@ impl SubjectService for Subjects {
         if request_id.chars().count() > 128 || request_id.chars().any(char::is_control) {
             return Err(Status::invalid_argument("request_id: at most 128 characters, no control characters"));
         }
-        let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
-        erasing(&self.gate.work, tenant.as_str(), async move {
+        let (gate, tenant) = (gate.clone(), who.tenant.clone());
+        erasing(&self.regions.work, tenant.as_str(), async move {
             let asked = batch_digest(&subject_ids);
             if !request_id.is_empty()
                 && let Some(bytes) = gate.vault.recall_request(&who.tenant, &request_id).map_err(to_status)?
@@ -160,20 +161,19 @@ impl SubjectService for Subjects {
         &self,
         req: Request<pb::GetSubjectRequest>,
     ) -> Result<Response<pb::GetSubjectResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::GetSubjectRequest { subject_id } = req.into_inner();
-        let result = self.gate.vault.get_subject(&who.tenant, &subject_id).map_err(to_status);
-        self.gate
-            .record(&who, Operation::GetSubject, Ids { subject_id: Some(&subject_id), ..Ids::default() }, &result)
+        let result = gate.vault.get_subject(&who.tenant, &subject_id).map_err(to_status);
+        gate.record(&who, Operation::GetSubject, Ids { subject_id: Some(&subject_id), ..Ids::default() }, &result)
             .await?;
         Ok(Response::new(subject_out(result?)))
     }
 
     async fn get_erasure(&self, req: Request<pb::GetErasureRequest>) -> Result<Response<pb::ErasureStatus>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::GetErasureRequest { erasure_id } = req.into_inner();
-        let result = self.gate.vault.erasure_status(&who.tenant, &erasure_id).map_err(to_status);
-        self.gate.record(&who, Operation::GetErasure, Ids::default(), &result).await?;
+        let result = gate.vault.erasure_status(&who.tenant, &erasure_id).map_err(to_status);
+        gate.record(&who, Operation::GetErasure, Ids::default(), &result).await?;
         Ok(Response::new(erasure_out(result?)))
     }
 
@@ -181,9 +181,9 @@ impl SubjectService for Subjects {
         &self,
         req: Request<pb::GetReceiptKeyRequest>,
     ) -> Result<Response<pb::ReceiptKey>, Status> {
-        self.gate.admit(&req).await?;
+        let (gate, _) = self.regions.admit(&req).await?;
         let pb::GetReceiptKeyRequest {} = req.into_inner();
-        let (public_key_hex, key_id) = self.gate.vault.receipt_public_key();
+        let (public_key_hex, key_id) = gate.vault.receipt_public_key();
         Ok(Response::new(pb::ReceiptKey { public_key_hex, key_id }))
     }
 }

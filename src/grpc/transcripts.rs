@@ -5,18 +5,19 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{messages_in, receipt_out, timestamp_in, timestamp_out, transcript_in, transcript_out};
-use super::gate::{Gate, Ids, detached, erasing};
+use super::gate::{Ids, detached, erasing};
 use super::pb::{self, transcript_service_server::TranscriptService};
+use super::regions::Regions;
 use super::status::to_status;
 use crate::audit::Operation;
 
 pub struct Transcripts {
-    gate: Arc<Gate>,
+    regions: Arc<Regions>,
 }
 
 impl Transcripts {
-    pub fn new(gate: Arc<Gate>) -> Self {
-        Transcripts { gate }
+    pub fn new(regions: Arc<Regions>) -> Self {
+        Transcripts { regions }
     }
 }
 
@@ -37,9 +38,8 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::PutTranscriptRequest>,
     ) -> Result<Response<pb::PutTranscriptResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::PutTranscriptRequest { transcript } = req.into_inner();
-        let gate = self.gate.clone();
         detached(async move {
             let (tid, sid) =
                 transcript.as_ref().map(|t| (t.transcript_id.clone(), t.subject_id.clone())).unwrap_or_default();
@@ -58,9 +58,8 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::AppendMessagesRequest>,
     ) -> Result<Response<pb::AppendMessagesResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::AppendMessagesRequest { transcript_id, messages, expected_message_count } = req.into_inner();
-        let gate = self.gate.clone();
         detached(async move {
             let result = match messages_in("messages", messages) {
                 Ok(m) => gate
@@ -84,9 +83,8 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::CloseTranscriptRequest>,
     ) -> Result<Response<pb::CloseTranscriptResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::CloseTranscriptRequest { transcript_id, ended_at } = req.into_inner();
-        let gate = self.gate.clone();
         detached(async move {
             let result = match timestamp_in("ended_at", ended_at) {
                 Ok(at) => gate.vault.close_transcript(&who.tenant, &transcript_id, at).await.map_err(to_status),
@@ -106,12 +104,12 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::GetTranscriptRequest>,
     ) -> Result<Response<pb::GetTranscriptResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::GetTranscriptRequest { transcript_id } = req.into_inner();
-        let (vault, tenant, id) = (self.gate.vault.clone(), who.tenant.clone(), transcript_id.clone());
-        let result = match self.gate.work.read_slot(who.tenant.as_str()).await {
+        let (vault, tenant, id) = (gate.vault.clone(), who.tenant.clone(), transcript_id.clone());
+        let result = match self.regions.work.read_slot(who.tenant.as_str()).await {
             Ok(slot) => {
-                let mut budget = self.gate.work.byte_budget(tenant.as_str());
+                let mut budget = self.regions.work.byte_budget(tenant.as_str());
                 blocking(move || {
                     let _slot = slot;
                     let t = vault.get_transcript_reserving(&tenant, &id, &mut |n| budget.reserve(n))?;
@@ -123,7 +121,7 @@ impl TranscriptService for Transcripts {
         };
         let subject = result.as_ref().ok().map(|(t, _)| t.subject_id.clone());
         let ids = Ids { subject_id: subject.as_deref(), ..transcript(&transcript_id) };
-        self.gate.record(&who, Operation::GetTranscript, ids, &result).await?;
+        gate.record(&who, Operation::GetTranscript, ids, &result).await?;
         let (t, budget) = result?;
         let mut resp = Response::new(pb::GetTranscriptResponse { transcript: Some(transcript_out(t)) });
         // The bytes stay counted until the response is out, not just decrypted.
@@ -135,10 +133,10 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::ListTranscriptsRequest>,
     ) -> Result<Response<pb::ListTranscriptsResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::ListTranscriptsRequest { subject_id, page_size, page_token } = req.into_inner();
-        let (vault, tenant, sid) = (self.gate.vault.clone(), who.tenant.clone(), subject_id.clone());
-        let result = match self.gate.work.read_slot(who.tenant.as_str()).await {
+        let (vault, tenant, sid) = (gate.vault.clone(), who.tenant.clone(), subject_id.clone());
+        let result = match self.regions.work.read_slot(who.tenant.as_str()).await {
             Ok(slot) => {
                 blocking(move || {
                     let _slot = slot;
@@ -149,7 +147,7 @@ impl TranscriptService for Transcripts {
             Err(busy) => Err(busy),
         };
         let ids = Ids { subject_id: Some(&subject_id), ..Ids::default() };
-        self.gate.record(&who, Operation::ListTranscripts, ids, &result).await?;
+        gate.record(&who, Operation::ListTranscripts, ids, &result).await?;
         let page = result?;
         Ok(Response::new(pb::ListTranscriptsResponse {
             transcripts: page.transcripts.into_iter().map(transcript_out).collect(),
@@ -161,10 +159,10 @@ impl TranscriptService for Transcripts {
         &self,
         req: Request<pb::DeleteTranscriptRequest>,
     ) -> Result<Response<pb::DeleteTranscriptResponse>, Status> {
-        let who = self.gate.admit(&req).await?;
+        let (gate, who) = self.regions.admit(&req).await?;
         let pb::DeleteTranscriptRequest { transcript_id } = req.into_inner();
-        let (gate, tenant) = (self.gate.clone(), who.tenant.clone());
-        erasing(&self.gate.work, tenant.as_str(), async move {
+        let (gate, tenant) = (gate.clone(), who.tenant.clone());
+        erasing(&self.regions.work, tenant.as_str(), async move {
             let result = gate.vault.delete_transcript(&who.tenant, &transcript_id).await.map_err(to_status);
             let ids = Ids {
                 subject_blind: result.as_ref().ok().map(|t| t.subject_blind_id.clone()),

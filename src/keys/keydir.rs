@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use super::root::{self, PassphraseSalt, RootKey, RootKeySource};
 use super::{KeyError, files};
-use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
+use crate::crypto::{self, Aad, Algorithm, Binding, RecordKind, SecretKey};
 
 /// Where key-store keys are kept. The file implementation is below; an external KMS
 /// can implement this later without the vault noticing.
@@ -42,6 +42,8 @@ pub trait KeyStore: Send + Sync {
     fn destroy_epochs_before(&self, keep_from: u64) -> Result<Vec<u64>, KeyError>;
     /// A key for one control-plane purpose, fixed for the life of the root key.
     fn control_key(&self, purpose: &[u8]) -> SecretKey;
+    /// The region this key store belongs to: every envelope sealed with its keys names it.
+    fn binding(&self) -> &Binding;
 }
 
 /// The epoch a wrapped key was made under (its first 8 bytes).
@@ -56,6 +58,8 @@ pub fn wrapped_epoch(wrapped: &[u8]) -> Result<u64, KeyError> {
 const META_FILE: &str = "keydir.meta";
 const META_MAGIC: [u8; 4] = *b"CVKD";
 const META_VERSION: u16 = 1;
+const REGION_FILE: &str = "keydir.region";
+const REGION_MAGIC: [u8; 4] = *b"CVKR";
 const KSK_MAGIC: [u8; 4] = *b"CVKK";
 const KSK_VERSION: u16 = 1;
 
@@ -67,6 +71,15 @@ struct KeyDirMeta {
     store_id: [u8; 16],
     root_check: [u8; 16],
     passphrase: Option<PassphraseSalt>,
+}
+
+/// Which region a key directory belongs to, and whether it was made by a release from
+/// before regions (then its older envelopes, v1, name no region and are still read).
+#[derive(Serialize, Deserialize)]
+struct RegionStamp {
+    magic: [u8; 4],
+    region: String,
+    legacy: bool,
 }
 
 /// One key-store key file: the KSK sealed under the root key.
@@ -89,6 +102,7 @@ pub struct OpenReport {
 pub struct FileKeyDir {
     dir: PathBuf,
     root: RootKey,
+    binding: Binding,
     store_id: [u8; 16],
     ksks: RwLock<BTreeMap<u64, Arc<SecretKey>>>,
 }
@@ -96,14 +110,15 @@ pub struct FileKeyDir {
 impl FileKeyDir {
     /// The key that signs erasure receipts, from this directory (made on first use).
     pub fn receipt_signer(&self) -> Result<super::ReceiptSigner, KeyError> {
-        super::receipts::ReceiptSigner::open(&self.dir, &self.root, &self.store_id)
+        super::receipts::ReceiptSigner::open(&self.dir, &self.root, &self.store_id, &self.binding)
     }
 }
 
 impl FileKeyDir {
-    /// Opens (or, when empty, initialises) a key directory. Refuses a root key whose
-    /// check value differs from the one recorded, before touching anything.
-    pub fn open(dir: &Path, source: &RootKeySource) -> Result<(Self, OpenReport), KeyError> {
+    /// Opens (or, when empty, initialises) a key directory of `region`. Refuses a root
+    /// key whose check value differs from the one recorded, or a directory of another
+    /// region, before touching anything.
+    pub fn open(dir: &Path, source: &RootKeySource, region: &str) -> Result<(Self, OpenReport), KeyError> {
         files::ensure_private_dir(dir).map_err(|e| KeyError::io(dir, e))?;
         let meta_path = dir.join(META_FILE);
         let meta = read_meta(&meta_path)?;
@@ -135,7 +150,8 @@ impl FileKeyDir {
                 meta.store_id
             }
         };
-        let keydir = FileKeyDir { dir: dir.to_path_buf(), root, store_id, ksks: RwLock::new(BTreeMap::new()) };
+        let binding = region_stamp(dir, region, !report.created)?;
+        let keydir = FileKeyDir { dir: dir.to_path_buf(), root, binding, store_id, ksks: RwLock::new(BTreeMap::new()) };
         keydir.load_ksks()?;
         if keydir.epochs().is_empty() {
             keydir.add_epoch()?;
@@ -178,7 +194,9 @@ impl FileKeyDir {
             if ksk_epoch_of(&path) != Some(file.epoch) {
                 return Err(KeyError::Corrupt(format!("{}: holds the key of epoch {}", path.display(), file.epoch)));
             }
-            let raw = crypto::open(self.root.wrapping_key(), self.ksk_aad(file.epoch).as_slice(), &file.sealed)
+            let raw = self
+                .binding
+                .open(self.root.wrapping_key(), &self.ksk_aad(file.epoch), &file.sealed)
                 .map_err(|_| KeyError::Corrupt(format!("{} does not open under this root key", path.display())))?;
             map.insert(file.epoch, Arc::new(SecretKey::from_slice(&raw)?));
         }
@@ -220,7 +238,7 @@ impl KeyStore for FileKeyDir {
     fn seal(&self, aad: Aad, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
         let epoch = self.current_epoch();
         let ksk = self.ksk(epoch)?;
-        let sealed = crypto::seal(Algorithm::Aes256Gcm, &ksk, aad.u64(epoch).as_slice(), secret)?;
+        let sealed = self.binding.seal(Algorithm::Aes256Gcm, &ksk, &aad.u64(epoch), secret)?;
         let mut out = Vec::with_capacity(8 + sealed.len());
         out.extend_from_slice(&epoch.to_be_bytes());
         out.extend_from_slice(&sealed);
@@ -230,7 +248,7 @@ impl KeyStore for FileKeyDir {
     fn open(&self, sealed: &[u8], aad: Aad) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let epoch = wrapped_epoch(sealed)?;
         let ksk = self.ksk(epoch)?;
-        Ok(crypto::open(&ksk, aad.u64(epoch).as_slice(), &sealed[8..])?)
+        Ok(self.binding.open(&ksk, &aad.u64(epoch), &sealed[8..])?)
     }
 
     fn add_epoch(&self) -> Result<u64, KeyError> {
@@ -238,7 +256,7 @@ impl KeyStore for FileKeyDir {
         let epoch = map.keys().last().copied().unwrap_or(0) + 1;
         let ksk = SecretKey::generate()?;
         let sealed =
-            crypto::seal(Algorithm::Aes256Gcm, self.root.wrapping_key(), self.ksk_aad(epoch).as_slice(), ksk.expose())?;
+            self.binding.seal(Algorithm::Aes256Gcm, self.root.wrapping_key(), &self.ksk_aad(epoch), ksk.expose())?;
         let file = KskFile { magic: KSK_MAGIC, version: KSK_VERSION, epoch, sealed };
         let bytes = postcard::to_allocvec(&file).map_err(|e| KeyError::Corrupt(e.to_string()))?;
         let path = self.ksk_path(epoch);
@@ -261,6 +279,10 @@ impl KeyStore for FileKeyDir {
     fn control_key(&self, purpose: &[u8]) -> SecretKey {
         self.root.control_key(purpose)
     }
+
+    fn binding(&self) -> &Binding {
+        &self.binding
+    }
 }
 
 impl std::fmt::Debug for FileKeyDir {
@@ -281,6 +303,39 @@ fn read_meta(path: &Path) -> Result<Option<KeyDirMeta>, KeyError> {
         return Err(KeyError::Corrupt(format!("{}: unknown format", path.display())));
     }
     Ok(Some(meta))
+}
+
+/// The region a key directory belongs to, stamped on first open. A directory that was in
+/// use before it had a stamp (`existed`) was made by a release without regions: it takes
+/// the configured name and keeps reading its older envelopes.
+fn region_stamp(dir: &Path, region: &str, existed: bool) -> Result<Binding, KeyError> {
+    let path = dir.join(REGION_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let stamp: RegionStamp = postcard::from_bytes(&bytes)
+                .ok()
+                .filter(|s: &RegionStamp| s.magic == REGION_MAGIC)
+                .ok_or_else(|| KeyError::Corrupt(format!("{} is unreadable", path.display())))?;
+            if stamp.region != region {
+                return Err(KeyError::OtherRegion {
+                    dir: dir.to_path_buf(),
+                    region: stamp.region,
+                    wanted: region.into(),
+                });
+            }
+            Ok(Binding::new(region, stamp.legacy))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let stamp = RegionStamp { magic: REGION_MAGIC, region: region.into(), legacy: existed };
+            let bytes = postcard::to_allocvec(&stamp).map_err(|e| KeyError::Corrupt(e.to_string()))?;
+            files::write_atomic(&path, &bytes).map_err(|e| KeyError::io(&path, e))?;
+            if existed {
+                tracing::info!(region, dir = %dir.display(), "key directory from before regions: now region {region}");
+            }
+            Ok(Binding::new(region, existed))
+        }
+        Err(e) => Err(KeyError::io(&path, e)),
+    }
 }
 
 fn is_ksk_file(path: &Path) -> bool {
@@ -313,31 +368,31 @@ mod tests {
     #[test]
     fn wrapped_keys_survive_reopen_and_rotation_until_destroyed() {
         let dir = tempfile::tempdir().unwrap();
-        let (kd, report) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, report) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         assert!(report.created);
         let dek = SecretKey::generate().unwrap();
         let wrapped = kd.wrap(aad(), &dek).unwrap();
         drop(kd);
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         assert_eq!(kd.unwrap(&wrapped, aad()).unwrap().expose(), dek.expose());
         let e2 = kd.add_epoch().unwrap();
         assert_eq!(kd.destroy_epochs_before(e2).unwrap(), vec![1]);
         assert!(matches!(kd.unwrap(&wrapped, aad()), Err(KeyError::EpochDestroyed(1))));
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         assert_eq!(kd.epochs(), vec![e2]);
     }
 
     #[test]
     fn wrong_root_key_is_refused_with_key_check_value() {
         let dir = tempfile::tempdir().unwrap();
-        FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
-        assert!(matches!(FileKeyDir::open(dir.path(), &hex_root(2)), Err(KeyError::WrongRootKey)));
+        FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
+        assert!(matches!(FileKeyDir::open(dir.path(), &hex_root(2), "eu"), Err(KeyError::WrongRootKey)));
     }
 
     #[test]
     fn unwrap_with_other_aad_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         let wrapped = kd.wrap(aad(), &SecretKey::generate().unwrap()).unwrap();
         let other = Aad::new(RecordKind::SubjectKey).bytes(b"t").bytes(b"x");
         assert!(kd.unwrap(&wrapped, other).is_err());
@@ -346,7 +401,7 @@ mod tests {
     #[test]
     fn destroyed_key_file_is_gone_from_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         let first = kd.ksk_path(1);
         assert!(first.exists());
         kd.add_epoch().unwrap();
@@ -357,14 +412,14 @@ mod tests {
     #[test]
     fn a_destruction_cut_short_after_the_rename_is_finished_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         kd.add_epoch().unwrap();
         let first = kd.ksk_path(1);
         drop(kd);
         // The crash: renamed to its doomed name, not yet wiped or unlinked.
         let doomed = files::destroying_name(&first);
         fs::rename(&first, &doomed).unwrap();
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         assert_eq!(kd.epochs(), vec![2]);
         assert!(!doomed.exists() && !first.exists());
     }
@@ -372,20 +427,20 @@ mod tests {
     #[test]
     fn a_zeroed_key_file_of_an_old_epoch_is_taken_for_a_destruction_cut_short() {
         let dir = tempfile::tempdir().unwrap();
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         kd.add_epoch().unwrap();
         let (first, second) = (kd.ksk_path(1), kd.ksk_path(2));
         drop(kd);
         // What an older release left when a crash hit between its overwrite and unlink.
         let len = fs::metadata(&first).unwrap().len() as usize;
         fs::write(&first, vec![0u8; len]).unwrap();
-        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1)).unwrap();
+        let (kd, _) = FileKeyDir::open(dir.path(), &hex_root(1), "eu").unwrap();
         assert_eq!(kd.epochs(), vec![2]);
         assert!(!first.exists());
         drop(kd);
         // The newest key zeroed is damage, not a crash: refused, and left where it is.
         fs::write(&second, vec![0u8; len]).unwrap();
-        assert!(matches!(FileKeyDir::open(dir.path(), &hex_root(1)), Err(KeyError::Corrupt(_))));
+        assert!(matches!(FileKeyDir::open(dir.path(), &hex_root(1), "eu"), Err(KeyError::Corrupt(_))));
         assert!(second.exists());
     }
 }

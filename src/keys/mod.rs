@@ -39,6 +39,9 @@ pub enum KeyError {
     /// A file in the key directory is malformed or does not belong here.
     #[error("key directory is corrupt: {0}")]
     Corrupt(String),
+    /// The key directory was stamped with another region than the one configured.
+    #[error("{dir} is the key directory of region {region:?}, not of {wanted:?}: keys never move between regions")]
+    OtherRegion { dir: PathBuf, region: String, wanted: String },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

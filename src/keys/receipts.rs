@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use super::root::RootKey;
 use super::{KeyError, files};
-use crate::crypto::{self, Aad, Algorithm, RecordKind};
+use crate::crypto::{self, Aad, Algorithm, Binding, RecordKind};
 
 const KEY_FILE: &str = "receipt-signing.key";
 /// The public key, hex, for operators to publish.
@@ -37,7 +37,7 @@ pub struct ReceiptSigner {
 
 impl ReceiptSigner {
     /// Loads the signing key from `dir`, making one on first use.
-    pub(super) fn open(dir: &Path, root: &RootKey, store_id: &[u8; 16]) -> Result<Self, KeyError> {
+    pub(super) fn open(dir: &Path, root: &RootKey, store_id: &[u8; 16], binding: &Binding) -> Result<Self, KeyError> {
         let path = dir.join(KEY_FILE);
         let aad = Aad::new(RecordKind::ReceiptSigningKey).bytes(store_id);
         let seed: Zeroizing<Vec<u8>> = match fs::read(&path) {
@@ -47,12 +47,13 @@ impl ReceiptSigner {
                 if file.magic != MAGIC || file.version != VERSION {
                     return Err(KeyError::Corrupt(format!("{}: unknown format", path.display())));
                 }
-                crypto::open(root.wrapping_key(), aad.as_slice(), &file.sealed)
+                binding
+                    .open(root.wrapping_key(), &aad, &file.sealed)
                     .map_err(|_| KeyError::Corrupt(format!("{} does not open under this root key", path.display())))?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let seed = Zeroizing::new(crypto::random_bytes::<32>()?.to_vec());
-                let sealed = crypto::seal(Algorithm::Aes256Gcm, root.wrapping_key(), aad.as_slice(), &seed)?;
+                let sealed = binding.seal(Algorithm::Aes256Gcm, root.wrapping_key(), &aad, &seed)?;
                 let file = KeyFile { magic: MAGIC, version: VERSION, sealed };
                 let bytes = postcard::to_allocvec(&file).map_err(|e| KeyError::Corrupt(e.to_string()))?;
                 files::write_atomic(&path, &bytes).map_err(|e| KeyError::io(&path, e))?;
@@ -139,8 +140,8 @@ mod tests {
     fn a_receipt_key_persists_signs_and_verifies_only_its_own_untouched_payloads() {
         let dir = tempfile::tempdir().unwrap();
         let root = RootKey::from_secret(SecretKey::from_slice(&[5; 32]).unwrap());
-        let signer = ReceiptSigner::open(dir.path(), &root, &[1; 16]).unwrap();
-        let again = ReceiptSigner::open(dir.path(), &root, &[1; 16]).unwrap();
+        let signer = ReceiptSigner::open(dir.path(), &root, &[1; 16], &Binding::new("eu", false)).unwrap();
+        let again = ReceiptSigner::open(dir.path(), &root, &[1; 16], &Binding::new("eu", false)).unwrap();
         assert_eq!(signer.public_key(), again.public_key(), "the same key after a reopen");
         let public = fs::read_to_string(dir.path().join(PUBLIC_FILE)).unwrap();
         assert_eq!(public.trim(), hex::encode(signer.public_key()));
@@ -157,6 +158,9 @@ mod tests {
             Err(SignatureCheck::OtherKey { .. } | SignatureCheck::BadPublicKey)
         ));
         let wrong_root = RootKey::from_secret(SecretKey::from_slice(&[6; 32]).unwrap());
-        assert!(matches!(ReceiptSigner::open(dir.path(), &wrong_root, &[1; 16]), Err(KeyError::Corrupt(_))));
+        assert!(matches!(
+            ReceiptSigner::open(dir.path(), &wrong_root, &[1; 16], &Binding::new("eu", false)),
+            Err(KeyError::Corrupt(_))
+        ));
     }
 }

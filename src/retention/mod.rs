@@ -290,8 +290,14 @@ mod tests {
         let vault = Arc::new(testing::open(dir, clock.clone(), |_| {}));
         let store = vault.shared_store();
         let registry = Arc::new(
-            Registry::open(store.clone(), vault.clone(), vault.control_key(b"test-registry"), vault.algorithm())
-                .unwrap(),
+            Registry::open(
+                store.clone(),
+                vault.clone(),
+                vault.control_key(b"test-registry"),
+                vault.algorithm(),
+                vault.binding().clone(),
+            )
+            .unwrap(),
         );
         let audit = Arc::new(
             AuditLog::open(&dir.join("audit"), store.as_ref(), vault.control_key(b"test-audit"), clock.clone())

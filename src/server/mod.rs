@@ -9,7 +9,7 @@ mod workers;
 
 pub use harden::harden_process;
 pub use node::Node;
-pub use restore::restore;
+pub use restore::{one_region, restore};
 use workers::{denials_worker, ledger_worker, reclaim_worker, retention_worker, rotate_on_sighup, rotation_worker};
 
 use std::sync::Arc;
@@ -50,23 +50,40 @@ pub enum ServerError {
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
     config.check_listeners()?;
-    harden::close_directory(&config.data_dir, "data_dir").map_err(ServerError::Refused)?;
-    harden::close_directory(&config.key_dir, "key_dir").map_err(ServerError::Refused)?;
-    let dev_key = matches!(config.root_key_source()?, crate::keys::RootKeySource::Development(_));
-    let Node { vault, registry, audit, clock, report } = Node::open(&config).await?;
-    if let Some(path) = &report.generated_dev_key {
-        tracing::warn!(path = %path.display(), "GENERATED A DEVELOPMENT ROOT KEY");
-    }
-    if dev_key {
-        eprintln!(
-            "\n  WARNING: chatvault is running on a DEVELOPMENT root key stored next to the data\n  \
-             ({}). Anyone with this folder can read everything.\n  \
-             For production set root_key_file, {} or a passphrase (see README).\n",
-            config.key_dir.join(crate::config::DEV_ROOT_KEY_FILE).display(),
-            crate::config::ROOT_KEY_ENV
-        );
+    let specs = config.region_specs()?;
+    for spec in &specs {
+        for (dir, what) in [(&spec.data_dir, "data_dir"), (&spec.key_dir, "key_dir")] {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty() && specs.len() > 1) {
+                crate::store::files::private_dir(parent)
+                    .map_err(|e| ServerError::Refused(format!("{}: {e}", parent.display())))?;
+            }
+            harden::close_directory(dir, what).map_err(ServerError::Refused)?;
+        }
     }
     let (token, dev_token) = config.operator_token()?;
+    let mut nodes = Vec::new();
+    for spec in &specs {
+        let dev_key = matches!(spec.root_key, crate::keys::RootKeySource::Development(_));
+        let node = Node::open(&config, spec).await?;
+        if let Some(path) = &node.report.generated_dev_key {
+            tracing::warn!(region = %spec.name, path = %path.display(), "GENERATED A DEVELOPMENT ROOT KEY");
+        }
+        if dev_key {
+            eprintln!(
+                "\n  WARNING: region {} runs on a DEVELOPMENT root key stored next to the data\n  \
+                 ({}). Anyone with this folder can read everything.\n  \
+                 For production set root_key_file, {} or a passphrase (see README).\n",
+                spec.name,
+                spec.key_dir.join(crate::config::DEV_ROOT_KEY_FILE).display(),
+                if config.region.is_some() && config.regions.is_empty() {
+                    crate::config::ROOT_KEY_ENV.to_owned()
+                } else {
+                    crate::region::root_key_env(&spec.name)
+                }
+            );
+        }
+        nodes.push(node);
+    }
     if let Some(path) = &dev_token {
         eprintln!(
             "  WARNING: the admin API uses a DEVELOPMENT operator token ({}).\n  \
@@ -75,24 +92,40 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             crate::config::OPERATOR_TOKEN_ENV
         );
     }
-    let auth = Arc::new(Authenticator::new(registry.clone(), config.auth.clone())?);
     let work = Arc::new(grpc::Work::new(config.work.clone()));
-    let gate = Arc::new(Gate::new(vault.clone(), auth, audit.clone(), work.clone()));
+    let mut gates = std::collections::BTreeMap::new();
+    let mut admin_regions = Vec::new();
+    for n in &nodes {
+        let auth = Arc::new(Authenticator::new(n.registry.clone(), config.auth.clone())?);
+        gates.insert(n.region.clone(), Arc::new(Gate::new(n.vault.clone(), auth, n.audit.clone(), work.clone())));
+        let purger = Arc::new(
+            crate::retention::Purger::new(n.vault.clone(), n.registry.clone(), n.audit.clone())?
+                .keeping_audit_for(config.audit_retention_days),
+        );
+        admin_regions.push(Arc::new(grpc::AdminRegion {
+            name: n.region.clone(),
+            registry: n.registry.clone(),
+            vault: n.vault.clone(),
+            audit: n.audit.clone(),
+            purger,
+        }));
+    }
+    let endpoints: std::collections::BTreeMap<String, String> = config
+        .region_endpoints
+        .iter()
+        .filter(|(r, _)| !gates.contains_key(*r))
+        .map(|(r, u)| (r.clone(), u.clone()))
+        .collect();
+    let regions = Arc::new(grpc::Regions::new(gates, endpoints.clone(), work.clone()));
     let admin_guard = grpc::AdminGuard::new(config.auth.lockout);
-    let purger = Arc::new(
-        crate::retention::Purger::new(vault.clone(), registry.clone(), audit.clone())?
-            .keeping_audit_for(config.audit_retention_days),
-    );
     let admin = Admin {
         guard: admin_guard.clone(),
         work,
-        registry,
-        vault: vault.clone(),
-        audit: audit.clone(),
+        regions: admin_regions.clone(),
+        endpoints,
         token,
         key_hash: config.auth.key_hash,
-        clock,
-        purger: purger.clone(),
+        clock: nodes[0].clock.clone(),
     };
     let tls = |t: &Option<crate::config::TlsFiles>| t.as_ref().map(|t| t.server_config()).transpose();
     let serve_opts = ServeOptions {
@@ -115,8 +148,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Some(a) => Some(bind(a).await?),
         None => None,
     };
-    tracing::info!(%addr, %admin_addr, data_dir = %config.data_dir.display(), key_dir = %config.key_dir.display(),
-        epoch = vault.key_epoch(), durability = ?config.durability, "chatvault serving");
+    for n in &nodes {
+        tracing::info!(%addr, %admin_addr, region = %n.region, data_dir = %n.vault.data_dir().display(),
+            epoch = n.vault.key_epoch(), durability = ?config.durability, "chatvault serving");
+    }
     // Handlers go in before the ready line: a SIGHUP or SIGTERM sent the moment the server
     // says it is ready must find them, not the default action (terminate).
     let hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
@@ -131,19 +166,25 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_health = tonic_health::server::HealthReporter::new();
-    let workers = [
-        tokio::spawn(rotation_worker(
+    let failing = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let mut workers = Vec::new();
+    for (n, a) in nodes.iter().zip(&admin_regions) {
+        let (vault, audit) = (n.vault.clone(), n.audit.clone());
+        workers.push(tokio::spawn(rotation_worker(
             vault.clone(),
+            n.region.clone(),
             config.rotation_check_interval_secs,
             admin_health.clone(),
+            failing.clone(),
             stop_rx.clone(),
-        )),
-        tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())),
-        tokio::spawn(rotate_on_sighup(vault.clone(), hup, stop_rx.clone())),
-        tokio::spawn(ledger_worker(vault.clone(), audit.clone(), stop_rx.clone())),
-        tokio::spawn(retention_worker(purger, config.retention_interval_secs, stop_rx.clone())),
-        tokio::spawn(denials_worker(gate.clone(), admin.flusher(), stop_rx.clone())),
-    ];
+        )));
+        workers.push(tokio::spawn(reclaim_worker(vault.clone(), config.reclaim_interval_ms, stop_rx.clone())));
+        workers.push(tokio::spawn(ledger_worker(vault, audit, stop_rx.clone())));
+        workers.push(tokio::spawn(retention_worker(a.purger.clone(), config.retention_interval_secs, stop_rx.clone())));
+    }
+    let vaults: Vec<_> = nodes.iter().map(|n| n.vault.clone()).collect();
+    workers.push(tokio::spawn(rotate_on_sighup(vaults.clone(), hup, stop_rx.clone())));
+    workers.push(tokio::spawn(denials_worker(regions.clone(), admin.flusher(), stop_rx.clone())));
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|d| *d).await;
@@ -151,10 +192,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let admin_task =
         tokio::spawn(grpc::serve_admin(admin, admin_listener, admin_opts, admin_health, drained(drain_rx.clone())));
     if let Some((l, _)) = metrics_listener {
-        let refresh = observed(vault.clone(), audit.clone());
+        let refresh = observed(nodes.iter().map(|n| (n.vault.clone(), n.audit.clone())).collect());
         tokio::spawn(crate::metrics::serve(l, refresh, drained(drain_rx.clone())));
     }
-    let serve = grpc::serve(gate, listener, serve_opts, drained(drain_rx));
+    let serve = grpc::serve(regions, listener, serve_opts, drained(drain_rx));
     tokio::pin!(serve);
     let served = tokio::select! {
         r = &mut serve => r,
@@ -181,34 +222,54 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     for w in workers {
         let _ = w.await;
     }
-    vault.sync()?;
-    // The ledger hears that everything is durable, and where the trail ends.
-    vault.checkpoint_ledger(audit.durable_head())?;
+    for n in &nodes {
+        n.vault.sync()?;
+        // The ledger hears that everything is durable, and where the trail ends.
+        n.vault.checkpoint_ledger(n.audit.durable_head())?;
+    }
     served?;
     Ok(())
 }
 
-/// What a scrape reads fresh from the vault and the audit trail.
-fn observed(vault: Arc<crate::vault::Vault>, audit: Arc<crate::audit::AuditLog>) -> Arc<dyn Fn() + Send + Sync> {
+/// What a scrape reads fresh from every region's vault and audit trail (summed: the
+/// metrics name no tenant, and the erasure health names the failing region).
+fn observed(regions: Vec<(Arc<crate::vault::Vault>, Arc<crate::audit::AuditLog>)>) -> Arc<dyn Fn() + Send + Sync> {
     Arc::new(move || {
         let m = crate::metrics::get();
-        if let Ok(o) = vault.erasure_overview() {
-            m.erasures_pending.set(i64::try_from(o.pending_erasures).unwrap_or(i64::MAX));
-            let age = o.oldest_pending_at.map(|t| (vault.now().micros() - t.micros()) / 1_000_000).unwrap_or(0);
-            m.oldest_pending_erasure_seconds.set(age.max(0));
-            m.rotation_due.set(i64::from(o.rotation_due));
-            m.rotation_failures.set(i64::from(o.rotation.consecutive_failures));
-            m.key_store_epochs.set(i64::from(o.live_epochs));
+        let (mut pending, mut oldest, mut due, mut failures, mut epochs) = (0u64, 0i64, 0i64, 0i64, 0i64);
+        let (mut garbage, mut dead, mut index, mut values, mut ledger, mut trail) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        for (vault, audit) in &regions {
+            if let Ok(o) = vault.erasure_overview() {
+                pending += o.pending_erasures;
+                let age = o.oldest_pending_at.map(|t| (vault.now().micros() - t.micros()) / 1_000_000).unwrap_or(0);
+                oldest = oldest.max(age);
+                due += i64::from(o.rotation_due);
+                failures = failures.max(i64::from(o.rotation.consecutive_failures));
+                epochs = epochs.max(i64::from(o.live_epochs));
+            }
+            if let Ok(b) = vault.maintenance_backlog() {
+                garbage += b.garbage_records;
+                dead += b.dead_value_bytes;
+                index += b.index_bytes;
+                values += b.value_bytes;
+                ledger += b.ledger_bytes;
+            }
+            if let Ok(files) = audit.files_with_lengths() {
+                trail += files.iter().map(|(_, n)| n).sum::<u64>();
+            }
         }
-        if let Ok(b) = vault.maintenance_backlog() {
-            m.reclaim_backlog_records.set(i64::try_from(b.garbage_records).unwrap_or(i64::MAX));
-            m.value_log_dead_bytes.set(i64::try_from(b.dead_value_bytes).unwrap_or(i64::MAX));
-            m.disk(crate::metrics::Area::Index, b.index_bytes);
-            m.disk(crate::metrics::Area::Values, b.value_bytes);
-            m.disk(crate::metrics::Area::Ledger, b.ledger_bytes);
-        }
-        if let Ok(files) = audit.files_with_lengths() {
-            m.disk(crate::metrics::Area::Audit, files.iter().map(|(_, n)| n).sum());
-        }
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        m.erasures_pending.set(int(pending));
+        m.oldest_pending_erasure_seconds.set(oldest.max(0));
+        m.rotation_due.set(due);
+        m.rotation_failures.set(failures);
+        m.key_store_epochs.set(epochs);
+        m.reclaim_backlog_records.set(int(garbage));
+        m.value_log_dead_bytes.set(int(dead));
+        m.disk(crate::metrics::Area::Index, index);
+        m.disk(crate::metrics::Area::Values, values);
+        m.disk(crate::metrics::Area::Ledger, ledger);
+        m.disk(crate::metrics::Area::Audit, trail);
     })
 }

@@ -10,11 +10,13 @@ use crate::audit::{AnchorCheck, AuditLog};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::OpenReport;
+use crate::region::RegionSpec;
 use crate::tenancy::Registry;
 use crate::vault::{Vault, VaultError};
 
 /// Everything a node serves from, opened and reconciled.
 pub struct Node {
+    pub region: String,
     pub vault: Arc<Vault>,
     pub registry: Arc<Registry>,
     pub audit: Arc<AuditLog>,
@@ -25,8 +27,8 @@ pub struct Node {
 impl Node {
     /// Opens the vault (refusing a rolled-back data directory unless `replay_erasures`),
     /// then the registry and the audit trail on top of it.
-    pub async fn open(config: &Config) -> Result<Node, ServerError> {
-        let opts = config.vault_options()?;
+    pub async fn open(config: &Config, spec: &RegionSpec) -> Result<Node, ServerError> {
+        let opts = config.vault_options(spec)?;
         let clock = crate::clock::server_clock();
         let vault_clock = clock.clone();
         let (vault, report) = tokio::task::spawn_blocking(move || Vault::open_with_clock(opts, vault_clock))
@@ -39,9 +41,10 @@ impl Node {
             vault.clone(),
             vault.control_key(b"chatvault/control/tenant-registry/v1"),
             vault.algorithm(),
+            vault.binding().clone(),
         )?);
         let audit = Arc::new(AuditLog::open_sized(
-            &audit_dir(&config.data_dir),
+            &audit_dir(&spec.data_dir),
             store.as_ref(),
             vault.control_key(b"chatvault/control/audit-chain/v1"),
             clock.clone(),
@@ -51,7 +54,7 @@ impl Node {
         check_audit_anchor(&vault, &audit, config.replay_erasures)?;
         vault.attach_durable(audit.clone());
         vault.attach_holds(registry.clone());
-        Ok(Node { vault, registry, audit, clock, report })
+        Ok(Node { region: spec.name.clone(), vault, registry, audit, clock, report })
     }
 }
 

@@ -10,18 +10,20 @@ use super::{Node, ServerError};
 use crate::config::Config;
 use crate::vault::BackupManifest;
 
-/// Restores the backup in `from` as `config.data_dir` (which must not exist, or be
-/// empty), for the key directory `config.key_dir`. Returns the manifest it restored.
+/// Restores the backup in `from` as the data directory of the one region the
+/// configuration names (which must not exist, or be empty), for that region's key
+/// directory. Returns the manifest it restored.
 pub async fn restore(mut config: Config, from: &Path) -> Result<BackupManifest, ServerError> {
     let refuse = |why: String| Err(ServerError::Refused(why));
     let manifest = BackupManifest::read(from)?;
-    if !config.key_dir.join("keydir.meta").exists() {
+    let mut spec = one_region(&config, "restore")?;
+    if !spec.key_dir.join("keydir.meta").exists() {
         return refuse(format!(
             "{} is not a key directory: a backup is restored next to the key directory it was taken with",
-            config.key_dir.display()
+            spec.key_dir.display()
         ));
     }
-    let target = config.data_dir.clone();
+    let target = spec.data_dir.clone();
     if target.exists() && fs::read_dir(&target).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return refuse(format!("the data directory {} exists and is not empty; move it aside first", target.display()));
     }
@@ -31,9 +33,9 @@ pub async fn restore(mut config: Config, from: &Path) -> Result<BackupManifest, 
     }
     let io = |e: std::io::Error| ServerError::Refused(format!("copying the backup: {e}"));
     copy_tree(&from.join("data"), &staging).map_err(io)?;
-    config.data_dir = staging.clone();
+    spec.data_dir = staging.clone();
     config.replay_erasures = true;
-    let opened = Node::open(&config).await;
+    let opened = Node::open(&config, &spec).await;
     let node = match opened {
         Ok(node) => node,
         Err(e) => {
@@ -53,6 +55,20 @@ pub async fn restore(mut config: Config, from: &Path) -> Result<BackupManifest, 
     }
     tracing::info!(from = %from.display(), data_dir = %target.display(), "backup restored");
     Ok(manifest)
+}
+
+/// The one region an offline command acts on: the configuration must name it when the
+/// node hosts several.
+pub fn one_region(config: &Config, what: &str) -> Result<crate::region::RegionSpec, ServerError> {
+    let mut specs = config.region_specs()?;
+    if specs.len() != 1 {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        return Err(ServerError::Refused(format!(
+            "{what} acts on one region; this configuration hosts {}: name one with --region",
+            names.join(", ")
+        )));
+    }
+    Ok(specs.remove(0))
 }
 
 /// Copies the directory tree `from` to `to` (created 0700; files 0600, synced).

@@ -62,16 +62,32 @@ async fn rotate(vault: &Arc<Vault>) -> bool {
 /// 5 min) until it succeeds. The admin listener's erasure health says which it is.
 pub(super) async fn rotation_worker(
     vault: Arc<Vault>,
+    region: String,
     every_secs: u64,
     health: tonic_health::server::HealthReporter,
+    failing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let every = Duration::from_secs(every_secs.max(1));
     let mut since_check = Duration::ZERO;
+    let regional = format!("{}.{region}", grpc::ERASURE_HEALTH);
     loop {
         let failures = vault.rotation_health().consecutive_failures;
-        let status = if failures == 0 { ServingStatus::Serving } else { ServingStatus::NotServing };
-        health.set_service_status(grpc::ERASURE_HEALTH, status).await;
+        let status = |ok: bool| if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+        // Per region, and in all: NOT_SERVING while any hosted region's rotation fails.
+        let all_ok = match failing.lock() {
+            Ok(mut set) => {
+                if failures == 0 {
+                    set.remove(&region);
+                } else {
+                    set.insert(region.clone());
+                }
+                set.is_empty()
+            }
+            Err(_) => false,
+        };
+        health.set_service_status(&regional, status(failures == 0)).await;
+        health.set_service_status(grpc::ERASURE_HEALTH, status(all_ok)).await;
         // A failing rotation is retried on its own schedule, even with scheduled checks off.
         let wait = if failures > 0 {
             Vault::rotation_retry_delay(failures)
@@ -101,14 +117,16 @@ pub(super) async fn rotation_worker(
 
 /// `kill -HUP` rotates the key-store key now: erasure made final on demand.
 pub(super) async fn rotate_on_sighup(
-    vault: Arc<Vault>,
+    vaults: Vec<Arc<Vault>>,
     mut hup: tokio::signal::unix::Signal,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                rotate(&vault).await;
+                for vault in &vaults {
+                    rotate(vault).await;
+                }
             }
             _ = stop.changed() => return,
         }
@@ -146,7 +164,7 @@ pub(super) async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: w
 /// Writes the aggregates of refused calls (data and admin listeners) as their windows
 /// close, and whatever is left at shutdown.
 pub(super) async fn denials_worker(
-    gate: Arc<crate::grpc::Gate>,
+    gate: Arc<crate::grpc::Regions>,
     admin: Arc<dyn Fn(bool) + Send + Sync>,
     mut stop: watch::Receiver<bool>,
 ) {

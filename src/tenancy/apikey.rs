@@ -1,5 +1,8 @@
-//! API keys: `cvk_<key id>_<secret>`. The key id is public (it names the key in lists and
-//! the audit trail); the 256-bit secret is shown once and stored only as an argon2id hash.
+//! API keys: `cvk_<region>_<key id>_<secret>`. The region and key id are public (the
+//! region routes the call to its shard, the id names the key in lists and the audit
+//! trail); the 256-bit secret is shown once and stored only as an argon2id hash. Keys
+//! issued before regions (`cvk_<key id>_<secret>`) still verify in the region their
+//! tenant's data directory became.
 
 use std::fmt;
 
@@ -52,12 +55,23 @@ impl fmt::Debug for ApiKey {
 
 /// Why a presented key is not even worth checking.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("malformed API key: expected cvk_<16 hex key id>_<64 hex secret>")]
+#[error("malformed API key: expected cvk_<region>_<16 hex key id>_<64 hex secret>")]
 pub struct Malformed;
+
+/// The region a presented key names, if it has the shape of a key that names one: what
+/// the router and a node route by before anything is verified.
+pub fn region_of(token: &str) -> Option<&str> {
+    let mut parts = token.strip_prefix(PREFIX)?.split('_');
+    let (region, _id, _secret) = (parts.next()?, parts.next()?, parts.next()?);
+    parts.next().is_none().then_some(region)
+}
 
 /// Splits a presented key into its id and secret, checking only the shape.
 pub fn parse(token: &str) -> Result<(KeyId, &str), Malformed> {
-    let rest = token.strip_prefix(PREFIX).ok_or(Malformed)?;
+    let mut rest = token.strip_prefix(PREFIX).ok_or(Malformed)?;
+    if let Some(region) = region_of(token) {
+        rest = &rest[region.len() + 1..];
+    }
     let (id, secret) = rest.split_once('_').ok_or(Malformed)?;
     let id = KeyId::parse(id).ok_or(Malformed)?;
     if secret.len() != SECRET_HEX || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -83,7 +97,7 @@ impl Default for KeyHashParams {
 }
 
 /// A fresh key: its id, the whole key for the client, and the hash to store.
-pub fn generate(params: KeyHashParams) -> Result<(KeyId, ApiKey, String), CryptoError> {
+pub fn generate(params: KeyHashParams, region: &str) -> Result<(KeyId, ApiKey, String), CryptoError> {
     let id = KeyId(hex::encode(random_bytes::<8>()?));
     let secret = Zeroizing::new(hex::encode(random_bytes::<32>()?));
     let salt_bytes: [u8; 16] = random_bytes()?;
@@ -94,7 +108,7 @@ pub fn generate(params: KeyHashParams) -> Result<(KeyId, ApiKey, String), Crypto
         .hash_password(secret.as_bytes(), &salt)
         .map_err(|_| CryptoError::Malformed("argon2 input"))?
         .to_string();
-    let key = ApiKey(Zeroizing::new(format!("{PREFIX}{id}_{}", secret.as_str())));
+    let key = ApiKey(Zeroizing::new(format!("{PREFIX}{region}_{id}_{}", secret.as_str())));
     Ok((id, key, hash))
 }
 
@@ -130,7 +144,9 @@ mod tests {
 
     #[test]
     fn a_generated_key_verifies_and_a_changed_secret_does_not() {
-        let (id, key, hash) = generate(cheap()).unwrap();
+        let (id, key, hash) = generate(cheap(), "eu").unwrap();
+        assert!(key.expose().starts_with(&format!("cvk_eu_{id}_")));
+        assert_eq!(region_of(key.expose()), Some("eu"));
         let (parsed_id, secret) = parse(key.expose()).unwrap();
         assert_eq!(parsed_id, id);
         assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{hash}");
@@ -149,6 +165,10 @@ mod tests {
     fn malformed_keys_are_told_apart_from_wrong_ones() {
         let good = format!("cvk_{}_{}", "0123456789abcdef", "a".repeat(64));
         assert!(parse(&good).is_ok());
+        assert_eq!(region_of(&good), None, "a key from before regions names none");
+        let regional = format!("cvk_us_{}_{}", "0123456789abcdef", "a".repeat(64));
+        assert_eq!(parse(&regional).map(|(id, _)| id), parse(&good).map(|(id, _)| id));
+        assert_eq!(region_of(&format!("{regional}_x")), None);
         for bad in [
             "",
             "Bearer x",

@@ -160,7 +160,7 @@ impl Authenticator {
         }
         let trusted = super::cidr::parse_list(&cfg.trusted_proxies)
             .map_err(|e| super::TenancyError::invalid("auth.trusted_proxies", e.to_string()))?;
-        let (_, _, decoy_hash) = apikey::generate(cfg.key_hash)?;
+        let (_, _, decoy_hash) = apikey::generate(cfg.key_hash, "decoy")?;
         Ok(Authenticator {
             registry,
             trusted,

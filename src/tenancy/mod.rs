@@ -10,7 +10,7 @@ mod operator;
 mod registry;
 mod source;
 
-pub use apikey::{ApiKey, KeyHashParams, KeyId};
+pub use apikey::{ApiKey, KeyHashParams, KeyId, region_of as region_of_key};
 pub use auth::{AuthConfig, AuthError, Authenticator, Denied, Principal};
 pub use cidr::{Cidr, CidrError, canonical as canonical_ip, parse_list};
 pub use lockout::{Culprit, Lockout, LockoutConfig, Refusal, source_of};

@@ -10,7 +10,7 @@ use super::cidr::Cidr;
 use super::model::{
     ApiKeyInfo, ApiKeyRecord, Hold, RetentionPolicy, Tenant, TenantRecord, TenantRecordV1, TenantStatus,
 };
-use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
+use crate::crypto::{self, Aad, Algorithm, Binding, RecordKind, SecretKey};
 use crate::store::{KvStore, space};
 use crate::vault::{Blind, HoldCheck, HoldScope};
 use crate::vault::{TenantId, Timestamp};
@@ -60,6 +60,8 @@ pub struct Registry {
     store: Arc<dyn KvStore>,
     sink: Arc<dyn RecordSink>,
     seal_key: SecretKey,
+    /// The region's sealing; its name also leads the API keys issued here.
+    binding: Binding,
     alg: Algorithm,
     state: RwLock<State>,
     /// Serialises read-modify-write of records so two admin calls never lose one's change.
@@ -99,8 +101,17 @@ impl Registry {
         sink: Arc<dyn RecordSink>,
         seal_key: SecretKey,
         alg: Algorithm,
+        binding: Binding,
     ) -> Result<Self, TenancyError> {
-        let reg = Registry { store, sink, seal_key, alg, state: RwLock::new(State::default()), write: Mutex::new(()) };
+        let reg = Registry {
+            store,
+            sink,
+            seal_key,
+            binding,
+            alg,
+            state: RwLock::new(State::default()),
+            write: Mutex::new(()),
+        };
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = reg.store.scan(&[space::TENANCY], after.as_deref(), 256)?;
@@ -116,7 +127,7 @@ impl Registry {
     }
 
     fn unseal(&self, name: &str, bytes: &[u8]) -> Result<Tenant, TenancyError> {
-        let plain = crypto::open(&self.seal_key, aad(name).as_slice(), bytes).map_err(|_| TenancyError::Corrupt)?;
+        let plain = self.binding.open(&self.seal_key, &aad(name), bytes).map_err(|_| TenancyError::Corrupt)?;
         let rec: TenantRecord = match plain.split_first() {
             Some((&RECORD_V2, body)) => postcard::from_bytes(body).map_err(|_| TenancyError::Corrupt)?,
             Some((&RECORD_V1, body)) => {
@@ -143,7 +154,7 @@ impl Registry {
         let mut plain = vec![RECORD_V2];
         postcard::to_io(&TenantRecord::from(t), &mut plain).map_err(|_| TenancyError::Corrupt)?;
         let id = t.id.as_str();
-        let sealed = crypto::seal(self.alg, &self.seal_key, aad(id).as_slice(), &plain)?;
+        let sealed = self.binding.seal(self.alg, &self.seal_key, &aad(id), &plain)?;
         // Control-plane changes are rare and must not be lost: an issued key or a
         // revocation is durable (and anchored) before the operator hears "ok".
         self.sink.put_anchored(slot(id), sealed)
@@ -253,7 +264,7 @@ impl Registry {
         now: Timestamp,
     ) -> Result<(ApiKeyInfo, ApiKey), TenancyError> {
         self.get(id)?;
-        let (key_id, key, hash) = apikey::generate(params)?;
+        let (key_id, key, hash) = apikey::generate(params, self.binding.region())?;
         let (_, info) = self.update(id, |t| {
             if t.keys.iter().filter(|k| k.is_live()).count() >= MAX_LIVE_KEYS {
                 return Err(TenancyError::TooManyKeys(MAX_LIVE_KEYS));

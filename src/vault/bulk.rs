@@ -158,7 +158,13 @@ impl Vault {
         if visit(Visit::Begin(&t)).is_break() {
             return Ok(ControlFlow::Break(()));
         }
-        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let place = Place {
+            binding: self.keys.binding(),
+            tenant: tenant.as_str(),
+            subject: &h.subject,
+            transcript: tb,
+            incarnation: h.incarnation,
+        };
         let mut flow = ControlFlow::Continue(());
         let count = self
             .read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {

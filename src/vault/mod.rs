@@ -58,6 +58,8 @@ use seal::{crypto_err, seal_err};
 /// Everything needed to open a vault.
 #[derive(Debug, Clone)]
 pub struct VaultOptions {
+    /// The region this vault is the shard of: named in the AAD of everything it seals.
+    pub region: String,
     pub data_dir: PathBuf,
     pub key_dir: PathBuf,
     pub root_key: RootKeySource,
@@ -86,6 +88,7 @@ pub struct VaultOptions {
 impl VaultOptions {
     pub fn new(data_dir: PathBuf, key_dir: PathBuf, root_key: RootKeySource) -> Self {
         VaultOptions {
+            region: "eu".into(),
             data_dir,
             key_dir,
             root_key,
@@ -192,7 +195,7 @@ impl Vault {
         store: impl FnOnce(Arc<dyn KvStore>) -> Arc<dyn KvStore>,
     ) -> Result<(Self, OpenReport), VaultError> {
         layout_check::refuse_overlap(&opts.data_dir, &opts.key_dir)?;
-        let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key)?;
+        let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key, &opts.region)?;
         let receipts = keydir.receipt_signer()?;
         let keydir = keys(Arc::new(keydir));
         let store = store(Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?));
@@ -304,6 +307,15 @@ impl Vault {
     /// The vault's clock: what writes stamp as "now".
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// The region this vault is the shard of, and how its envelopes name it.
+    pub fn binding(&self) -> &crypto::Binding {
+        self.keys.binding()
     }
 
     /// The AEAD new records are sealed with.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::layout::Blind;
 use super::model::{ErasureState, ErasureStatus, ShredReceipt, SignedReceipt, TenantId, Timestamp};
 use super::{Vault, VaultError};
-use crate::crypto::{self, Aad, Algorithm, RecordKind};
+use crate::crypto::{Aad, Algorithm, RecordKind};
 use crate::keys::{ErasureKind, SignatureCheck, verify_signature};
 
 /// The format name every receipt payload carries.
@@ -94,7 +94,10 @@ impl Vault {
         plain.extend_from_slice(&r.counter.to_be_bytes());
         plain.extend_from_slice(&r.at.micros().to_be_bytes());
         let key = self.keys.control_key(ERASURE_ID_KEY);
-        let sealed = crypto::seal(Algorithm::Aes256Gcm, &key, Self::erasure_id_aad(tenant).as_slice(), &plain)
+        let sealed = self
+            .keys
+            .binding()
+            .seal(Algorithm::Aes256Gcm, &key, &Self::erasure_id_aad(tenant), &plain)
             .map_err(super::seal::seal_err)?;
         Ok(URL_SAFE_NO_PAD.encode(sealed))
     }
@@ -103,7 +106,7 @@ impl Vault {
         let bad = || VaultError::invalid("erasure_id", "is not an erasure id this server issued to this tenant");
         let sealed = URL_SAFE_NO_PAD.decode(id.trim()).map_err(|_| bad())?;
         let key = self.keys.control_key(ERASURE_ID_KEY);
-        let plain = crypto::open(&key, Self::erasure_id_aad(tenant).as_slice(), &sealed).map_err(|_| bad())?;
+        let plain = self.keys.binding().open(&key, &Self::erasure_id_aad(tenant), &sealed).map_err(|_| bad())?;
         let field = |i: usize| plain.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).ok_or_else(bad);
         let at = Timestamp::from_micros(i64::from_be_bytes(field(2)?)).ok_or_else(bad)?;
         Ok(ErasureRef { epoch: u64::from_be_bytes(field(0)?), counter: u64::from_be_bytes(field(1)?), at })

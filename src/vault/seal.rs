@@ -8,10 +8,12 @@ use super::VaultError;
 use super::layout::Blind;
 use super::model::{AuthorRole, Message, MessageRef, Timestamp, Transcript};
 use super::records::{self, Body, BodyRef, StoredMessageRef};
-use crate::crypto::{self, Aad, Algorithm, CryptoError, RecordKind, SecretKey};
+use crate::crypto::{Aad, Algorithm, Binding, CryptoError, RecordKind, SecretKey};
 
 /// Where a transcript's records belong.
 pub struct Place<'a> {
+    /// The region's sealing: its name is in every AAD.
+    pub binding: &'a Binding,
     pub tenant: &'a str,
     pub subject: &'a Blind,
     pub transcript: &'a Blind,
@@ -31,7 +33,7 @@ impl Place<'_> {
         tk: &SecretKey,
     ) -> Result<Vec<u8>, VaultError> {
         let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
-        crypto::seal(alg, dek, aad.as_slice(), tk.expose()).map_err(seal_err)
+        self.binding.seal(alg, dek, &aad, tk.expose()).map_err(seal_err)
     }
 
     pub fn unwrap_transcript_key(
@@ -41,7 +43,7 @@ impl Place<'_> {
         wrapped: &[u8],
     ) -> Result<SecretKey, VaultError> {
         let aad = self.aad(RecordKind::TranscriptKey).u64(u64::from(generation));
-        let raw = crypto::open(dek, aad.as_slice(), wrapped).map_err(crypto_err("transcript key"))?;
+        let raw = self.binding.open(dek, &aad, wrapped).map_err(crypto_err("transcript key"))?;
         SecretKey::from_slice(&raw).map_err(crypto_err("transcript key"))
     }
 
@@ -57,13 +59,13 @@ impl Place<'_> {
             + body.channel.len()
             + body.metadata.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>();
         let plain = records::encode_secret(&body, hint)?;
-        crypto::seal(alg, tk, self.aad(RecordKind::TranscriptBody).as_slice(), &plain).map_err(seal_err)
+        self.binding.seal(alg, tk, &self.aad(RecordKind::TranscriptBody), &plain).map_err(seal_err)
     }
 
     /// Opens a body into a transcript without messages.
     pub fn open_body(&self, tk: &SecretKey, sealed: &[u8]) -> Result<Transcript, VaultError> {
-        let plain = crypto::open(tk, self.aad(RecordKind::TranscriptBody).as_slice(), sealed)
-            .map_err(crypto_err("transcript"))?;
+        let plain =
+            self.binding.open(tk, &self.aad(RecordKind::TranscriptBody), sealed).map_err(crypto_err("transcript"))?;
         let body: Body = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("transcript"))?;
         Ok(Transcript {
             transcript_id: body.transcript_id,
@@ -95,7 +97,7 @@ impl Place<'_> {
         let hint = stored.message_id.len() + stored.author_name.len() + stored.text.len() + 16;
         let plain = records::encode_secret(&stored, hint)?;
         let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        crypto::seal(alg, tk, aad.as_slice(), &plain).map_err(seal_err)
+        self.binding.seal(alg, tk, &aad, &plain).map_err(seal_err)
     }
 
     pub fn open_message(&self, tk: &SecretKey, seq: u32, sealed: &[u8]) -> Result<Message, VaultError> {
@@ -118,7 +120,7 @@ impl Place<'_> {
         f: impl FnOnce(MessageRef<'_>) -> R,
     ) -> Result<R, VaultError> {
         let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        let plain = crypto::open(tk, aad.as_slice(), sealed).map_err(crypto_err("message"))?;
+        let plain = self.binding.open(tk, &aad, sealed).map_err(crypto_err("message"))?;
         let s: StoredMessageRef<'_> = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("message"))?;
         Ok(f(MessageRef {
             message_id: s.message_id,

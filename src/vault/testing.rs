@@ -87,6 +87,9 @@ impl KeyStore for FaultyKeys {
     fn control_key(&self, purpose: &[u8]) -> SecretKey {
         self.inner.control_key(purpose)
     }
+    fn binding(&self) -> &crate::crypto::Binding {
+        self.inner.binding()
+    }
 }
 
 /// Opens the vault under `dir` with its key store behind a [`FaultyKeys`].

@@ -186,7 +186,13 @@ impl Vault {
                 if h.subject != *sb || h.generation != subj.generation {
                     continue;
                 }
-                let place = Place { tenant: tenant.as_str(), subject: sb, transcript: &tb, incarnation: h.incarnation };
+                let place = Place {
+                    binding: self.keys.binding(),
+                    tenant: tenant.as_str(),
+                    subject: sb,
+                    transcript: &tb,
+                    incarnation: h.incarnation,
+                };
                 let mut body = Arc::unwrap_or_clone(self.body_record(tenant, &tb, &h)?);
                 let tk = place.unwrap_transcript_key(&old, h.generation, &body.wrapped_key)?;
                 let inner = place.wrap_transcript_key(self.alg, &fresh, h.generation, &tk)?;

@@ -84,7 +84,13 @@ impl Vault {
                     subj.transcript_count += 1;
                 }
                 let place_inc = u64::from_be_bytes(random_bytes().map_err(seal_err)?);
-                let place = Place { tenant: tenant.as_str(), subject: &sb, transcript: &tb, incarnation: place_inc };
+                let place = Place {
+                    binding: self.keys.binding(),
+                    tenant: tenant.as_str(),
+                    subject: &sb,
+                    transcript: &tb,
+                    incarnation: place_inc,
+                };
                 let tk = SecretKey::generate().map_err(seal_err)?;
                 let inner = place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?;
                 self.put_transcript_key(&mut batch, tenant.as_str(), &tb, place_inc, subj.generation, &inner)?;
@@ -197,8 +203,13 @@ impl Vault {
                 )));
             }
             let (tk, _) = self.transcript_key(tenant, tb, &h)?;
-            let place =
-                Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+            let place = Place {
+                binding: self.keys.binding(),
+                tenant: tenant.as_str(),
+                subject: &h.subject,
+                transcript: tb,
+                incarnation: h.incarnation,
+            };
             let sealed = messages
                 .iter()
                 .enumerate()
@@ -357,7 +368,13 @@ impl Vault {
         reserve: &mut dyn FnMut(usize) -> Result<(), String>,
     ) -> Result<Transcript, VaultError> {
         let (mut t, tk) = self.summary(tenant, tb, h)?;
-        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let place = Place {
+            binding: self.keys.binding(),
+            tenant: tenant.as_str(),
+            subject: &h.subject,
+            transcript: tb,
+            incarnation: h.incarnation,
+        };
         let mut bytes = 0usize;
         let limit = self.limits.max_response_bytes;
         self.read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
@@ -600,7 +617,13 @@ impl Vault {
     ) -> Result<(Box<SecretKey>, Arc<BodyRecord>), VaultError> {
         let dek = self.subject_key(tenant, &h.subject, h.generation)?;
         let body = self.body_record(tenant, tb, h)?;
-        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let place = Place {
+            binding: self.keys.binding(),
+            tenant: tenant.as_str(),
+            subject: &h.subject,
+            transcript: tb,
+            incarnation: h.incarnation,
+        };
         Ok((Box::new(place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?), body))
     }
 
@@ -613,7 +636,13 @@ impl Vault {
         h: &Header,
     ) -> Result<(Transcript, Box<SecretKey>), VaultError> {
         let (tk, body) = self.transcript_key(tenant, tb, h)?;
-        let place = Place { tenant: tenant.as_str(), subject: &h.subject, transcript: tb, incarnation: h.incarnation };
+        let place = Place {
+            binding: self.keys.binding(),
+            tenant: tenant.as_str(),
+            subject: &h.subject,
+            transcript: tb,
+            incarnation: h.incarnation,
+        };
         let mut t = place.open_body(&tk, &body.body)?;
         t.started_at = Some(Timestamp::from_micros(h.started_at).ok_or(VaultError::Corrupt("transcript header"))?);
         t.ended_at = h.ended_at.and_then(Timestamp::from_micros);

@@ -25,7 +25,10 @@ fn an_operator_creates_a_tenant_and_its_backend_stores_reads_and_shreds() {
     let dirs = Dirs::new();
     let server = Server::start(&dirs);
     let op = [("CHATVAULT_ADMIN_SERVER", server.admin_url.as_str()), ("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)];
-    let (ok, out, err) = run(&op, &["admin", "tenant", "create", "demo", "--name", "Demo Ltd", "--allow", "127.0.0.1"]);
+    let (ok, out, err) = run(
+        &op,
+        &["admin", "tenant", "create", "--region", "eu", "demo", "--name", "Demo Ltd", "--allow", "127.0.0.1"],
+    );
     assert!(ok && out.contains("127.0.0.1/32"), "{out}{err}");
     let (ok, out, err) = run(&op, &["admin", "key", "issue", "demo"]);
     assert!(ok, "{err}");
@@ -138,7 +141,7 @@ fn an_operator_sets_retention_and_holds_and_reads_what_retention_did_from_the_sh
     let dirs = Dirs::new();
     let server = Server::start(&dirs);
     let op = [("CHATVAULT_ADMIN_SERVER", server.admin_url.as_str()), ("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)];
-    let (ok, _, err) = run(&op, &["admin", "tenant", "create", "demo", "--allow", "127.0.0.1"]);
+    let (ok, _, err) = run(&op, &["admin", "tenant", "create", "--region", "eu", "demo", "--allow", "127.0.0.1"]);
     assert!(ok, "{err}");
     let (ok, out, err) = run(&op, &["admin", "retention", "demo", "--max-age-secs", "86400", "--purge-on-close"]);
     assert!(ok && json(&out)["retention"]["max_age_secs"] == 86400, "{out}{err}");

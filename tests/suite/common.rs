@@ -119,6 +119,7 @@ impl Server {
         let mut child = cmd
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .env("CHATVAULT_REGION", "eu")
             .arg("--data-dir")
             .arg(dirs.data())
             .arg("--key-dir")
@@ -191,6 +192,7 @@ impl Server {
         }
         let mut admin = self.admin().await;
         let req = pb::CreateTenantRequest {
+            region: "eu".into(),
             tenant_id: tenant.into(),
             allowlist: vec!["127.0.0.0/8".into(), "::1".into()],
             ..Default::default()

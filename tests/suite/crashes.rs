@@ -67,7 +67,7 @@ async fn a_crash_at_any_step_of_a_rotation_is_finished_at_the_next_start() {
         let status =
             s.get_erasure(pb::GetErasureRequest { erasure_id: erasure_id.clone() }).await.unwrap().into_inner();
         assert_eq!(status.state(), pb::ErasureState::Final, "{point}: {status:?}");
-        let report = server.admin().await.get_erasure_status(pb::GetErasureStatusRequest {}).await.unwrap();
+        let report = server.admin().await.get_erasure_status(pb::GetErasureStatusRequest::default()).await.unwrap();
         assert_eq!(report.into_inner().pending_erasures, 0, "{point}");
         server.stop().await;
     }
@@ -92,7 +92,7 @@ async fn a_crash_between_recording_an_erasure_and_applying_it_is_finished_at_the
         // No operator choice needed: a crash is not a rollback.
         let server = Server::start(&dirs);
         everything_is_there(&server).await;
-        let report = server.admin().await.get_erasure_status(pb::GetErasureStatusRequest {}).await.unwrap();
+        let report = server.admin().await.get_erasure_status(pb::GetErasureStatusRequest::default()).await.unwrap();
         assert_eq!(report.into_inner().pending_erasures, 1, "{point}: the erasure is recorded, not yet final");
         server.stop().await;
     }

@@ -88,6 +88,6 @@ async fn every_acknowledged_write_and_its_audit_record_survive_sigkill_under_loa
     let appends: u32 = acked.values().map(|n| n - 1).sum();
     assert!(recorded.get("transcript.put").copied().unwrap_or(0) >= puts, "{recorded:?} vs {puts} puts");
     assert!(recorded.get("transcript.append").copied().unwrap_or(0) >= appends, "{recorded:?} vs {appends} appends");
-    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(v.intact, "{v:?}");
 }

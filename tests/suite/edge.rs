@@ -46,7 +46,7 @@ fn wrong_secret(key_id: &str) -> String {
 }
 
 fn key_id(api_key: &str) -> &str {
-    api_key.split('_').nth(1).expect("cvk_<id>_<secret>")
+    api_key.split('_').nth(2).expect("cvk_<id>_<secret>")
 }
 
 async fn audit_all(admin: &mut AdminClient, ops: &[&str]) -> Vec<pb::AuditRecord> {
@@ -268,7 +268,7 @@ async fn floods_of_refused_calls_grow_the_audit_trail_by_a_bounded_number_of_rec
             admin_ch.clone(),
             chatvault::grpc::Bearer::new("not-the-operator-token-0123456789abcdef").unwrap(),
         );
-        codes.push(wrong.list_tenants(pb::ListTenantsRequest {}).await.unwrap_err().code());
+        codes.push(wrong.list_tenants(pb::ListTenantsRequest::default()).await.unwrap_err().code());
     }
     // The admin listener locks a guessing address out too, but never the right token.
     assert_eq!(codes[0], Code::Unauthenticated);
@@ -277,7 +277,7 @@ async fn floods_of_refused_calls_grow_the_audit_trail_by_a_bounded_number_of_rec
         admin_ch.clone(),
         chatvault::grpc::Bearer::new(OPERATOR_TOKEN).unwrap(),
     );
-    right.list_tenants(pb::ListTenantsRequest {}).await.expect("the operator, from the locked address");
+    right.list_tenants(pb::ListTenantsRequest::default()).await.expect("the operator, from the locked address");
     // The operator, from elsewhere, is not.
     let mut admin = server.admin().await;
     let ops = ["auth.failed", "admin.denied", "auth.lockout"];
@@ -600,6 +600,7 @@ fn a_plaintext_listener_on_a_non_loopback_address_refuses_to_start_unless_allowe
         std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
             .arg("serve")
             .args(["--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .env("CHATVAULT_REGION", "eu")
             .arg("--data-dir")
             .arg(dirs.data())
             .arg("--key-dir")

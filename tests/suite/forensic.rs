@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use chatvault::crypto::{self, Aad, RecordKind, SecretKey};
+use chatvault::crypto::{self, Aad, Binding, RecordKind, SecretKey};
 use serde::Deserialize;
 
 use super::common::{ROOT_KEY_HEX, files_below};
@@ -40,11 +40,16 @@ pub fn key_store_keys(key_dir: &Path) -> Vec<SecretKey> {
         }
         let file: KskFile = postcard::from_bytes(&std::fs::read(&f).unwrap()).unwrap();
         let aad = Aad::new(RecordKind::KeyStoreKey).bytes(&meta.store_id).u64(file.epoch);
-        let raw = crypto::open(&wrap, aad.as_slice(), &file.sealed).expect("ksk opens under the root key");
+        let raw = region().open(&wrap, &aad, &file.sealed).expect("ksk opens under the root key");
         out.push(SecretKey::from_slice(&raw).unwrap());
     }
     assert!(!out.is_empty());
     out
+}
+
+/// How the tests' servers (region `eu`) seal; it also reads envelopes from before regions.
+pub fn region() -> Binding {
+    Binding::new("eu", true)
 }
 
 /// Length of an AEAD envelope (version, algorithm, nonce, tag) around `plain` bytes.
@@ -70,12 +75,15 @@ pub fn plaintexts_opening(
         for w in bytes.windows(len) {
             let epoch = if epoch_prefix { u64::from_be_bytes(w[..8].try_into().unwrap()) } else { 0 };
             let env = &w[skip..];
-            if (epoch_prefix && !(1..=64).contains(&epoch)) || env[0] != 1 || !(env[1] == 1 || env[1] == 2) {
+            if (epoch_prefix && !(1..=64).contains(&epoch))
+                || !(env[0] == 1 || env[0] == 2)
+                || !(env[1] == 1 || env[1] == 2)
+            {
                 continue;
             }
             let aad = aad(epoch);
             for k in keys {
-                if let Ok(p) = crypto::open(k, aad.as_slice(), env) {
+                if let Ok(p) = region().open(k, &aad, env) {
                     found.push(p.to_vec());
                 }
             }

@@ -64,7 +64,7 @@ async fn set_policy(server: &Server, tenant: &str, r: pb::Retention) {
 }
 
 async fn run(server: &Server) -> pb::RunRetentionResponse {
-    server.admin().await.run_retention(pb::RunRetentionRequest {}).await.expect("run retention").into_inner()
+    server.admin().await.run_retention(pb::RunRetentionRequest::default()).await.expect("run retention").into_inner()
 }
 
 async fn status(server: &Server, tenant: &str) -> pb::RetentionStatus {
@@ -189,7 +189,7 @@ async fn a_crash_in_the_middle_of_a_purge_leaves_nothing_expired_behind_and_noth
         let (started, ended) = if i % 10 == 0 { (n - 3600, n - 60) } else { (n - 9 * DAY, n - 8 * DAY) };
         put(&mut c, closed(&format!("t{i}"), &format!("s{}", i % 37), started, ended)).await;
     }
-    let cut = server.admin().await.run_retention(pb::RunRetentionRequest {}).await;
+    let cut = server.admin().await.run_retention(pb::RunRetentionRequest::default()).await;
     assert!(cut.is_err(), "the server stopped in the middle of the run");
     let mut server = server;
     assert!(server.exited(Duration::from_secs(10)).await, "the crash point was reached");
@@ -368,7 +368,7 @@ async fn the_audit_trail_keeps_its_retention_by_whole_segments_and_still_verifie
         put(&mut c, transcript(&format!("t{i}"), "alice", 1_700_000_000, &["x"])).await;
     }
     let mut admin = server.admin().await;
-    let before = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let before = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(before.intact && before.pruned_records == 0, "{before:?}");
     let segments = || {
         let mut v: Vec<_> = std::fs::read_dir(dirs.data().join("audit"))
@@ -389,7 +389,7 @@ async fn the_audit_trail_keeps_its_retention_by_whole_segments_and_still_verifie
         put(&mut c, transcript(&format!("fresh{i}"), "bob", 1_700_000_000, &["x"])).await;
     }
     run(&server).await;
-    let after = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let after = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(after.intact, "{after:?}");
     assert!(after.pruned_records > 100 && after.first_sequence > 100, "{after:?}");
     assert_eq!(after.head_sequence, after.first_sequence + after.records_checked - 1);
@@ -407,12 +407,12 @@ async fn the_audit_trail_keeps_its_retention_by_whole_segments_and_still_verifie
     let checkpoint = dirs.data().join("audit").join("checkpoint");
     let server = Server::start_with(&dirs, opts());
     let mut admin = server.admin().await;
-    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(!v.intact && v.problem.contains("missing"), "{v:?}");
     // A forged checkpoint (moved past more records) fails its MAC.
     let mut bytes = std::fs::read(&checkpoint).unwrap();
     bytes[0] ^= 1;
     std::fs::write(&checkpoint, &bytes).unwrap();
-    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(!v.intact && v.problem.contains("checkpoint"), "{v:?}");
 }

@@ -79,7 +79,7 @@ async fn a_rolled_back_data_directory_is_refused_and_brought_forward_only_on_req
     let denied = get(&mut revoked, "t-other").await.unwrap_err();
     assert_eq!(denied.code(), Code::Unauthenticated, "the revoked key works again: {denied:?}");
     let mut admin = server.admin().await;
-    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(v.intact, "{v:?}");
     assert_eq!(v.accepted_gaps.len(), 1, "the records lost with the rollback are reported: {v:?}");
     server.stop().await;
@@ -102,6 +102,7 @@ fn restore(dirs: &Dirs, from: &std::path::Path, key_dir: &std::path::Path) -> (b
         .arg("--key-dir")
         .arg(key_dir)
         .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+        .env("CHATVAULT_REGION", "eu")
         .env_remove("CHATVAULT_CONFIG")
         .output()
         .unwrap();
@@ -121,12 +122,14 @@ async fn a_restored_backup_never_revives_what_was_erased_after_it_was_taken() {
 
     // Where a backup may not go, and where it may.
     let inside_keys = dirs.keys().join("backup");
-    let refused = |out: &std::path::Path| pb::BackupRequest { out_dir: out.display().to_string() };
+    let refused =
+        |out: &std::path::Path| pb::BackupRequest { out_dir: out.display().to_string(), region: String::new() };
     for (out, why) in [(inside_keys.as_path(), "key directory"), (dirs.data().as_path(), "data directory")] {
         let e = admin.backup(refused(out)).await.unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains(why), "{e:?}");
     }
-    let e = admin.backup(pb::BackupRequest { out_dir: "relative/dir".into() }).await.unwrap_err();
+    let e =
+        admin.backup(pb::BackupRequest { out_dir: "relative/dir".into(), region: String::new() }).await.unwrap_err();
     assert!(e.code() == Code::InvalidArgument && e.message().contains("absolute"), "{e:?}");
     assert!(!inside_keys.exists());
     let backup = dirs.tmp.path().join("backup");
@@ -165,7 +168,7 @@ async fn a_restored_backup_never_revives_what_was_erased_after_it_was_taken() {
     let mut revoked =
         TranscriptServiceClient::with_interceptor(server.channel().await, Bearer::new(&extra.api_key).unwrap());
     assert_eq!(get(&mut revoked, "kept").await.unwrap_err().code(), Code::Unauthenticated);
-    let v = server.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = server.admin().await.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(v.intact && v.accepted_gaps.len() == 1, "{v:?}");
 
     // Once a rotation has destroyed the epoch the backup was taken under, it is dead.
@@ -184,7 +187,12 @@ async fn a_backup_of_another_key_directory_is_refused_and_nothing_is_written() {
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("t", "s", 1_700_000_000, &["x"])).await;
     let backup = dirs.tmp.path().join("backup");
-    server.admin().await.backup(pb::BackupRequest { out_dir: backup.display().to_string() }).await.unwrap();
+    server
+        .admin()
+        .await
+        .backup(pb::BackupRequest { out_dir: backup.display().to_string(), region: String::new() })
+        .await
+        .unwrap();
     server.stop().await;
     std::fs::remove_dir_all(dirs.data()).unwrap();
 
@@ -205,7 +213,12 @@ async fn a_backup_is_dead_once_a_rotation_destroys_its_epoch_even_with_no_erasur
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("t", "s", 1_700_000_000, &["x"])).await;
     let backup = dirs.tmp.path().join("backup");
-    server.admin().await.backup(pb::BackupRequest { out_dir: backup.display().to_string() }).await.unwrap();
+    server
+        .admin()
+        .await
+        .backup(pb::BackupRequest { out_dir: backup.display().to_string(), region: String::new() })
+        .await
+        .unwrap();
     server.rotate_first_epoch_away(&dirs).await;
     server.stop().await;
     std::fs::remove_dir_all(dirs.data()).unwrap();

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chatvault::crypto::{self, SecretKey};
+use chatvault::crypto::SecretKey;
 use chatvault::grpc::pb::{self, SubjectStatus};
 use tonic::Code;
 
@@ -159,7 +159,7 @@ async fn an_interrupted_rotation_is_finished_at_the_next_start() {
 
     // A crash right after the new epoch was created: both key files exist, nothing re-wrapped.
     let root = RootKeySource::Hex(zeroize::Zeroizing::new(ROOT_KEY_HEX.to_owned()));
-    let (keydir, _) = FileKeyDir::open(&dirs.keys(), &root).unwrap();
+    let (keydir, _) = FileKeyDir::open(&dirs.keys(), &root, "eu").unwrap();
     assert_eq!(keydir.add_epoch().unwrap(), 2);
     drop(keydir);
 
@@ -308,7 +308,7 @@ async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_t
     let ksks = || files_below(&dirs.keys()).iter().filter(|f| f.to_string_lossy().contains("/ksk-")).count();
     assert_eq!(ksks(), 2, "retries resume the rotation instead of adding epochs");
     let mut admin = server.admin().await;
-    let report = admin.get_erasure_status(pb::GetErasureStatusRequest {}).await.unwrap().into_inner();
+    let report = admin.get_erasure_status(pb::GetErasureStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((report.pending_erasures, report.live_epochs, report.rotation_due), (1, 2, true), "{report:?}");
     assert!(report.consecutive_failures >= 3 && !report.last_failure.is_empty(), "{report:?}");
     assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
@@ -325,7 +325,7 @@ async fn a_rotation_the_key_directory_refuses_is_retried_until_it_finishes_and_t
         assert!(Instant::now() < deadline, "erasure health did not recover");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let report = admin.get_erasure_status(pb::GetErasureStatusRequest {}).await.unwrap().into_inner();
+    let report = admin.get_erasure_status(pb::GetErasureStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((report.pending_erasures, report.live_epochs, report.consecutive_failures), (0, 1, 0), "{report:?}");
     assert_eq!(subject_keys_recoverable(&stolen, &key_store_keys(&dirs.keys()), "acme", &blind), 0);
     assert_eq!(get(&mut c, "bystander-chat").await.unwrap().messages[0].text, "bystander's text");
@@ -360,7 +360,7 @@ async fn a_transcript_erased_by_cannot_be_decrypted_from_an_earlier_copy(by_rete
         let policy = pb::Retention { purge_after_close_seconds: 86_400, ..Default::default() };
         let req = pb::SetRetentionRequest { tenant_id: "acme".into(), retention: Some(policy) };
         admin.set_retention(req).await.unwrap();
-        let run = admin.run_retention(pb::RunRetentionRequest {}).await.unwrap().into_inner();
+        let run = admin.run_retention(pb::RunRetentionRequest::default()).await.unwrap().into_inner();
         assert_eq!(run.purged, 1, "{run:?}");
     } else {
         c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "doomed".into() }).await.unwrap();
@@ -384,7 +384,7 @@ async fn a_transcript_erased_by_cannot_be_decrypted_from_an_earlier_copy(by_rete
     let inner = sealed_transcript_keys_found(&[&stolen], &old, "acme", &tb, inc);
     assert!(!inner.is_empty(), "control: the scan must find the key with the old key directory");
     let aad = transcript_key_aad("acme", &sb, &tb, inc);
-    assert!(crypto::open(&subject_key, aad.as_slice(), &inner[0]).is_ok(), "control: the live subject key opens it");
+    assert!(region().open(&subject_key, &aad, &inner[0]).is_ok(), "control: the live subject key opens it");
     // With today's keys nothing of it opens, in the copy or in the live files, and it
     // never lay anywhere wrapped under the (still live) subject key alone.
     assert!(sealed_transcript_keys_found(&[&stolen, &dirs.data()], &now, "acme", &tb, inc).is_empty());

@@ -31,6 +31,7 @@ fn bearer(key: &str) -> String {
 
 async fn create_tenant(admin: &mut AdminClient, id: &str, allow: &[&str]) -> String {
     let req = pb::CreateTenantRequest {
+        region: "eu".into(),
         tenant_id: id.into(),
         allowlist: allow.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
@@ -136,7 +137,7 @@ async fn revocation_and_suspension_apply_to_the_next_request_and_keys_rotate_wit
     let keys = admin.list_api_keys(pb::ListApiKeysRequest { tenant_id: "acme".into() }).await.unwrap().into_inner();
     assert_eq!(keys.keys.len(), 2);
     assert!(keys.keys.iter().all(|k| k.key_id.len() == 16 && k.revoked_at.is_none()));
-    let old_id = old.split('_').nth(1).unwrap();
+    let old_id = old.split('_').nth(2).unwrap();
     admin.revoke_api_key(pb::RevokeApiKeyRequest { tenant_id: "acme".into(), key_id: old_id.into() }).await.unwrap();
     // The old key was verified (and cached) a moment ago; it is refused all the same.
     let s = get_with(&server, ip, &[("authorization", &bearer(&old))]).await.unwrap_err();
@@ -274,13 +275,13 @@ async fn the_admin_api_needs_the_operator_token_and_refusals_are_audited() {
     let server = Server::start(&dirs);
     let ch = tonic::transport::Channel::from_shared(server.admin_url.clone()).unwrap().connect().await.unwrap();
     let mut bare = pb::admin_service_client::AdminServiceClient::new(ch.clone());
-    let s = bare.list_tenants(pb::ListTenantsRequest {}).await.unwrap_err();
+    let s = bare.list_tenants(pb::ListTenantsRequest::default()).await.unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
     let mut wrong = pb::admin_service_client::AdminServiceClient::with_interceptor(
         ch,
         Bearer::new("not-the-operator-token-0123456789abcdef").unwrap(),
     );
-    assert_eq!(wrong.list_tenants(pb::ListTenantsRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(wrong.list_tenants(pb::ListTenantsRequest::default()).await.unwrap_err().code(), Code::Unauthenticated);
     // A tenant's API key is no operator token.
     let key = server.api_key("acme").await;
     let mut tenant_as_admin = pb::admin_service_client::AdminServiceClient::with_interceptor(
@@ -288,7 +289,7 @@ async fn the_admin_api_needs_the_operator_token_and_refusals_are_audited() {
         Bearer::new(&key).unwrap(),
     );
     assert_eq!(
-        tenant_as_admin.list_tenants(pb::ListTenantsRequest {}).await.unwrap_err().code(),
+        tenant_as_admin.list_tenants(pb::ListTenantsRequest::default()).await.unwrap_err().code(),
         Code::Unauthenticated
     );
     // The data listener does not serve the admin API at all.
@@ -296,7 +297,7 @@ async fn the_admin_api_needs_the_operator_token_and_refusals_are_audited() {
         server.channel().await,
         Bearer::new(OPERATOR_TOKEN).unwrap(),
     );
-    assert_eq!(on_data.list_tenants(pb::ListTenantsRequest {}).await.unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(on_data.list_tenants(pb::ListTenantsRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
 
     let mut admin = server.admin().await;
     // Three refusals from one address: one record, and a count of the other two.
@@ -306,12 +307,18 @@ async fn the_admin_api_needs_the_operator_token_and_refusals_are_audited() {
     assert_eq!(denied.len(), 1, "{denied:?}");
     // Bad admin input: named fields, no change.
     let e = admin
-        .create_tenant(pb::CreateTenantRequest { tenant_id: "has space".into(), ..Default::default() })
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "has space".into(),
+            region: "eu".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("tenant_id"), "{}", e.message());
-    let e = admin.create_tenant(pb::CreateTenantRequest { tenant_id: "acme".into(), ..Default::default() }).await;
+    let e = admin
+        .create_tenant(pb::CreateTenantRequest { tenant_id: "acme".into(), region: "eu".into(), ..Default::default() })
+        .await;
     assert_eq!(e.unwrap_err().code(), Code::AlreadyExists);
     let e = admin
         .revoke_api_key(pb::RevokeApiKeyRequest { tenant_id: "acme".into(), key_id: "zz".into() })
@@ -349,7 +356,7 @@ async fn the_audit_trail_answers_which_subjects_a_key_touched_without_holding_th
     get(&mut a, "chat-1").await.unwrap();
     assert!(get(&mut a, "chat-404").await.is_err());
     let key = server.api_key("acme").await;
-    let key_id = key.split('_').nth(1).unwrap().to_owned();
+    let key_id = key.split('_').nth(2).unwrap().to_owned();
 
     let touched = audit(
         &mut admin,
@@ -405,7 +412,7 @@ async fn the_audit_trail_answers_which_subjects_a_key_touched_without_holding_th
         token = page.next_page_token;
     }
     assert_eq!(seen, (1..=seen.len() as u64).collect::<Vec<_>>());
-    let v = admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     // The last page's query is itself recorded, after what it read.
     assert!(v.intact && v.records_checked == seen.len() as u64 + 1, "{v:?}");
 }
@@ -437,7 +444,7 @@ async fn a_tampered_audit_record_is_found_by_verify() {
         std::fs::write(&segment, bytes).unwrap();
     }
     let server = Server::start(&dirs);
-    let v = server.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = server.admin().await.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(!v.intact);
     assert_eq!(v.first_bad_sequence, 3, "{v:?}");
 }
@@ -458,9 +465,13 @@ async fn deleting_a_tenant_shreds_its_data_and_retires_its_id_and_keys() {
     let s = get(&mut doomed, "c0").await.unwrap_err();
     assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "API key not recognised"));
     assert_eq!(get(&mut kept, "c0").await.unwrap().messages[0].text, "stay");
-    let again = admin.create_tenant(pb::CreateTenantRequest { tenant_id: "doomed".into(), ..Default::default() });
+    let again = admin.create_tenant(pb::CreateTenantRequest {
+        tenant_id: "doomed".into(),
+        region: "eu".into(),
+        ..Default::default()
+    });
     assert_eq!(again.await.unwrap_err().code(), Code::AlreadyExists);
-    let listed = admin.list_tenants(pb::ListTenantsRequest {}).await.unwrap().into_inner().tenants;
+    let listed = admin.list_tenants(pb::ListTenantsRequest::default()).await.unwrap().into_inner().tenants;
     assert_eq!(listed.iter().map(|t| t.tenant_id.as_str()).collect::<Vec<_>>(), ["kept"]);
     server.stop().await;
     // No key of the tenant is left in the store: its blind-index key and subject keys are gone.

@@ -82,6 +82,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_configured_c
     let mut admin = AdminServiceClient::with_interceptor(admin_ch, Bearer::new(OPERATOR_TOKEN).unwrap());
     admin
         .create_tenant(pb::CreateTenantRequest {
+            region: "eu".into(),
             tenant_id: "acme".into(),
             allowlist: vec!["127.0.0.0/8".into()],
             ..Default::default()
