@@ -14,6 +14,7 @@ pub mod keys;
 pub mod metrics;
 pub mod region;
 pub mod retention;
+pub mod router;
 pub mod server;
 pub mod store;
 pub mod tenancy;

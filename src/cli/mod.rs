@@ -28,6 +28,15 @@ pub struct Cli {
 enum Command {
     /// Run the gRPC server (with no configuration: local folders and a development key).
     Serve(ServerArgs),
+    /// Run the stateless router: forwards each data call to the region its API key names.
+    Route {
+        /// TOML router configuration (see deploy/router.toml).
+        #[arg(long, env = "CHATVAULT_ROUTER_CONFIG")]
+        config: PathBuf,
+        /// Listen address, overriding the configuration's.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
     /// Key-store maintenance on a stopped server.
     Keys {
         #[command(subcommand)]
@@ -166,6 +175,7 @@ pub fn main() -> ExitCode {
             Ok(cfg) => runtime.block_on(crate::server::run(cfg)).map_err(|e| e.to_string()),
             Err(e) => Err(e),
         },
+        Command::Route { config, listen } => runtime.block_on(route(&config, listen)),
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
@@ -178,6 +188,22 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+async fn route(path: &std::path::Path, listen: Option<SocketAddr>) -> Result<(), String> {
+    let mut cfg = crate::router::RouterConfig::load(path)?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before the ready line: a SIGTERM sent the moment it is printed must find them.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signal handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
+    let stop = async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("router shutting down");
+    };
+    crate::router::run(cfg, stop).await.map_err(|e| e.to_string())
 }
 
 fn rotate_offline(cfg: Config) -> Result<(), String> {

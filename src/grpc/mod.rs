@@ -6,7 +6,7 @@ pub mod connections;
 mod convert;
 mod credentials;
 mod denials;
-mod discovery;
+pub(crate) mod discovery;
 mod export;
 mod gate;
 pub mod limits;

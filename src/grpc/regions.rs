@@ -76,7 +76,7 @@ impl Regions {
 /// client or the router can act on without parsing the message.
 pub fn wrong_region<'a>(region: &str, endpoint: Option<&str>, hosted: impl Iterator<Item = &'a String>) -> Status {
     let hosted: Vec<&str> = hosted.map(String::as_str).collect();
-    let mut message = format!("region {region:?} is not hosted by this node (it hosts {})", hosted.join(", "));
+    let mut message = format!("region {region:?} is not served here (this node serves {})", hosted.join(", "));
     let mut meta = std::collections::HashMap::from([("region".to_string(), region.to_string())]);
     if let Some(url) = endpoint {
         message.push_str(&format!("; region {region} is served at {url}"));

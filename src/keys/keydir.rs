@@ -150,9 +150,13 @@ impl FileKeyDir {
                 meta.store_id
             }
         };
-        let binding = region_stamp(dir, region, !report.created)?;
+        let (binding, unstamped) = region_stamp(dir, region, !report.created)?;
         let keydir = FileKeyDir { dir: dir.to_path_buf(), root, binding, store_id, ksks: RwLock::new(BTreeMap::new()) };
         keydir.load_ksks()?;
+        // Stamped only once its keys opened as this region's: a refused start changes nothing.
+        if let Some(stamp) = unstamped {
+            stamp.write(dir)?;
+        }
         if keydir.epochs().is_empty() {
             keydir.add_epoch()?;
         }
@@ -197,7 +201,13 @@ impl FileKeyDir {
             let raw = self
                 .binding
                 .open(self.root.wrapping_key(), &self.ksk_aad(file.epoch), &file.sealed)
-                .map_err(|_| KeyError::Corrupt(format!("{} does not open under this root key", path.display())))?;
+                .map_err(|_| {
+                    KeyError::Corrupt(format!(
+                        "{} does not open under this root key as region {:?} (another root key, another region's key, or damage)",
+                        path.display(),
+                        self.binding.region()
+                    ))
+                })?;
             map.insert(file.epoch, Arc::new(SecretKey::from_slice(&raw)?));
         }
         let newest = map.keys().last().copied();
@@ -305,10 +315,11 @@ fn read_meta(path: &Path) -> Result<Option<KeyDirMeta>, KeyError> {
     Ok(Some(meta))
 }
 
-/// The region a key directory belongs to, stamped on first open. A directory that was in
-/// use before it had a stamp (`existed`) was made by a release without regions: it takes
-/// the configured name and keeps reading its older envelopes.
-fn region_stamp(dir: &Path, region: &str, existed: bool) -> Result<Binding, KeyError> {
+/// The region a key directory belongs to, from its stamp; a directory without one gets
+/// the configured name, and the stamp to write once its keys opened. A directory that
+/// was in use before it had a stamp (`existed`) was made by a release without regions: it
+/// keeps reading its older envelopes.
+fn region_stamp(dir: &Path, region: &str, existed: bool) -> Result<(Binding, Option<RegionStamp>), KeyError> {
     let path = dir.join(REGION_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
@@ -323,18 +334,25 @@ fn region_stamp(dir: &Path, region: &str, existed: bool) -> Result<Binding, KeyE
                     wanted: region.into(),
                 });
             }
-            Ok(Binding::new(region, stamp.legacy))
+            Ok((Binding::new(region, stamp.legacy), None))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let stamp = RegionStamp { magic: REGION_MAGIC, region: region.into(), legacy: existed };
-            let bytes = postcard::to_allocvec(&stamp).map_err(|e| KeyError::Corrupt(e.to_string()))?;
-            files::write_atomic(&path, &bytes).map_err(|e| KeyError::io(&path, e))?;
-            if existed {
-                tracing::info!(region, dir = %dir.display(), "key directory from before regions: now region {region}");
-            }
-            Ok(Binding::new(region, existed))
+            Ok((Binding::new(region, existed), Some(stamp)))
         }
         Err(e) => Err(KeyError::io(&path, e)),
+    }
+}
+
+impl RegionStamp {
+    fn write(&self, dir: &Path) -> Result<(), KeyError> {
+        let path = dir.join(REGION_FILE);
+        let bytes = postcard::to_allocvec(self).map_err(|e| KeyError::Corrupt(e.to_string()))?;
+        files::write_atomic(&path, &bytes).map_err(|e| KeyError::io(&path, e))?;
+        if self.legacy {
+            tracing::info!(region = %self.region, dir = %dir.display(), "key directory from before regions: now this region's");
+        }
+        Ok(())
     }
 }
 

@@ -746,4 +746,37 @@ mod tests {
         let texts: Vec<_> = v.get_transcript(&tenant, "t").unwrap().messages.into_iter().map(|m| m.text).collect();
         assert_eq!(texts, ["one", "two"]);
     }
+
+    /// A shard's files copied into another region do not open there, even under the same
+    /// root key: the key directory says whose it is, and without that stamp every
+    /// envelope still names its region in its AAD.
+    #[tokio::test]
+    async fn a_shard_copied_into_another_region_does_not_open_there_under_the_same_root_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        let tenant = TenantId::parse("acme").unwrap();
+        {
+            let v = testing::open(&a, testing::HandClock::new(), |o| o.region = "eu".into());
+            v.put_transcript(&tenant, Transcript::new("t", "alice", vec![message("hallo")])).await.unwrap();
+            v.sync().unwrap();
+        }
+        let copied = std::process::Command::new("cp").arg("-a").arg(&a).arg(&b).status().unwrap();
+        assert!(copied.success());
+        let open_as = |region: &str| {
+            let root = crate::keys::RootKeySource::Hex(zeroize::Zeroizing::new("42".repeat(32)));
+            let mut opts = super::super::VaultOptions::new(b.join("data"), b.join("keys"), root);
+            opts.region = region.into();
+            Vault::open_with_clock(opts, testing::HandClock::new()).map(|(v, _)| v)
+        };
+        let e = open_as("us").err().expect("a shard of eu opened as us").to_string();
+        assert!(e.contains("region \"eu\"") && e.contains("\"us\""), "{e}");
+        // Without the stamp, the keys themselves refuse: their AAD names eu.
+        std::fs::remove_file(b.join("keys/keydir.region")).unwrap();
+        let e = open_as("us").err().expect("eu's keys opened in us").to_string();
+        assert!(e.contains("does not open"), "{e}");
+        // Control: the same copy opens as the region it is.
+        let v = open_as("eu").expect("the copy opens as eu");
+        assert_eq!(v.get_transcript(&tenant, "t").unwrap().messages[0].text, "hallo");
+    }
 }

@@ -460,7 +460,7 @@ async fn frames_that_do_not_parse_answer_invalid_argument() {
     assert_eq!(raw_frame(&server, &[1, 0, 0, 0, 1, 0]).await, Code::InvalidArgument);
 }
 
-async fn list_services(ch: Channel) -> (Vec<String>, Vec<String>) {
+pub(super) async fn list_services(ch: Channel) -> (Vec<String>, Vec<String>) {
     use tonic_reflection::pb::{v1, v1alpha};
     let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
     let req = v1::ServerReflectionRequest {
@@ -491,7 +491,7 @@ async fn list_services(ch: Channel) -> (Vec<String>, Vec<String>) {
     (one, alpha)
 }
 
-async fn health(ch: Channel, service: &str) -> Result<i32, Code> {
+pub(super) async fn health(ch: Channel, service: &str) -> Result<i32, Code> {
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
     h.check(tonic_health::pb::HealthCheckRequest { service: service.into() })
         .await

@@ -8,6 +8,7 @@ mod edge;
 mod erase_job;
 mod export;
 mod forensic;
+mod regions;
 mod retention;
 mod rollback;
 mod shredding;

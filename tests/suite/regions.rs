@@ -1,0 +1,260 @@
+//! Region-pinned shards and the router, as an operator runs them: an EU node, a US node
+//! (separate processes, directories and root keys) and a router in front, on loopback.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chatvault::grpc::Bearer;
+use chatvault::grpc::pb;
+use chatvault::grpc::pb::subject_service_client::SubjectServiceClient;
+use chatvault::grpc::pb::transcript_service_client::TranscriptServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use super::common::*;
+
+/// A region node: its own directories, its own root key, the other region's endpoint
+/// known, and the router's address (loopback) trusted for `x-forwarded-for`.
+fn region_node(dirs: &Dirs, region: &str, root: &str, other: Option<(&str, &str)>) -> Server {
+    let mut toml = String::from("[auth]\ntrusted_proxies = [\"127.0.0.1/32\"]\n");
+    if let Some((name, url)) = other {
+        toml.push_str(&format!("[region_endpoints]\n{name} = \"{url}\"\n"));
+    }
+    let config = dirs.config(&toml);
+    let config = config.to_str().unwrap().to_owned();
+    Server::start_with(
+        dirs,
+        Opts {
+            root_key_hex: root,
+            args: vec!["--config", Box::leak(config.into_boxed_str())],
+            env: vec![("CHATVAULT_REGION", Box::leak(region.to_owned().into_boxed_str()))],
+            ..Opts::default()
+        },
+    )
+}
+
+/// `chatvault route` over `regions` (name, data URL).
+struct Router {
+    child: Child,
+    url: String,
+}
+
+impl Router {
+    fn start(dir: &Path, regions: &[(&str, &str)]) -> Router {
+        let mut toml = String::from("listen = \"127.0.0.1:0\"\nhealth_check_interval_ms = 200\n");
+        for (name, url) in regions {
+            toml.push_str(&format!("[regions.{name}]\nendpoint = \"{url}\"\n"));
+        }
+        let path = dir.join("router.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatvault"))
+            .args(["route", "--config"])
+            .arg(&path)
+            .env("CHATVAULT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("chatvault router listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("router did not start");
+        Router { child, url: format!("http://{addr}") }
+    }
+
+    async fn channel_from(&self, local: &str) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .local_address(Some(local.parse().unwrap()))
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Resident memory (VmRSS, KiB).
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates `tenant` in `region` on `server`, allowed only from `allow`; its API key.
+async fn tenant(server: &Server, tenant: &str, region: &str, allow: &str) -> String {
+    let mut admin = server.admin().await;
+    let req = pb::CreateTenantRequest {
+        tenant_id: tenant.into(),
+        region: region.into(),
+        allowlist: vec![allow.into()],
+        ..Default::default()
+    };
+    let t = admin.create_tenant(req).await.expect("create tenant").into_inner();
+    assert_eq!(t.region, region);
+    admin.issue_api_key(pb::IssueApiKeyRequest { tenant_id: tenant.into() }).await.unwrap().into_inner().api_key
+}
+
+fn transcripts(ch: Channel, key: &str) -> Transcripts {
+    TranscriptServiceClient::with_interceptor(ch, Bearer::new(key).unwrap())
+}
+
+/// Every file below `dirs` with its bytes.
+fn contents(dirs: &[PathBuf]) -> BTreeMap<PathBuf, Vec<u8>> {
+    dirs.iter().flat_map(|d| files_below(d)).map(|f| (f.clone(), std::fs::read(&f).unwrap_or_default())).collect()
+}
+
+fn holds(files: &BTreeMap<PathBuf, Vec<u8>>, needle: &[u8]) -> Vec<PathBuf> {
+    files.iter().filter(|(_, b)| b.windows(needle.len()).any(|w| w == needle)).map(|(p, _)| p.clone()).collect()
+}
+
+#[tokio::test]
+async fn two_region_nodes_behind_a_router_keep_each_tenant_in_its_region() {
+    let (eu_dirs, us_dirs) = (Dirs::new(), Dirs::new());
+    // Each node is told where the other region is served (the public name operators give).
+    const EU_PUBLIC: &str = "https://eu.chatvault.example:50051";
+    let us = region_node(&us_dirs, "us", OTHER_ROOT_KEY_HEX, Some(("eu", EU_PUBLIC)));
+    let eu = region_node(&eu_dirs, "eu", ROOT_KEY_HEX, Some(("us", &us.url)));
+    let router = Router::start(eu_dirs.tmp.path(), &[("eu", &eu.url), ("us", &us.url)]);
+
+    // Allowed from 127.0.0.5 only: the router's own address (127.0.0.1) must not count.
+    let eu_key = tenant(&eu, "euco", "eu", "127.0.0.5/32").await;
+    let us_key = tenant(&us, "usco", "us", "127.0.0.5/32").await;
+    assert!(eu_key.starts_with("cvk_eu_") && us_key.starts_with("cvk_us_"), "{eu_key} {us_key}");
+
+    // Through the router, each tenant's calls reach its own region.
+    let via = router.channel_from("127.0.0.5").await;
+    let (mut eu_c, mut us_c) = (transcripts(via.clone(), &eu_key), transcripts(via.clone(), &us_key));
+    put(&mut eu_c, transcript("eu-chat", "anna@example.eu", 1_700_000_000, &["Hallo", "Guten Tag"])).await;
+    put(&mut us_c, transcript("us-chat", "bob@example.com", 1_700_000_000, &["Hi there"])).await;
+    assert_eq!(get(&mut eu_c, "eu-chat").await.unwrap().messages.len(), 2);
+    assert_eq!(get(&mut us_c, "us-chat").await.unwrap().messages[0].text, "Hi there");
+    assert_eq!(get(&mut eu_c, "us-chat").await.unwrap_err().code(), Code::NotFound);
+    // The allowlist is checked against the real client, not the router.
+    let mut elsewhere = transcripts(router.channel_from("127.0.0.6").await, &eu_key);
+    assert_eq!(get(&mut elsewhere, "eu-chat").await.unwrap_err().code(), Code::PermissionDenied);
+
+    // The US node refuses an EU tenant, naming the region and where it is served; it
+    // never falls back.
+    let mut direct = transcripts(us.channel_from("127.0.0.5").await, &eu_key);
+    let refused = get(&mut direct, "eu-chat").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("\"eu\"") && refused.message().contains(EU_PUBLIC), "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!((info.reason.as_str(), info.metadata.get("region").map(String::as_str)), ("WRONG_REGION", Some("eu")));
+    assert_eq!(info.metadata.get("endpoint").map(String::as_str), Some(EU_PUBLIC));
+    // Admin calls name the region where it matters.
+    let mut eu_admin = eu.admin().await;
+    let us_create = pb::CreateTenantRequest { tenant_id: "x".into(), region: "us".into(), ..Default::default() };
+    let e = eu_admin.create_tenant(us_create).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let unknown = pb::CreateTenantRequest { tenant_id: "x".into(), region: "mars".into(), ..Default::default() };
+    let e = eu_admin.create_tenant(unknown).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().starts_with("region:"), "{e:?}");
+    let none = pb::CreateTenantRequest { tenant_id: "x".into(), ..Default::default() };
+    let e = eu_admin.create_tenant(none).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().starts_with("region: required"), "{e:?}");
+    let got = eu_admin.get_tenant(pb::GetTenantRequest { tenant_id: "euco".into() }).await.unwrap().into_inner();
+    assert_eq!(got.region, "eu");
+
+    // Nothing of the EU tenant lies in the US node's files, and the other way round.
+    let mut eu_subjects = SubjectServiceClient::with_interceptor(via.clone(), Bearer::new(&eu_key).unwrap());
+    let mut us_subjects = SubjectServiceClient::with_interceptor(via.clone(), Bearer::new(&us_key).unwrap());
+    let blind = |r: pb::GetSubjectResponse| hex::decode(r.subject_blind_id).unwrap();
+    let anna = blind(
+        eu_subjects
+            .get_subject(pb::GetSubjectRequest { subject_id: "anna@example.eu".into() })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let bob = blind(
+        us_subjects
+            .get_subject(pb::GetSubjectRequest { subject_id: "bob@example.com".into() })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    eu.signal("-HUP"); // nothing pending, but every file is written as it would be
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let us_files = contents(&[us_dirs.data(), us_dirs.keys()]);
+    let eu_files = contents(&[eu_dirs.data(), eu_dirs.keys()]);
+    for (needle, what) in [(&b"euco"[..], "EU tenant id"), (&anna[..], "EU blind subject id")] {
+        assert!(!holds(&eu_files, needle).is_empty(), "control: the EU node holds the {what}");
+        assert_eq!(holds(&us_files, needle), Vec::<PathBuf>::new(), "the US node holds the {what}");
+    }
+    for (needle, what) in [(&b"usco"[..], "US tenant id"), (&bob[..], "US blind subject id")] {
+        assert!(!holds(&us_files, needle).is_empty(), "control: the US node holds the {what}");
+        assert_eq!(holds(&eu_files, needle), Vec::<PathBuf>::new(), "the EU node holds the {what}");
+    }
+
+    // Shredding an EU subject through the router writes nothing on the US node.
+    let shred = pb::ShredSubjectRequest { subject_id: "anna@example.eu".into() };
+    eu_subjects.shred_subject(shred).await.unwrap();
+    assert_eq!(get(&mut eu_c, "eu-chat").await.unwrap_err().code(), Code::NotFound);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = contents(&[us_dirs.data(), us_dirs.keys()]);
+    let changed: Vec<&PathBuf> = after.iter().filter(|(p, b)| us_files.get(*p) != Some(b)).map(|(p, _)| p).collect();
+    assert!(changed.is_empty() && after.len() == us_files.len(), "the EU shred touched US files: {changed:?}");
+
+    // An export of many megabytes streams through the router; its memory stays flat.
+    let big = "x".repeat(1000);
+    let texts: Vec<&str> = std::iter::repeat_n(big.as_str(), 100).collect();
+    let mut direct_eu = transcripts(eu.channel_from("127.0.0.5").await, &eu_key);
+    for i in 0..240 {
+        put(&mut direct_eu, transcript(&format!("big-{i}"), "carl@example.eu", 1_700_000_000 + i, &texts)).await;
+    }
+    let before = router.rss_kib();
+    let mut exports =
+        pb::export_service_client::ExportServiceClient::with_interceptor(via.clone(), Bearer::new(&eu_key).unwrap())
+            .max_decoding_message_size(64 << 20);
+    let mut stream = exports.export_tenant(pb::ExportTenantRequest {}).await.unwrap().into_inner();
+    let (mut bytes, mut peak) = (0usize, before);
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes += chunk.data.len();
+        peak = peak.max(router.rss_kib());
+    }
+    assert!(bytes > 24 << 20, "the export is {bytes} bytes");
+    let grew_kib = peak.saturating_sub(before);
+    eprintln!("router RSS: {before} KiB before, {peak} KiB at most during a {} MiB export", bytes >> 20);
+    assert!(grew_kib < 12 * 1024, "router RSS grew {grew_kib} KiB for a {} MiB export", bytes >> 20);
+
+    // With the US node down, EU traffic goes on and US calls say which region is down.
+    us.kill9();
+    assert_eq!(get(&mut eu_c, "big-3").await.unwrap().messages.len(), 100);
+    let down = get(&mut us_c, "us-chat").await.unwrap_err();
+    assert!(down.code() == Code::Unavailable && down.message().contains("region us"), "{down:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = super::edge::health(via.clone(), "chatvault.region.us").await;
+        if status == Ok(2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the router still reports us as {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(super::edge::health(via.clone(), "chatvault.region.eu").await, Ok(1));
+    let (v1, _) = super::edge::list_services(via.clone()).await;
+    assert!(
+        v1.contains(&"chatvault.v1.TranscriptService".to_string()) && !v1.iter().any(|s| s.contains("Admin")),
+        "{v1:?}"
+    );
+}
