@@ -37,6 +37,17 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Ask a server's (or the router's) gRPC health service; exits 0 only when SERVING.
+    /// For container HEALTHCHECKs and scripts.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// A service name (`chatvault.erasure`, `chatvault.region.eu`); empty: the server.
+        #[arg(long, default_value = "")]
+        service: String,
+        #[command(flatten)]
+        tls: connect::TlsArgs,
+    },
     /// Key-store maintenance on a stopped server.
     Keys {
         #[command(subcommand)]
@@ -176,6 +187,7 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Route { config, listen } => runtime.block_on(route(&config, listen)),
+        Command::Health { server, service, tls } => runtime.block_on(health(&server, &service, &tls)),
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
@@ -187,6 +199,19 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
+    }
+}
+
+async fn health(server: &str, service: &str, tls: &connect::TlsArgs) -> Result<(), String> {
+    let ch = connect::channel(server, tls).await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.to_owned() });
+    req.set_timeout(std::time::Duration::from_secs(5));
+    let status = client.check(req).await.map_err(|s| format!("health check: {}", s.message()))?.into_inner().status();
+    println!("{}", status.as_str_name());
+    match status {
+        tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
+        other => Err(format!("{} is {}", if service.is_empty() { server } else { service }, other.as_str_name())),
     }
 }
 

@@ -369,15 +369,16 @@ impl AdminService for Admin {
             Err(e) => return Err(self.record(self.first(), source, Operation::CreateTenant, &id, "", Err(e)).await?),
         };
         // One tenant id names one tenant on this node, whichever region it is in.
-        let elsewhere = self.holder(&id).filter(|r| r.name != home.name);
-        let result = match elsewhere {
-            Some(r) => Err(Status::already_exists(format!("tenant {id:?} exists already, in region {}", r.name))),
-            None => allowlist_in(&allowlist).and_then(|list| {
-                self.tenant_change(&home, &id, |t| {
-                    home.registry.create(t.clone(), display_name, list, retention_in(retention), now)
-                })
-            }),
-        };
+        if let Some(r) = self.holder(&id).filter(|r| r.name != home.name) {
+            // Recorded where the tenant lives: its id is no business of the other region.
+            let e = Status::already_exists(format!("tenant {id:?} exists already, in region {}", r.name));
+            return Err(self.record(&r, source, Operation::CreateTenant, &id, "", Err(e)).await?);
+        }
+        let result = allowlist_in(&allowlist).and_then(|list| {
+            self.tenant_change(&home, &id, |t| {
+                home.registry.create(t.clone(), display_name, list, retention_in(retention), now)
+            })
+        });
         Ok(Response::new(self.record(&home, source, Operation::CreateTenant, &id, "", result).await?))
     }
 

@@ -27,6 +27,9 @@ pub struct RouterConfig {
     pub upstream_tls: Option<UpstreamTls>,
     /// How often each region node's health is asked.
     pub health_check_interval_ms: u64,
+    /// A plaintext listener serving only grpc.health.v1 (the router's and each region's
+    /// status), for probes inside the pod or host; none to turn it off.
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,6 +81,7 @@ impl Default for RouterConfig {
             unnamed_keys_region: None,
             upstream_tls: None,
             health_check_interval_ms: 2000,
+            health_listen: None,
         }
     }
 }

@@ -58,9 +58,26 @@ pub async fn run(config: RouterConfig, shutdown: impl Future<Output = ()> + Send
         .prepare();
     let svc = proxy::Proxy::new(upstreams.clone(), config.unnamed_keys_region.clone(), local);
 
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| RouterError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| RouterError::Listen { addr: config.listen, source })?;
+    let bind = |a: std::net::SocketAddr| async move {
+        let l = TcpListener::bind(a).await.map_err(|source| RouterError::Listen { addr: a, source })?;
+        let local = l.local_addr().map_err(|source| RouterError::Listen { addr: a, source })?;
+        Ok::<_, RouterError>((l, local))
+    };
+    let (listener, addr) = bind(config.listen).await?;
+    let probes = match config.health_listen {
+        Some(a) => {
+            let (l, local) = bind(a).await?;
+            let svc = crate::grpc::discovery::health(health.clone());
+            println!("chatvault router health listening on {local}");
+            let serve = Server::builder().add_service(svc).serve_with_incoming(crate::grpc::incoming(l));
+            Some(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "router health listener failed");
+                }
+            }))
+        }
+        None => None,
+    };
     let checks: Vec<_> = upstreams
         .into_iter()
         .map(|(name, ch)| tokio::spawn(health_check(name, ch, health.clone(), config.health_check_interval_ms)))
@@ -75,7 +92,7 @@ pub async fn run(config: RouterConfig, shutdown: impl Future<Output = ()> + Send
     }
     let incoming = crate::grpc::incoming(listener);
     let served = server.serve_with_incoming_shutdown(svc, incoming, shutdown).await;
-    for c in checks {
+    for c in checks.into_iter().chain(probes) {
         c.abort();
     }
     served?;

@@ -81,11 +81,19 @@ pub struct Opts<'a> {
     pub env: Vec<(&'a str, &'a str)>,
     /// A command the server runs under (`prlimit --nofile=128:128`): it must exec it.
     pub wrapper: Vec<&'a str>,
+    /// Variables the helpers set that this start must not have (`CHATVAULT_REGION`...).
+    pub env_remove: Vec<&'a str>,
 }
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { root_key_hex: ROOT_KEY_HEX, args: Vec::new(), env: Vec::new(), wrapper: Vec::new() }
+        Opts {
+            root_key_hex: ROOT_KEY_HEX,
+            args: Vec::new(),
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            env_remove: Vec::new(),
+        }
     }
 }
 
@@ -116,8 +124,7 @@ impl Server {
             }
             None => Command::new(bin),
         };
-        let mut child = cmd
-            .arg("serve")
+        cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .env("CHATVAULT_REGION", "eu")
             .arg("--data-dir")
@@ -129,7 +136,11 @@ impl Server {
             .env("CHATVAULT_OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("CHATVAULT_LOG", "info")
             .env_remove("CHATVAULT_CONFIG")
-            .envs(opts.env.iter().copied())
+            .envs(opts.env.iter().copied());
+        for v in &opts.env_remove {
+            cmd.env_remove(v);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

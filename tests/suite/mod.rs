@@ -3,6 +3,7 @@ mod at_rest;
 mod cli;
 mod common;
 mod crashes;
+mod deploy;
 mod durability;
 mod edge;
 mod erase_job;

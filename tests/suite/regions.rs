@@ -41,11 +41,14 @@ fn region_node(dirs: &Dirs, region: &str, root: &str, other: Option<(&str, &str)
 struct Router {
     child: Child,
     url: String,
+    /// The plaintext health-only listener (`health_listen`), for probes.
+    health_url: String,
 }
 
 impl Router {
     fn start(dir: &Path, regions: &[(&str, &str)]) -> Router {
-        let mut toml = String::from("listen = \"127.0.0.1:0\"\nhealth_check_interval_ms = 200\n");
+        let mut toml =
+            String::from("listen = \"127.0.0.1:0\"\nhealth_listen = \"127.0.0.1:0\"\nhealth_check_interval_ms = 200\n");
         for (name, url) in regions {
             toml.push_str(&format!("[regions.{name}]\nendpoint = \"{url}\"\n"));
         }
@@ -62,14 +65,17 @@ impl Router {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut health = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("chatvault router listening on ") {
-                    let _ = tx.send(addr.to_owned());
+                if let Some(addr) = line.strip_prefix("chatvault router health listening on ") {
+                    health = addr.to_owned();
+                } else if let Some(addr) = line.strip_prefix("chatvault router listening on ") {
+                    let _ = tx.send((addr.to_owned(), health.clone()));
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("router did not start");
-        Router { child, url: format!("http://{addr}") }
+        let (addr, health) = rx.recv_timeout(Duration::from_secs(30)).expect("router did not start");
+        Router { child, url: format!("http://{addr}"), health_url: format!("http://{health}") }
     }
 
     async fn channel_from(&self, local: &str) -> Channel {
@@ -252,9 +258,73 @@ async fn two_region_nodes_behind_a_router_keep_each_tenant_in_its_region() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(super::edge::health(via.clone(), "chatvault.region.eu").await, Ok(1));
+    // What a container probe runs: the binary's own health client on the health listener.
+    let probe = |service: &str| {
+        Command::new(env!("CARGO_BIN_EXE_chatvault"))
+            .args(["health", "--server", &router.health_url, "--service", service])
+            .output()
+            .unwrap()
+    };
+    let (eu_up, us_up) = (probe("chatvault.region.eu"), probe("chatvault.region.us"));
+    assert!(eu_up.status.success(), "{eu_up:?}");
+    assert!(!us_up.status.success() && String::from_utf8_lossy(&us_up.stdout).contains("NOT_SERVING"), "{us_up:?}");
     let (v1, _) = super::edge::list_services(via.clone()).await;
     assert!(
         v1.contains(&"chatvault.v1.TranscriptService".to_string()) && !v1.iter().any(|s| s.contains("Admin")),
         "{v1:?}"
     );
+}
+
+/// The development default: one process, two regions, each under its own root key and
+/// in its own folders.
+#[tokio::test]
+async fn one_process_hosts_eu_and_us_by_default_each_in_its_own_folders() {
+    let dirs = Dirs::new();
+    let dual = || Opts {
+        env: vec![("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX), ("CHATVAULT_ROOT_KEY_US", OTHER_ROOT_KEY_HEX)],
+        env_remove: vec!["CHATVAULT_REGION", "CHATVAULT_ROOT_KEY"],
+        ..Opts::default()
+    };
+    let server = Server::start_with(&dirs, dual());
+    let eu_key = tenant(&server, "euco", "eu", "127.0.0.0/8").await;
+    let us_key = tenant(&server, "usco", "us", "127.0.0.0/8").await;
+    let (mut eu_c, mut us_c) =
+        (transcripts(server.channel().await, &eu_key), transcripts(server.channel().await, &us_key));
+    put(&mut eu_c, transcript("t", "anna", 1_700_000_000, &["in eu"])).await;
+    put(&mut us_c, transcript("t", "anna", 1_700_000_000, &["in us"])).await;
+    assert_eq!(get(&mut eu_c, "t").await.unwrap().messages[0].text, "in eu");
+    assert_eq!(get(&mut us_c, "t").await.unwrap().messages[0].text, "in us");
+
+    let mut admin = server.admin().await;
+    let again = pb::CreateTenantRequest { tenant_id: "euco".into(), region: "us".into(), ..Default::default() };
+    let e = admin.create_tenant(again).await.unwrap_err();
+    assert!(e.code() == Code::AlreadyExists && e.message().contains("region eu"), "{e:?}");
+    let e = admin.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("hosts eu, us"), "{e:?}");
+    for region in ["eu", "us"] {
+        let v = admin.verify_audit(pb::VerifyAuditRequest { region: region.into() }).await.unwrap().into_inner();
+        assert!(v.intact && v.records_checked > 0, "{region}: {v:?}");
+    }
+    let listed = admin.list_tenants(pb::ListTenantsRequest::default()).await.unwrap().into_inner().tenants;
+    let pins: Vec<(&str, &str)> = listed.iter().map(|t| (t.tenant_id.as_str(), t.region.as_str())).collect();
+    assert_eq!(pins, [("euco", "eu"), ("usco", "us")]);
+    server.stop().await;
+
+    let (eu_files, us_files) = (
+        contents(&[dirs.data().join("eu"), dirs.keys().join("eu")]),
+        contents(&[dirs.data().join("us"), dirs.keys().join("us")]),
+    );
+    assert!(holds(&us_files, b"euco").is_empty() && !holds(&eu_files, b"euco").is_empty());
+    assert!(holds(&eu_files, b"usco").is_empty() && !holds(&us_files, b"usco").is_empty());
+
+    // One root key for two regions is refused, naming the per-region variables.
+    let shared = Opts { env_remove: vec!["CHATVAULT_REGION"], ..Opts::default() };
+    let e = Server::try_start(&dirs, shared).err().expect("one root key for two regions");
+    assert!(e.contains("CHATVAULT_ROOT_KEY_EU") && e.contains("CHATVAULT_ROOT_KEY_US"), "{e}");
+
+    // A data directory from before regions is not silently made one of them.
+    let single = Dirs::new();
+    Server::start(&single).stop().await;
+    let e = Server::try_start(&single, dual()).err().expect("a single-region directory opened as the dual default");
+    assert!(e.contains("from before regions") && e.contains("--region eu"), "{e}");
 }
