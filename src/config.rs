@@ -403,4 +403,32 @@ mod tests {
         assert!(admin.check_listeners().unwrap_err().to_string().contains("admin_tls"));
         assert!(Config::default().check_listeners().is_ok());
     }
+
+    #[test]
+    fn region_settings_that_cannot_serve_are_refused_naming_the_field() {
+        let bad = |toml: &str| toml::from_str::<Config>(toml).unwrap().region_specs().err().unwrap().to_string();
+        assert!(bad("region = \"EU\"").starts_with("region:"));
+        assert!(
+            bad("[regions.E_U]\ndata_dir = \"/d\"\nkey_dir = \"/k\"\nroot_key_file = \"/r\"").starts_with("regions:")
+        );
+        let two = "[regions.eu]\ndata_dir = \"/d/eu\"\nkey_dir = \"/k/eu\"\nroot_key_file = \"/r/eu\"\n\
+                   [regions.us]\ndata_dir = \"/d/us\"\nkey_dir = \"/k/us\"\nroot_key_file = \"/r/us\"\n";
+        let ok: Config = toml::from_str(two).unwrap();
+        assert_eq!(ok.region_specs().unwrap().iter().map(|s| s.name.clone()).collect::<Vec<_>>(), ["eu", "us"]);
+        let one = Config { region: Some("us".into()), ..ok.clone() };
+        assert_eq!(one.region_specs().unwrap()[0].data_dir, PathBuf::from("/d/us"));
+        let missing = Config { region: Some("ap".into()), ..ok.clone() };
+        assert!(
+            missing.region_specs().err().unwrap().to_string().contains("not one of the configured regions (eu, us)")
+        );
+        assert!(bad(&two.replace("/d/us", "/d/eu")).contains("overlap"));
+        let keyless = two.replace("root_key_file = \"/r/us\"\n", "");
+        assert!(bad(&keyless).contains("regions.us: no root key") && bad(&keyless).contains("CHATVAULT_ROOT_KEY_US"));
+        assert!(
+            bad(&format!("{two}[region_endpoints]\nap = \"http://a:1\"\nsa = \"http://a:1\"\n"))
+                .contains("both point at")
+        );
+        let dev_with_one_key = Config { root_key_file: Some("/r".into()), ..Config::default() };
+        assert!(dev_with_one_key.region_specs().err().unwrap().to_string().contains("two regions"));
+    }
 }

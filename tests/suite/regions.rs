@@ -38,28 +38,35 @@ fn region_node(dirs: &Dirs, region: &str, root: &str, other: Option<(&str, &str)
 }
 
 /// `chatvault route` over `regions` (name, data URL).
-struct Router {
+pub(super) struct Router {
     child: Child,
-    url: String,
+    pub(super) url: String,
     /// The plaintext health-only listener (`health_listen`), for probes.
     health_url: String,
 }
 
 impl Router {
     fn start(dir: &Path, regions: &[(&str, &str)]) -> Router {
+        Self::start_with(dir, regions, "")
+    }
+
+    /// With `extra` (TOML tables) appended to the configuration.
+    pub(super) fn start_with(dir: &Path, regions: &[(&str, &str)], extra: &str) -> Router {
         let mut toml =
             String::from("listen = \"127.0.0.1:0\"\nhealth_listen = \"127.0.0.1:0\"\nhealth_check_interval_ms = 200\n");
         for (name, url) in regions {
             toml.push_str(&format!("[regions.{name}]\nendpoint = \"{url}\"\n"));
         }
-        let path = dir.join("router.toml");
+        toml.push_str(extra);
+        let name = format!("router-{}", rand_suffix());
+        let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, toml).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatvault"))
             .args(["route", "--config"])
             .arg(&path)
             .env("CHATVAULT_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -78,7 +85,7 @@ impl Router {
         Router { child, url: format!("http://{addr}"), health_url: format!("http://{health}") }
     }
 
-    async fn channel_from(&self, local: &str) -> Channel {
+    pub(super) async fn channel_from(&self, local: &str) -> Channel {
         Channel::from_shared(self.url.clone())
             .unwrap()
             .local_address(Some(local.parse().unwrap()))
@@ -98,6 +105,11 @@ impl Router {
     }
 }
 
+/// Tells apart the configuration files of routers started in one directory.
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+}
+
 impl Drop for Router {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -106,7 +118,7 @@ impl Drop for Router {
 }
 
 /// Creates `tenant` in `region` on `server`, allowed only from `allow`; its API key.
-async fn tenant(server: &Server, tenant: &str, region: &str, allow: &str) -> String {
+pub(super) async fn tenant(server: &Server, tenant: &str, region: &str, allow: &str) -> String {
     let mut admin = server.admin().await;
     let req = pb::CreateTenantRequest {
         tenant_id: tenant.into(),
@@ -119,7 +131,7 @@ async fn tenant(server: &Server, tenant: &str, region: &str, allow: &str) -> Str
     admin.issue_api_key(pb::IssueApiKeyRequest { tenant_id: tenant.into() }).await.unwrap().into_inner().api_key
 }
 
-fn transcripts(ch: Channel, key: &str) -> Transcripts {
+pub(super) fn transcripts(ch: Channel, key: &str) -> Transcripts {
     TranscriptServiceClient::with_interceptor(ch, Bearer::new(key).unwrap())
 }
 

@@ -132,3 +132,43 @@ fn a_world_readable_tls_key_is_refused_at_start() {
     };
     assert!(err.contains("server.key"), "{err}");
 }
+
+/// The router is the region node's trusted proxy over mutual TLS: with the router's
+/// client certificate the call goes through (and the tenant's allowlist is checked
+/// against the real client); a router without it is turned away by the node.
+#[tokio::test]
+async fn the_router_reaches_a_region_node_over_mutual_tls_and_one_without_its_certificate_does_not() {
+    let dirs = Dirs::new();
+    let pki = pki();
+    let d = dirs.tmp.path();
+    let ca = write(d, "ca.pem", &pki.ca, false);
+    let cert = write(d, "server.pem", &pki.server.0, false);
+    let key = write(d, "server.key", &pki.server.1, true);
+    let router_cert = write(d, "router.pem", &pki.client.0, false);
+    let router_key = write(d, "router.key", &pki.client.1, true);
+    let cfg = dirs.config(&format!(
+        "[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_ca_file = {ca:?}\n\n\
+         [auth]\ntrusted_proxies = [\"127.0.0.1/32\"]\n"
+    ));
+    let node = Server::start_with(&dirs, Opts { args: vec!["--config", cfg.to_str().unwrap()], ..Opts::default() });
+    let api_key = super::regions::tenant(&node, "acme", "eu", "127.0.0.7/32").await;
+    let endpoint = node.url.replace("http://", "https://");
+    let upstream = |with_cert: bool| {
+        let mut t = format!("[upstream_tls]\nca_file = {ca:?}\ndomain_name = \"localhost\"\n");
+        if with_cert {
+            t.push_str(&format!("cert_file = {router_cert:?}\nkey_file = {router_key:?}\n"));
+        }
+        t
+    };
+    let router = super::regions::Router::start_with(d, &[("eu", &endpoint)], &upstream(true));
+    let mut c = super::regions::transcripts(router.channel_from("127.0.0.7").await, &api_key);
+    put(&mut c, transcript("t", "s", 1_700_000_000, &["over mTLS"])).await;
+    assert_eq!(get(&mut c, "t").await.unwrap().messages[0].text, "over mTLS");
+    let mut other_ip = super::regions::transcripts(router.channel_from("127.0.0.8").await, &api_key);
+    assert_eq!(get(&mut other_ip, "t").await.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    let stranger = super::regions::Router::start_with(d, &[("eu", &endpoint)], &upstream(false));
+    let mut c = super::regions::transcripts(stranger.channel_from("127.0.0.7").await, &api_key);
+    let e = get(&mut c, "t").await.unwrap_err();
+    assert!(e.code() == tonic::Code::Unavailable && e.message().contains("region eu"), "{e:?}");
+}
