@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use anchor::AnchorCheck;
 pub use prune::{Checkpoint, Pruned};
 pub use record::{Event, Operation, Outcome, Record};
+pub use segment::inspect as inspect_segments;
 use segment::{FrameError, Reader, SegmentView, Segments};
 
 use crate::clock::Clock;

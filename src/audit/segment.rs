@@ -315,6 +315,20 @@ fn frame_follows(path: &Path, at: u64, file_len: u64) -> Result<bool, StoreError
     Ok(crc32fast::hash(&payload) == crc)
 }
 
+/// Every segment in `dir`, oldest first, read through without changing anything (for
+/// `chatvault check`).
+pub fn inspect(dir: &Path) -> Result<Vec<files::SegmentCheck>, StoreError> {
+    let mut out = Vec::new();
+    for (first_seq, path) in files::numbered(dir, SUFFIX)? {
+        let len = fs::metadata(&path)?.len();
+        let view = SegmentView { path: path.clone(), first_seq, len };
+        let valid = if len < HEADER_LEN as u64 { 0 } else { valid_length(&view).unwrap_or(0) };
+        let good_after = valid >= HEADER_LEN as u64 && valid < len && frame_follows(&path, valid, len)?;
+        out.push(files::SegmentCheck { path, len, valid, good_after });
+    }
+    Ok(out)
+}
+
 fn valid_length(view: &SegmentView) -> Result<u64, StoreError> {
     let mut r = match Reader::open(view) {
         Ok(r) => r,

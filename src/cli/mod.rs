@@ -48,6 +48,9 @@ enum Command {
         #[command(flatten)]
         tls: connect::TlsArgs,
     },
+    /// Check a stopped region's value log and audit trail for damage, changing nothing:
+    /// lists each damaged file with its offset (exit status 1), and torn tails apart.
+    Check(ServerArgs),
     /// Key-store maintenance on a stopped server.
     Keys {
         #[command(subcommand)]
@@ -189,6 +192,7 @@ pub fn main() -> ExitCode {
         Command::Route { config, listen } => runtime.block_on(route(&config, listen)),
         Command::Health { server, service, tls } => runtime.block_on(health(&server, &service, &tls)),
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
+        Command::Check(args) => args.config().and_then(check),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
         Command::Erase(args) => runtime.block_on(erase::run(args)),
@@ -229,6 +233,16 @@ async fn route(path: &std::path::Path, listen: Option<SocketAddr>) -> Result<(),
         tracing::info!("router shutting down");
     };
     crate::router::run(cfg, stop).await.map_err(|e| e.to_string())
+}
+
+fn check(cfg: Config) -> Result<(), String> {
+    let report = crate::server::check(&cfg).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    if report.ok {
+        Ok(())
+    } else {
+        Err(format!("region {}: damage found ({} places)", report.region, report.damage.len()))
+    }
 }
 
 fn rotate_offline(cfg: Config) -> Result<(), String> {

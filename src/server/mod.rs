@@ -2,11 +2,13 @@
 //! background workers (key rotation, reclaim, ledger checkpoints), serves gRPC, and shuts
 //! all of it down cleanly on SIGTERM / Ctrl-C.
 
+mod check;
 mod harden;
 mod node;
 mod restore;
 mod workers;
 
+pub use check::{CheckReport, check};
 pub use harden::harden_process;
 pub use node::Node;
 pub use restore::{one_region, restore};
@@ -39,6 +41,8 @@ pub enum ServerError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("retention: {0}")]
     Retention(#[from] crate::retention::RetentionError),
     #[error("signal handler: {0}")]

@@ -46,3 +46,14 @@ pub fn copy_prefix(from: &Path, to: &Path, len: u64) -> std::io::Result<()> {
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
+
+/// One segment file as it is on disk, read without changing it: its length, how much of
+/// it is a header and whole frames, and (when not all of it) whether a whole frame
+/// follows the first bad one, which only damage leaves behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentCheck {
+    pub path: std::path::PathBuf,
+    pub len: u64,
+    pub valid: u64,
+    pub good_after: bool,
+}

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 
 pub use commit::{CommitTicket, GroupCommit};
 pub use sled_store::SledStore;
-pub use values::{ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, mark_key as values_mark_key};
+pub use values::{
+    ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, inspect as inspect_values,
+    mark_key as values_mark_key, segment_id as value_segment_id,
+};
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record
 /// types use 0x00..=0x0f (see `vault/layout.rs`).

@@ -483,6 +483,24 @@ impl FrameReader {
 }
 
 /// Bytes of a segment that hold its header and whole frames.
+/// Every segment in `dir`, oldest first, read through without changing anything (for
+/// `chatvault check`). A value log has no frame-follows test: a segment's frames are
+/// written in batches, so what matters is where the whole frames end.
+pub fn inspect(dir: &Path) -> Result<Vec<super::files::SegmentCheck>, StoreError> {
+    let mut out = Vec::new();
+    for (_, path) in super::files::numbered(dir, SUFFIX)? {
+        let len = fs::metadata(&path)?.len();
+        let valid = valid_length(&path, len)?;
+        out.push(super::files::SegmentCheck { path, len, valid, good_after: false });
+    }
+    Ok(out)
+}
+
+/// The segment number in a value-log file name.
+pub fn segment_id(path: &Path) -> Option<u32> {
+    path.file_name()?.to_str()?.strip_suffix(SUFFIX)?.parse().ok()
+}
+
 fn valid_length(path: &Path, len: u64) -> Result<u64, StoreError> {
     if len < HEADER_LEN {
         // A header cut short by a crash at creation: the segment holds nothing.

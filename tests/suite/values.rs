@@ -201,3 +201,51 @@ async fn acknowledged_values_missing_at_the_end_are_refused_then_dropped_whole_w
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "third").await.unwrap().messages[0].text, "three", "a plain restart after it works");
 }
+
+/// `chatvault check` on a stopped region: nothing to report on intact files; a flipped
+/// byte in acknowledged values, and one in an audit record with records after it, are
+/// listed with their file and offset (exit status 1), and no file is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chatvault_check_lists_acknowledged_damage_with_its_file_and_offset_and_changes_nothing() {
+    let dirs = Dirs::new();
+    let (segment, first_end) = two_acknowledged_then_kill9(&dirs).await;
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+            .arg("check")
+            .arg("--data-dir")
+            .arg(dirs.data())
+            .arg("--key-dir")
+            .arg(dirs.keys())
+            .env("CHATVAULT_REGION", "eu")
+            .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+            .env_remove("CHATVAULT_CONFIG")
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), report)
+    };
+    let (ok, report) = check();
+    assert!(ok && report["ok"] == true && report["damage"].as_array().unwrap().is_empty(), "{report}");
+    assert!(report["value_segments"].as_u64().unwrap() >= 1 && report["audit_segments"].as_u64().unwrap() >= 1);
+
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[first_end as usize + 20] ^= 0x40;
+    std::fs::write(&segment, &bytes).unwrap();
+    let trail = files_below(&dirs.data().join("audit")).into_iter().max().unwrap();
+    let mut audit = std::fs::read(&trail).unwrap();
+    let at = 48 + 8 + 3; // inside the first record, after the segment header and frame head
+    audit[at] ^= 0x01;
+    std::fs::write(&trail, &audit).unwrap();
+
+    let (ok, report) = check();
+    assert!(!ok && report["ok"] == false, "{report}");
+    let damage = report["damage"].as_array().unwrap();
+    let listed = |file: &std::path::Path, offset: u64| {
+        damage.iter().any(|d| d["file"] == file.display().to_string() && d["offset"] == offset)
+    };
+    assert!(listed(&segment, first_end), "{report}");
+    assert!(listed(&trail, 48), "{report}");
+    assert!(report["advice"].as_str().unwrap().contains("--accept-damage"));
+    assert_eq!((std::fs::read(&segment).unwrap(), std::fs::read(&trail).unwrap()), (bytes, audit), "nothing changed");
+}
