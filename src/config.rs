@@ -276,7 +276,12 @@ impl Config {
         region::check_endpoints(&self.region_endpoints).map_err(bad)?;
         let from_table = |name: &str, r: &crate::region::RegionConfig| {
             let root_key = match (&r.root_key_file, &r.root_passphrase_file) {
-                (Some(f), _) => RootKeySource::File(f.clone()),
+                (Some(_), Some(_)) => {
+                    return Err(bad(format!(
+                        "regions.{name}: root_key_file and root_passphrase_file both set; give one"
+                    )));
+                }
+                (Some(f), None) => RootKeySource::File(f.clone()),
                 (None, Some(f)) => RootKeySource::PassphraseFile(f.clone()),
                 (None, None) => region::root_key_from_env(name).ok_or_else(|| {
                     bad(format!(
@@ -312,13 +317,16 @@ impl Config {
                 // its own development root key unless one is set for it.
                 if self.root_key_file.is_some() || self.root_passphrase_file.is_some() {
                     return Err(bad(
-                        "root_key_file / root_passphrase_file name one root key, but the development default hosts                          two regions (eu, us): set region = \"eu\" (serve --region eu) for one region, or                          [regions.*] with a root key each"
+                        "root_key_file / root_passphrase_file name one root key, but the development default hosts \
+                         two regions (eu, us): set region = \"eu\" (serve --region eu) for one region, or \
+                         [regions.*] with a root key each"
                             .into(),
                     ));
                 }
                 if std::env::var_os(ROOT_KEY_ENV).is_some() || std::env::var_os(ROOT_PASSPHRASE_ENV).is_some() {
                     return Err(bad(format!(
-                        "{ROOT_KEY_ENV} names one root key, but the development default hosts two regions (eu,                          us): start with --region eu for one region, or set {} and {}",
+                        "{ROOT_KEY_ENV} names one root key, but the development default hosts two regions (eu, \
+                         us): start with --region eu for one region, or set {} and {}",
                         region::root_key_env("eu"),
                         region::root_key_env("us")
                     )));
@@ -328,7 +336,8 @@ impl Config {
                 {
                     if dir.join(marker).exists() {
                         return Err(bad(format!(
-                            "{what} {} holds a single-region directory from before regions: name its region                              (serve --region eu, or region = \"eu\" in the configuration)",
+                            "{what} {} holds a single-region directory from before regions: name its region \
+                             (serve --region eu, or region = \"eu\" in the configuration)",
                             dir.display()
                         )));
                     }
@@ -428,6 +437,8 @@ mod tests {
             bad(&format!("{two}[region_endpoints]\nap = \"http://a:1\"\nsa = \"http://a:1\"\n"))
                 .contains("both point at")
         );
+        let both = two.replace("root_key_file = \"/r/us\"", "root_key_file = \"/r/us\"\nroot_passphrase_file = \"/p\"");
+        assert!(bad(&both).contains("regions.us: root_key_file and root_passphrase_file"));
         let dev_with_one_key = Config { root_key_file: Some("/r".into()), ..Config::default() };
         assert!(dev_with_one_key.region_specs().err().unwrap().to_string().contains("two regions"));
     }

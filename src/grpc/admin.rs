@@ -48,6 +48,8 @@ pub struct Admin {
     pub token: OperatorToken,
     pub key_hash: KeyHashParams,
     pub clock: Arc<dyn Clock>,
+    /// Held while a tenant is created: no two regions take one id at once.
+    pub creating: std::sync::Mutex<()>,
 }
 
 fn tenant_id(s: &str) -> Result<TenantId, Status> {
@@ -181,6 +183,14 @@ impl Admin {
         self.holder(tenant).unwrap_or_else(|| self.first().clone())
     }
 
+    /// `tenant` as region `r`'s trail may record it: only a tenant of that region. A
+    /// call about another region's tenant (or none) is recorded without the id, so no
+    /// region's files ever hold another's tenant ids.
+    fn shown<'a>(r: &AdminRegion, tenant: &'a str) -> &'a str {
+        let held = TenantId::parse(tenant).ok().and_then(|t| r.registry.status(&t).ok().flatten()).is_some();
+        if held { tenant } else { "" }
+    }
+
     /// The hosted region whose registry has `tenant`, if any.
     fn holder(&self, tenant: &str) -> Option<Arc<AdminRegion>> {
         let id = TenantId::parse(tenant).ok()?;
@@ -289,7 +299,7 @@ impl Admin {
         key_id: &str,
         result: Result<T, Status>,
     ) -> Result<T, Status> {
-        record_change(&r.audit, &r.vault, source, op, tenant, key_id, result).await
+        record_change(&r.audit, &r.vault, source, op, Self::shown(r, tenant), key_id, result).await
     }
 
     /// Records a hold change with what it covers and the operator's reason.
@@ -308,6 +318,7 @@ impl Admin {
             _ => (String::new(), String::new()),
         };
         let hold_id = result.as_ref().map(|h| h.id.clone()).unwrap_or_default();
+        let tenant = Self::shown(r, tenant);
         // The reason given with this call (a hold set again keeps its first reason).
         let ev = Event {
             tenant: tenant.to_owned(),
@@ -369,16 +380,26 @@ impl AdminService for Admin {
             Err(e) => return Err(self.record(self.first(), source, Operation::CreateTenant, &id, "", Err(e)).await?),
         };
         // One tenant id names one tenant on this node, whichever region it is in.
-        if let Some(r) = self.holder(&id).filter(|r| r.name != home.name) {
-            // Recorded where the tenant lives: its id is no business of the other region.
-            let e = Status::already_exists(format!("tenant {id:?} exists already, in region {}", r.name));
-            return Err(self.record(&r, source, Operation::CreateTenant, &id, "", Err(e)).await?);
-        }
-        let result = allowlist_in(&allowlist).and_then(|list| {
-            self.tenant_change(&home, &id, |t| {
-                home.registry.create(t.clone(), display_name, list, retention_in(retention), now)
-            })
-        });
+        // The check that no other hosted region has the id and the creation are one step.
+        let created = {
+            let _one_at_a_time = self.creating.lock().map_err(|_| Status::internal("lock poisoned"))?;
+            match self.holder(&id).filter(|r| r.name != home.name) {
+                Some(r) => Err(r),
+                None => Ok(allowlist_in(&allowlist).and_then(|list| {
+                    self.tenant_change(&home, &id, |t| {
+                        home.registry.create(t.clone(), display_name, list, retention_in(retention), now)
+                    })
+                })),
+            }
+        };
+        let result = match created {
+            Ok(result) => result,
+            Err(r) => {
+                // Recorded where the tenant lives: its id is no business of the other region.
+                let e = Status::already_exists(format!("tenant {id:?} exists already, in region {}", r.name));
+                return Err(self.record(&r, source, Operation::CreateTenant, &id, "", Err(e)).await?);
+            }
+        };
         Ok(Response::new(self.record(&home, source, Operation::CreateTenant, &id, "", result).await?))
     }
 
@@ -429,6 +450,7 @@ impl AdminService for Admin {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
         let home = self.home(&id);
+        let shown = Self::shown(&home, &id).to_owned();
         let (registry, vault, audit, now) =
             (home.registry.clone(), home.vault.clone(), home.audit.clone(), self.clock.now());
         // Detached: a client that goes away mid-erasure leaves neither half an erasure
@@ -460,7 +482,7 @@ impl AdminService for Admin {
                 })
             }
             .await;
-            record_change(&audit, &vault, source, Operation::DeleteTenant, &id, "", result).await
+            record_change(&audit, &vault, source, Operation::DeleteTenant, &shown, "", result).await
         });
         Ok(Response::new(reply.await?))
     }
@@ -472,6 +494,7 @@ impl AdminService for Admin {
         let source = self.operator(&req)?;
         let id = req.into_inner().tenant_id;
         let home = self.home(&id);
+        let shown = Self::shown(&home, &id).to_owned();
         let (registry, params, now) = (home.registry.clone(), self.key_hash, self.clock.now());
         let (vault, audit) = (home.vault.clone(), home.audit.clone());
         let (info, key) = detached(async move {
@@ -484,7 +507,7 @@ impl AdminService for Admin {
                 Err(e) => Err(e),
             };
             let key_id = result.as_ref().map(|(info, _)| info.id.as_str().to_owned()).unwrap_or_default();
-            record_change(&audit, &vault, source, Operation::IssueApiKey, &id, &key_id, result).await
+            record_change(&audit, &vault, source, Operation::IssueApiKey, &shown, &key_id, result).await
         })
         .await?;
         Ok(Response::new(pb::IssueApiKeyResponse { key: Some(key_out(&info)), api_key: key.expose().to_owned() }))

@@ -10,12 +10,14 @@ pub const FORWARDED_FOR: &str = "x-forwarded-for";
 /// but not a bearer token.
 pub fn bearer(md: &MetadataMap) -> Result<Option<&str>, ()> {
     let Some(v) = md.get(AUTHORIZATION) else { return Ok(None) };
-    let text = v.to_str().map_err(|_| ())?;
-    let (scheme, token) = text.split_once(' ').ok_or(())?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(());
-    }
-    Ok(Some(token.trim()))
+    bearer_token(v.to_str().map_err(|_| ())?).map(Some).ok_or(())
+}
+
+/// The token of an `authorization` header's text, the scheme in any case: one reading,
+/// for the node and the router alike.
+pub fn bearer_token(text: &str) -> Option<&str> {
+    let (scheme, token) = text.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Every `x-forwarded-for` header, joined as one list (proxies may send several).

@@ -29,7 +29,7 @@ pub use connections::{ConnectionLimits, METRICS_MAX as METRICS_CONNECTIONS};
 pub use limits::{Work, WorkLimits};
 
 pub use admin::{Admin, AdminGuard, AdminRegion};
-pub use credentials::Bearer;
+pub use credentials::{Bearer, bearer_token};
 pub use gate::Gate;
 pub use regions::{Regions, wrong_region};
 pub use subjects::MAX_BATCH as SHRED_BATCH_MAX;
@@ -156,6 +156,12 @@ pub async fn serve_admin(
 /// Health service name, on the admin listener, that is NOT_SERVING while a key-store
 /// rotation keeps failing: erasures are not becoming final.
 pub const ERASURE_HEALTH: &str = "chatvault.erasure";
+
+/// The observing layer of a listener (deadlines, connection accounting, metrics), for
+/// listeners built outside this module (the router's).
+pub fn observe_layer(table: connections::ConnTable, send_timeout: Duration) -> observe::ObserveLayer {
+    observe::ObserveLayer::new(table, send_timeout)
+}
 
 /// Accepted connections with TCP_NODELAY and keepalive, and nothing more: for the load
 /// benchmark's echo floor, which must not pay for chatvault's accounting.

@@ -103,11 +103,44 @@ pub struct FileKeyDir {
     dir: PathBuf,
     root: RootKey,
     binding: Binding,
+    /// The region stamp to write once the whole open succeeded (a new or migrated key
+    /// directory): [`FileKeyDir::commit_region_stamp`].
+    unstamped: std::sync::Mutex<Option<RegionStamp>>,
     store_id: [u8; 16],
     ksks: RwLock<BTreeMap<u64, Arc<SecretKey>>>,
 }
 
 impl FileKeyDir {
+    /// Writes the region stamp of a new or migrated key directory: called once whatever
+    /// opens it has accepted it, so a refused start stamps nothing.
+    pub fn commit_region_stamp(&self) -> Result<(), KeyError> {
+        let pending = self.unstamped.lock().map_err(|_| KeyError::Poisoned)?.take();
+        match pending {
+            Some(stamp) => stamp.write(&self.dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks, reading only, that `dir` can be opened as `region` under `source`: the
+    /// region stamp, and the root key's check value (returned, so that callers can
+    /// refuse one root key for two regions). `None` when there is nothing to check yet
+    /// (a directory not made, a development key not generated).
+    pub fn preflight(dir: &Path, source: &RootKeySource, region: &str) -> Result<Option<[u8; 16]>, KeyError> {
+        if let RootKeySource::Development(path) = source
+            && !path.exists()
+        {
+            return Ok(None);
+        }
+        let meta = read_meta(&dir.join(META_FILE))?;
+        region_stamp(dir, region, false)?;
+        let loaded = root::load(source, meta.as_ref().and_then(|m| m.passphrase), &mut None)?;
+        let check = loaded.key.check_value();
+        if meta.is_some_and(|m| m.root_check != check) {
+            return Err(KeyError::WrongRootKey);
+        }
+        Ok(Some(check))
+    }
+
     /// The key that signs erasure receipts, from this directory (made on first use).
     pub fn receipt_signer(&self) -> Result<super::ReceiptSigner, KeyError> {
         super::receipts::ReceiptSigner::open(&self.dir, &self.root, &self.store_id, &self.binding)
@@ -150,13 +183,16 @@ impl FileKeyDir {
                 meta.store_id
             }
         };
-        let (binding, unstamped) = region_stamp(dir, region, !report.created)?;
-        let keydir = FileKeyDir { dir: dir.to_path_buf(), root, binding, store_id, ksks: RwLock::new(BTreeMap::new()) };
+        let (binding, unstamped) = region_stamp(dir, region, !report.created && has_v1_ksk(dir)?)?;
+        let keydir = FileKeyDir {
+            dir: dir.to_path_buf(),
+            root,
+            binding,
+            unstamped: std::sync::Mutex::new(unstamped),
+            store_id,
+            ksks: RwLock::new(BTreeMap::new()),
+        };
         keydir.load_ksks()?;
-        // Stamped only once its keys opened as this region's: a refused start changes nothing.
-        if let Some(stamp) = unstamped {
-            stamp.write(dir)?;
-        }
         if keydir.epochs().is_empty() {
             keydir.add_epoch()?;
         }
@@ -354,6 +390,25 @@ impl RegionStamp {
         }
         Ok(())
     }
+}
+
+/// Whether a key file sealed before regions (a v1 envelope) is in `dir`: what makes a key
+/// directory without a stamp one from a single-region release, rather than a new one
+/// whose stamp a crash or a hand kept from being written.
+fn has_v1_ksk(dir: &Path) -> Result<bool, KeyError> {
+    for entry in fs::read_dir(dir).map_err(|e| KeyError::io(dir, e))? {
+        let path = entry.map_err(|e| KeyError::io(dir, e))?.path();
+        if !is_ksk_file(&path) {
+            continue;
+        }
+        let bytes = fs::read(&path).map_err(|e| KeyError::io(&path, e))?;
+        if let Ok(file) = postcard::from_bytes::<KskFile>(&bytes)
+            && file.sealed.first() == Some(&1)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn is_ksk_file(path: &Path) -> bool {

@@ -27,6 +27,16 @@ pub struct RouterConfig {
     pub upstream_tls: Option<UpstreamTls>,
     /// How often each region node's health is asked.
     pub health_check_interval_ms: u64,
+    /// Bounds on the listener's connections, as on a region node's (`grpc::connections`):
+    /// the router is the piece that faces the internet.
+    pub connections: crate::grpc::ConnectionLimits,
+    /// Longest a call may take before the router gives up on it; an export may stream
+    /// longer, as long as its reader keeps taking data.
+    pub request_timeout_ms: u64,
+    /// Load balancers in front of the router whose `x-forwarded-for` is kept (CIDRs).
+    /// From anyone else the header is replaced by the address the router saw, so a
+    /// client cannot write its own way past a tenant's allowlist.
+    pub trusted_proxies: Vec<String>,
     /// A plaintext listener serving only grpc.health.v1 (the router's and each region's
     /// status), for probes inside the pod or host; none to turn it off.
     pub health_listen: Option<SocketAddr>,
@@ -82,6 +92,9 @@ impl Default for RouterConfig {
             upstream_tls: None,
             health_check_interval_ms: 2000,
             health_listen: None,
+            trusted_proxies: Vec::new(),
+            connections: crate::grpc::ConnectionLimits::default(),
+            request_timeout_ms: 30_000,
         }
     }
 }
@@ -108,6 +121,7 @@ impl RouterConfig {
                 return Err(format!("regions.{name}.endpoint: {:?} is not an http(s)://host:port URL", t.endpoint));
             }
         }
+        crate::tenancy::parse_list(&self.trusted_proxies).map_err(|e| format!("trusted_proxies: {e}"))?;
         if let Some(r) = &self.unnamed_keys_region
             && !self.regions.contains_key(r)
         {

@@ -56,7 +56,9 @@ pub async fn run(config: RouterConfig, shutdown: impl Future<Output = ()> + Send
         .add_service(v1)
         .add_service(v1alpha)
         .prepare();
-    let svc = proxy::Proxy::new(upstreams.clone(), config.unnamed_keys_region.clone(), local);
+    let trusted =
+        crate::tenancy::parse_list(&config.trusted_proxies).map_err(|e| RouterError::Config(e.to_string()))?;
+    let svc = proxy::Proxy::new(upstreams.clone(), config.unnamed_keys_region.clone(), trusted, local);
 
     let bind = |a: std::net::SocketAddr| async move {
         let l = TcpListener::bind(a).await.map_err(|source| RouterError::Listen { addr: a, source })?;
@@ -84,13 +86,22 @@ pub async fn run(config: RouterConfig, shutdown: impl Future<Output = ()> + Send
         .collect();
     tracing::info!(%addr, regions = ?config.regions.keys().collect::<Vec<_>>(), "chatvault router serving");
     println!("chatvault router listening on {addr}");
+    let c = &config.connections;
     let mut server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_interval(Some(Duration::from_secs(c.keepalive_interval_secs.max(1))))
+        .http2_keepalive_timeout(Some(Duration::from_secs(c.keepalive_timeout_secs.max(1))))
+        .max_concurrent_streams(c.max_concurrent_streams.max(1))
+        .max_connection_age(Duration::from_secs(c.max_connection_age_secs.max(1)))
+        .max_connection_age_grace(Duration::from_secs(c.max_connection_age_grace_secs));
     if let Some(tls) = &config.tls {
         server = server.tls_config(tls.server_config().map_err(|e| RouterError::Config(e.to_string()))?)?;
     }
-    let incoming = crate::grpc::incoming(listener);
+    // The same connection accounting as a node's listeners: caps per source and in all,
+    // handshake and idle timeouts.
+    let (incoming, table) =
+        crate::grpc::connections::incoming(listener, c.clone(), crate::metrics::get().clone(), "router");
+    let timeout = Duration::from_millis(config.request_timeout_ms.max(1));
+    let server = server.layer(crate::grpc::observe_layer(table, timeout));
     let served = server.serve_with_incoming_shutdown(svc, incoming, shutdown).await;
     for c in checks.into_iter().chain(probes) {
         c.abort();

@@ -30,11 +30,17 @@ pub struct Proxy {
 struct Inner {
     upstreams: BTreeMap<String, Channel>,
     unnamed: Option<String>,
+    trusted: Vec<crate::tenancy::Cidr>,
 }
 
 impl Proxy {
-    pub fn new(upstreams: BTreeMap<String, Channel>, unnamed: Option<String>, local: Routes) -> Self {
-        Proxy { inner: Arc::new(Inner { upstreams, unnamed }), local }
+    pub fn new(
+        upstreams: BTreeMap<String, Channel>,
+        unnamed: Option<String>,
+        trusted: Vec<crate::tenancy::Cidr>,
+        local: Routes,
+    ) -> Self {
+        Proxy { inner: Arc::new(Inner { upstreams, unnamed, trusted }), local }
     }
 }
 
@@ -60,8 +66,7 @@ impl Inner {
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(crate::grpc::bearer_token);
         let named = token
             .and_then(crate::tenancy::region_of_key)
             .filter(|r| crate::region::check_name(r).is_ok())
@@ -106,13 +111,15 @@ impl Service<Request<Body>> for Proxy {
             Err(status) => return answer(status),
         };
         // The node checks the tenant's allowlist against this address (the router is
-        // one of its trusted proxies); whatever the client wrote before it proves nothing.
-        match peer(&req).map(|ip| HeaderValue::from_str(&ip.to_string())) {
-            Some(Ok(v)) => {
-                req.headers_mut().append("x-forwarded-for", v);
-            }
-            _ => return answer(Status::internal("no peer address")),
+        // one of its trusted proxies). What a client wrote there is dropped; only a load
+        // balancer the router trusts may have named the client before it.
+        let Some(ip) = peer(&req) else { return answer(Status::internal("no peer address")) };
+        let Ok(v) = HeaderValue::from_str(&ip.to_string()) else { return answer(Status::internal("peer address")) };
+        let ip = crate::tenancy::canonical_ip(ip);
+        if !self.inner.trusted.iter().any(|c| c.contains(ip)) {
+            req.headers_mut().remove("x-forwarded-for");
         }
+        req.headers_mut().append("x-forwarded-for", v);
         Box::pin(async move {
             match channel.oneshot(req).await {
                 Ok(response) => Ok(response),

@@ -64,6 +64,22 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             harden::close_directory(dir, what).map_err(ServerError::Refused)?;
         }
     }
+    // Every region is checked, reading only, before any is opened: a start refused for
+    // one region writes nothing in another.
+    let mut checks: Vec<([u8; 16], &str)> = Vec::new();
+    for spec in &specs {
+        let check = crate::keys::FileKeyDir::preflight(&spec.key_dir, &spec.root_key, &spec.name)
+            .map_err(|e| ServerError::Refused(format!("region {}: {e}", spec.name)))?;
+        if let Some(check) = check {
+            if let Some((_, other)) = checks.iter().find(|(c, _)| *c == check) {
+                return Err(ServerError::Refused(format!(
+                    "regions {other} and {} have the same root key: every region needs its own",
+                    spec.name
+                )));
+            }
+            checks.push((check, &spec.name));
+        }
+    }
     let (token, dev_token) = config.operator_token()?;
     let mut nodes = Vec::new();
     for spec in &specs {
@@ -130,6 +146,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         token,
         key_hash: config.auth.key_hash,
         clock: nodes[0].clock.clone(),
+        creating: std::sync::Mutex::new(()),
     };
     let tls = |t: &Option<crate::config::TlsFiles>| t.as_ref().map(|t| t.server_config()).transpose();
     let serve_opts = ServeOptions {
@@ -170,7 +187,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_health = tonic_health::server::HealthReporter::new();
-    let failing = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let failing = Arc::new(tokio::sync::Mutex::new(std::collections::BTreeSet::new()));
     let mut workers = Vec::new();
     for (n, a) in nodes.iter().zip(&admin_regions) {
         let (vault, audit) = (n.vault.clone(), n.audit.clone());
@@ -226,12 +243,20 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     for w in workers {
         let _ = w.await;
     }
+    // Every region is synced and checkpointed, whichever fails: the first error is told.
+    let mut closed = Ok(());
     for n in &nodes {
-        n.vault.sync()?;
         // The ledger hears that everything is durable, and where the trail ends.
-        n.vault.checkpoint_ledger(n.audit.durable_head())?;
+        let r = n.vault.sync().and_then(|()| n.vault.checkpoint_ledger(n.audit.durable_head()).map(|_| ()));
+        if let Err(e) = r {
+            tracing::error!(region = %n.region, error = %e, "closing the region failed");
+            if closed.is_ok() {
+                closed = Err(e);
+            }
+        }
     }
     served?;
+    closed?;
     Ok(())
 }
 

@@ -65,7 +65,7 @@ pub(super) async fn rotation_worker(
     region: String,
     every_secs: u64,
     health: tonic_health::server::HealthReporter,
-    failing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    failing: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let every = Duration::from_secs(every_secs.max(1));
@@ -75,19 +75,17 @@ pub(super) async fn rotation_worker(
         let failures = vault.rotation_health().consecutive_failures;
         let status = |ok: bool| if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
         // Per region, and in all: NOT_SERVING while any hosted region's rotation fails.
-        let all_ok = match failing.lock() {
-            Ok(mut set) => {
-                if failures == 0 {
-                    set.remove(&region);
-                } else {
-                    set.insert(region.clone());
-                }
-                set.is_empty()
+        // Held across both reports, so one region's stale answer never overwrites another's.
+        {
+            let mut set = failing.lock().await;
+            if failures == 0 {
+                set.remove(&region);
+            } else {
+                set.insert(region.clone());
             }
-            Err(_) => false,
-        };
-        health.set_service_status(&regional, status(failures == 0)).await;
-        health.set_service_status(grpc::ERASURE_HEALTH, status(all_ok)).await;
+            health.set_service_status(&regional, status(failures == 0)).await;
+            health.set_service_status(grpc::ERASURE_HEALTH, status(set.is_empty())).await;
+        }
         // A failing rotation is retried on its own schedule, even with scheduled checks off.
         let wait = if failures > 0 {
             Vault::rotation_retry_delay(failures)

@@ -26,7 +26,7 @@ const HEADER_LEN: u64 = MAGIC.len() as u64;
 const FRAME_HEAD: usize = 8;
 const SUFFIX: &str = ".values";
 /// First byte of an encoded pointer. Values stored inline start with an AEAD envelope's
-/// version byte (1), so the two never collide.
+/// version byte (1 before regions, 2 since), so the two never collide.
 const POINTER_TAG: u8 = 0xB0;
 /// Larger values are refused: a frame's length must fit its u32 with room to spare.
 pub const MAX_VALUE: usize = 64 * 1024 * 1024;
@@ -598,15 +598,15 @@ mod tests {
 
     #[test]
     fn pointers_never_look_like_inline_ciphertext() {
-        let envelope = crate::crypto::seal(
-            crate::crypto::Algorithm::Aes256Gcm,
-            &crate::crypto::SecretKey::generate().unwrap(),
-            b"aad",
-            &[0; 1],
-        )
-        .unwrap();
-        assert_ne!(envelope[0], POINTER_TAG);
-        let same_length = &envelope[..ValuePointer::ENCODED_LEN];
-        assert!(ValuePointer::decode(same_length).is_none(), "an envelope's first byte is not the pointer tag");
+        let key = crate::crypto::SecretKey::generate().unwrap();
+        let alg = crate::crypto::Algorithm::Aes256Gcm;
+        let aad = crate::crypto::Aad::new(crate::crypto::RecordKind::Message);
+        let v1 = crate::crypto::seal(alg, &key, &aad.legacy(), &[0; 1]).unwrap();
+        let v2 = crate::crypto::Binding::new("eu", false).seal(alg, &key, &aad, &[0; 1]).unwrap();
+        for envelope in [v1, v2] {
+            assert_ne!(envelope[0], POINTER_TAG);
+            let same_length = &envelope[..ValuePointer::ENCODED_LEN];
+            assert!(ValuePointer::decode(same_length).is_none(), "an envelope's first byte is not the pointer tag");
+        }
     }
 }

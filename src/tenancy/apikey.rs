@@ -70,6 +70,7 @@ pub fn region_of(token: &str) -> Option<&str> {
 pub fn parse(token: &str) -> Result<(KeyId, &str), Malformed> {
     let mut rest = token.strip_prefix(PREFIX).ok_or(Malformed)?;
     if let Some(region) = region_of(token) {
+        crate::region::check_name(region).map_err(|_| Malformed)?;
         rest = &rest[region.len() + 1..];
     }
     let (id, secret) = rest.split_once('_').ok_or(Malformed)?;
@@ -169,6 +170,7 @@ mod tests {
         let regional = format!("cvk_us_{}_{}", "0123456789abcdef", "a".repeat(64));
         assert_eq!(parse(&regional).map(|(id, _)| id), parse(&good).map(|(id, _)| id));
         assert_eq!(region_of(&format!("{regional}_x")), None);
+        assert_eq!(parse(&regional.replace("cvk_us_", "cvk_US_")), Err(Malformed), "not a region name");
         for bad in [
             "",
             "Bearer x",

@@ -197,7 +197,8 @@ impl Vault {
         layout_check::refuse_overlap(&opts.data_dir, &opts.key_dir)?;
         let (keydir, report) = FileKeyDir::open(&opts.key_dir, &opts.root_key, &opts.region)?;
         let receipts = keydir.receipt_signer()?;
-        let keydir = keys(Arc::new(keydir));
+        let file_keys = Arc::new(keydir);
+        let keydir = keys(file_keys.clone());
         let store = store(Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?));
         // Everything up to the verdict only reads: a refused start writes nothing of ours.
         let fresh = bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
@@ -263,6 +264,8 @@ impl Vault {
         vault.replay_ledger(verdict)?;
         vault.note_unrecorded_destructions()?;
         vault.resume_rotation();
+        // Every check passed: the key directory may now say which region it is.
+        file_keys.commit_region_stamp()?;
         Ok((vault, report))
     }
 

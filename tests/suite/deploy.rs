@@ -158,6 +158,21 @@ fn check_region(region: &str) -> (String, u16) {
     assert_eq!(s(&svc_port["targetPort"]), "grpc");
     let pdb = kind(&d, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["selector"], sts["spec"]["selector"]);
+    // Only router pods reach the data port: nobody else can pass for a trusted proxy.
+    let policy = kind(&d, "NetworkPolicy");
+    assert_eq!(policy["spec"]["podSelector"], sts["spec"]["selector"]);
+    let grpc_from: Vec<&Yaml> = list(&policy["spec"]["ingress"])
+        .iter()
+        .filter(|rule| list(&rule["ports"]).iter().any(|p| p["port"].as_str() == Some("grpc")))
+        .flat_map(|rule| list(&rule["from"]))
+        .collect();
+    assert_eq!(grpc_from.len(), 1);
+    let router_labels = &docs("deploy/k8s/router.yaml")
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("Deployment"))
+        .unwrap()["spec"]["template"]["metadata"]["labels"]
+        .clone();
+    assert_eq!(&grpc_from[0]["podSelector"]["matchLabels"], router_labels);
     assert_eq!(sts["spec"]["selector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"]);
     let other = if region == "eu" { "us" } else { "eu" };
     let hint = cfg.region_endpoints.get(other).expect("the other region's endpoint");
@@ -198,6 +213,7 @@ fn the_kubernetes_manifests_match_the_config_code_ports_and_volume_paths() {
     assert!(dep["spec"]["replicas"].as_i64().unwrap() >= 2, "the router scales out");
     let svc = kind(&d, "Service");
     assert_eq!(s(&named(&svc["spec"]["ports"], "grpc")["targetPort"]), "grpc");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"].as_str(), Some("Local"), "the router sees the client's address");
     assert_eq!(kind(&d, "PodDisruptionBudget")["spec"]["selector"], dep["spec"]["selector"]);
 }
 

@@ -18,9 +18,10 @@ use tonic_types::StatusExt;
 use super::common::*;
 
 /// A region node: its own directories, its own root key, the other region's endpoint
-/// known, and the router's address (loopback) trusted for `x-forwarded-for`.
+/// known, and the router's network trusted for `x-forwarded-for` (all of loopback, as a
+/// cluster's pod network would be: a client inside it must not pass for another).
 fn region_node(dirs: &Dirs, region: &str, root: &str, other: Option<(&str, &str)>) -> Server {
-    let mut toml = String::from("[auth]\ntrusted_proxies = [\"127.0.0.1/32\"]\n");
+    let mut toml = String::from("[auth]\ntrusted_proxies = [\"127.0.0.0/8\"]\n");
     if let Some((name, url)) = other {
         toml.push_str(&format!("[region_endpoints]\n{name} = \"{url}\"\n"));
     }
@@ -169,6 +170,16 @@ async fn two_region_nodes_behind_a_router_keep_each_tenant_in_its_region() {
     // The allowlist is checked against the real client, not the router.
     let mut elsewhere = transcripts(router.channel_from("127.0.0.6").await, &eu_key);
     assert_eq!(get(&mut elsewhere, "eu-chat").await.unwrap_err().code(), Code::PermissionDenied);
+    // Nor can a client name the allowed address itself: the router replaces the header.
+    let mut forged = tonic::Request::new(pb::GetTranscriptRequest { transcript_id: "eu-chat".into() });
+    forged.metadata_mut().insert("x-forwarded-for", "127.0.0.5".parse().unwrap());
+    let e = elsewhere.get_transcript(forged).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "a forged x-forwarded-for passed the allowlist: {e:?}");
+    // The scheme is read in any case, as the node reads it: a US key never reaches EU.
+    let mut lower = tonic::Request::new(pb::GetTranscriptRequest { transcript_id: "us-chat".into() });
+    lower.metadata_mut().insert("authorization", format!("bearer {us_key}").parse().unwrap());
+    let mut bare = TranscriptServiceClient::new(router.channel_from("127.0.0.5").await);
+    assert_eq!(bare.get_transcript(lower).await.unwrap().into_inner().transcript.unwrap().transcript_id, "us-chat");
 
     // The US node refuses an EU tenant, naming the region and where it is served; it
     // never falls back.
@@ -181,9 +192,13 @@ async fn two_region_nodes_behind_a_router_keep_each_tenant_in_its_region() {
     assert_eq!(info.metadata.get("endpoint").map(String::as_str), Some(EU_PUBLIC));
     // Admin calls name the region where it matters.
     let mut eu_admin = eu.admin().await;
-    let us_create = pb::CreateTenantRequest { tenant_id: "x".into(), region: "us".into(), ..Default::default() };
+    // Asked of the wrong node, about a tenant of the other region: refused, and recorded
+    // without the id (the scan below finds no US tenant id in EU's files).
+    let us_create = pb::CreateTenantRequest { tenant_id: "usco".into(), region: "us".into(), ..Default::default() };
     let e = eu_admin.create_tenant(us_create).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let suspend = eu_admin.suspend_tenant(pb::SuspendTenantRequest { tenant_id: "usco".into() }).await.unwrap_err();
+    assert_eq!(suspend.code(), Code::NotFound);
     let unknown = pb::CreateTenantRequest { tenant_id: "x".into(), region: "mars".into(), ..Default::default() };
     let e = eu_admin.create_tenant(unknown).await.unwrap_err();
     assert!(e.code() == Code::InvalidArgument && e.message().starts_with("region:"), "{e:?}");
@@ -329,6 +344,14 @@ async fn one_process_hosts_eu_and_us_by_default_each_in_its_own_folders() {
     assert!(holds(&us_files, b"euco").is_empty() && !holds(&eu_files, b"euco").is_empty());
     assert!(holds(&eu_files, b"usco").is_empty() && !holds(&us_files, b"usco").is_empty());
 
+    // The same key given to both regions is refused before either is opened.
+    let same = Opts {
+        env: vec![("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX), ("CHATVAULT_ROOT_KEY_US", ROOT_KEY_HEX)],
+        env_remove: vec!["CHATVAULT_REGION", "CHATVAULT_ROOT_KEY"],
+        ..Opts::default()
+    };
+    let e = Server::try_start(&Dirs::new(), same).err().expect("one root key for two regions");
+    assert!(e.contains("regions eu and us have the same root key"), "{e}");
     // One root key for two regions is refused, naming the per-region variables.
     let shared = Opts { env_remove: vec!["CHATVAULT_REGION"], ..Opts::default() };
     let e = Server::try_start(&dirs, shared).err().expect("one root key for two regions");
@@ -339,4 +362,10 @@ async fn one_process_hosts_eu_and_us_by_default_each_in_its_own_folders() {
     Server::start(&single).stop().await;
     let e = Server::try_start(&single, dual()).err().expect("a single-region directory opened as the dual default");
     assert!(e.contains("from before regions") && e.contains("--region eu"), "{e}");
+    // Nor opened as another region; the refusal changes nothing.
+    let stamp = std::fs::read(single.keys().join("keydir.region")).unwrap();
+    let as_us = Opts { env: vec![("CHATVAULT_REGION", "us")], ..Opts::default() };
+    let e = Server::try_start(&single, as_us).err().expect("eu's directories opened as us");
+    assert!(e.contains("region \"eu\"") && e.contains("\"us\""), "{e}");
+    assert_eq!(std::fs::read(single.keys().join("keydir.region")).unwrap(), stamp);
 }
