@@ -197,15 +197,19 @@ impl Admin {
         self.regions.iter().find(|r| r.registry.status(&id).ok().flatten().is_some()).cloned()
     }
 
+    /// The hosted regions' names, for messages.
+    fn hosted(&self) -> String {
+        self.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
     /// The hosted region a request names in its `region` field: may be empty only when
     /// this node hosts one region. A region served elsewhere is FAILED_PRECONDITION
     /// naming its endpoint; an unknown one INVALID_ARGUMENT.
     fn named(&self, region: &str) -> Result<Arc<AdminRegion>, Status> {
-        let names = || self.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
         if region.is_empty() {
             return match self.regions.as_slice() {
                 [only] => Ok(only.clone()),
-                _ => Err(Status::invalid_argument(format!("region: required; this node hosts {}", names()))),
+                _ => Err(Status::invalid_argument(format!("region: required; this node hosts {}", self.hosted()))),
             };
         }
         if let Some(r) = self.regions.iter().find(|r| r.name == region) {
@@ -216,7 +220,7 @@ impl Admin {
             return Err(super::regions::wrong_region(region, Some(url), hosted.iter()));
         }
         let shown = if crate::region::check_name(region).is_ok() { region } else { "(not a region name)" };
-        Err(Status::invalid_argument(format!("region: unknown region {shown:?}; this node hosts {}", names())))
+        Err(Status::invalid_argument(format!("region: unknown region {shown:?}; this node hosts {}", self.hosted())))
     }
 
     /// Checks the operator token. The right token is always let in (it is compared in
@@ -371,7 +375,7 @@ impl AdminService for Admin {
         let home = match (region.as_str(), self.named(&region)) {
             ("", _) => Err(Status::invalid_argument(format!(
                 "region: required (the region the tenant is pinned to; this node hosts {})",
-                self.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                self.hosted()
             ))),
             (_, found) => found,
         };

@@ -230,7 +230,21 @@ async fn two_region_nodes_behind_a_router_keep_each_tenant_in_its_region() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let us_files = contents(&[us_dirs.data(), us_dirs.keys()]);
     let eu_files = contents(&[eu_dirs.data(), eu_dirs.keys()]);
-    for (needle, what) in [(&b"euco"[..], "EU tenant id"), (&anna[..], "EU blind subject id")] {
+    // The transcript blind ids (part of every record key) as the EU trail names them.
+    let trail = eu_admin
+        .query_audit(pb::QueryAuditRequest { tenant_id: "euco".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let eu_chat = trail
+        .iter()
+        .find(|r| !r.transcript_blind_id.is_empty())
+        .map(|r| hex::decode(&r.transcript_blind_id).unwrap())
+        .expect("a transcript in the trail");
+    for (needle, what) in
+        [(&b"euco"[..], "EU tenant id"), (&anna[..], "EU blind subject id"), (&eu_chat[..], "EU blind transcript id")]
+    {
         assert!(!holds(&eu_files, needle).is_empty(), "control: the EU node holds the {what}");
         assert_eq!(holds(&us_files, needle), Vec::<PathBuf>::new(), "the US node holds the {what}");
     }
