@@ -157,6 +157,10 @@ pub async fn serve_admin(
 /// rotation keeps failing: erasures are not becoming final.
 pub const ERASURE_HEALTH: &str = "chatvault.erasure";
 
+/// Health service name, on the admin listener, that is NOT_SERVING (with the server's
+/// overall status) once a region's storage failed a durable sync: restart the server.
+pub const STORAGE_HEALTH: &str = "chatvault.storage";
+
 /// The observing layer of a listener (deadlines, connection accounting, metrics), for
 /// listeners built outside this module (the router's).
 pub fn observe_layer(table: connections::ConnTable, send_timeout: Duration) -> observe::ObserveLayer {

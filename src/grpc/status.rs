@@ -31,6 +31,7 @@ pub fn to_status(e: VaultError) -> Status {
             Status::data_loss(e.to_string())
         }
         VaultError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
+        VaultError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
         VaultError::Ledger(_) => {
             tracing::error!(error = %e, "the erasure ledger on the key volume failed");
             Status::unavailable("the erasure could not be recorded on the key volume; retry (it is safe to)")
@@ -44,6 +45,17 @@ pub fn to_status(e: VaultError) -> Status {
             Status::internal("internal error; see the server log")
         }
     }
+}
+
+/// A full data volume: the client may retry later (RetryInfo); the message names the
+/// volume for the operator.
+fn full(message: String) -> Status {
+    tracing::error!(%message, "a write was refused: the data volume is full");
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(Duration::from_secs(5))),
+    )
 }
 
 /// A refused authentication. Lockouts and overload carry RetryInfo so clients back off.
@@ -74,6 +86,7 @@ pub fn tenancy_status(e: TenancyError) -> Status {
         TenancyError::TooManyKeys(_) => Status::failed_precondition(e.to_string()),
         TenancyError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         TenancyError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
+        TenancyError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
         TenancyError::Vault(v) => to_status(*v),
         TenancyError::Store(_) | TenancyError::Crypto(_) | TenancyError::Corrupt | TenancyError::Poisoned => {
             tracing::error!(error = %e, "admin request failed on a server fault");

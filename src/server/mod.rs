@@ -12,7 +12,9 @@ pub use check::{CheckReport, check};
 pub use harden::harden_process;
 pub use node::Node;
 pub use restore::{one_region, restore};
-use workers::{denials_worker, ledger_worker, reclaim_worker, retention_worker, rotate_on_sighup, rotation_worker};
+use workers::{
+    denials_worker, ledger_worker, reclaim_worker, retention_worker, rotate_on_sighup, rotation_worker, storage_worker,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,6 +207,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let vaults: Vec<_> = nodes.iter().map(|n| n.vault.clone()).collect();
     workers.push(tokio::spawn(rotate_on_sighup(vaults.clone(), hup, stop_rx.clone())));
+    let named = nodes.iter().map(|n| (n.region.clone(), n.vault.clone())).collect();
+    workers.push(tokio::spawn(storage_worker(named, admin_health.clone(), stop_rx.clone())));
     workers.push(tokio::spawn(denials_worker(regions.clone(), admin.flusher(), stop_rx.clone())));
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {

@@ -195,3 +195,32 @@ pub(super) async fn retention_worker(
         }
     }
 }
+
+/// Reports on the admin listener's health whether every region's storage still syncs:
+/// after a failed sync (a full volume sled hit, an I/O error) writes are refused, and the
+/// server's overall health turns NOT_SERVING so that its supervisor (the liveness probe,
+/// `chatvault health`) restarts it, which recovers from what is on disk once the volume
+/// has room again.
+pub(super) async fn storage_worker(
+    vaults: Vec<(String, Arc<Vault>)>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut reported = None;
+    loop {
+        let failed: Vec<&str> = vaults.iter().filter(|(_, v)| v.storage_failed()).map(|(r, _)| r.as_str()).collect();
+        let ok = failed.is_empty();
+        if reported != Some(ok) {
+            if !ok {
+                tracing::error!(regions = ?failed, "storage failed a durable sync; writes are refused until a restart");
+            }
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status("", status).await;
+            health.set_service_status(grpc::STORAGE_HEALTH, status).await;
+            reported = Some(ok);
+        }
+        if stopped(&mut stop, Duration::from_secs(1)).await {
+            return;
+        }
+    }
+}

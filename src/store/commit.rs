@@ -34,6 +34,8 @@ struct Shared {
     attached: Mutex<Vec<Arc<dyn SyncTarget>>>,
     wake: Mutex<bool>,
     cv: Condvar,
+    /// Set when the sync that failed found its volume full: what later refusals say.
+    full: Mutex<Option<std::path::PathBuf>>,
 }
 
 pub struct GroupCommit {
@@ -53,6 +55,7 @@ impl GroupCommit {
             attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
             cv: Condvar::new(),
+            full: Mutex::new(None),
         });
         let (tx, rx) = watch::channel(Progress { durable: 0, fsynced: 0, failed: false });
         let thread = {
@@ -73,7 +76,7 @@ impl GroupCommit {
             return Ok(());
         }
         if self.is_failed() {
-            return Err(StoreError::Failed);
+            return Err(self.failure());
         }
         {
             let mut wake = self.shared.wake.lock().map_err(|_| StoreError::Failed)?;
@@ -82,7 +85,7 @@ impl GroupCommit {
         }
         let mut rx = self.progress.clone();
         let p = rx.wait_for(|p| p.failed || p.durable >= ticket.0).await.map_err(|_| StoreError::Failed)?;
-        if p.failed { Err(StoreError::Failed) } else { Ok(()) }
+        if p.failed { Err(self.failure()) } else { Ok(()) }
     }
 
     /// Waits until `ticket` is synced with `fsync`, whatever the configured level: for
@@ -92,7 +95,7 @@ impl GroupCommit {
             return self.wait(ticket).await;
         }
         if self.is_failed() {
-            return Err(StoreError::Failed);
+            return Err(self.failure());
         }
         self.shared.forced.fetch_max(ticket.0, Ordering::SeqCst);
         {
@@ -102,7 +105,7 @@ impl GroupCommit {
         }
         let mut rx = self.progress.clone();
         let p = rx.wait_for(|p| p.failed || p.fsynced >= ticket.0).await.map_err(|_| StoreError::Failed)?;
-        if p.failed { Err(StoreError::Failed) } else { Ok(()) }
+        if p.failed { Err(self.failure()) } else { Ok(()) }
     }
 
     /// Makes `target` durable in every round from now on, after the store.
@@ -133,6 +136,14 @@ impl GroupCommit {
     /// can no longer be vouched for until a restart has repaired it.
     pub fn poison(&self) {
         self.shared.poisoned.store(true, Ordering::SeqCst);
+    }
+
+    /// Why writes are refused once a sync failed: the volume that filled, if that was it.
+    pub fn failure(&self) -> StoreError {
+        match self.shared.full.lock().ok().and_then(|f| f.clone()) {
+            Some(volume) => StoreError::FullAfterSync { volume },
+            None => StoreError::Failed,
+        }
     }
 
     /// True once a sync has failed: from then on nothing may be written.
@@ -184,6 +195,9 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
             }
             if let Err(e) = outcome {
                 tracing::error!(error = %e, "durable sync failed; refusing further writes");
+                if let (StoreError::Full { volume }, Ok(mut full)) = (&e, shared.full.lock()) {
+                    *full = Some(volume.clone());
+                }
                 let _ = tx.send(Progress { durable, fsynced, failed: true });
                 return;
             }

@@ -16,6 +16,8 @@ pub use values::{
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record
 /// types use 0x00..=0x0f (see `vault/layout.rs`).
+use std::path::PathBuf;
+
 pub mod space {
     /// Tenant registry: settings and API key hashes.
     pub const TENANCY: u8 = 0x10;
@@ -128,6 +130,28 @@ pub enum StoreError {
     /// An earlier sync failed; writes are refused until restart so no ack lies.
     #[error("storage is unavailable after a failed sync; restart the server")]
     Failed,
+    /// The volume holding the data is full: nothing of this write was kept, everything
+    /// acknowledged before it is.
+    #[error("no space left on the volume holding {}: free space there", volume.display())]
+    Full { volume: PathBuf },
+    /// The volume filled during a durable sync: writes are refused until a restart.
+    #[error(
+        "no space left on the volume holding {}: a sync failed, so writes are refused until the server is \
+         restarted; free space there, then restart it (nothing acknowledged is lost)",
+        volume.display()
+    )]
+    FullAfterSync { volume: PathBuf },
+}
+
+impl StoreError {
+    /// `e` from a file of the volume holding `dir`: a full volume is told apart.
+    pub fn io_at(dir: &std::path::Path, e: std::io::Error) -> StoreError {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            StoreError::Full { volume: dir.to_path_buf() }
+        } else {
+            StoreError::Io(e)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -69,9 +69,23 @@ fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
+impl SledStore {
+    /// A sled error, with a full volume told apart: sled stops for good after one (every
+    /// later call answers the same error), so the server must be restarted once space
+    /// is freed; the group commit's failed sync says so.
+    fn engine(&self, e: sled::Error) -> StoreError {
+        match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                StoreError::Full { volume: self.dir.clone() }
+            }
+            other => engine(other),
+        }
+    }
+}
+
 impl KvStore for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key).map_err(engine)?.map(|v| v.to_vec()))
+        Ok(self.tree.get(key).map_err(|e| self.engine(e))?.map(|v| v.to_vec()))
     }
 
     fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
@@ -81,8 +95,8 @@ impl KvStore for SledStore {
             && let Some(op) = batch.ops.pop()
         {
             match op {
-                Op::Put(k, v) => self.tree.insert(k, v).map_err(engine)?,
-                Op::Delete(k) => self.tree.remove(k).map_err(engine)?,
+                Op::Put(k, v) => self.tree.insert(k, v).map_err(|e| self.engine(e))?,
+                Op::Delete(k) => self.tree.remove(k).map_err(|e| self.engine(e))?,
             };
             return Ok(());
         }
@@ -93,7 +107,7 @@ impl KvStore for SledStore {
                 Op::Delete(k) => b.remove(k),
             }
         }
-        self.tree.apply_batch(b).map_err(engine)
+        self.tree.apply_batch(b).map_err(|e| self.engine(e))
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError> {
@@ -107,7 +121,7 @@ impl KvStore for SledStore {
         };
         let mut out = Vec::with_capacity(limit.min(1024));
         for item in iter {
-            let (k, v) = item.map_err(engine)?;
+            let (k, v) = item.map_err(|e| self.engine(e))?;
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }
@@ -119,7 +133,7 @@ impl KvStore for SledStore {
     fn last(&self, prefix: &[u8]) -> Result<Option<Entry>, StoreError> {
         match self.tree.scan_prefix(prefix).next_back() {
             Some(item) => {
-                let (k, v) = item.map_err(engine)?;
+                let (k, v) = item.map_err(|e| self.engine(e))?;
                 Ok(Some((k.to_vec(), v.to_vec())))
             }
             None => Ok(None),
@@ -127,24 +141,27 @@ impl KvStore for SledStore {
     }
 
     fn compare_and_swap(&self, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<bool, StoreError> {
-        Ok(self.tree.compare_and_swap(key, old, new).map_err(engine)?.is_ok())
+        Ok(self.tree.compare_and_swap(key, old, new).map_err(|e| self.engine(e))?.is_ok())
     }
 
     fn sync(&self, mode: Durability) -> Result<(), StoreError> {
         match mode {
             Durability::None => Ok(()),
-            Durability::Flush => self.db.flush().map(|_| ()).map_err(engine),
+            Durability::Flush => self.db.flush().map(|_| ()).map_err(|e| self.engine(e)),
             Durability::Fsync => {
-                self.db.flush().map_err(engine)?;
-                self.sync_blobs()?;
-                self.log_file.sync_data()?;
+                self.db.flush().map_err(|e| self.engine(e))?;
+                self.sync_blobs().map_err(|e| match e {
+                    StoreError::Io(io) => StoreError::io_at(&self.dir, io),
+                    other => other,
+                })?;
+                self.log_file.sync_data().map_err(|e| StoreError::io_at(&self.dir, e))?;
                 Ok(())
             }
         }
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.db.size_on_disk().map_err(engine)
+        self.db.size_on_disk().map_err(|e| self.engine(e))
     }
 }
 

@@ -283,7 +283,7 @@ impl ValueLog {
             // Part of the frames may be in the file (a full disk). Offsets come from
             // `active.len`, so the file must end there again, or the log stops.
             active.file.set_len(active.len).map_err(|e| self.fail(e))?;
-            return Err(e.into());
+            return Err(StoreError::io_at(&self.dir, e));
         }
         let mut offset = active.len;
         active.len += buf.len() as u64;

@@ -13,7 +13,7 @@ use super::layout::{self, Blind};
 use super::records::{self, Garbage, Header, KeyRecord};
 use super::{Timestamp, Vault, VaultError};
 use crate::keys::{AuditAnchor, AuditGap, ErasureKind, KeyStore, Ledger, LedgerError, Missing, Tombstone};
-use crate::store::{Batch, CommitTicket, Durability, Entry, KvStore, StoreError};
+use crate::store::{Batch, CommitTicket, Durability, Entry, KvStore};
 
 /// The highest ledger counter whose entry the data directory holds (all below it too).
 pub(super) const META_LEDGER: &str = "ledger_counter";
@@ -46,7 +46,7 @@ impl Vault {
     /// ledger order. The caller holds whatever locks make `batch` right.
     pub(super) fn apply_erasure(&self, tombstones: Vec<Tombstone>, mut batch: Batch) -> Result<u64, VaultError> {
         if self.commit.is_failed() {
-            return Err(StoreError::Failed.into());
+            return Err(self.commit.failure().into());
         }
         let _order = self.erasure_order.lock().map_err(|_| VaultError::Internal("erasure lock".into()))?;
         let counter = self.ledger.record_erasures(tombstones)?;
@@ -81,7 +81,7 @@ impl Vault {
     /// first, then stored with the counter and synced. Blocking.
     pub fn store_anchored(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), VaultError> {
         if self.commit.is_failed() {
-            return Err(StoreError::Failed.into());
+            return Err(self.commit.failure().into());
         }
         let counter = {
             let _order = self.erasure_order.lock().map_err(|_| VaultError::Internal("erasure lock".into()))?;
@@ -505,7 +505,7 @@ mod tests {
             // The tombstone is in the ledger, the store lacks it: nothing more is written,
             // or a later erasure's counter would hide this one.
             let later = v.delete_transcript(&tenant, "u").await;
-            assert!(matches!(later, Err(VaultError::Store(StoreError::Failed))), "{later:?}");
+            assert!(matches!(later, Err(VaultError::Store(crate::store::StoreError::Failed))), "{later:?}");
             // Nor may a rotation make the unapplied erasure final (and unreplayable).
             assert!(v.rotate_key_store().is_err());
             assert_eq!(v.keys.epochs(), vec![1]);

@@ -273,7 +273,7 @@ impl Vault {
     /// written, so no request that is refused leaves data behind.
     fn apply(&self, batch: Batch) -> Result<(), VaultError> {
         if self.commit.is_failed() {
-            return Err(crate::store::StoreError::Failed.into());
+            return Err(self.commit.failure().into());
         }
         Ok(self.store.apply(batch)?)
     }
@@ -310,6 +310,13 @@ impl Vault {
     /// The vault's clock: what writes stamp as "now".
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Whether a durable sync failed (a full or failing data volume): writes are refused
+    /// from then on, and only a restart, which recovers from what is on disk, serves
+    /// again.
+    pub fn storage_failed(&self) -> bool {
+        self.commit.is_failed()
     }
 
     pub fn data_dir(&self) -> &std::path::Path {

@@ -41,7 +41,7 @@ impl Vault {
         // A store refusing writes may lack an erasure the ledger holds: destroying its
         // epoch now would make that erasure unreplayable. The restart comes first.
         if self.commit.is_failed() {
-            return Err(crate::store::StoreError::Failed.into());
+            return Err(self.commit.failure().into());
         }
         let epochs = self.keys.epochs();
         let target = match epochs.as_slice() {

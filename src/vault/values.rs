@@ -41,7 +41,7 @@ impl Vault {
     /// If the batch then fails, the values written are dead bytes the tally never counts.
     pub(super) fn put_messages(&self, batch: &mut Batch, sealed: Vec<Entry>) -> Result<(), VaultError> {
         if self.commit.is_failed() {
-            return Err(StoreError::Failed.into());
+            return Err(self.commit.failure().into());
         }
         let (logged, inline): (Vec<Entry>, Vec<Entry>) =
             sealed.into_iter().partition(|(_, v)| v.len() >= self.inline_values_below);
@@ -114,7 +114,7 @@ impl Vault {
     pub fn compact_values(&self) -> Result<usize, VaultError> {
         let _held = self.maintenance.lock().map_err(|_| VaultError::Internal("maintenance lock".into()))?;
         if self.commit.is_failed() {
-            return Err(StoreError::Failed.into());
+            return Err(self.commit.failure().into());
         }
         let mut done = self.delete_retired()?;
         for (segment, size) in self.values.closed_segments()? {

@@ -9,6 +9,7 @@ mod edge;
 mod erase_job;
 mod export;
 mod forensic;
+mod full_disk;
 mod regions;
 mod retention;
 mod rollback;
