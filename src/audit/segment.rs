@@ -140,6 +140,7 @@ impl Segments {
             let next = self.create(SegmentHeader { first_seq: seq, prev: *prev })?;
             if let Some(old) = active.replace(next) {
                 self.closed.lock().map_err(|_| StoreError::Failed)?.push(old.view);
+                crate::failpoint::hit("audit.after_rollover");
             }
         }
         let a = active.as_mut().ok_or(StoreError::Failed)?;

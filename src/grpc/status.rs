@@ -32,6 +32,10 @@ pub fn to_status(e: VaultError) -> Status {
         }
         VaultError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
         VaultError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
+        VaultError::Store(StoreError::Io(_)) => {
+            tracing::error!(error = %e, "a storage I/O error failed the request");
+            Status::unavailable("the data volume failed an I/O operation; nothing of this call was kept; retry later")
+        }
         VaultError::Ledger(_) => {
             tracing::error!(error = %e, "the erasure ledger on the key volume failed");
             Status::unavailable("the erasure could not be recorded on the key volume; retry (it is safe to)")
@@ -108,5 +112,35 @@ pub fn outcome_of<T>(result: &Result<T, Status>) -> Outcome {
         Code::ResourceExhausted => Outcome::LockedOut,
         Code::Unavailable => Outcome::Unavailable,
         _ => Outcome::Error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::{Message, TenantId, Transcript, testing};
+
+    /// An I/O error injected through the storage trait: UNAVAILABLE, nothing kept, and the
+    /// next write, once the volume behaves, goes through; a full volume is
+    /// RESOURCE_EXHAUSTED naming it.
+    #[tokio::test]
+    async fn storage_faults_are_unavailable_or_resource_exhausted_and_writes_resume_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, faulty) = testing::open_faulty_store(dir.path(), testing::HandClock::new());
+        let tenant = TenantId::parse("acme").unwrap();
+        let t =
+            |id: &str| Transcript::new(id, "s", vec![Message::new("m", crate::vault::AuthorRole::Visitor, "V", "hi")]);
+        faulty.fail_apply.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = v.put_transcript(&tenant, t("a")).await.unwrap_err();
+        assert_eq!(to_status(e).code(), Code::Unavailable);
+        faulty.fail_apply.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(v.get_transcript(&tenant, "a").is_err(), "nothing of the failed write was kept");
+        v.put_transcript(&tenant, t("b")).await.unwrap();
+        assert_eq!(v.get_transcript(&tenant, "b").unwrap().messages.len(), 1);
+
+        let full = to_status(VaultError::Store(StoreError::Full { volume: "/srv/chatvault/eu".into() }));
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert!(full.message().contains("/srv/chatvault/eu") && full.message().contains("no space"), "{full:?}");
+        assert!(full.get_details_retry_info().is_some());
     }
 }

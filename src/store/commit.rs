@@ -138,6 +138,15 @@ impl GroupCommit {
         self.shared.poisoned.store(true, Ordering::SeqCst);
     }
 
+    /// As [`Self::poison`], for a store that stopped on a full volume (sled does, for
+    /// good, at the first write that finds no space): later refusals name the volume.
+    pub fn poison_full(&self, volume: std::path::PathBuf) {
+        if let Ok(mut full) = self.shared.full.lock() {
+            full.get_or_insert(volume);
+        }
+        self.poison();
+    }
+
     /// Why writes are refused once a sync failed: the volume that filled, if that was it.
     pub fn failure(&self) -> StoreError {
         match self.shared.full.lock().ok().and_then(|f| f.clone()) {
@@ -232,7 +241,9 @@ fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<
             }
         }
     }
+    crate::failpoint::hit("commit.before_store_sync");
     store.sync(mode)?;
+    crate::failpoint::hit("commit.after_store_sync");
     let after = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
     after.iter().try_for_each(|t| t.sync(mode))
 }

@@ -134,10 +134,11 @@ pub enum StoreError {
     /// acknowledged before it is.
     #[error("no space left on the volume holding {}: free space there", volume.display())]
     Full { volume: PathBuf },
-    /// The volume filled during a durable sync: writes are refused until a restart.
+    /// The volume filled under the engine (a write or a durable sync): writes are refused
+    /// until a restart.
     #[error(
-        "no space left on the volume holding {}: a sync failed, so writes are refused until the server is \
-         restarted; free space there, then restart it (nothing acknowledged is lost)",
+        "no space left on the volume holding {}: the storage engine stopped, so writes are refused until the \
+         server is restarted; free space there, then restart it (nothing acknowledged is lost)",
         volume.display()
     )]
     FullAfterSync { volume: PathBuf },

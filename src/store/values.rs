@@ -277,6 +277,7 @@ impl ValueLog {
             active.file.sync_data().map_err(|e| self.fail(e))?;
             let mut files = self.files.write().map_err(|_| StoreError::Failed)?;
             *active = create(&self.dir, &mut files, active.id + 1)?;
+            crate::failpoint::hit("values.after_rollover");
         }
         // One write of all frames: a crash leaves them whole or a torn tail cut at open.
         if let Err(e) = (&*active.file).write_all(&buf) {

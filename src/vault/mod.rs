@@ -275,7 +275,14 @@ impl Vault {
         if self.commit.is_failed() {
             return Err(self.commit.failure().into());
         }
-        Ok(self.store.apply(batch)?)
+        match self.store.apply(batch) {
+            // The engine itself found no space: it takes no more writes until reopened.
+            Err(crate::store::StoreError::Full { volume }) if volume == self.data_dir => {
+                self.commit.poison_full(volume);
+                Err(self.commit.failure().into())
+            }
+            other => Ok(other?),
+        }
     }
 
     fn epoch_shared(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, VaultError> {

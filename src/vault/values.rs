@@ -135,6 +135,7 @@ impl Vault {
                 }
                 Err(e) => return Err(e),
             }
+            crate::failpoint::hit("compaction.after_copy");
             // The copies and their pointers are durable before anything says the old
             // segment may go: a crash in between leaves both copies, never none.
             self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
@@ -143,6 +144,7 @@ impl Vault {
             b.put(layout::value_retired(segment), records::encode(&self.clock.now().micros())?);
             self.store.apply(b)?;
             self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
+            crate::failpoint::hit("compaction.after_retire");
             done += 1;
         }
         Ok(done)
@@ -242,6 +244,7 @@ impl Vault {
             }
             let segment = layout::value_segment_of(&key).ok_or(VaultError::Corrupt("value log retirement"))?;
             self.values.remove(segment)?;
+            crate::failpoint::hit("compaction.after_remove");
             let mut b = Batch::default();
             b.delete(key);
             self.store.apply(b)?;

@@ -103,36 +103,47 @@ async fn a_full_value_log_volume_answers_resource_exhausted_and_writes_resume_on
     assert_all_readable(&mut server.transcripts("acme").await, &acked).await;
 }
 
-/// The store itself fills (small messages): refused with RESOURCE_EXHAUSTED naming the
-/// volume; the engine stops for good after it, so the server's health turns NOT_SERVING
-/// for its supervisor to restart it; after space is freed and the restart, everything
+/// Small messages: whichever fills first, the value log or sled's own files, the write
+/// is refused with RESOURCE_EXHAUSTED naming the volume. Once space is freed, either
+/// writes resume at once (the value log) or, since sled stops for good after a write
+/// that found no space, they are refused saying to restart, and the server's health is
+/// NOT_SERVING for its supervisor to restart it. After the restart everything
 /// acknowledged is there and writes go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_store_volume_is_reported_and_after_a_restart_nothing_acknowledged_is_lost() {
+async fn a_full_volume_under_small_writes_is_reported_and_after_a_restart_nothing_acknowledged_is_lost() {
     let dirs = Dirs::new();
     let Some(_tmpfs) = Tmpfs::mount(&dirs.data(), 64) else { return };
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
     let filler = fill(&dirs.data(), 3 << 20);
-    let (acked, e) = put_until_refused(&mut c, "small", 900, 1).await;
-    assert!(acked.len() > 10, "the store filled at once: {e:?}");
+    let (mut acked, e) = put_until_refused(&mut c, "small", 900, 1).await;
+    assert!(acked.len() > 10, "the volume filled at once: {e:?}");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains(&dirs.data().display().to_string()), "{e:?}");
-    // The liveness probe's view: NOT_SERVING within seconds.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_chatvault"))
-            .args(["health", "--server", &server.admin_url])
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            assert!(String::from_utf8_lossy(&out.stdout).contains("NOT_SERVING"), "{out:?}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "health stayed SERVING after the store failed");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
     std::fs::remove_file(&filler).unwrap();
+
+    let next = transcript("after-free", "s", 1_700_000_000, &["space is back"]);
+    match c.put_transcript(pb::PutTranscriptRequest { transcript: Some(next) }).await {
+        Ok(_) => acked.push("after-free".into()),
+        Err(e) => {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains("restart"), "{e:?}");
+            // The liveness probe's view: NOT_SERVING.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let out = Command::new(env!("CARGO_BIN_EXE_chatvault"))
+                    .args(["health", "--server", &server.admin_url])
+                    .output()
+                    .unwrap();
+                if !out.status.success() {
+                    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT_SERVING"), "{out:?}");
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "health stayed SERVING after the store stopped");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
     server.kill9();
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
