@@ -16,11 +16,17 @@ use super::common::*;
 use super::forensic::*;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-81447d5.tar.gz");
+/// Written by the last release before regions (`scripts/make_fixture.sh b54b977`).
+const BEFORE_REGIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-b54b977.tar.gz");
 
 /// Unpacks the fixture into `dirs` and registers the API key it came with.
 fn unpack(dirs: &Dirs) {
-    let ok = std::process::Command::new("tar").arg("xzf").arg(FIXTURE).arg("-C").arg(dirs.tmp.path()).status();
-    assert!(ok.is_ok_and(|s| s.success()), "tar xzf {FIXTURE}");
+    unpack_from(dirs, FIXTURE)
+}
+
+fn unpack_from(dirs: &Dirs, fixture: &str) {
+    let ok = std::process::Command::new("tar").arg("xzf").arg(fixture).arg("-C").arg(dirs.tmp.path()).status();
+    assert!(ok.is_ok_and(|s| s.success()), "tar xzf {fixture}");
     let key = std::fs::read_to_string(dirs.tmp.path().join("api-key.txt")).unwrap();
     dirs.remember_api_key("acme", key.trim());
 }
@@ -90,6 +96,48 @@ async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures
     // is just as much in the old files.
     assert_deletions_final(&dirs, &pristine, &old_keys, &alice);
     assert_deletions_final(&dirs, &pristine, &old_keys, &dave);
+}
+
+/// Directories written by the last release before regions open as region `eu`: every
+/// record reads back (their envelopes name no region), the API key issued then (naming
+/// no region) still works, new keys name the region, and after a rotation and a restart
+/// old and new records read side by side.
+#[tokio::test]
+async fn a_data_directory_written_by_the_release_before_regions_opens_as_a_region_and_reads_back() {
+    let dirs = Dirs::new();
+    unpack_from(&dirs, BEFORE_REGIONS);
+    let old_key = std::fs::read_to_string(dirs.tmp.path().join("api-key.txt")).unwrap();
+    assert!(old_key.starts_with("cvk_") && !old_key.starts_with("cvk_eu_"), "a key from before regions: {old_key}");
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    let chat1 = get(&mut c, "chat-1").await.unwrap();
+    assert_eq!(texts(&chat1), ["Hi, my order is late", "Let me check", "Thanks!"]);
+    assert_eq!(chat1.metadata.get("order").map(String::as_str), Some("42"));
+    assert!(get(&mut c, "chat-2").await.unwrap().ended_at.is_some());
+    assert_eq!(texts(&get(&mut c, "chat-4").await.unwrap()), ["replaced version"]);
+    assert_eq!(get(&mut c, "chat-5").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(get(&mut c, "chat-7").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(blind_of(&server, "carol@example.com").await.1, SubjectStatus::Shredded);
+    assert!(dirs.keys().join("keydir.region").exists(), "the key directory is now region eu's");
+
+    let mut admin = server.admin().await;
+    let t = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await.unwrap().into_inner();
+    assert_eq!(t.region, "eu");
+    let new_key =
+        admin.issue_api_key(pb::IssueApiKeyRequest { tenant_id: "acme".into() }).await.unwrap().into_inner().api_key;
+    assert!(new_key.starts_with("cvk_eu_"), "{new_key}");
+    put(&mut c, transcript("chat-8", "alice@example.com", 1_800_000_000, &["after regions"])).await;
+    server.rotate_first_epoch_away(&dirs).await;
+    server.stop().await;
+
+    let server = Server::start(&dirs);
+    dirs.remember_api_key("acme", &new_key);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(texts(&get(&mut c, "chat-1").await.unwrap()).len(), 3);
+    assert_eq!(texts(&get(&mut c, "chat-8").await.unwrap()), ["after regions"]);
+    let v = server.admin().await.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
+    assert!(v.intact, "{v:?}");
+    server.stop().await;
 }
 
 /// A transcript of `subject` (a blind id) was deleted before the upgrade: its key
