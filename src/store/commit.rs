@@ -226,10 +226,12 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
 fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
     let before = shared.before.lock().map_err(|_| StoreError::Failed)?.clone();
     before.iter().try_for_each(|t| t.sync(mode))?;
+    let mut written = Vec::new();
     if mode == Durability::Fsync {
         // A mark only moves forward (marks are big-endian, so bytes order as positions),
         // even when two rounds write at once, and is written only when it moved.
-        for (k, v) in before.iter().filter_map(|t| t.synced_mark()) {
+        for t in &before {
+            let Some((k, v)) = t.synced_mark() else { continue };
             loop {
                 let old = store.get(&k)?;
                 if old.as_ref().is_some_and(|o| *o >= v) {
@@ -239,11 +241,15 @@ fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<
                     break;
                 }
             }
+            written.push((t.clone(), v));
         }
     }
     crate::failpoint::hit("commit.before_store_sync");
     store.sync(mode)?;
     crate::failpoint::hit("commit.after_store_sync");
+    for (t, v) in &written {
+        t.store_synced(v);
+    }
     let after = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
     after.iter().try_for_each(|t| t.sync(mode))
 }

@@ -112,6 +112,9 @@ pub trait SyncTarget: Send + Sync + 'static {
     fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
         None
     }
+    /// After the store's sync in a round that wrote `mark` (this target's
+    /// [`SyncTarget::synced_mark`] value): that mark is durable in the store now.
+    fn store_synced(&self, _mark: &[u8]) {}
 }
 
 /// Why storage failed. The message names no key or value.

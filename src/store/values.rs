@@ -108,6 +108,24 @@ pub struct ValueLog {
     failed: AtomicBool,
     /// How far the log was durable at its last sync: (segment, length).
     synced: Mutex<Option<(u32, u64)>>,
+    /// The newest of those marks known durable in the store too, and the newest written
+    /// into the log as a commit frame: see [`COMMIT_KEY`].
+    store_durable: Mutex<(Option<Mark>, Option<Mark>)>,
+}
+
+/// A position in the log: (segment, length).
+type Mark = (u32, u64);
+
+/// The key of a commit frame: a frame of no key (no record has one) whose value is a mark
+/// the store had made durable when the frame was written. The log is synced before the
+/// store in every round, so a store found at open with an older mark than the log's last
+/// commit frame lost writes that were acknowledged: damage to the store, told, not served.
+const COMMIT_KEY: &[u8] = b"";
+
+fn encode_mark((id, len): (u32, u64)) -> Vec<u8> {
+    let mut v = id.to_be_bytes().to_vec();
+    v.extend_from_slice(&len.to_be_bytes());
+    v
 }
 
 /// Where the group commit records how far the log was durable (`SyncTarget::synced_mark`).
@@ -127,8 +145,10 @@ fn name(id: u32) -> String {
 impl ValueLog {
     /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the end of
     /// the newest segment (a crash mid-write, never acknowledged) is cut off.
+    /// Knows nothing of the store, so its commit frames are not checked: for tools and
+    /// tests that read a log on its own.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
-        Self::open_checked(dir, max_bytes, None, false)
+        Self::open_inner(dir, max_bytes, None, false)
     }
 
     /// [`Self::open`], knowing how far the log was durable when writes were last
@@ -137,6 +157,15 @@ impl ValueLog {
     /// changing nothing — unless `accept_damage`, when it is cut off like a torn tail (the
     /// bytes kept beside it) and said so at error level.
     pub fn open_checked(
+        dir: &Path,
+        max_bytes: u64,
+        acknowledged: Option<(u32, u64)>,
+        accept_damage: bool,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(dir, max_bytes, acknowledged, accept_damage)
+    }
+
+    fn open_inner(
         dir: &Path,
         max_bytes: u64,
         acknowledged: Option<(u32, u64)>,
@@ -208,7 +237,7 @@ impl ValueLog {
             }
             None => create(dir, &mut files, 1)?,
         };
-        Ok(ValueLog {
+        let log = ValueLog {
             dir: dir.to_path_buf(),
             max_bytes: max_bytes.max(HEADER_LEN + 1),
             files: RwLock::new(files),
@@ -216,7 +245,56 @@ impl ValueLog {
             torn,
             failed: AtomicBool::new(false),
             synced: Mutex::new(None),
-        })
+            store_durable: Mutex::new((None, None)),
+        };
+        Ok(log)
+    }
+
+    /// The store must be at least where the log's last commit frame says it was durable.
+    /// Only the newest two segments are read for it (a round writes at most one frame),
+    /// so a log from before commit frames costs no full scan.
+    /// Reads only: run before anything is written at open.
+    pub fn check_store_against_commits(
+        dir: &Path,
+        acknowledged: Option<(u32, u64)>,
+        accept_damage: bool,
+    ) -> Result<(), StoreError> {
+        let found = super::files::numbered(dir, SUFFIX).unwrap_or_default();
+        let mut last = None;
+        for (_, path) in found.into_iter().rev().take(2) {
+            let len = fs::metadata(&path)?.len();
+            if len < HEADER_LEN {
+                continue;
+            }
+            let mut r = FrameReader::new(&path, len)?;
+            while let Some((_, frame, (key, start))) = r.next()? {
+                if key == 0 && frame.len() - start == 12 {
+                    last = decode_mark(&frame[start..]);
+                }
+            }
+            if last.is_some() {
+                break;
+            }
+        }
+        let Some(logged) = last else { return Ok(()) };
+        if acknowledged.is_some_and(|a| a >= logged) {
+            return Ok(());
+        }
+        let why = format!(
+            "the store in {} is older than what was acknowledged: the value log records that the store was durable \
+             up to value-log segment {} offset {}, but the store itself says {}. The store lost acknowledged writes \
+             (damage to its files, or a copy of them from before). Nothing was changed. Restore the data directory \
+             from a backup (`chatvault restore`), or start once with --accept-damage to serve what the store holds",
+            dir.parent().unwrap_or(dir).display(),
+            logged.0,
+            logged.1,
+            acknowledged.map(|(s, o)| format!("segment {s} offset {o}")).unwrap_or_else(|| "nothing".into()),
+        );
+        if !accept_damage {
+            return Err(StoreError::Damaged(why));
+        }
+        tracing::error!("{why}; accepted (--accept-damage)");
+        Ok(())
     }
 
     /// Where open cut off a torn tail, if it did: (segment, offset).
@@ -378,6 +456,18 @@ impl SyncTarget for ValueLog {
             return Ok(());
         }
         self.check_failed()?;
+        // What the store has made durable since the last commit frame goes into the log
+        // ahead of this sync.
+        let due = match self.store_durable.lock() {
+            Ok(mut d) if d.0 > d.1 => {
+                d.1 = d.0;
+                d.0
+            }
+            _ => None,
+        };
+        if let Some(mark) = due {
+            self.append(&[(COMMIT_KEY, &encode_mark(mark))])?;
+        }
         let (id, len, file) = {
             let a = self.active.lock().map_err(|_| StoreError::Failed)?;
             (a.id, a.len, a.file.clone())
@@ -391,10 +481,14 @@ impl SyncTarget for ValueLog {
     }
 
     fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
-        let (id, len) = (*self.synced.lock().ok()?)?;
-        let mut v = id.to_be_bytes().to_vec();
-        v.extend_from_slice(&len.to_be_bytes());
-        Some((mark_key(), v))
+        let mark = (*self.synced.lock().ok()?)?;
+        Some((mark_key(), encode_mark(mark)))
+    }
+
+    fn store_synced(&self, mark: &[u8]) {
+        if let (Some(m), Ok(mut d)) = (decode_mark(mark), self.store_durable.lock()) {
+            d.0 = d.0.max(Some(m));
+        }
     }
 }
 

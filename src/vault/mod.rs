@@ -201,6 +201,9 @@ impl Vault {
         let keydir = keys(file_keys.clone());
         let store = store(Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?));
         // Everything up to the verdict only reads: a refused start writes nothing of ours.
+        let acknowledged =
+            store.get(&crate::store::values_mark_key())?.and_then(|b| crate::store::decode_values_mark(&b));
+        ValueLog::check_store_against_commits(&opts.data_dir.join("values"), acknowledged, opts.accept_damage)?;
         let fresh = bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
         let applied = erasure::data_counter(store.as_ref())?;
         let ledger = Arc::new(erasure::open_ledger(&opts.key_dir, keydir.as_ref(), applied)?);
@@ -217,8 +220,6 @@ impl Vault {
         erasure::note_wrapped_from(store.as_ref(), wrapped_from)?;
         ledger.repair_tail()?;
         layout_check::warn_if_same_volume(&opts.data_dir, &opts.key_dir);
-        let acknowledged =
-            store.get(&crate::store::values_mark_key())?.and_then(|b| crate::store::decode_values_mark(&b));
         let values = Arc::new(ValueLog::open_checked(
             &opts.data_dir.join("values"),
             opts.value_segment_bytes,

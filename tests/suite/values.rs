@@ -115,8 +115,9 @@ async fn a_write_cut_short_in_the_value_log_leaves_its_transcript_readable_up_to
     // A power loss before the log's sync: sled kept the pointer, the log lost the tail
     // of the last write (which therefore was never acknowledged), and the commit round's
     // mark of how far the log was durable is the one from before that write.
-    let len = std::fs::metadata(&segment).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(len - 3).unwrap();
+    // (The log ends inside the third message's frame: what followed it, commit frames
+    // of later rounds included, never reached the disk.)
+    std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(before_third + 12).unwrap();
     set_values_mark(&dirs, &segment, before_third);
 
     let server = Server::start(&dirs);
@@ -248,4 +249,57 @@ async fn chatvault_check_lists_acknowledged_damage_with_its_file_and_offset_and_
     assert!(listed(&trail, 48), "{report}");
     assert!(report["advice"].as_str().unwrap().contains("--accept-damage"));
     assert_eq!((std::fs::read(&segment).unwrap(), std::fs::read(&trail).unwrap()), (bytes, audit), "nothing changed");
+}
+
+/// The store (sled) put back to an older state than was acknowledged — its files damaged
+/// or restored by hand, the value log as it is: the value log's commit frames say how far
+/// the store was durable, so the start is refused, naming it, instead of serving the
+/// acknowledged transcripts as missing; told to accept it, the server serves what the
+/// store holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_behind_what_was_acknowledged_is_refused_not_served_as_missing_transcripts() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
+    server.stop().await;
+    let old_store = dirs.tmp.path().join("old-store");
+    for entry in std::fs::read_dir(dirs.data()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name != "values" && name != "audit" {
+            let to = old_store.join(&name);
+            if entry.path().is_dir() {
+                copy_dir(&entry.path(), &to);
+            } else {
+                std::fs::create_dir_all(&old_store).unwrap();
+                std::fs::copy(entry.path(), &to).unwrap();
+            }
+        }
+    }
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    for id in ["second", "third", "fourth"] {
+        put(&mut c, transcript(id, "s", 1_700_000_000, &[id])).await;
+    }
+    server.kill9();
+    for entry in std::fs::read_dir(&old_store).unwrap().flatten() {
+        let to = dirs.data().join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::remove_dir_all(&to).unwrap();
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+    let log = files_below(&dirs.data().join("values"));
+    let before: Vec<Vec<u8>> = log.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let refused = Server::try_start(&dirs, Opts::default()).err().expect("a store behind the log is refused");
+    assert!(refused.contains("older than what was acknowledged"), "{refused}");
+    assert!(refused.contains(&dirs.data().display().to_string()) && refused.contains("--accept-damage"), "{refused}");
+    let after: Vec<Vec<u8>> = log.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert!(before == after, "the value log was changed by the refused start");
+
+    let server = Server::start_with(&dirs, Opts { args: vec!["--accept-damage"], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
 }
