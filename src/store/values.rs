@@ -148,7 +148,7 @@ impl ValueLog {
     /// Knows nothing of the store, so its commit frames are not checked: for tools and
     /// tests that read a log on its own.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
-        Self::open_inner(dir, max_bytes, None, false)
+        Self::open_checked(dir, max_bytes, None, Durability::Fsync, false)
     }
 
     /// [`Self::open`], knowing how far the log was durable when writes were last
@@ -156,19 +156,15 @@ impl ValueLog {
     /// damage, not a torn write, and open refuses, naming the file and the offset and
     /// changing nothing — unless `accept_damage`, when it is cut off like a torn tail (the
     /// bytes kept beside it) and said so at error level.
+    ///
+    /// Under `flush` and `none` there is no durable mark (nothing is fsynced), but a
+    /// kill cannot leave a hole: there, a bad frame followed by a whole good one is
+    /// damage too.
     pub fn open_checked(
         dir: &Path,
         max_bytes: u64,
         acknowledged: Option<(u32, u64)>,
-        accept_damage: bool,
-    ) -> Result<Self, StoreError> {
-        Self::open_inner(dir, max_bytes, acknowledged, accept_damage)
-    }
-
-    fn open_inner(
-        dir: &Path,
-        max_bytes: u64,
-        acknowledged: Option<(u32, u64)>,
+        mode: Durability,
         accept_damage: bool,
     ) -> Result<Self, StoreError> {
         super::files::private_dir(dir)?;
@@ -201,6 +197,22 @@ impl ValueLog {
                             dir.join(name(id)).display()
                         ),
                     )),
+                    _ if mode != Durability::Fsync
+                        && valid < len
+                        && frame_follows(&dir.join(name(id)), valid, len)? =>
+                    {
+                        Some((
+                            (id, valid),
+                            format!(
+                                "value log segment {}: the frame at offset {valid} is damaged and whole frames follow \
+                                 it: this is damage, not a write cut short (durability = {mode:?} leaves no holes \
+                                 on a crash). Nothing was changed. Restore the data directory from a backup \
+                                 (`chatvault restore`), or start once with --accept-damage to cut the segment at \
+                                 {valid} (the bytes from there are kept beside it) and lose what they held",
+                                dir.join(name(id)).display()
+                            ),
+                        ))
+                    }
                     _ => None,
                 };
                 let mut next_id = id + 1;
@@ -531,6 +543,27 @@ fn check_frame(frame: &[u8]) -> Option<(usize, usize)> {
     }
     let key = u16::from_le_bytes(payload.get(..2)?.try_into().ok()?) as usize;
     (2 + key <= len).then_some((key, FRAME_HEAD + 2 + key))
+}
+
+/// Whether a whole, good frame starts right after the bad frame at `at`, going by that
+/// frame's length field: what tells a flipped byte from a write cut short.
+fn frame_follows(path: &Path, at: u64, file_len: u64) -> Result<bool, StoreError> {
+    let f = File::open(path)?;
+    let head = |off: u64| -> Result<Option<usize>, StoreError> {
+        if off + FRAME_HEAD as u64 > file_len {
+            return Ok(None);
+        }
+        let mut h = [0u8; FRAME_HEAD];
+        f.read_exact_at(&mut h, off)?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        Ok((len <= MAX_PAYLOAD && off + (FRAME_HEAD + len) as u64 <= file_len).then_some(len))
+    };
+    let Some(len) = head(at)? else { return Ok(false) };
+    let next = at + (FRAME_HEAD + len) as u64;
+    let Some(next_len) = head(next)? else { return Ok(false) };
+    let mut frame = vec![0u8; FRAME_HEAD + next_len];
+    f.read_exact_at(&mut frame, next)?;
+    Ok(check_frame(&frame).is_some())
 }
 
 /// A frame read back: its offset, its bytes, and its key length and value start.

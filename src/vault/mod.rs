@@ -224,6 +224,7 @@ impl Vault {
             &opts.data_dir.join("values"),
             opts.value_segment_bytes,
             acknowledged,
+            opts.durability,
             opts.accept_damage,
         )?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;

@@ -303,3 +303,32 @@ async fn a_store_behind_what_was_acknowledged_is_refused_not_served_as_missing_t
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
 }
+
+/// Under `durability = flush` nothing is fsynced, so there is no durable mark; but a kill
+/// leaves no hole, so a damaged frame with whole frames after it is damage there too:
+/// refused, naming the file and offset, instead of cut off as a torn write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_flush_durability_a_flipped_byte_before_good_frames_is_damage_not_a_torn_write() {
+    let dirs = Dirs::new();
+    let flush = Opts { args: vec!["--durability", "flush"], ..Opts::default() };
+    let server = Server::start_with(&dirs, flush);
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
+    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
+    let first_end = std::fs::metadata(&segment).unwrap().len();
+    put(&mut c, transcript("second", "s", 1_700_000_000, &["two", "three"])).await;
+    server.kill9();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[first_end as usize + 20] ^= 0x40; // inside "two"; "three" follows it whole
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let flush = Opts { args: vec!["--durability", "flush"], ..Opts::default() };
+    let refused = Server::try_start(&dirs, flush).err().expect("damage under flush is refused");
+    assert!(refused.contains(&segment.display().to_string()), "{refused}");
+    assert!(refused.contains(&format!("offset {first_end}")) && refused.contains("not a write cut short"), "{refused}");
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "nothing was changed");
+    let accept = Opts { args: vec!["--durability", "flush", "--accept-damage"], ..Opts::default() };
+    let server = Server::start_with(&dirs, accept);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
+}
