@@ -292,28 +292,9 @@ fn eof_is_damage(e: std::io::Error) -> FrameError {
     if e.kind() == ErrorKind::UnexpectedEof { FrameError::Damaged } else { FrameError::Io(e) }
 }
 
-/// Bytes of `view` that hold a header and whole frames.
-/// Whether a whole, good frame starts right after the (damaged) frame at `at`, going by
-/// that frame's length field: what tells a flipped byte from a cut-short last write.
+/// Whether a good record follows the damaged one at `at`: then it is damage.
 fn frame_follows(path: &Path, at: u64, file_len: u64) -> Result<bool, StoreError> {
-    use std::os::unix::fs::FileExt;
-    let f = File::open(path)?;
-    let head = |off: u64| -> Result<Option<(usize, u32)>, StoreError> {
-        let mut h = [0u8; FRAME_HEAD];
-        if off + FRAME_HEAD as u64 > file_len {
-            return Ok(None);
-        }
-        f.read_exact_at(&mut h, off)?;
-        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let ok = len > 0 && len <= MAX_PAYLOAD && off + (FRAME_HEAD + len) as u64 <= file_len;
-        Ok(ok.then_some((len, u32::from_le_bytes([h[4], h[5], h[6], h[7]]))))
-    };
-    let Some((len, _)) = head(at)? else { return Ok(false) };
-    let next = at + (FRAME_HEAD + len) as u64;
-    let Some((next_len, crc)) = head(next)? else { return Ok(false) };
-    let mut payload = vec![0u8; next_len];
-    f.read_exact_at(&mut payload, next + FRAME_HEAD as u64)?;
-    Ok(crc32fast::hash(&payload) == crc)
+    Ok(files::good_frame_after(path, at, file_len, MAX_PAYLOAD)?)
 }
 
 /// Every segment in `dir`, oldest first, read through without changing anything (for
@@ -330,6 +311,7 @@ pub fn inspect(dir: &Path) -> Result<Vec<files::SegmentCheck>, StoreError> {
     Ok(out)
 }
 
+/// Bytes of `view` that hold a header and whole frames.
 fn valid_length(view: &SegmentView) -> Result<u64, StoreError> {
     let mut r = match Reader::open(view) {
         Ok(r) => r,
@@ -427,6 +409,24 @@ mod tests {
         fs::write(&view.path, &good[..good.len() - 3]).unwrap();
         let s = Segments::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(all_payloads(&s).len(), 2);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_length_field_before_good_records_is_refused_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+        for seq in 1..=3 {
+            s.append(seq, &[0; 32], &[seq as u8; 40]).unwrap();
+        }
+        let view = s.snapshot().unwrap()[0].clone();
+        drop(s);
+        let second = HEADER_LEN + FRAME_HEAD + 40;
+        let mut bytes = fs::read(&view.path).unwrap();
+        bytes[second + 1] ^= 0x10; // the second record's length: the next one is not where it says
+        fs::write(&view.path, &bytes).unwrap();
+        let why = Segments::open(dir.path(), 1 << 20).err().expect("damage is refused").to_string();
+        assert!(why.contains(&format!("offset {second}")), "{why}");
+        assert_eq!(fs::read(&view.path).unwrap(), bytes, "nothing was changed");
     }
 
     #[test]

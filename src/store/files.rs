@@ -57,3 +57,59 @@ pub struct SegmentCheck {
     pub valid: u64,
     pub good_after: bool,
 }
+
+/// Whether a whole, good frame (`len u32 LE | crc32 u32 LE | payload`, the framing of the
+/// value log and the audit trail) starts anywhere after the bad frame at `at`: what only
+/// damage leaves, since a crash cuts a log's last write short but leaves nothing after
+/// it. Every offset is tried, so a flipped byte in a length field is found as well as
+/// one in a payload; a random match needs 32 bits of CRC to agree.
+pub fn good_frame_after(path: &Path, at: u64, file_len: u64, max_payload: usize) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    const HEAD: usize = 8;
+    let start = at + 1;
+    if start + HEAD as u64 > file_len {
+        return Ok(false);
+    }
+    let mut rest = vec![0u8; (file_len - start) as usize];
+    std::fs::File::open(path)?.read_exact_at(&mut rest, start)?;
+    for i in 0..rest.len().saturating_sub(HEAD - 1) {
+        let len = u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]) as usize;
+        if len == 0 || len > max_payload || i + HEAD + len > rest.len() {
+            continue;
+        }
+        let crc = u32::from_le_bytes([rest[i + 4], rest[i + 5], rest[i + 6], rest[i + 7]]);
+        if crc32fast::hash(&rest[i + HEAD..i + HEAD + len]) == crc {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_good_frame_after_a_bad_one_is_found_even_when_the_bad_length_field_hides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let (a, b) = (frame(b"first record"), frame(b"second record"));
+        for flip in [0usize, 9] {
+            let mut bytes = [a.clone(), b.clone()].concat();
+            bytes[flip] ^= 0x55; // the length field, then the payload
+            std::fs::write(&path, &bytes).unwrap();
+            assert!(good_frame_after(&path, 0, bytes.len() as u64, 1024).unwrap(), "flip at {flip}");
+        }
+        // A last write cut short has nothing whole after it.
+        let cut = [a.clone(), b[..b.len() - 3].to_vec()].concat();
+        std::fs::write(&path, &cut).unwrap();
+        assert!(!good_frame_after(&path, a.len() as u64, cut.len() as u64, 1024).unwrap());
+    }
+}

@@ -545,25 +545,9 @@ fn check_frame(frame: &[u8]) -> Option<(usize, usize)> {
     (2 + key <= len).then_some((key, FRAME_HEAD + 2 + key))
 }
 
-/// Whether a whole, good frame starts right after the bad frame at `at`, going by that
-/// frame's length field: what tells a flipped byte from a write cut short.
+/// Whether a good frame follows the bad one at `at`: then it is damage.
 fn frame_follows(path: &Path, at: u64, file_len: u64) -> Result<bool, StoreError> {
-    let f = File::open(path)?;
-    let head = |off: u64| -> Result<Option<usize>, StoreError> {
-        if off + FRAME_HEAD as u64 > file_len {
-            return Ok(None);
-        }
-        let mut h = [0u8; FRAME_HEAD];
-        f.read_exact_at(&mut h, off)?;
-        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        Ok((len <= MAX_PAYLOAD && off + (FRAME_HEAD + len) as u64 <= file_len).then_some(len))
-    };
-    let Some(len) = head(at)? else { return Ok(false) };
-    let next = at + (FRAME_HEAD + len) as u64;
-    let Some(next_len) = head(next)? else { return Ok(false) };
-    let mut frame = vec![0u8; FRAME_HEAD + next_len];
-    f.read_exact_at(&mut frame, next)?;
-    Ok(check_frame(&frame).is_some())
+    Ok(super::files::good_frame_after(path, at, file_len, MAX_PAYLOAD)?)
 }
 
 /// A frame read back: its offset, its bytes, and its key length and value start.
@@ -610,7 +594,6 @@ impl FrameReader {
     }
 }
 
-/// Bytes of a segment that hold its header and whole frames.
 /// Every segment in `dir`, oldest first, read through without changing anything (for
 /// `chatvault check`). A value log has no frame-follows test: a segment's frames are
 /// written in batches, so what matters is where the whole frames end.
@@ -629,6 +612,7 @@ pub fn segment_id(path: &Path) -> Option<u32> {
     path.file_name()?.to_str()?.strip_suffix(SUFFIX)?.parse().ok()
 }
 
+/// Bytes of a segment that hold its header and whole frames.
 fn valid_length(path: &Path, len: u64) -> Result<u64, StoreError> {
     if len < HEADER_LEN {
         // A header cut short by a crash at creation: the segment holds nothing.
