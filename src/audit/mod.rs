@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 pub use anchor::AnchorCheck;
 pub use prune::{Checkpoint, Pruned};
 pub use record::{Event, Operation, Outcome, Record};
-pub use segment::inspect as inspect_segments;
 use segment::{FrameError, Reader, SegmentView, Segments};
+pub use segment::{HEADER_LEN as SEGMENT_HEADER_LEN, inspect as inspect_segments};
 
 use crate::clock::Clock;
 use crate::crypto::{SecretKey, blind_index};

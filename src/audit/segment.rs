@@ -137,7 +137,10 @@ impl Segments {
             if let Some(old) = active.as_ref() {
                 old.file.sync_data()?;
             }
-            let next = self.create(SegmentHeader { first_seq: seq, prev: *prev })?;
+            let next = self.create(SegmentHeader { first_seq: seq, prev: *prev }).map_err(|e| match e {
+                StoreError::Io(io) => StoreError::io_at(&self.dir, io),
+                other => other,
+            })?;
             if let Some(old) = active.replace(next) {
                 self.closed.lock().map_err(|_| StoreError::Failed)?.push(old.view);
                 crate::failpoint::hit("audit.after_rollover");
@@ -149,7 +152,7 @@ impl Segments {
             // Part of the frame may be in the file (a full disk): cut it off, or every
             // later record would sit behind a torn one.
             let _ = a.file.set_len(a.view.len);
-            return Err(e.into());
+            return Err(StoreError::io_at(&self.dir, e));
         }
         a.view.len += frame.len() as u64;
         Ok(())
@@ -304,7 +307,13 @@ pub fn inspect(dir: &Path) -> Result<Vec<files::SegmentCheck>, StoreError> {
     for (first_seq, path) in files::numbered(dir, SUFFIX)? {
         let len = fs::metadata(&path)?.len();
         let view = SegmentView { path: path.clone(), first_seq, len };
-        let valid = if len < HEADER_LEN as u64 { 0 } else { valid_length(&view).unwrap_or(0) };
+        let valid = match valid_length(&view) {
+            _ if len < HEADER_LEN as u64 => 0,
+            Ok(v) => v,
+            // A header that does not read is damage at offset 0; an I/O error is told.
+            Err(StoreError::Engine(_)) => 0,
+            Err(e) => return Err(e),
+        };
         let good_after = valid >= HEADER_LEN as u64 && valid < len && frame_follows(&path, valid, len)?;
         out.push(files::SegmentCheck { path, len, valid, good_after });
     }

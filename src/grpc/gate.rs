@@ -168,6 +168,9 @@ pub async fn erasing<T: Send + 'static>(
 }
 
 pub fn audit_status(e: AuditError) -> Status {
+    if let AuditError::Store(full @ crate::store::StoreError::Full { .. }) = e {
+        return super::status::full(full.to_string());
+    }
     tracing::error!(error = %e, "audit trail write failed; refusing to serve unrecorded");
     Status::unavailable("the audit trail could not record this call; retry later")
 }

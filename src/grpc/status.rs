@@ -53,7 +53,7 @@ pub fn to_status(e: VaultError) -> Status {
 
 /// A full data volume: the client may retry later (RetryInfo); the message names the
 /// volume for the operator.
-fn full(message: String) -> Status {
+pub(super) fn full(message: String) -> Status {
     tracing::error!(%message, "a write was refused: the data volume is full");
     Status::with_error_details(
         Code::ResourceExhausted,

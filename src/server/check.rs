@@ -41,13 +41,22 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
     }
     // How far the value log was durable when writes were last acknowledged. sled is
     // locked while the server runs: the check is for a stopped region.
+    // Held open to the end: a server cannot start on the region while it is checked.
     let store = SledStore::open(data, 16 << 20).map_err(|e| {
-        ServerError::Refused(format!("{}: {e} (stop the server first: check reads a stopped region)", data.display()))
+        ServerError::Refused(format!(
+            "{}: cannot open the store: {e} (if a server runs on this region, stop it first)",
+            data.display()
+        ))
     })?;
     let mark = store.get(&crate::store::values_mark_key())?.and_then(|b| crate::store::decode_values_mark(&b));
-    drop(store);
 
     let (mut damage, mut torn) = (Vec::new(), Vec::new());
+    // The store against the log's commit frames: as the start checks it.
+    if let Err(crate::store::StoreError::Damaged(why)) =
+        crate::store::ValueLog::check_store_against_commits(&data.join("values"), mark, false)
+    {
+        damage.push(Finding { file: data.join("db"), offset: 0, what: why });
+    }
     let values = crate::store::inspect_values(&data.join("values"))?;
     let newest = values.iter().filter_map(|s| crate::store::value_segment_id(&s.path)).max();
     if let (Some((seg, _)), Some(newest)) = (mark, newest)
@@ -84,12 +93,16 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
         if s.valid >= s.len {
             continue;
         }
-        if i + 1 == audit.len() && !s.good_after && s.valid > 0 {
+        // A newest segment without its whole header is a crash at its creation (open
+        // removes it); any other bad record at the end with nothing good after is torn.
+        let newest = i + 1 == audit.len();
+        if newest && (s.len < crate::audit::SEGMENT_HEADER_LEN as u64 || (!s.good_after && s.valid > 0)) {
             torn.push(finding(s, "an audit record cut short at the end (never acknowledged)".into()));
         } else {
             damage.push(finding(s, "damaged audit record: the records from here on are unreadable".into()));
         }
     }
+    drop(store);
     let ok = damage.is_empty();
     Ok(CheckReport {
         region: spec.name,

@@ -128,6 +128,9 @@ impl GroupCommit {
     pub fn sync_all(&self, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
         sync_round(&self.shared, store, mode).inspect_err(|e| {
             tracing::error!(error = %e, "durable sync failed; refusing further writes");
+            if let (StoreError::Full { volume }, Ok(mut full)) = (e, self.shared.full.lock()) {
+                *full = Some(volume.clone());
+            }
             self.shared.poisoned.store(true, Ordering::SeqCst);
         })
     }

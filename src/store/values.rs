@@ -108,9 +108,19 @@ pub struct ValueLog {
     failed: AtomicBool,
     /// How far the log was durable at its last sync: (segment, length).
     synced: Mutex<Option<(u32, u64)>>,
-    /// The newest of those marks known durable in the store too, and the newest written
-    /// into the log as a commit frame: see [`COMMIT_KEY`].
-    store_durable: Mutex<(Option<Mark>, Option<Mark>)>,
+    /// What the log's commit frames have said: see [`COMMIT_KEY`].
+    commits: Mutex<Commits>,
+}
+
+#[derive(Default)]
+struct Commits {
+    /// The newest synced mark known durable in the store too.
+    durable: Option<Mark>,
+    /// The newest one written into the log as a commit frame.
+    logged: Option<Mark>,
+    /// Where the log ended after that frame: no frame is written for a round that
+    /// appended nothing else, so an idle log (or one a backup is copying) stands still.
+    end: Option<Mark>,
 }
 
 /// A position in the log: (segment, length).
@@ -247,7 +257,24 @@ impl ValueLog {
                     (false, false) => Active { id, file, len: valid },
                 }
             }
-            None => create(dir, &mut files, 1)?,
+            None => {
+                if let Some((seg, _)) = acknowledged {
+                    let why = format!(
+                        "value log {}: no segment is there, and writes in segment {seg} were acknowledged. Nothing \
+                         was changed. Restore the data directory from a backup (`chatvault restore`), or start once \
+                         with --accept-damage to lose what the log held",
+                        dir.display()
+                    );
+                    if !accept_damage {
+                        return Err(StoreError::Damaged(why));
+                    }
+                    tracing::error!("{why}; accepted (--accept-damage)");
+                    torn = Some((seg, 0));
+                    create(dir, &mut files, seg + 1)?
+                } else {
+                    create(dir, &mut files, 1)?
+                }
+            }
         };
         let log = ValueLog {
             dir: dir.to_path_buf(),
@@ -257,7 +284,7 @@ impl ValueLog {
             torn,
             failed: AtomicBool::new(false),
             synced: Mutex::new(None),
-            store_durable: Mutex::new((None, None)),
+            commits: Mutex::new(Commits::default()),
         };
         Ok(log)
     }
@@ -271,7 +298,13 @@ impl ValueLog {
         acknowledged: Option<(u32, u64)>,
         accept_damage: bool,
     ) -> Result<(), StoreError> {
-        let found = super::files::numbered(dir, SUFFIX).unwrap_or_default();
+        let found = match super::files::numbered(dir, SUFFIX) {
+            Ok(found) => found,
+            // A new data directory: no log yet. A missing log under a store that says it
+            // held one is the open's own check (a missing segment).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
         let mut last = None;
         for (_, path) in found.into_iter().rev().take(2) {
             let len = fs::metadata(&path)?.len();
@@ -307,6 +340,33 @@ impl ValueLog {
         }
         tracing::error!("{why}; accepted (--accept-damage)");
         Ok(())
+    }
+
+    /// Appends a commit frame when the store has made a newer mark durable and the log
+    /// took other frames since the last one. A full volume only skips it (kept due): the
+    /// frame is a check, and a sync that could not carry it is no less durable.
+    fn write_commit_frame(&self) -> Result<(), StoreError> {
+        let mut c = self.commits.lock().map_err(|_| StoreError::Failed)?;
+        let end = {
+            let a = self.active.lock().map_err(|_| StoreError::Failed)?;
+            (a.id, a.len)
+        };
+        let Some(mark) = c.durable.filter(|d| Some(*d) > c.logged) else { return Ok(()) };
+        if c.end == Some(end) {
+            return Ok(());
+        }
+        match self.append(&[(COMMIT_KEY, &encode_mark(mark))]) {
+            Ok(p) => {
+                c.logged = Some(mark);
+                c.end = p.first().map(|p| (p.segment, p.offset + p.frame_bytes()));
+                Ok(())
+            }
+            Err(StoreError::Full { .. }) => {
+                tracing::warn!("value log: no space for a commit frame; written with a later sync");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Where open cut off a torn tail, if it did: (segment, offset).
@@ -366,7 +426,10 @@ impl ValueLog {
             // sync fails, writes not yet acknowledged in it may be lost: stop.
             active.file.sync_data().map_err(|e| self.fail(e))?;
             let mut files = self.files.write().map_err(|_| StoreError::Failed)?;
-            *active = create(&self.dir, &mut files, active.id + 1)?;
+            *active = create(&self.dir, &mut files, active.id + 1).map_err(|e| match e {
+                StoreError::Io(io) => StoreError::io_at(&self.dir, io),
+                other => other,
+            })?;
             crate::failpoint::hit("values.after_rollover");
         }
         // One write of all frames: a crash leaves them whole or a torn tail cut at open.
@@ -469,17 +532,8 @@ impl SyncTarget for ValueLog {
         }
         self.check_failed()?;
         // What the store has made durable since the last commit frame goes into the log
-        // ahead of this sync.
-        let due = match self.store_durable.lock() {
-            Ok(mut d) if d.0 > d.1 => {
-                d.1 = d.0;
-                d.0
-            }
-            _ => None,
-        };
-        if let Some(mark) = due {
-            self.append(&[(COMMIT_KEY, &encode_mark(mark))])?;
-        }
+        // ahead of this sync, if the log took anything since.
+        self.write_commit_frame()?;
         let (id, len, file) = {
             let a = self.active.lock().map_err(|_| StoreError::Failed)?;
             (a.id, a.len, a.file.clone())
@@ -498,8 +552,8 @@ impl SyncTarget for ValueLog {
     }
 
     fn store_synced(&self, mark: &[u8]) {
-        if let (Some(m), Ok(mut d)) = (decode_mark(mark), self.store_durable.lock()) {
-            d.0 = d.0.max(Some(m));
+        if let (Some(m), Ok(mut c)) = (decode_mark(mark), self.commits.lock()) {
+            c.durable = c.durable.max(Some(m));
         }
     }
 }
@@ -565,9 +619,11 @@ impl FrameReader {
     fn new(path: &Path, len: u64) -> Result<Self, StoreError> {
         let mut inner = BufReader::with_capacity(256 * 1024, File::open(path)?.take(len));
         let mut magic = [0u8; HEADER_LEN as usize];
-        inner.read_exact(&mut magic).map_err(|_| StoreError::Engine("value log: a segment without header".into()))?;
+        inner
+            .read_exact(&mut magic)
+            .map_err(|_| StoreError::Damaged(format!("value log segment {} has no header", path.display())))?;
         if &magic != MAGIC {
-            return Err(StoreError::Engine("value log: a segment with a foreign header".into()));
+            return Err(StoreError::Damaged(format!("value log segment {} has a foreign header", path.display())));
         }
         Ok(FrameReader { inner, offset: HEADER_LEN, len })
     }

@@ -100,6 +100,7 @@ impl Vault {
         };
         drop(writers);
         drop(rotation);
+        clamp_values_mark(&copy, &segments)?;
         copy_files(&segments, &data.join("values"))?;
         copy_files(audit, &data.join("audit"))?;
         copy.sync(Durability::Fsync)?;
@@ -146,5 +147,22 @@ fn copy_files(list: &[(PathBuf, u64)], dir: &Path) -> Result<(), VaultError> {
         files::copy_prefix(path, &dir.join(name), *len).map_err(StoreError::from)?;
     }
     files::sync_dir(dir).map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// The copy's record of how far the value log was durable may be newer than the lengths
+/// the segments are copied at (a commit round runs on while writers wait): it is cut back
+/// to them, or the restored copy would read as a log missing acknowledged bytes.
+fn clamp_values_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
+    let key = crate::store::values_mark_key();
+    let Some(mark) = copy.get(&key)?.and_then(|b| crate::store::decode_values_mark(&b)) else { return Ok(()) };
+    let copied = segments.iter().filter_map(|(p, len)| Some((crate::store::value_segment_id(p)?, *len))).max();
+    if let Some(end) = copied.filter(|end| mark > *end) {
+        let mut v = end.0.to_be_bytes().to_vec();
+        v.extend_from_slice(&end.1.to_be_bytes());
+        let mut b = Batch::default();
+        b.put(key, v);
+        copy.apply(b)?;
+    }
     Ok(())
 }
