@@ -34,7 +34,7 @@ pub fn to_status(e: VaultError) -> Status {
         VaultError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
         VaultError::Store(StoreError::Io(_)) => {
             tracing::error!(error = %e, "a storage I/O error failed the request");
-            Status::unavailable("the data volume failed an I/O operation; nothing of this call was kept; retry later")
+            Status::unavailable("the data volume failed an I/O operation; retry later")
         }
         VaultError::Ledger(_) => {
             tracing::error!(error = %e, "the erasure ledger on the key volume failed");
@@ -91,6 +91,10 @@ pub fn tenancy_status(e: TenancyError) -> Status {
         TenancyError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         TenancyError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
         TenancyError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
+        TenancyError::Store(StoreError::Io(_)) => {
+            tracing::error!(error = %e, "a storage I/O error failed an admin request");
+            Status::unavailable("the data volume failed an I/O operation; retry later")
+        }
         TenancyError::Vault(v) => to_status(*v),
         TenancyError::Store(_) | TenancyError::Crypto(_) | TenancyError::Corrupt | TenancyError::Poisoned => {
             tracing::error!(error = %e, "admin request failed on a server fault");
