@@ -4,7 +4,7 @@
 //! the others are served; the vault binds the region into every envelope it seals.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -106,21 +106,9 @@ pub fn check_endpoints(endpoints: &BTreeMap<String, String>) -> Result<(), Strin
     Ok(())
 }
 
-/// A path made absolute and without `.`/`..`, for comparing (the directories may not
-/// exist yet, so no canonicalize).
+/// A path made absolute and without `.`/`..`, for comparing.
 fn normal(p: &Path) -> PathBuf {
-    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(p) };
-    let mut out = PathBuf::new();
-    for c in abs.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
+    crate::store::files::folded(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 #[cfg(test)]

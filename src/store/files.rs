@@ -47,6 +47,22 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// `path` made absolute with `.` and `..` folded, without touching the file system
+/// (the directory may not exist yet): for comparing configured directories.
+pub fn folded(path: &Path) -> std::io::Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for part in std::path::absolute(path)?.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
 /// One segment file as it is on disk, read without changing it: its length, how much of
 /// it is a header and whole frames, and (when not all of it) whether a whole frame
 /// follows the first bad one, which only damage leaves behind.

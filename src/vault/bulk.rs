@@ -8,7 +8,6 @@ use std::ops::ControlFlow;
 use super::layout::{self, Blind};
 use super::model::{MessageRef, TenantId, Transcript};
 use super::records::Header;
-use super::seal::Place;
 use super::{Vault, VaultError};
 
 /// Header and subject-index entries read per store scan.
@@ -158,13 +157,7 @@ impl Vault {
         if visit(Visit::Begin(&t)).is_break() {
             return Ok(ControlFlow::Break(()));
         }
-        let place = Place {
-            binding: self.keys.binding(),
-            tenant: tenant.as_str(),
-            subject: &h.subject,
-            transcript: tb,
-            incarnation: h.incarnation,
-        };
+        let place = self.place(tenant, &h.subject, tb, h.incarnation);
         let mut flow = ControlFlow::Continue(());
         let count = self
             .read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {

@@ -2,7 +2,7 @@
 //! of the data would otherwise carry the key-store keys that make erasures final by
 //! being destroyed.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::VaultError;
 
@@ -46,17 +46,8 @@ pub fn warn_if_same_volume(data_dir: &Path, key_dir: &Path) {
 /// `path` made absolute and `.`/`..` folded, with symbolic links resolved as far as it
 /// exists already (it may not yet: the directories are created on first start).
 fn resolved(path: &Path) -> Result<PathBuf, VaultError> {
-    let abs = std::path::absolute(path).map_err(|e| VaultError::invalid("data_dir/key_dir", e.to_string()))?;
-    let mut folded = PathBuf::new();
-    for part in abs.components() {
-        match part {
-            Component::ParentDir => {
-                folded.pop();
-            }
-            Component::CurDir => {}
-            other => folded.push(other),
-        }
-    }
+    let folded =
+        crate::store::files::folded(path).map_err(|e| VaultError::invalid("data_dir/key_dir", e.to_string()))?;
     let mut existing = folded.as_path();
     let mut rest = Vec::new();
     while let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) {

@@ -20,6 +20,19 @@ pub struct Place<'a> {
     pub incarnation: u64,
 }
 
+impl super::Vault {
+    /// Where a transcript's records belong, in this vault's region.
+    pub(super) fn place<'a>(
+        &'a self,
+        tenant: &'a super::model::TenantId,
+        subject: &'a Blind,
+        transcript: &'a Blind,
+        incarnation: u64,
+    ) -> Place<'a> {
+        Place { binding: self.binding(), tenant: tenant.as_str(), subject, transcript, incarnation }
+    }
+}
+
 impl Place<'_> {
     fn aad(&self, kind: RecordKind) -> Aad {
         Aad::new(kind).bytes(self.tenant.as_bytes()).bytes(self.subject).bytes(self.transcript).u64(self.incarnation)

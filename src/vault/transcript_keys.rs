@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::layout::{self, Blind};
 use super::records::{self, BodyRecord, Header, KeyRecord};
-use super::seal::{Place, seal_err};
+use super::seal::seal_err;
 use super::{META_KEY_FORMAT, META_SHRED_EPOCH, TenantId, Vault, VaultError, key_err};
 use crate::crypto::{Aad, RecordKind, SecretKey};
 use crate::keys::KeyError;
@@ -186,13 +186,7 @@ impl Vault {
                 if h.subject != *sb || h.generation != subj.generation {
                     continue;
                 }
-                let place = Place {
-                    binding: self.keys.binding(),
-                    tenant: tenant.as_str(),
-                    subject: sb,
-                    transcript: &tb,
-                    incarnation: h.incarnation,
-                };
+                let place = self.place(tenant, sb, &tb, h.incarnation);
                 let mut body = Arc::unwrap_or_clone(self.body_record(tenant, &tb, &h)?);
                 let tk = place.unwrap_transcript_key(&old, h.generation, &body.wrapped_key)?;
                 let inner = place.wrap_transcript_key(self.alg, &fresh, h.generation, &tk)?;

@@ -8,7 +8,7 @@ use super::layout::{self, Blind};
 use super::model::{Message, ShredReceipt, TenantId, Timestamp, Touched, Transcript, TranscriptPage};
 use super::receipts::Erased;
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
-use super::seal::{Place, seal_err};
+use super::seal::seal_err;
 use super::times;
 use super::{Vault, VaultError};
 use crate::crypto::{SecretKey, random_bytes};
@@ -84,13 +84,7 @@ impl Vault {
                     subj.transcript_count += 1;
                 }
                 let place_inc = u64::from_be_bytes(random_bytes().map_err(seal_err)?);
-                let place = Place {
-                    binding: self.keys.binding(),
-                    tenant: tenant.as_str(),
-                    subject: &sb,
-                    transcript: &tb,
-                    incarnation: place_inc,
-                };
+                let place = self.place(tenant, &sb, &tb, place_inc);
                 let tk = SecretKey::generate().map_err(seal_err)?;
                 let inner = place.wrap_transcript_key(self.alg, &dek, subj.generation, &tk)?;
                 self.put_transcript_key(&mut batch, tenant.as_str(), &tb, place_inc, subj.generation, &inner)?;
@@ -203,13 +197,7 @@ impl Vault {
                 )));
             }
             let (tk, _) = self.transcript_key(tenant, tb, &h)?;
-            let place = Place {
-                binding: self.keys.binding(),
-                tenant: tenant.as_str(),
-                subject: &h.subject,
-                transcript: tb,
-                incarnation: h.incarnation,
-            };
+            let place = self.place(tenant, &h.subject, tb, h.incarnation);
             let sealed = messages
                 .iter()
                 .enumerate()
@@ -368,13 +356,7 @@ impl Vault {
         reserve: &mut dyn FnMut(usize) -> Result<(), String>,
     ) -> Result<Transcript, VaultError> {
         let (mut t, tk) = self.summary(tenant, tb, h)?;
-        let place = Place {
-            binding: self.keys.binding(),
-            tenant: tenant.as_str(),
-            subject: &h.subject,
-            transcript: tb,
-            incarnation: h.incarnation,
-        };
+        let place = self.place(tenant, &h.subject, tb, h.incarnation);
         let mut bytes = 0usize;
         let limit = self.limits.max_response_bytes;
         self.read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
@@ -617,13 +599,7 @@ impl Vault {
     ) -> Result<(Box<SecretKey>, Arc<BodyRecord>), VaultError> {
         let dek = self.subject_key(tenant, &h.subject, h.generation)?;
         let body = self.body_record(tenant, tb, h)?;
-        let place = Place {
-            binding: self.keys.binding(),
-            tenant: tenant.as_str(),
-            subject: &h.subject,
-            transcript: tb,
-            incarnation: h.incarnation,
-        };
+        let place = self.place(tenant, &h.subject, tb, h.incarnation);
         Ok((Box::new(place.unwrap_transcript_key(&dek, h.generation, &body.wrapped_key)?), body))
     }
 
@@ -636,13 +612,7 @@ impl Vault {
         h: &Header,
     ) -> Result<(Transcript, Box<SecretKey>), VaultError> {
         let (tk, body) = self.transcript_key(tenant, tb, h)?;
-        let place = Place {
-            binding: self.keys.binding(),
-            tenant: tenant.as_str(),
-            subject: &h.subject,
-            transcript: tb,
-            incarnation: h.incarnation,
-        };
+        let place = self.place(tenant, &h.subject, tb, h.incarnation);
         let mut t = place.open_body(&tk, &body.body)?;
         t.started_at = Some(Timestamp::from_micros(h.started_at).ok_or(VaultError::Corrupt("transcript header"))?);
         t.ended_at = h.ended_at.and_then(Timestamp::from_micros);
