@@ -393,15 +393,19 @@ mod tests {
         assert_eq!(all_payloads(&s), vec![b"first".to_vec(), b"again".to_vec()]);
     }
 
-    #[test]
-    fn a_flipped_byte_before_good_records_is_refused_at_open_and_a_cut_short_last_one_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Segments::open(dir.path(), 1 << 20).unwrap();
+    /// A segment of three 40-byte records; its view, with the store closed.
+    fn three_records(dir: &Path) -> SegmentView {
+        let s = Segments::open(dir, 1 << 20).unwrap();
         for seq in 1..=3 {
             s.append(seq, &[0; 32], &[seq as u8; 40]).unwrap();
         }
-        let view = s.snapshot().unwrap()[0].clone();
-        drop(s);
+        s.snapshot().unwrap()[0].clone()
+    }
+
+    #[test]
+    fn a_flipped_byte_before_good_records_is_refused_at_open_and_a_cut_short_last_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let view = three_records(dir.path());
         let good = fs::read(&view.path).unwrap();
         let second = HEADER_LEN + FRAME_HEAD + 40;
         let mut bytes = good.clone();
@@ -423,12 +427,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_a_length_field_before_good_records_is_refused_too() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Segments::open(dir.path(), 1 << 20).unwrap();
-        for seq in 1..=3 {
-            s.append(seq, &[0; 32], &[seq as u8; 40]).unwrap();
-        }
-        let view = s.snapshot().unwrap()[0].clone();
-        drop(s);
+        let view = three_records(dir.path());
         let second = HEADER_LEN + FRAME_HEAD + 40;
         let mut bytes = fs::read(&view.path).unwrap();
         bytes[second + 1] ^= 0x10; // the second record's length: the next one is not where it says

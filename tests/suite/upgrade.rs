@@ -31,6 +31,15 @@ fn unpack_from(dirs: &Dirs, fixture: &str) {
     dirs.remember_api_key("acme", key.trim());
 }
 
+/// What both fixtures' writers left in alice's and bob's chats.
+async fn assert_written_chats_read_back(c: &mut Transcripts) {
+    let chat1 = get(c, "chat-1").await.unwrap();
+    assert_eq!(texts(&chat1), ["Hi, my order is late", "Let me check", "Thanks!"]);
+    assert_eq!(chat1.metadata.get("order").map(String::as_str), Some("42"));
+    assert!(get(c, "chat-2").await.unwrap().ended_at.is_some());
+    assert_eq!(texts(&get(c, "chat-4").await.unwrap()), ["replaced version"]);
+}
+
 fn texts(t: &pb::Transcript) -> Vec<&str> {
     t.messages.iter().map(|m| m.text.as_str()).collect()
 }
@@ -50,11 +59,7 @@ async fn a_data_directory_written_by_release_81447d5_reads_back_and_its_erasures
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
 
-    let chat1 = get(&mut c, "chat-1").await.unwrap();
-    assert_eq!(texts(&chat1), ["Hi, my order is late", "Let me check", "Thanks!"]);
-    assert_eq!(chat1.metadata.get("order").map(String::as_str), Some("42"));
-    assert!(get(&mut c, "chat-2").await.unwrap().ended_at.is_some());
-    assert_eq!(texts(&get(&mut c, "chat-4").await.unwrap()), ["replaced version"]);
+    assert_written_chats_read_back(&mut c).await;
     assert_eq!(get(&mut c, "chat-3").await.unwrap_err().code(), Code::NotFound);
     let erased = get(&mut c, "chat-5").await.unwrap_err();
     assert!(erased.code() == Code::NotFound && erased.message().contains("erased"), "{erased:?}");
@@ -110,11 +115,7 @@ async fn a_data_directory_written_by_the_release_before_regions_opens_as_a_regio
     assert!(old_key.starts_with("cvk_") && !old_key.starts_with("cvk_eu_"), "a key from before regions: {old_key}");
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
-    let chat1 = get(&mut c, "chat-1").await.unwrap();
-    assert_eq!(texts(&chat1), ["Hi, my order is late", "Let me check", "Thanks!"]);
-    assert_eq!(chat1.metadata.get("order").map(String::as_str), Some("42"));
-    assert!(get(&mut c, "chat-2").await.unwrap().ended_at.is_some());
-    assert_eq!(texts(&get(&mut c, "chat-4").await.unwrap()), ["replaced version"]);
+    assert_written_chats_read_back(&mut c).await;
     assert_eq!(get(&mut c, "chat-5").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(get(&mut c, "chat-7").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(blind_of(&server, "carol@example.com").await.1, SubjectStatus::Shredded);

@@ -145,7 +145,11 @@ fn set_values_mark(dirs: &Dirs, file: &std::path::Path, len: u64) {
 /// Stores "first" and then "second" (both acknowledged, so in the log's durable part) and
 /// kills the server: the value segment, and where "second"'s frames begin.
 async fn two_acknowledged_then_kill9(dirs: &Dirs) -> (std::path::PathBuf, u64) {
-    let server = Server::start(dirs);
+    two_acknowledged_then_kill9_with(dirs, Opts::default()).await
+}
+
+async fn two_acknowledged_then_kill9_with(dirs: &Dirs, opts: Opts<'_>) -> (std::path::PathBuf, u64) {
+    let server = Server::start_with(dirs, opts);
     let mut c = server.transcripts("acme").await;
     put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
     let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
@@ -311,13 +315,7 @@ async fn a_store_behind_what_was_acknowledged_is_refused_not_served_as_missing_t
 async fn under_flush_durability_a_flipped_byte_before_good_frames_is_damage_not_a_torn_write() {
     let dirs = Dirs::new();
     let flush = Opts { args: vec!["--durability", "flush"], ..Opts::default() };
-    let server = Server::start_with(&dirs, flush);
-    let mut c = server.transcripts("acme").await;
-    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
-    let segment = files_below(&dirs.data().join("values")).into_iter().max().unwrap();
-    let first_end = std::fs::metadata(&segment).unwrap().len();
-    put(&mut c, transcript("second", "s", 1_700_000_000, &["two", "three"])).await;
-    server.kill9();
+    let (segment, first_end) = two_acknowledged_then_kill9_with(&dirs, flush).await;
     let mut bytes = std::fs::read(&segment).unwrap();
     bytes[first_end as usize + 20] ^= 0x40; // inside "two"; "three" follows it whole
     std::fs::write(&segment, &bytes).unwrap();
