@@ -100,6 +100,11 @@ pub struct Config {
     pub inline_values_below: usize,
     /// On SIGTERM, how long requests in flight may take before connections are dropped.
     pub shutdown_grace_ms: u64,
+    /// After a region's storage failed a durable sync (a full volume sled hit, an I/O
+    /// error), the server exits this many seconds later, so that its supervisor (systemd
+    /// `Restart=on-failure`, Kubernetes) restarts it and it recovers from what is on disk;
+    /// 0 keeps it up, NOT_SERVING, until restarted by hand.
+    pub storage_failure_exit_secs: u64,
     pub limits: Limits,
     /// API key verification, allowlists, trusted proxies, lockout.
     pub auth: AuthConfig,
@@ -175,6 +180,7 @@ impl Default for Config {
             value_segment_bytes: crate::vault::DEFAULT_VALUE_SEGMENT_BYTES,
             inline_values_below: 0,
             shutdown_grace_ms: 10_000,
+            storage_failure_exit_secs: 10,
             limits: Limits::default(),
             auth: AuthConfig::default(),
             work: WorkLimits::default(),

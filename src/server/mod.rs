@@ -208,7 +208,16 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let vaults: Vec<_> = nodes.iter().map(|n| n.vault.clone()).collect();
     workers.push(tokio::spawn(rotate_on_sighup(vaults.clone(), hup, stop_rx.clone())));
     let named = nodes.iter().map(|n| (n.region.clone(), n.vault.clone())).collect();
-    workers.push(tokio::spawn(storage_worker(named, admin_health.clone(), stop_rx.clone())));
+    let give_up = Arc::new(tokio::sync::Notify::new());
+    let exit_after =
+        (config.storage_failure_exit_secs > 0).then(|| Duration::from_secs(config.storage_failure_exit_secs));
+    workers.push(tokio::spawn(storage_worker(
+        named,
+        admin_health.clone(),
+        exit_after,
+        give_up.clone(),
+        stop_rx.clone(),
+    )));
     workers.push(tokio::spawn(denials_worker(regions.clone(), admin.flusher(), stop_rx.clone())));
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
@@ -222,9 +231,16 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let serve = grpc::serve(regions, listener, serve_opts, drained(drain_rx));
     tokio::pin!(serve);
+    let mut storage_failed = false;
     let served = tokio::select! {
         r = &mut serve => r,
-        _ = async { tokio::select! { _ = sigterm.recv() => {}, _ = sigint.recv() => {} } } => {
+        _ = async {
+            tokio::select! {
+                _ = sigterm.recv() => {},
+                _ = sigint.recv() => {},
+                _ = give_up.notified() => storage_failed = true,
+            }
+        } => {
             tracing::info!("shutting down: finishing requests in flight");
             let _ = drain_tx.send(true);
             let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -260,6 +276,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     served?;
+    if storage_failed {
+        return Err(ServerError::Refused(
+            "storage failed a durable sync (see above); exited so that the supervisor restarts the server, which \
+             recovers from what is on disk"
+                .into(),
+        ));
+    }
     closed?;
     Ok(())
 }

@@ -204,12 +204,23 @@ pub(super) async fn retention_worker(
 pub(super) async fn storage_worker(
     vaults: Vec<(String, Arc<Vault>)>,
     health: tonic_health::server::HealthReporter,
+    exit_after: Option<Duration>,
+    give_up: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut reported = None;
+    let mut failed_since = None;
     loop {
         let failed: Vec<&str> = vaults.iter().filter(|(_, v)| v.storage_failed()).map(|(r, _)| r.as_str()).collect();
         let ok = failed.is_empty();
+        if !ok {
+            let since = *failed_since.get_or_insert_with(std::time::Instant::now);
+            if exit_after.is_some_and(|after| since.elapsed() >= after) {
+                tracing::error!(regions = ?failed, "storage failed; exiting so that the supervisor restarts the server");
+                give_up.notify_one();
+                return;
+            }
+        }
         if reported != Some(ok) {
             if !ok {
                 tracing::error!(regions = ?failed, "storage failed a durable sync; writes are refused until a restart");

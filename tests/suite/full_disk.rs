@@ -106,14 +106,16 @@ async fn a_full_value_log_volume_answers_resource_exhausted_and_writes_resume_on
 /// Small messages: whichever fills first, the value log or sled's own files, the write
 /// is refused with RESOURCE_EXHAUSTED naming the volume. Once space is freed, either
 /// writes resume at once (the value log) or, since sled stops for good after a write
-/// that found no space, they are refused saying to restart, and the server's health is
-/// NOT_SERVING for its supervisor to restart it. After the restart everything
-/// acknowledged is there and writes go on.
+/// that found no space, they are refused saying to restart, the server's health is
+/// NOT_SERVING, and it exits (`storage_failure_exit_secs`) for its supervisor to restart
+/// it. After the restart everything acknowledged is there and writes go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_volume_under_small_writes_is_reported_and_after_a_restart_nothing_acknowledged_is_lost() {
     let dirs = Dirs::new();
     let Some(_tmpfs) = Tmpfs::mount(&dirs.data(), 64) else { return };
-    let server = Server::start(&dirs);
+    let cfg = dirs.config("storage_failure_exit_secs = 2\n");
+    let mut server =
+        Server::start_with(&dirs, Opts { args: vec!["--config", cfg.to_str().unwrap()], ..Opts::default() });
     let mut c = server.transcripts("acme").await;
     let filler = fill(&dirs.data(), 3 << 20);
     let (mut acked, e) = put_until_refused(&mut c, "small", 900, 1).await;
@@ -142,6 +144,9 @@ async fn a_full_volume_under_small_writes_is_reported_and_after_a_restart_nothin
                 assert!(std::time::Instant::now() < deadline, "health stayed SERVING after the store stopped");
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
+            // Then it exits by itself, for its supervisor to restart it.
+            assert!(server.exited(std::time::Duration::from_secs(30)).await, "the server stayed up");
+            assert!(server.log_text().contains("exiting so that the supervisor restarts the server"));
         }
     }
     server.kill9();
