@@ -177,8 +177,13 @@ impl Segments {
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&header.first_seq.to_le_bytes());
         head.extend_from_slice(&header.prev);
-        file.write_all(&head)?;
-        file.sync_all()?;
+        if let Err(e) = file.write_all(&head).and_then(|()| file.sync_all()) {
+            // A segment that did not get its header (a full disk) is removed again, or
+            // every later attempt would find it there and fail for good.
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(e.into());
+        }
         File::open(&self.dir)?.sync_all()?;
         Ok(Active {
             file: Arc::new(file),

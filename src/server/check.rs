@@ -52,10 +52,12 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
 
     let (mut damage, mut torn) = (Vec::new(), Vec::new());
     // The store against the log's commit frames: as the start checks it.
-    if let Err(crate::store::StoreError::Damaged(why)) =
-        crate::store::ValueLog::check_store_against_commits(&data.join("values"), mark, false)
-    {
-        damage.push(Finding { file: data.join("db"), offset: 0, what: why });
+    match crate::store::ValueLog::check_store_against_commits(&data.join("values"), mark, false) {
+        Err(crate::store::StoreError::Damaged(why)) => {
+            damage.push(Finding { file: data.join("db"), offset: 0, what: why })
+        }
+        Err(e) => return Err(e.into()),
+        Ok(()) => {}
     }
     let values = crate::store::inspect_values(&data.join("values"))?;
     let newest = values.iter().filter_map(|s| crate::store::value_segment_id(&s.path)).max();
@@ -77,7 +79,10 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
         let acknowledged =
             matches!((mark, id), (Some((seg, off)), Some(id)) if seg > id || (seg == id && off > s.valid));
         let lost = s.len - s.valid;
-        if last && !acknowledged {
+        // Past the durable mark a bad frame is a write cut short, unless whole frames
+        // follow it and no mark vouches for the log (flush, none): what serve refuses too.
+        let holed = s.good_after && config.durability != crate::store::Durability::Fsync;
+        if last && !acknowledged && !holed {
             torn.push(finding(s, format!("a write cut short at the end ({lost} bytes, never acknowledged)")));
         } else {
             damage.push(finding(

@@ -75,26 +75,45 @@ pub struct SegmentCheck {
 }
 
 /// Whether a whole, good frame (`len u32 LE | crc32 u32 LE | payload`, the framing of the
-/// value log and the audit trail) starts anywhere after the bad frame at `at`: what only
-/// damage leaves, since a crash cuts a log's last write short but leaves nothing after
-/// it. Every offset is tried, so a flipped byte in a length field is found as well as
-/// one in a payload; a random match needs 32 bits of CRC to agree.
+/// value log and the audit trail) starts anywhere after the bad frame at `at`: what a
+/// process crash never leaves, since it cuts a log's last write short and leaves nothing
+/// after it. Every offset is tried, so a flipped byte in a length field is found as well
+/// as one in a payload; a random match needs 32 bits of CRC to agree. A candidate must be
+/// followed by the end or by another plausible header, and the CRC work is capped
+/// (`SCAN_BUDGET`): past it the answer is "none found", so a start never stalls on a
+/// large tail.
 pub fn good_frame_after(path: &Path, at: u64, file_len: u64, max_payload: usize) -> std::io::Result<bool> {
-    use std::os::unix::fs::FileExt;
+    use std::io::Read;
     const HEAD: usize = 8;
+    const SCAN_BUDGET: usize = 64 << 20;
     let start = at + 1;
     if start + HEAD as u64 > file_len {
         return Ok(false);
     }
-    let mut rest = vec![0u8; (file_len - start) as usize];
-    std::fs::File::open(path)?.read_exact_at(&mut rest, start)?;
+    let mut rest = Vec::new();
+    let window = (file_len - start).min(SCAN_BUDGET as u64 + max_payload as u64 + HEAD as u64);
+    let mut f = std::fs::File::open(path)?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start))?;
+    f.take(window).read_to_end(&mut rest)?;
+    let plausible = |at: usize| -> Option<usize> {
+        let h = rest.get(at..at + HEAD)?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        (len > 0 && len <= max_payload && at + HEAD + len <= rest.len()).then_some(len)
+    };
+    let mut spent = 0usize;
     for i in 0..rest.len().saturating_sub(HEAD - 1) {
-        let len = u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]) as usize;
-        if len == 0 || len > max_payload || i + HEAD + len > rest.len() {
+        let Some(len) = plausible(i) else { continue };
+        let next = i + HEAD + len;
+        // The end of what was read, or another header that could be one.
+        if next != rest.len() && plausible(next).is_none() {
             continue;
         }
+        spent += len;
+        if spent > SCAN_BUDGET {
+            return Ok(false);
+        }
         let crc = u32::from_le_bytes([rest[i + 4], rest[i + 5], rest[i + 6], rest[i + 7]]);
-        if crc32fast::hash(&rest[i + HEAD..i + HEAD + len]) == crc {
+        if crc32fast::hash(&rest[i + HEAD..next]) == crc {
             return Ok(true);
         }
     }

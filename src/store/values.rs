@@ -658,7 +658,8 @@ pub fn inspect(dir: &Path) -> Result<Vec<super::files::SegmentCheck>, StoreError
     for (_, path) in super::files::numbered(dir, SUFFIX)? {
         let len = fs::metadata(&path)?.len();
         let valid = valid_length(&path, len)?;
-        out.push(super::files::SegmentCheck { path, len, valid, good_after: false });
+        let good_after = valid >= HEADER_LEN && valid < len && frame_follows(&path, valid, len)?;
+        out.push(super::files::SegmentCheck { path, len, valid, good_after });
     }
     Ok(out)
 }

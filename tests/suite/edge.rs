@@ -329,7 +329,8 @@ async fn idle_connections_under_a_low_fd_limit_do_not_stop_a_legitimate_call_and
     // The idle sockets queued before it are accepted and timed out a slot-full at a time
     // (handshake_timeout_ms); on a loaded 2-core machine that takes several seconds.
     let got = tokio::time::timeout(Duration::from_secs(25), call).await.expect("a legitimate call in time");
-    assert_eq!(got.unwrap().messages[0].text, "still here");
+    let got = got.unwrap_or_else(|e| panic!("the legitimate call failed: {e:?}\n{}", server.log_text()));
+    assert_eq!(got.messages[0].text, "still here");
     // Every silent connection is closed by the server within seconds (after, perhaps,
     // the server's half of the HTTP/2 preface).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
