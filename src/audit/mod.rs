@@ -24,7 +24,10 @@ pub use anchor::AnchorCheck;
 pub use prune::{Checkpoint, Pruned};
 pub use record::{Event, Operation, Outcome, Record};
 use segment::{FrameError, Reader, SegmentView, Segments};
-pub use segment::{HEADER_LEN as SEGMENT_HEADER_LEN, inspect as inspect_segments};
+pub use segment::{
+    HEADER_LEN as SEGMENT_HEADER_LEN, decode_mark as decode_audit_mark, inspect as inspect_segments,
+    mark_key as audit_mark_key,
+};
 
 use crate::clock::Clock;
 use crate::crypto::{SecretKey, blind_index};
@@ -192,7 +195,8 @@ impl AuditLog {
         accept_damage: bool,
     ) -> Result<Self, AuditError> {
         legacy::migrate(dir, store, &key, segment_bytes)?;
-        Self::open_segments(Segments::open_checked(dir, segment_bytes, accept_damage)?, key, clock)
+        let acknowledged = store.get(&segment::mark_key())?.and_then(|b| segment::decode_mark(&b));
+        Self::open_segments(Segments::open_checked(dir, segment_bytes, acknowledged, accept_damage)?, key, clock)
     }
 
     fn open_segments(segments: Segments, key: SecretKey, clock: Arc<dyn Clock>) -> Result<Self, AuditError> {
@@ -453,6 +457,10 @@ impl AuditLog {
 impl SyncTarget for AuditLog {
     fn sync(&self, mode: Durability) -> Result<(), StoreError> {
         self.sync_and_note(mode)
+    }
+
+    fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.segments.synced_mark()
     }
 }
 

@@ -49,6 +49,19 @@ pub struct Segments {
     /// Older segments, oldest first, then the one written to.
     closed: Mutex<Vec<SegmentView>>,
     active: Mutex<Option<Active>>,
+    /// How far the trail was durable at its last `fsync`: (first record of the active
+    /// segment, length). The group commit records it in the store with every round.
+    synced: Mutex<Option<(u64, u64)>>,
+}
+
+/// Where the group commit records how far the audit trail was durable.
+pub fn mark_key() -> Vec<u8> {
+    vec![crate::store::space::LOG_MARKS, b'a']
+}
+
+/// An audit mark read back from the store: (segment's first record, length).
+pub fn decode_mark(bytes: &[u8]) -> Option<(u64, u64)> {
+    Some((u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?), u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?)))
 }
 
 fn name(first_seq: u64) -> String {
@@ -59,14 +72,22 @@ impl Segments {
     /// Opens the segments in `dir` (created 0700 if missing). A torn frame at the very end
     /// of the newest segment (a crash mid-write, never acknowledged) is cut off.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StoreError> {
-        Self::open_checked(dir, max_bytes, false)
+        Self::open_checked(dir, max_bytes, None, false)
     }
 
-    /// [`Self::open`], telling damage from a torn write: each record is one `write`, so
-    /// only the last frame can be torn, and a bad frame followed by a good one is damage.
-    /// That is refused, naming the file and offset and changing nothing, unless
-    /// `accept_damage` (then cut off like a torn tail, said at error level).
-    pub fn open_checked(dir: &Path, max_bytes: u64, accept_damage: bool) -> Result<Self, StoreError> {
+    /// [`Self::open`], telling damage from a torn write. With `acknowledged` (the store's
+    /// record of how far the trail was durable), a bad record before it is damage and one
+    /// after it a write cut short, whatever follows (a power loss may write pages out of
+    /// order). Without it (a trail never fsynced, or from before marks) each record is one
+    /// `write`, so a bad record followed by a good one is damage. Damage is refused,
+    /// naming the file and offset and changing nothing, unless `accept_damage` (then cut
+    /// off like a torn tail, said at error level).
+    pub fn open_checked(
+        dir: &Path,
+        max_bytes: u64,
+        acknowledged: Option<(u64, u64)>,
+        accept_damage: bool,
+    ) -> Result<Self, StoreError> {
         files::private_dir(dir)?;
         let found = files::numbered(dir, SUFFIX)?;
         let mut views: Vec<SegmentView> = Vec::with_capacity(found.len());
@@ -86,7 +107,11 @@ impl Segments {
         let active = match views.pop() {
             Some(mut last) => {
                 let valid = valid_length(&last)?;
-                if valid < last.len && frame_follows(&last.path, valid, last.len)? {
+                let damaged = match acknowledged {
+                    Some((seq, off)) => seq > last.first_seq || (seq == last.first_seq && off > valid),
+                    None => valid < last.len && frame_follows(&last.path, valid, last.len)?,
+                };
+                if damaged {
                     let why = format!(
                         "audit segment {}: the record at offset {valid} is damaged and good records follow it: this \
                          is damage, not a torn write. Nothing was changed. Restore the data directory from a backup, \
@@ -114,7 +139,13 @@ impl Segments {
             }
             None => None,
         };
-        Ok(Segments { dir: dir.to_path_buf(), max_bytes, closed: Mutex::new(views), active: Mutex::new(active) })
+        Ok(Segments {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            closed: Mutex::new(views),
+            active: Mutex::new(active),
+            synced: Mutex::new(None),
+        })
     }
 
     /// Appends one record. `seq` and `prev` (its predecessor's MAC) head a new segment
@@ -197,11 +228,27 @@ impl Segments {
         if mode != Durability::Fsync {
             return Ok(());
         }
-        let file = self.active.lock().map_err(|_| StoreError::Failed)?.as_ref().map(|a| a.file.clone());
-        if let Some(f) = file {
+        let at = self
+            .active
+            .lock()
+            .map_err(|_| StoreError::Failed)?
+            .as_ref()
+            .map(|a| (a.file.clone(), a.view.first_seq, a.view.len));
+        if let Some((f, first_seq, len)) = at {
             f.sync_data()?;
+            if let Ok(mut s) = self.synced.lock() {
+                *s = (*s).max(Some((first_seq, len)));
+            }
         }
         Ok(())
+    }
+
+    /// How far the trail was durable at its last sync, as the store records it.
+    pub fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (first_seq, len) = (*self.synced.lock().ok()?)?;
+        let mut v = first_seq.to_be_bytes().to_vec();
+        v.extend_from_slice(&len.to_be_bytes());
+        Some((mark_key(), v))
     }
 
     pub fn dir(&self) -> &Path {
@@ -420,7 +467,7 @@ mod tests {
         let why = refused.to_string();
         assert!(why.contains(&format!("offset {second}")) && why.contains("not a torn write"), "{why}");
         assert_eq!(fs::read(&view.path).unwrap(), bytes, "nothing was changed");
-        let accepted = Segments::open_checked(dir.path(), 1 << 20, true).unwrap();
+        let accepted = Segments::open_checked(dir.path(), 1 << 20, None, true).unwrap();
         assert_eq!(accepted.snapshot().unwrap()[0].len, second as u64);
         drop(accepted);
         // A last record cut short by a crash is a torn write: cut, no refusal.
@@ -438,6 +485,36 @@ mod tests {
         bytes[second + 1] ^= 0x10; // the second record's length: the next one is not where it says
         fs::write(&view.path, &bytes).unwrap();
         let why = Segments::open(dir.path(), 1 << 20).err().expect("damage is refused").to_string();
+        assert!(why.contains(&format!("offset {second}")), "{why}");
+        assert_eq!(fs::read(&view.path).unwrap(), bytes, "nothing was changed");
+    }
+
+    /// With the store's mark of how far the trail was durable, a bad record before it is
+    /// damage, and one after it a write a power loss cut short (pages may reach the disk
+    /// out of order), whatever follows it: cut, not refused.
+    #[test]
+    fn the_durable_mark_tells_damage_before_it_from_a_power_loss_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let view = three_records(dir.path());
+        let second = (HEADER_LEN + FRAME_HEAD + 40) as u64;
+        let mut bytes = fs::read(&view.path).unwrap();
+        bytes[second as usize + FRAME_HEAD + 5] ^= 1;
+        fs::write(&view.path, &bytes).unwrap();
+        // Durable up to the end of the first record only: the rest was never acknowledged.
+        let s = Segments::open_checked(dir.path(), 1 << 20, Some((view.first_seq, second)), false).unwrap();
+        assert_eq!(all_payloads(&s).len(), 1, "cut after the durable record, no refusal");
+        drop(s);
+        // Durable past the bad record: damage, refused, nothing changed.
+        let dir = tempfile::tempdir().unwrap();
+        let view = three_records(dir.path());
+        let mut bytes = fs::read(&view.path).unwrap();
+        bytes[second as usize + FRAME_HEAD + 5] ^= 1;
+        fs::write(&view.path, &bytes).unwrap();
+        let end = bytes.len() as u64;
+        let why = Segments::open_checked(dir.path(), 1 << 20, Some((view.first_seq, end)), false)
+            .err()
+            .expect("damage before the durable mark is refused")
+            .to_string();
         assert!(why.contains(&format!("offset {second}")), "{why}");
         assert_eq!(fs::read(&view.path).unwrap(), bytes, "nothing was changed");
     }

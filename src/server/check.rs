@@ -93,6 +93,7 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
             ));
         }
     }
+    let audit_mark = store.get(&crate::audit::audit_mark_key())?.and_then(|b| crate::audit::decode_audit_mark(&b));
     let audit = crate::audit::inspect_segments(&super::node::audit_dir(data))?;
     for (i, s) in audit.iter().enumerate() {
         if s.valid >= s.len {
@@ -101,7 +102,14 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
         // A newest segment without its whole header is a crash at its creation (open
         // removes it); any other bad record at the end with nothing good after is torn.
         let newest = i + 1 == audit.len();
-        if newest && (s.len < crate::audit::SEGMENT_HEADER_LEN as u64 || (!s.good_after && s.valid > 0)) {
+        let first_seq = s.path.file_stem().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
+        // As serve decides: before the store's durable mark, damage; after it, cut short;
+        // with no mark, damage if a good record follows.
+        let cut_short = match (audit_mark, first_seq) {
+            (Some((seq, off)), Some(first)) => !(seq > first || (seq == first && off > s.valid)),
+            _ => !s.good_after,
+        };
+        if newest && (s.len < crate::audit::SEGMENT_HEADER_LEN as u64 || (cut_short && s.valid > 0)) {
             torn.push(finding(s, "an audit record cut short at the end (never acknowledged)".into()));
         } else {
             damage.push(finding(s, "damaged audit record: the records from here on are unreadable".into()));

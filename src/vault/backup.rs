@@ -101,6 +101,7 @@ impl Vault {
         drop(writers);
         drop(rotation);
         clamp_values_mark(&copy, &segments)?;
+        clamp_audit_mark(&copy, audit)?;
         copy_files(&segments, &data.join("values"))?;
         copy_files(audit, &data.join("audit"))?;
         copy.sync(Durability::Fsync)?;
@@ -157,6 +158,22 @@ fn clamp_values_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<
     let key = crate::store::values_mark_key();
     let Some(mark) = copy.get(&key)?.and_then(|b| crate::store::decode_values_mark(&b)) else { return Ok(()) };
     let copied = segments.iter().filter_map(|(p, len)| Some((crate::store::value_segment_id(p)?, *len))).max();
+    if let Some(end) = copied.filter(|end| mark > *end) {
+        let mut v = end.0.to_be_bytes().to_vec();
+        v.extend_from_slice(&end.1.to_be_bytes());
+        let mut b = Batch::default();
+        b.put(key, v);
+        copy.apply(b)?;
+    }
+    Ok(())
+}
+
+/// The same for the audit trail's mark, against the lengths its segments are copied at.
+fn clamp_audit_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
+    let key = crate::audit::audit_mark_key();
+    let Some(mark) = copy.get(&key)?.and_then(|b| crate::audit::decode_audit_mark(&b)) else { return Ok(()) };
+    let first_seq = |p: &PathBuf| p.file_stem()?.to_str()?.parse::<u64>().ok();
+    let copied = segments.iter().filter_map(|(p, len)| Some((first_seq(p)?, *len))).max();
     if let Some(end) = copied.filter(|end| mark > *end) {
         let mut v = end.0.to_be_bytes().to_vec();
         v.extend_from_slice(&end.1.to_be_bytes());

@@ -371,7 +371,8 @@ impl Vault {
 
     /// Files kept beside the store (the audit trail) that every durable wait must cover.
     pub fn attach_durable(&self, target: Arc<dyn SyncTarget>) {
-        self.commit.attach(target);
+        // Synced before the store, which records in the same round how far it was durable.
+        self.commit.attach_before(target);
     }
 
     /// The tenant's blind-index key; created on first write if `create`, in which case
