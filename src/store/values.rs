@@ -215,8 +215,8 @@ impl ValueLog {
                             (id, valid),
                             format!(
                                 "value log segment {}: the frame at offset {valid} is damaged and whole frames follow \
-                                 it: this is damage, not a write cut short (durability = {mode:?} leaves no holes \
-                                 on a crash). Nothing was changed. Restore the data directory from a backup \
+                                 it: this is damage, not a write cut short (a process crash leaves no holes, and \
+                                 durability = {mode:?} keeps no durable mark). Nothing was changed. Restore the data directory from a backup \
                                  (`chatvault restore`), or start once with --accept-damage to cut the segment at \
                                  {valid} (the bytes from there are kept beside it) and lose what they held",
                                 dir.join(name(id)).display()
