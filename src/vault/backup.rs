@@ -151,35 +151,63 @@ fn copy_files(list: &[(PathBuf, u64)], dir: &Path) -> Result<(), VaultError> {
     Ok(())
 }
 
-/// The copy's record of how far the value log was durable may be newer than the lengths
-/// the segments are copied at (a commit round runs on while writers wait): it is cut back
-/// to them, or the restored copy would read as a log missing acknowledged bytes.
+/// The copy's record of how far the value log (and the audit trail) was durable may be
+/// newer than the lengths their segments are copied at (a commit round runs on while
+/// writers wait): it is cut back to them, or the restored copy would read as a log missing
+/// acknowledged bytes.
 fn clamp_values_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
-    let key = crate::store::values_mark_key();
-    let Some(mark) = copy.get(&key)?.and_then(|b| crate::store::decode_values_mark(&b)) else { return Ok(()) };
     let copied = segments.iter().filter_map(|(p, len)| Some((crate::store::value_segment_id(p)?, *len))).max();
-    if let Some(end) = copied.filter(|end| mark > *end) {
-        let mut v = end.0.to_be_bytes().to_vec();
-        v.extend_from_slice(&end.1.to_be_bytes());
+    let encode = |(id, len): (u32, u64)| [id.to_be_bytes().as_slice(), &len.to_be_bytes()].concat();
+    clamp_mark(copy, crate::store::values_mark_key(), crate::store::decode_values_mark, encode, copied)
+}
+
+fn clamp_audit_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
+    let first_seq = |p: &PathBuf| p.file_stem()?.to_str()?.parse::<u64>().ok();
+    let copied = segments.iter().filter_map(|(p, len)| Some((first_seq(p)?, *len))).max();
+    let encode = |(seq, len): (u64, u64)| [seq.to_be_bytes().as_slice(), &len.to_be_bytes()].concat();
+    clamp_mark(copy, crate::audit::audit_mark_key(), crate::audit::decode_audit_mark, encode, copied)
+}
+
+fn clamp_mark<M: Ord + Copy>(
+    copy: &dyn KvStore,
+    key: Vec<u8>,
+    decode: fn(&[u8]) -> Option<M>,
+    encode: impl Fn(M) -> Vec<u8>,
+    copied_end: Option<M>,
+) -> Result<(), VaultError> {
+    let Some(mark) = copy.get(&key)?.and_then(|b| decode(&b)) else { return Ok(()) };
+    if let Some(end) = copied_end.filter(|end| mark > *end) {
         let mut b = Batch::default();
-        b.put(key, v);
+        b.put(key, encode(end));
         copy.apply(b)?;
     }
     Ok(())
 }
 
-/// The same for the audit trail's mark, against the lengths its segments are copied at.
-fn clamp_audit_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
-    let key = crate::audit::audit_mark_key();
-    let Some(mark) = copy.get(&key)?.and_then(|b| crate::audit::decode_audit_mark(&b)) else { return Ok(()) };
-    let first_seq = |p: &PathBuf| p.file_stem()?.to_str()?.parse::<u64>().ok();
-    let copied = segments.iter().filter_map(|(p, len)| Some((first_seq(p)?, *len))).max();
-    if let Some(end) = copied.filter(|end| mark > *end) {
-        let mut v = end.0.to_be_bytes().to_vec();
-        v.extend_from_slice(&end.1.to_be_bytes());
-        let mut b = Batch::default();
-        b.put(key, v);
-        copy.apply(b)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mark the committer moved while the index was copied is cut back to what was
+    /// copied; one within it is left as it is.
+    #[test]
+    fn a_copied_mark_past_the_copied_log_is_cut_back_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = SledStore::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let set = |id: u32, len: u64| {
+            let mut b = Batch::default();
+            b.put(crate::store::values_mark_key(), [id.to_be_bytes().as_slice(), &len.to_be_bytes()].concat());
+            copy.apply(b).unwrap();
+        };
+        let mark =
+            || copy.get(&crate::store::values_mark_key()).unwrap().and_then(|b| crate::store::decode_values_mark(&b));
+        let segments =
+            vec![(PathBuf::from("values/0000000001.values"), 900), (PathBuf::from("values/0000000002.values"), 100)];
+        set(2, 180);
+        clamp_values_mark(&copy, &segments).unwrap();
+        assert_eq!(mark(), Some((2, 100)));
+        set(2, 60);
+        clamp_values_mark(&copy, &segments).unwrap();
+        assert_eq!(mark(), Some((2, 60)));
     }
-    Ok(())
 }
