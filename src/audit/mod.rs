@@ -26,7 +26,7 @@ pub use record::{Event, Operation, Outcome, Record};
 use segment::{FrameError, Reader, SegmentView, Segments};
 pub use segment::{
     HEADER_LEN as SEGMENT_HEADER_LEN, decode_mark as decode_audit_mark, inspect as inspect_segments,
-    mark_key as audit_mark_key,
+    mark_key as audit_mark_key, tail_is_damage as audit_tail_is_damage,
 };
 
 use crate::clock::Clock;

@@ -107,10 +107,9 @@ impl Segments {
         let active = match views.pop() {
             Some(mut last) => {
                 let valid = valid_length(&last)?;
-                let damaged = match acknowledged {
-                    Some((seq, off)) => seq > last.first_seq || (seq == last.first_seq && off > valid),
-                    None => valid < last.len && frame_follows(&last.path, valid, last.len)?,
-                };
+                let good_after =
+                    valid < last.len && acknowledged.is_none() && frame_follows(&last.path, valid, last.len)?;
+                let damaged = tail_is_damage(acknowledged, last.first_seq, valid, good_after);
                 if damaged {
                     let why = format!(
                         "audit segment {}: the record at offset {valid} is damaged and good records follow it: this \
@@ -345,6 +344,17 @@ impl Reader {
 
 fn eof_is_damage(e: std::io::Error) -> FrameError {
     if e.kind() == ErrorKind::UnexpectedEof { FrameError::Damaged } else { FrameError::Io(e) }
+}
+
+/// Whether the newest segment (starting at record `first_seq`, whole up to `valid`) ends
+/// in damage rather than a write cut short: with the store's durable mark, when the mark
+/// lies past `valid`; without one, when a good record follows the bad one. `serve` and
+/// `chatvault check` decide with this alike.
+pub fn tail_is_damage(acknowledged: Option<(u64, u64)>, first_seq: u64, valid: u64, good_after: bool) -> bool {
+    match acknowledged {
+        Some((seq, off)) => seq > first_seq || (seq == first_seq && off > valid),
+        None => good_after,
+    }
 }
 
 /// Whether a good record follows the damaged one at `at`: then it is damage.

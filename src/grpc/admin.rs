@@ -38,6 +38,13 @@ pub struct AdminRegion {
     pub purger: Arc<crate::retention::Purger>,
 }
 
+impl AdminRegion {
+    /// Whether this region's registry has `tenant` (deleted ones included).
+    fn holds(&self, tenant: &str) -> bool {
+        TenantId::parse(tenant).ok().and_then(|t| self.registry.status(&t).ok().flatten()).is_some()
+    }
+}
+
 pub struct Admin {
     pub guard: Arc<AdminGuard>,
     pub work: Arc<super::limits::Work>,
@@ -187,14 +194,12 @@ impl Admin {
     /// call about another region's tenant (or none) is recorded without the id, so no
     /// region's files ever hold another's tenant ids.
     fn shown<'a>(r: &AdminRegion, tenant: &'a str) -> &'a str {
-        let held = TenantId::parse(tenant).ok().and_then(|t| r.registry.status(&t).ok().flatten()).is_some();
-        if held { tenant } else { "" }
+        if r.holds(tenant) { tenant } else { "" }
     }
 
     /// The hosted region whose registry has `tenant`, if any.
     fn holder(&self, tenant: &str) -> Option<Arc<AdminRegion>> {
-        let id = TenantId::parse(tenant).ok()?;
-        self.regions.iter().find(|r| r.registry.status(&id).ok().flatten().is_some()).cloned()
+        self.regions.iter().find(|r| r.holds(tenant)).cloned()
     }
 
     /// The hosted regions' names, for messages.

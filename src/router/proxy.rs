@@ -67,10 +67,7 @@ impl Inner {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::grpc::bearer_token);
-        let named = token
-            .and_then(crate::tenancy::region_of_key)
-            .filter(|r| crate::region::check_name(r).is_ok())
-            .map(str::to_owned);
+        let named = token.and_then(crate::tenancy::region_of_key).map(str::to_owned);
         let region = match (named, &self.unnamed) {
             (Some(r), _) => r,
             (None, Some(r)) => r.clone(),

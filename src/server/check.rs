@@ -76,13 +76,11 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
         }
         let id = crate::store::value_segment_id(&s.path);
         let last = i + 1 == values.len();
-        let acknowledged =
-            matches!((mark, id), (Some((seg, off)), Some(id)) if seg > id || (seg == id && off > s.valid));
         let lost = s.len - s.valid;
-        // Past the durable mark a bad frame is a write cut short, unless whole frames
-        // follow it and no mark vouches for the log (flush, none): what serve refuses too.
-        let holed = s.good_after && config.durability != crate::store::Durability::Fsync;
-        if last && !acknowledged && !holed {
+        // As serve decides: whole frames after a bad one count only where no mark is kept.
+        let good_after = s.good_after && config.durability != crate::store::Durability::Fsync;
+        let damaged = crate::store::values_tail_is_damage(mark, id.unwrap_or(0), s.valid, good_after);
+        if last && !damaged {
             torn.push(finding(s, format!("a write cut short at the end ({lost} bytes, never acknowledged)")));
         } else {
             damage.push(finding(
@@ -103,12 +101,7 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
         // removes it); any other bad record at the end with nothing good after is torn.
         let newest = i + 1 == audit.len();
         let first_seq = s.path.file_stem().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
-        // As serve decides: before the store's durable mark, damage; after it, cut short;
-        // with no mark, damage if a good record follows.
-        let cut_short = match (audit_mark, first_seq) {
-            (Some((seq, off)), Some(first)) => !(seq > first || (seq == first && off > s.valid)),
-            _ => !s.good_after,
-        };
+        let cut_short = !crate::audit::audit_tail_is_damage(audit_mark, first_seq.unwrap_or(0), s.valid, s.good_after);
         if newest && (s.len < crate::audit::SEGMENT_HEADER_LEN as u64 || (cut_short && s.valid > 0)) {
             torn.push(finding(s, "an audit record cut short at the end (never acknowledged)".into()));
         } else {

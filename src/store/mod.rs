@@ -11,7 +11,7 @@ pub use commit::{CommitTicket, GroupCommit};
 pub use sled_store::SledStore;
 pub use values::{
     ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, inspect as inspect_values,
-    mark_key as values_mark_key, segment_id as value_segment_id,
+    mark_key as values_mark_key, segment_id as value_segment_id, tail_is_damage as values_tail_is_damage,
 };
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record

@@ -190,6 +190,8 @@ impl ValueLog {
             Some((id, file)) => {
                 let len = file.metadata()?.len();
                 let valid = valid_length(&dir.join(name(id)), len)?;
+                let path = dir.join(name(id));
+                let good_after = mode != Durability::Fsync && valid < len && frame_follows(&path, valid, len)?;
                 // (where the loss starts, why): acknowledged bytes that are not there.
                 let damaged = match acknowledged {
                     Some((seg, _)) if seg > id => Some((
@@ -204,25 +206,21 @@ impl ValueLog {
                              not a torn write. Nothing was changed. Restore the data directory from a backup \
                              (`chatvault restore`), or start once with --accept-damage to cut the segment at {valid} \
                              (the bytes from there are kept beside it) and lose what they held",
-                            dir.join(name(id)).display()
+                            path.display()
                         ),
                     )),
-                    _ if mode != Durability::Fsync
-                        && valid < len
-                        && frame_follows(&dir.join(name(id)), valid, len)? =>
-                    {
-                        Some((
-                            (id, valid),
-                            format!(
-                                "value log segment {}: the frame at offset {valid} is damaged and whole frames follow \
-                                 it: this is damage, not a write cut short (a process crash leaves no holes, and \
-                                 durability = {mode:?} keeps no durable mark). Nothing was changed. Restore the data directory from a backup \
-                                 (`chatvault restore`), or start once with --accept-damage to cut the segment at \
-                                 {valid} (the bytes from there are kept beside it) and lose what they held",
-                                dir.join(name(id)).display()
-                            ),
-                        ))
-                    }
+                    _ if tail_is_damage(acknowledged, id, valid, good_after) => Some((
+                        (id, valid),
+                        format!(
+                            "value log segment {}: the frame at offset {valid} is damaged and whole frames follow \
+                             it: this is damage, not a write cut short (a process crash leaves no holes, and \
+                             durability = {mode:?} keeps no durable mark). Nothing was changed. Restore the data \
+                             directory from a backup (`chatvault restore`), or start once with --accept-damage to \
+                             cut the segment at {valid} (the bytes from there are kept beside it) and lose what \
+                             they held",
+                            path.display()
+                        ),
+                    )),
                     _ => None,
                 };
                 let mut next_id = id + 1;
@@ -648,6 +646,14 @@ impl FrameReader {
         self.offset += frame.len() as u64;
         Ok(Some((at, frame, parts)))
     }
+}
+
+/// Whether the newest segment `id`, whole up to `valid`, ends in damage rather than a
+/// write cut short: the store's durable mark lies past `valid`, or (`good_after`, only
+/// looked for where no mark is kept) a whole frame follows the bad one. `serve` and
+/// `chatvault check` decide with this alike.
+pub fn tail_is_damage(acknowledged: Option<Mark>, id: u32, valid: u64, good_after: bool) -> bool {
+    acknowledged.is_some_and(|(seg, off)| seg > id || (seg == id && off > valid)) || good_after
 }
 
 /// Every segment in `dir`, oldest first, read through without changing anything (for

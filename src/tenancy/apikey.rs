@@ -58,19 +58,18 @@ impl fmt::Debug for ApiKey {
 #[error("malformed API key: expected cvk_<region>_<16 hex key id>_<64 hex secret>")]
 pub struct Malformed;
 
-/// The region a presented key names, if it has the shape of a key that names one: what
-/// the router and a node route by before anything is verified.
+/// The region a presented key names, if it has the shape of a key that names one and the
+/// name is a region name: what the router and a node route by before anything is verified.
 pub fn region_of(token: &str) -> Option<&str> {
     let mut parts = token.strip_prefix(PREFIX)?.split('_');
     let (region, _id, _secret) = (parts.next()?, parts.next()?, parts.next()?);
-    parts.next().is_none().then_some(region)
+    (parts.next().is_none() && crate::region::check_name(region).is_ok()).then_some(region)
 }
 
 /// Splits a presented key into its id and secret, checking only the shape.
 pub fn parse(token: &str) -> Result<(KeyId, &str), Malformed> {
     let mut rest = token.strip_prefix(PREFIX).ok_or(Malformed)?;
     if let Some(region) = region_of(token) {
-        crate::region::check_name(region).map_err(|_| Malformed)?;
         rest = &rest[region.len() + 1..];
     }
     let (id, secret) = rest.split_once('_').ok_or(Malformed)?;
