@@ -38,8 +38,8 @@ const RECORD_V2: u8 = 2;
 const RECORD_V3: u8 = 3;
 /// A V2 record followed by its count and a detail: the reason an operator gave.
 const RECORD_V4: u8 = 4;
-/// Longest detail kept.
-pub const MAX_DETAIL: usize = 500;
+/// Longest detail kept: a hold's id and a reason of the longest allowed (500) fit whole.
+pub const MAX_DETAIL: usize = 600;
 const MAC_LEN: usize = 32;
 const MAC_DOMAIN: &[u8] = b"chatvault/audit/v2";
 /// Records a query examines per call; it returns a page token to go on.

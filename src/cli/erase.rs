@@ -75,8 +75,6 @@ struct Progress {
     valid_len: u64,
 }
 
-const MAX_ID: usize = 1024;
-
 /// Reads the input: the ids to shred, each once, and what was wrong with the rest.
 fn read_items(path: &Path) -> Result<(Vec<Item>, Vec<String>, String), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("--subjects {}: {e}", path.display()))?;
@@ -108,9 +106,10 @@ fn read_items(path: &Path) -> Result<(Vec<Item>, Vec<String>, String), String> {
                 continue;
             }
         };
-        if subject_id.is_empty() || subject_id.len() > MAX_ID || subject_id.chars().any(char::is_control) {
-            problems
-                .push(format!("line {line}: subject_id must be 1 to {MAX_ID} bytes, no control characters; skipped"));
+        // The server's default limit (limits.max_id_bytes): one it would refuse anyway.
+        let max = crate::vault::Limits::default().max_id_bytes;
+        if subject_id.is_empty() || subject_id.len() > max || subject_id.chars().any(char::is_control) {
+            problems.push(format!("line {line}: subject_id must be 1 to {max} bytes, no control characters; skipped"));
             continue;
         }
         if let Some(first) = seen.get(&subject_id) {

@@ -703,13 +703,12 @@ impl AdminService for Admin {
         let source = self.operator(&req)?;
         let r = req.into_inner();
         let home = self.home(&r.tenant_id);
-        let result = if r.reason.trim().is_empty() {
-            Err(Status::invalid_argument("reason: required (why the hold is released)"))
-        } else {
+        // The same rule as for setting one: the reason is kept in the audit trail whole.
+        let result = tenancy::check_hold_reason(&r.reason).map_err(tenancy_status).and_then(|()| {
             tenant_id(&r.tenant_id).and_then(|tid| {
                 tokio::task::block_in_place(|| home.registry.release_hold(&tid, &r.hold_id)).map_err(tenancy_status)
             })
-        };
+        });
         Ok(Response::new(
             self.record_hold(&home, source, Operation::ReleaseHold, &r.tenant_id, &r.reason, result).await?,
         ))

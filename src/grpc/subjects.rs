@@ -49,11 +49,9 @@ fn shred_result(
             }
         }
         Err(s) => {
-            let outcome = if s.code() == tonic::Code::FailedPrecondition && s.message().contains("legal hold") {
-                pb::ShredOutcome::Held
-            } else {
-                pb::ShredOutcome::Failed
-            };
+            // The status's ErrorInfo says a hold kept it (`to_status` of `VaultError::Held`).
+            let held = tonic_types::StatusExt::get_details_error_info(&s).is_some_and(|i| i.reason == "LEGAL_HOLD");
+            let outcome = if held { pb::ShredOutcome::Held } else { pb::ShredOutcome::Failed };
             pb::ShredSubjectResult {
                 subject_blind_id: if s.code() == tonic::Code::InvalidArgument { String::new() } else { blind() },
                 outcome: outcome as i32,
