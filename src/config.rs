@@ -98,6 +98,9 @@ pub struct Config {
     pub value_segment_bytes: u64,
     /// Sealed messages smaller than this stay inline in sled instead of the value log.
     pub inline_values_below: usize,
+    /// How often sled is made durable up to the value log (its write-ahead log): the
+    /// most a start after a crash replays. Commits never wait for it.
+    pub checkpoint_interval_ms: u64,
     /// On SIGTERM, how long requests in flight may take before connections are dropped.
     pub shutdown_grace_ms: u64,
     /// After a region's storage failed a durable sync (a full volume sled hit, an I/O
@@ -178,6 +181,7 @@ impl Default for Config {
             audit_segment_bytes: crate::audit::SEGMENT_BYTES,
             reclaim_min_age_ms: 60_000,
             value_segment_bytes: crate::vault::DEFAULT_VALUE_SEGMENT_BYTES,
+            checkpoint_interval_ms: crate::store::CHECKPOINT_EVERY.as_millis() as u64,
             inline_values_below: 0,
             shutdown_grace_ms: 10_000,
             storage_failure_exit_secs: 10,
@@ -382,6 +386,10 @@ impl Config {
             return Err(ConfigError::Invalid("value_segment_bytes must be at least 4096".into()));
         }
         opts.value_segment_bytes = self.value_segment_bytes;
+        if self.checkpoint_interval_ms < 10 {
+            return Err(ConfigError::Invalid("checkpoint_interval_ms must be at least 10".into()));
+        }
+        opts.checkpoint_every = std::time::Duration::from_millis(self.checkpoint_interval_ms);
         opts.inline_values_below = self.inline_values_below;
         opts.replay_erasures = self.replay_erasures;
         opts.accept_damage = self.accept_damage;

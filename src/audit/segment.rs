@@ -377,7 +377,7 @@ pub fn inspect(dir: &Path) -> Result<Vec<files::SegmentCheck>, StoreError> {
             Err(e) => return Err(e),
         };
         let good_after = valid >= HEADER_LEN as u64 && valid < len && frame_follows(&path, valid, len)?;
-        out.push(files::SegmentCheck { path, len, valid, good_after });
+        out.push(files::SegmentCheck { path, len, valid, good_after, marked_after: false });
     }
     Ok(out)
 }

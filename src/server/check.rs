@@ -48,17 +48,18 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
             data.display()
         ))
     })?;
-    let mark = store.get(&crate::store::values_mark_key())?.and_then(|b| crate::store::decode_values_mark(&b));
-
     let (mut damage, mut torn) = (Vec::new(), Vec::new());
-    // The store against the log's commit frames: as the start checks it.
-    match crate::store::ValueLog::check_store_against_commits(&data.join("values"), mark, false) {
+    // How far the log was durable when writes were last acknowledged, and whether the
+    // index lost what the log holds: as the start decides it. An index behind its log is
+    // no damage: the start replays the log into it.
+    let mark = match crate::store::log_acknowledged(&store, &data.join("values"), false) {
+        Ok(mark) => mark,
         Err(crate::store::StoreError::Damaged(why)) => {
-            damage.push(Finding { file: data.join("db"), offset: 0, what: why })
+            damage.push(Finding { file: data.join("db"), offset: 0, what: why });
+            None
         }
         Err(e) => return Err(e.into()),
-        Ok(()) => {}
-    }
+    };
     let values = crate::store::inspect_values(&data.join("values"))?;
     let newest = values.iter().filter_map(|s| crate::store::value_segment_id(&s.path)).max();
     if let (Some((seg, _)), Some(newest)) = (mark, newest)
@@ -78,7 +79,10 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
         let last = i + 1 == values.len();
         let lost = s.len - s.valid;
         // As serve decides: whole frames after a bad one count only where no mark is kept.
-        let good_after = s.good_after && config.durability != crate::store::Durability::Fsync;
+        let good_after = match config.durability {
+            crate::store::Durability::Fsync => s.marked_after,
+            _ => s.good_after,
+        };
         let damaged = crate::store::values_tail_is_damage(mark, id.unwrap_or(0), s.valid, good_after);
         if last && !damaged {
             torn.push(finding(s, format!("a write cut short at the end ({lost} bytes, never acknowledged)")));

@@ -30,6 +30,9 @@ struct Shared {
     poisoned: std::sync::atomic::AtomicBool,
     /// Synced before the store in every round: what the store's records point into.
     before: Mutex<Vec<Arc<dyn SyncTarget>>>,
+    /// Synced at the same time as the store in every round; their marks go into the
+    /// store one round later.
+    beside: Mutex<Vec<Arc<dyn SyncTarget>>>,
     /// Synced after the store in every round.
     attached: Mutex<Vec<Arc<dyn SyncTarget>>>,
     wake: Mutex<bool>,
@@ -52,6 +55,7 @@ impl GroupCommit {
             forced: AtomicU64::new(0),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             before: Mutex::new(Vec::new()),
+            beside: Mutex::new(Vec::new()),
             attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
             cv: Condvar::new(),
@@ -119,6 +123,16 @@ impl GroupCommit {
     /// the store makes durable never points at data that is not.
     pub fn attach_before(&self, target: Arc<dyn SyncTarget>) {
         if let Ok(mut a) = self.shared.before.lock() {
+            a.push(target);
+        }
+    }
+
+    /// Makes `target` durable in every round from now on, synced while the store is (one
+    /// wait for both): for files the store's records never point into. The mark it
+    /// reports after a round's sync goes into the store in the next round, so what the
+    /// store says of it lags by one round at most, and never claims more than is durable.
+    pub fn attach_beside(&self, target: Arc<dyn SyncTarget>) {
+        if let Ok(mut a) = self.shared.beside.lock() {
             a.push(target);
         }
     }
@@ -225,30 +239,53 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
     }
 }
 
-/// One durable round: what the store points into, the store, then what was written after it.
+/// A mark only moves forward (marks are big-endian, so bytes order as positions), even
+/// when two rounds write at once, and is written only when it moved.
+fn write_mark(store: &dyn KvStore, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+    loop {
+        let old = store.get(k)?;
+        if old.as_deref().is_some_and(|o| o >= v) {
+            return Ok(());
+        }
+        if store.compare_and_swap(k, old.as_deref(), Some(v.to_vec()))? {
+            return Ok(());
+        }
+    }
+}
+
+/// One durable round: what the store points into, then the store together with what is
+/// synced beside it, then what was written after it.
 fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
     let before = shared.before.lock().map_err(|_| StoreError::Failed)?.clone();
-    before.iter().try_for_each(|t| t.sync(mode))?;
+    let beside = shared.beside.lock().map_err(|_| StoreError::Failed)?.clone();
     let mut written = Vec::new();
     if mode == Durability::Fsync {
-        // A mark only moves forward (marks are big-endian, so bytes order as positions),
-        // even when two rounds write at once, and is written only when it moved.
+        // What the targets beside the store reached in the last round.
+        for t in &beside {
+            let Some((k, v)) = t.synced_mark() else { continue };
+            write_mark(store, &k, &v)?;
+            written.push((t.clone(), v));
+        }
+    }
+    before.iter().try_for_each(|t| t.sync(mode))?;
+    if mode == Durability::Fsync {
         for t in &before {
             let Some((k, v)) = t.synced_mark() else { continue };
-            loop {
-                let old = store.get(&k)?;
-                if old.as_ref().is_some_and(|o| *o >= v) {
-                    break;
-                }
-                if store.compare_and_swap(&k, old.as_deref(), Some(v.clone()))? {
-                    break;
-                }
-            }
+            write_mark(store, &k, &v)?;
             written.push((t.clone(), v));
         }
     }
     crate::failpoint::hit("commit.before_store_sync");
-    store.sync(mode)?;
+    if beside.is_empty() {
+        store.sync(mode)?;
+    } else {
+        std::thread::scope(|s| {
+            let others = s.spawn(|| beside.iter().try_for_each(|t| t.sync(mode)));
+            let ours = store.sync(mode);
+            let others = others.join().unwrap_or(Err(StoreError::Failed));
+            ours.and(others)
+        })?;
+    }
     crate::failpoint::hit("commit.after_store_sync");
     for (t, v) in &written {
         t.store_synced(v);

@@ -72,6 +72,9 @@ pub struct SegmentCheck {
     pub len: u64,
     pub valid: u64,
     pub good_after: bool,
+    /// A value log's: whether a whole commit frame after the bad one says the log was
+    /// synced past it (then the bad frame was acknowledged, whatever the durability).
+    pub marked_after: bool,
 }
 
 /// Whether a whole, good frame (`len u32 LE | crc32 u32 LE | payload`, the framing of the
@@ -83,6 +86,17 @@ pub struct SegmentCheck {
 /// (`SCAN_BUDGET`): past it the answer is "none found", so a start never stalls on a
 /// large tail.
 pub fn good_frame_after(path: &Path, at: u64, file_len: u64, max_payload: usize) -> std::io::Result<bool> {
+    good_frame_after_where(path, at, file_len, max_payload, |_| true)
+}
+
+/// [`good_frame_after`], for a good frame whose payload `wanted` accepts.
+pub fn good_frame_after_where(
+    path: &Path,
+    at: u64,
+    file_len: u64,
+    max_payload: usize,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> std::io::Result<bool> {
     use std::io::Read;
     const HEAD: usize = 8;
     const SCAN_BUDGET: usize = 64 << 20;
@@ -113,7 +127,7 @@ pub fn good_frame_after(path: &Path, at: u64, file_len: u64, max_payload: usize)
             return Ok(false);
         }
         let crc = u32::from_le_bytes([rest[i + 4], rest[i + 5], rest[i + 6], rest[i + 7]]);
-        if crc32fast::hash(&rest[i + HEAD..next]) == crc {
+        if crc32fast::hash(&rest[i + HEAD..next]) == crc && wanted(&rest[i + HEAD..next]) {
             return Ok(true);
         }
     }

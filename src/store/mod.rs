@@ -4,15 +4,17 @@ mod commit;
 pub mod files;
 mod sled_store;
 mod values;
+mod wal;
 
 use serde::{Deserialize, Serialize};
 
 pub use commit::{CommitTicket, GroupCommit};
 pub use sled_store::SledStore;
 pub use values::{
-    ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, inspect as inspect_values,
+    Mark as LogMark, ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, inspect as inspect_values,
     mark_key as values_mark_key, segment_id as value_segment_id, tail_is_damage as values_tail_is_damage,
 };
+pub use wal::{CHECKPOINT_EVERY, LoggedStore, holds_records, log_acknowledged, set_log_head};
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record
 /// types use 0x00..=0x0f (see `vault/layout.rs`).
@@ -159,7 +161,7 @@ impl StoreError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! One suite every `KvStore` must pass.
     use super::*;
 

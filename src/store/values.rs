@@ -88,6 +88,9 @@ impl Deref for ValueBuf {
 /// Takes a frame's pointer, key and value.
 pub type FrameVisitor<'a> = dyn FnMut(ValuePointer, &[u8], &[u8]) -> Result<(), StoreError> + 'a;
 
+/// Takes a frame's position, size, key and value.
+pub type WalkVisitor<'a> = dyn FnMut(Mark, u64, &[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
 struct Active {
     id: u32,
     file: Arc<File>,
@@ -110,6 +113,12 @@ pub struct ValueLog {
     synced: Mutex<Option<(u32, u64)>>,
     /// What the log's commit frames have said: see [`COMMIT_KEY`].
     commits: Mutex<Commits>,
+    /// Set when the log is the store's write-ahead log (`store::wal`): its commit frames
+    /// then carry its own synced position, since nothing else is synced after it.
+    self_marking: AtomicBool,
+    /// Per segment, the bytes of the log's own frames (commit and batch frames), which no
+    /// record points at: dead from the start, for compaction's tally.
+    overhead: Mutex<BTreeMap<u32, u64>>,
 }
 
 #[derive(Default)]
@@ -124,13 +133,24 @@ struct Commits {
 }
 
 /// A position in the log: (segment, length).
-type Mark = (u32, u64);
+pub type Mark = (u32, u64);
 
 /// The key of a commit frame: a frame of no key (no record has one) whose value is a mark
 /// the store had made durable when the frame was written. The log is synced before the
 /// store in every round, so a store found at open with an older mark than the log's last
 /// commit frame lost writes that were acknowledged: damage to the store, told, not served.
 const COMMIT_KEY: &[u8] = b"";
+/// Bytes a commit frame takes: head, key length, no key, a mark.
+const COMMIT_FRAME_BYTES: u64 = (FRAME_HEAD + 2 + 12) as u64;
+
+/// The key of a batch frame: a write batch of the store, logged ahead of the index
+/// (`store::wal`). No record key starts with 0xFF.
+pub const BATCH_KEY: &[u8] = &[0xFF];
+
+/// Whether a frame of this key is the log's own (a commit or batch frame), not a value.
+fn is_meta(key: &[u8]) -> bool {
+    key.is_empty() || key == BATCH_KEY
+}
 
 fn encode_mark((id, len): (u32, u64)) -> Vec<u8> {
     let mut v = id.to_be_bytes().to_vec();
@@ -191,7 +211,14 @@ impl ValueLog {
                 let len = file.metadata()?.len();
                 let valid = valid_length(&dir.join(name(id)), len)?;
                 let path = dir.join(name(id));
-                let good_after = mode != Durability::Fsync && valid < len && frame_follows(&path, valid, len)?;
+                // A whole frame after the bad one: damage where a kill leaves no hole (no
+                // durable mark is kept); under fsync, where a power loss may leave holes
+                // after the last sync, only a commit frame saying the log was synced past it.
+                let good_after = valid < len
+                    && match mode {
+                        Durability::Fsync => marked_after(&path, id, valid, len)?,
+                        _ => frame_follows(&path, valid, len)?,
+                    };
                 // (where the loss starts, why): acknowledged bytes that are not there.
                 let damaged = match acknowledged {
                     Some((seg, _)) if seg > id => Some((
@@ -213,12 +240,16 @@ impl ValueLog {
                         (id, valid),
                         format!(
                             "value log segment {}: the frame at offset {valid} is damaged and whole frames follow \
-                             it: this is damage, not a write cut short (a process crash leaves no holes, and \
-                             durability = {mode:?} keeps no durable mark). Nothing was changed. Restore the data \
+                             it: this is damage, not a torn write ({}). Nothing was changed. Restore the data \
                              directory from a backup (`chatvault restore`), or start once with --accept-damage to \
                              cut the segment at {valid} (the bytes from there are kept beside it) and lose what \
                              they held",
-                            path.display()
+                            path.display(),
+                            if mode == Durability::Fsync {
+                                "a commit frame after it says the log was synced past it"
+                            } else {
+                                "a process crash leaves no holes, and this durability keeps no durable mark"
+                            },
                         ),
                     )),
                     _ => None,
@@ -283,23 +314,19 @@ impl ValueLog {
             failed: AtomicBool::new(false),
             synced: Mutex::new(None),
             commits: Mutex::new(Commits::default()),
+            self_marking: AtomicBool::new(false),
+            overhead: Mutex::new(BTreeMap::new()),
         };
         Ok(log)
     }
 
-    /// The store must be at least where the log's last commit frame says it was durable.
-    /// Only the newest two segments are read for it (a round writes at most one frame),
-    /// so a log from before commit frames costs no full scan.
-    /// Reads only: run before anything is written at open.
-    pub fn check_store_against_commits(
-        dir: &Path,
-        acknowledged: Option<(u32, u64)>,
-        accept_damage: bool,
-    ) -> Result<(), StoreError> {
+    /// The mark of the last commit frame in the newest two segments (a round writes at
+    /// most one frame, so a log from before commit frames costs no full scan), read up to
+    /// the first bad frame. Reads only.
+    pub fn last_commit_frame(dir: &Path) -> Result<Option<Mark>, StoreError> {
         let found = match super::files::numbered(dir, SUFFIX) {
             Ok(found) => found,
-            // A new data directory: no log yet. A missing log under a store that says it
-            // held one is the open's own check (a missing segment).
+            // A new data directory: no log yet.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e.into()),
         };
@@ -319,6 +346,35 @@ impl ValueLog {
                 break;
             }
         }
+        Ok(last)
+    }
+
+    /// Whether any segment in `dir` holds more than its header. Reads only.
+    pub fn holds_frames(dir: &Path) -> Result<bool, StoreError> {
+        match super::files::numbered(dir, SUFFIX) {
+            Ok(found) => {
+                for (_, path) in found {
+                    if fs::metadata(&path)?.len() > HEADER_LEN {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The store must be at least where the log's last commit frame says it was durable
+    /// (a store the log is not the write-ahead log of: see `store::wal` for one it is).
+    /// A missing log under a store that says it held one is the open's own check.
+    /// Reads only: run before anything is written at open.
+    pub fn check_store_against_commits(
+        dir: &Path,
+        acknowledged: Option<(u32, u64)>,
+        accept_damage: bool,
+    ) -> Result<(), StoreError> {
+        let last = Self::last_commit_frame(dir)?;
         let Some(logged) = last else { return Ok(()) };
         if acknowledged.is_some_and(|a| a >= logged) {
             return Ok(());
@@ -400,6 +456,7 @@ impl ValueLog {
     pub fn append(&self, items: &[(&[u8], &[u8])]) -> Result<Vec<ValuePointer>, StoreError> {
         let mut buf = Vec::with_capacity(items.iter().map(|(k, v)| FRAME_HEAD + 2 + k.len() + v.len()).sum());
         let mut lens = Vec::with_capacity(items.len());
+        let mut meta = 0u64;
         for (key, value) in items {
             let key_len = u16::try_from(key.len()).map_err(|_| StoreError::Engine("value log: key too long".into()))?;
             if value.len() > MAX_VALUE {
@@ -415,6 +472,9 @@ impl ValueLog {
             let crc = crc32fast::hash(&buf[start + FRAME_HEAD..]);
             buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
             lens.push(len as u32);
+            if is_meta(key) {
+                meta += (buf.len() - start) as u64;
+            }
         }
         let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
         self.check_failed()?;
@@ -439,6 +499,9 @@ impl ValueLog {
         }
         let mut offset = active.len;
         active.len += buf.len() as u64;
+        if meta > 0 {
+            *self.overhead.lock().map_err(|_| StoreError::Failed)?.entry(active.id).or_default() += meta;
+        }
         Ok(lens
             .into_iter()
             .map(|len| {
@@ -447,6 +510,80 @@ impl ValueLog {
                 p
             })
             .collect())
+    }
+
+    /// Where the next frame goes: everything appended so far lies before it.
+    pub fn end(&self) -> Result<Mark, StoreError> {
+        let a = self.active.lock().map_err(|_| StoreError::Failed)?;
+        Ok((a.id, a.len))
+    }
+
+    /// `to` if the only frame between `from` and `to` is the commit frame a sync wrote
+    /// (a checkpoint's own): a checkpoint then records `to`, and an idle log settles.
+    pub fn past_own_commit_frame(&self, from: Mark, to: Mark) -> Option<Mark> {
+        let c = self.commits.lock().ok()?;
+        (from.0 == to.0 && to.1 == from.1 + COMMIT_FRAME_BYTES && c.end == Some(to)).then_some(to)
+    }
+
+    /// Makes the log its store's write-ahead log: each sync's commit frame then records
+    /// how far the log itself was durable.
+    pub fn mark_own_syncs(&self) {
+        self.self_marking.store(true, Ordering::SeqCst);
+    }
+
+    /// Hands `f` every frame from `from` (a frame's start) to the end, across segments:
+    /// its segment, offset, size, key and value. A frame that fails its check before the
+    /// end of a closed segment, or a missing segment, is damage.
+    pub fn walk_from(&self, from: Mark, f: &mut WalkVisitor<'_>) -> Result<(), StoreError> {
+        let ids: Vec<u32> =
+            self.files.read().map_err(|_| StoreError::Failed)?.keys().copied().filter(|id| *id >= from.0).collect();
+        if ids.first() != Some(&from.0) {
+            return Err(StoreError::Damaged(format!(
+                "value log segment {} is missing, and the index has not absorbed it yet",
+                from.0
+            )));
+        }
+        let end = self.end()?;
+        for id in ids {
+            let len = if id == end.0 { end.1 } else { self.file(id)?.metadata()?.len() };
+            let path = self.dir.join(name(id));
+            let mut r = FrameReader::at(&path, len, if id == from.0 { from.1 } else { HEADER_LEN })?;
+            while let Some((offset, frame, (key, start))) = r.next()? {
+                f((id, offset), frame.len() as u64, &frame[FRAME_HEAD + 2..FRAME_HEAD + 2 + key], &frame[start..])?;
+            }
+            if r.offset != len {
+                return Err(StoreError::Damaged(format!(
+                    "value log segment {}: the frame at offset {} is damaged",
+                    path.display(),
+                    r.offset
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the log's own frames per segment, as counted since `set_overhead`.
+    pub fn overhead(&self) -> BTreeMap<u32, u64> {
+        self.overhead.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// Sets a segment's count of the log's own bytes (as recorded at a checkpoint).
+    pub fn set_overhead(&self, segment: u32, bytes: u64) {
+        if let Ok(mut o) = self.overhead.lock() {
+            o.insert(segment, bytes);
+        }
+    }
+
+    /// Adds bytes of the log's own frames found in `segment` (by a replay).
+    pub fn add_overhead(&self, segment: u32, bytes: u64) {
+        if let Ok(mut o) = self.overhead.lock() {
+            *o.entry(segment).or_default() += bytes;
+        }
+    }
+
+    /// The segments there are, oldest first.
+    pub fn segment_ids(&self) -> Result<Vec<u32>, StoreError> {
+        Ok(self.files.read().map_err(|_| StoreError::Failed)?.keys().copied().collect())
     }
 
     /// Reads the value `p` points at.
@@ -492,6 +629,7 @@ impl ValueLog {
             return Err(StoreError::Engine("value log: the active segment cannot be removed".into()));
         }
         self.files.write().map_err(|_| StoreError::Failed)?.remove(&segment);
+        self.overhead.lock().map_err(|_| StoreError::Failed)?.remove(&segment);
         match fs::remove_file(self.dir.join(name(segment))) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e.into()),
             _ => {}
@@ -530,8 +668,12 @@ impl SyncTarget for ValueLog {
         }
         self.check_failed()?;
         // What the store has made durable since the last commit frame goes into the log
-        // ahead of this sync, if the log took anything since.
-        self.write_commit_frame()?;
+        // ahead of this sync, if the log took anything since. (A write-ahead log says
+        // its own syncs instead, after each.)
+        let self_marking = self.self_marking.load(Ordering::SeqCst);
+        if !self_marking {
+            self.write_commit_frame()?;
+        }
         let (id, len, file) = {
             let a = self.active.lock().map_err(|_| StoreError::Failed)?;
             (a.id, a.len, a.file.clone())
@@ -540,6 +682,15 @@ impl SyncTarget for ValueLog {
         if let Ok(mut s) = self.synced.lock() {
             // Two rounds may sync at once; the mark only ever moves forward.
             *s = (*s).max(Some((id, len)));
+        }
+        if self_marking {
+            // Said at once, unsynced: a process crash leaves it (the kernel holds it), so
+            // a start after one knows this sync happened; after a power loss the next
+            // round's sync is what makes it durable.
+            if let Ok(mut c) = self.commits.lock() {
+                c.durable = c.durable.max(Some((id, len)));
+            }
+            self.write_commit_frame()?;
         }
         Ok(())
     }
@@ -602,6 +753,17 @@ fn frame_follows(path: &Path, at: u64, file_len: u64) -> Result<bool, StoreError
     Ok(super::files::good_frame_after(path, at, file_len, MAX_PAYLOAD)?)
 }
 
+/// Whether a whole commit frame after the bad frame at `at` of segment `id` says the log
+/// was synced past `at`.
+fn marked_after(path: &Path, id: u32, at: u64, file_len: u64) -> Result<bool, StoreError> {
+    let says_past = |payload: &[u8]| {
+        payload.len() == 2 + 12
+            && payload[..2] == [0, 0]
+            && decode_mark(&payload[2..]).is_some_and(|(seg, off)| seg == id && off > at)
+    };
+    Ok(super::files::good_frame_after_where(path, at, file_len, MAX_PAYLOAD, says_past)?)
+}
+
 /// A frame read back: its offset, its bytes, and its key length and value start.
 type ReadFrame = (u64, Vec<u8>, (usize, usize));
 
@@ -615,15 +777,28 @@ struct FrameReader {
 impl FrameReader {
     /// Opens its own descriptor: one shared with the writer would share its file offset.
     fn new(path: &Path, len: u64) -> Result<Self, StoreError> {
-        let mut inner = BufReader::with_capacity(256 * 1024, File::open(path)?.take(len));
+        Self::at(path, len, HEADER_LEN)
+    }
+
+    /// As [`Self::new`], reading from `offset` (a frame's start) on.
+    fn at(path: &Path, len: u64, offset: u64) -> Result<Self, StoreError> {
+        let mut file = File::open(path)?;
         let mut magic = [0u8; HEADER_LEN as usize];
-        inner
-            .read_exact(&mut magic)
+        file.read_exact_at(&mut magic, 0)
             .map_err(|_| StoreError::Damaged(format!("value log segment {} has no header", path.display())))?;
         if &magic != MAGIC {
             return Err(StoreError::Damaged(format!("value log segment {} has a foreign header", path.display())));
         }
-        Ok(FrameReader { inner, offset: HEADER_LEN, len })
+        let offset = offset.max(HEADER_LEN);
+        if offset > len {
+            return Err(StoreError::Damaged(format!(
+                "value log segment {}: offset {offset} is past its end",
+                path.display()
+            )));
+        }
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset))?;
+        let inner = BufReader::with_capacity(256 * 1024, file.take(len - offset));
+        Ok(FrameReader { inner, offset, len })
     }
 
     /// The next whole frame, its offset, and its key length and value start (as
@@ -664,8 +839,11 @@ pub fn inspect(dir: &Path) -> Result<Vec<super::files::SegmentCheck>, StoreError
     for (_, path) in super::files::numbered(dir, SUFFIX)? {
         let len = fs::metadata(&path)?.len();
         let valid = valid_length(&path, len)?;
-        let good_after = valid >= HEADER_LEN && valid < len && frame_follows(&path, valid, len)?;
-        out.push(super::files::SegmentCheck { path, len, valid, good_after });
+        let cut = valid >= HEADER_LEN && valid < len;
+        let good_after = cut && frame_follows(&path, valid, len)?;
+        let id = segment_id(&path).unwrap_or(0);
+        let marked_after = good_after && marked_after(&path, id, valid, len)?;
+        out.push(super::files::SegmentCheck { path, len, valid, good_after, marked_after });
     }
     Ok(out)
 }

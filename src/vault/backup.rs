@@ -101,6 +101,10 @@ impl Vault {
         drop(writers);
         drop(rotation);
         clamp_values_mark(&copy, &segments)?;
+        // The copy holds every batch logged before the copied log's end: replay starts there.
+        if let Some(end) = copied_end(&segments) {
+            crate::store::set_log_head(&copy, end)?;
+        }
         clamp_audit_mark(&copy, audit)?;
         copy_files(&segments, &data.join("values"))?;
         copy_files(audit, &data.join("audit"))?;
@@ -155,8 +159,13 @@ fn copy_files(list: &[(PathBuf, u64)], dir: &Path) -> Result<(), VaultError> {
 /// newer than the lengths their segments are copied at (a commit round runs on while
 /// writers wait): it is cut back to them, or the restored copy would read as a log missing
 /// acknowledged bytes.
+/// Where the copied value log ends: (segment, length).
+fn copied_end(segments: &[(PathBuf, u64)]) -> Option<(u32, u64)> {
+    segments.iter().filter_map(|(p, len)| Some((crate::store::value_segment_id(p)?, *len))).max()
+}
+
 fn clamp_values_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
-    let copied = segments.iter().filter_map(|(p, len)| Some((crate::store::value_segment_id(p)?, *len))).max();
+    let copied = copied_end(segments);
     let encode = |(id, len): (u32, u64)| [id.to_be_bytes().as_slice(), &len.to_be_bytes()].concat();
     clamp_mark(copy, crate::store::values_mark_key(), crate::store::decode_values_mark, encode, copied)
 }

@@ -51,7 +51,7 @@ pub use validate::Limits;
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Aad, Algorithm, RecordKind, SecretKey};
 use crate::keys::{FileKeyDir, KeyCache, KeyRef, KeyStore, Ledger, OpenReport, ReceiptSigner, RootKeySource};
-use crate::store::{Batch, Durability, GroupCommit, KvStore, SledStore, SyncTarget, ValueLog};
+use crate::store::{Batch, Durability, GroupCommit, KvStore, LoggedStore, SledStore, SyncTarget, ValueLog};
 use records::{BodyRecord, KeyRecord, SubjectRecord};
 use seal::{crypto_err, seal_err};
 
@@ -77,6 +77,8 @@ pub struct VaultOptions {
     pub value_segment_bytes: u64,
     /// Sealed messages smaller than this stay inline in the tree instead of the value log.
     pub inline_values_below: usize,
+    /// How often the tree is checkpointed against its write-ahead log (`store::wal`).
+    pub checkpoint_every: std::time::Duration,
     /// Bring a data directory the erasure ledger says was rolled back forward instead of
     /// refusing it (`--replay-erasures`, `chatvault restore`).
     pub replay_erasures: bool,
@@ -100,6 +102,7 @@ impl VaultOptions {
             reclaim_min_age_ms: 60_000,
             value_segment_bytes: DEFAULT_VALUE_SEGMENT_BYTES,
             inline_values_below: 0,
+            checkpoint_every: crate::store::CHECKPOINT_EVERY,
             replay_erasures: false,
             accept_damage: false,
         }
@@ -118,7 +121,11 @@ pub struct Vault {
     data_dir: PathBuf,
     key_dir: PathBuf,
     store: Arc<dyn KvStore>,
-    /// Message ciphertext, beside the tree (see `values.rs`).
+    /// The same store, as the index behind its write-ahead log (`store` may be a test's
+    /// wrapper around it): for checkpoints.
+    wal: Arc<LoggedStore>,
+    /// Message ciphertext, beside the tree (see `values.rs`); also the tree's
+    /// write-ahead log.
     values: Arc<ValueLog>,
     inline_values_below: usize,
     /// Held by the reclaimer and the value-log compaction, which must not interleave.
@@ -199,11 +206,20 @@ impl Vault {
         let receipts = keydir.receipt_signer()?;
         let file_keys = Arc::new(keydir);
         let keydir = keys(file_keys.clone());
-        let store = store(Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?));
-        // Everything up to the verdict only reads: a refused start writes nothing of ours.
-        let acknowledged =
-            store.get(&crate::store::values_mark_key())?.and_then(|b| crate::store::decode_values_mark(&b));
-        ValueLog::check_store_against_commits(&opts.data_dir.join("values"), acknowledged, opts.accept_damage)?;
+        let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
+        let values_dir = opts.data_dir.join("values");
+        // Up to the log's open only reads: a start refused for damage changes nothing.
+        let acknowledged = crate::store::log_acknowledged(index.as_ref(), &values_dir, opts.accept_damage)?;
+        let values = Arc::new(ValueLog::open_checked(
+            &values_dir,
+            opts.value_segment_bytes,
+            acknowledged,
+            opts.durability,
+            opts.accept_damage,
+        )?);
+        // The index catches up with its log (see `store::wal`) before anything reads it.
+        let wal = LoggedStore::open(index, values.clone())?;
+        let store = store(wal.clone());
         let fresh = bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
         let applied = erasure::data_counter(store.as_ref())?;
         let ledger = Arc::new(erasure::open_ledger(&opts.key_dir, keydir.as_ref(), applied)?);
@@ -220,15 +236,7 @@ impl Vault {
         erasure::note_wrapped_from(store.as_ref(), wrapped_from)?;
         ledger.repair_tail()?;
         layout_check::warn_if_same_volume(&opts.data_dir, &opts.key_dir);
-        let values = Arc::new(ValueLog::open_checked(
-            &opts.data_dir.join("values"),
-            opts.value_segment_bytes,
-            acknowledged,
-            opts.durability,
-            opts.accept_damage,
-        )?);
         let commit = GroupCommit::start(store.clone(), opts.durability)?;
-        commit.attach_before(values.clone());
         let cache_entries =
             std::num::NonZeroUsize::new(opts.key_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         let vault = Vault {
@@ -236,6 +244,7 @@ impl Vault {
             key_dir: opts.key_dir.clone(),
             commit,
             store,
+            wal,
             values,
             inline_values_below: opts.inline_values_below,
             maintenance: Mutex::new(()),
@@ -266,6 +275,8 @@ impl Vault {
         vault.replay_ledger(verdict)?;
         vault.note_unrecorded_destructions()?;
         vault.resume_rotation();
+        // The start is sure: the index's checkpoints begin.
+        vault.wal.start(opts.checkpoint_every)?;
         // Every check passed: the key directory may now say which region it is.
         file_keys.commit_region_stamp()?;
         Ok((vault, report))
@@ -364,15 +375,18 @@ impl Vault {
         Ok(self.commit.wait(ticket).await?)
     }
 
-    /// Makes everything written so far durable (used at shutdown).
+    /// Makes everything written so far durable, and the index too, so the next start
+    /// replays nothing (used at shutdown).
     pub fn sync(&self) -> Result<(), VaultError> {
-        Ok(self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?)
+        self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
+        Ok(self.wal.checkpoint()?)
     }
 
     /// Files kept beside the store (the audit trail) that every durable wait must cover.
     pub fn attach_durable(&self, target: Arc<dyn SyncTarget>) {
-        // Synced before the store, which records in the same round how far it was durable.
-        self.commit.attach_before(target);
+        // Synced at the same time as the store's log, which records in the next round
+        // how far it was durable.
+        self.commit.attach_beside(target);
     }
 
     /// The tenant's blind-index key; created on first write if `create`, in which case
@@ -534,7 +548,7 @@ fn bind_store_to_keys(store: &dyn KvStore, keydir: &dyn KeyStore) -> Result<bool
         Some(_) => Err(VaultError::Mismatch(
             "the data directory belongs to a different key directory; refusing to start".into(),
         )),
-        None if !store.scan(&[], None, 1)?.is_empty() => {
+        None if crate::store::holds_records(store)? => {
             Err(VaultError::Mismatch("the data directory holds data but no store id; refusing to start".into()))
         }
         None => Ok(true),

@@ -117,11 +117,14 @@ impl Vault {
             return Err(self.commit.failure().into());
         }
         let mut done = self.delete_retired()?;
+        // The log's own frames (the tree's write-ahead batches) are dead from the start.
+        let overhead = self.values.overhead();
         for (segment, size) in self.values.closed_segments()? {
-            let dead = match self.store.get(&layout::value_tally(segment))? {
+            let tallied = match self.store.get(&layout::value_tally(segment))? {
                 Some(b) => records::decode::<SegmentTally>(&b, "value log tally")?.dead_bytes,
                 None => 0,
             };
+            let dead = tallied.saturating_add(overhead.get(&segment).copied().unwrap_or(0));
             if dead == 0 || dead.saturating_mul(2) < size {
                 continue;
             }
@@ -243,6 +246,14 @@ impl Vault {
                 continue;
             }
             let segment = layout::value_segment_of(&key).ok_or(VaultError::Corrupt("value log retirement"))?;
+            // A start replays the tree's batches from the checkpointed head on: the
+            // segment goes once a checkpoint has passed it.
+            if segment >= self.wal.checkpointed()?.0 {
+                self.wal.checkpoint()?;
+                if segment >= self.wal.checkpointed()?.0 {
+                    continue;
+                }
+            }
             self.values.remove(segment)?;
             crate::failpoint::hit("compaction.after_remove");
             let mut b = Batch::default();

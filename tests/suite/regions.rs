@@ -137,6 +137,20 @@ pub(super) fn transcripts(ch: Channel, key: &str) -> Transcripts {
 }
 
 /// Every file below `dirs` with its bytes.
+/// [`contents`] once two looks half a second apart agree (at most ten seconds).
+async fn settled(dirs: &[PathBuf]) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut last = contents(dirs);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = contents(dirs);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the files under {dirs:?} kept changing with no request");
+}
+
 fn contents(dirs: &[PathBuf]) -> BTreeMap<PathBuf, Vec<u8>> {
     dirs.iter().flat_map(|d| files_below(d)).map(|f| (f.clone(), std::fs::read(&f).unwrap_or_default())).collect()
 }
@@ -228,7 +242,9 @@ async fn two_region_nodes_behind_a_router_keep_each_tenant_in_its_region() {
     );
     eu.signal("-HUP"); // nothing pending, but every file is written as it would be
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let us_files = contents(&[us_dirs.data(), us_dirs.keys()]);
+    // The nodes' own background work (the index's checkpoint after the writes) settles
+    // first: from then on, only a request changes a file.
+    let us_files = settled(&[us_dirs.data(), us_dirs.keys()]).await;
     let eu_files = contents(&[eu_dirs.data(), eu_dirs.keys()]);
     // The transcript blind ids (part of every record key) as the EU trail names them.
     let trail = eu_admin
