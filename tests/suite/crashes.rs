@@ -98,8 +98,8 @@ async fn a_crash_between_recording_an_erasure_and_applying_it_is_finished_at_the
     }
 }
 
-/// A crash at each step of a commit round, of a segment rollover (value log, audit trail)
-/// and of a value-log compaction: after the restart every acknowledged transcript reads
+/// A crash at each step of a commit round, of a segment rollover (value log, audit trail),
+/// of a value-log compaction and of the index's checkpoint: after the restart every acknowledged transcript reads
 /// back, every deleted one stays deleted, and the audit trail verifies.
 #[tokio::test]
 async fn a_crash_in_a_commit_round_a_rollover_or_a_compaction_loses_nothing_acknowledged() {
@@ -114,11 +114,16 @@ async fn a_crash_in_a_commit_round_a_rollover_or_a_compaction_loses_nothing_ackn
         "compaction.after_copy",
         "compaction.after_retire",
         "compaction.after_remove",
+        // The index's checkpoint against its write-ahead log, made every 20 ms here.
+        "checkpoint.after_log_sync@5",
+        "checkpoint.before_index_sync@5",
+        "checkpoint.after_index_sync@5",
     ] {
         let dirs = Dirs::new();
-        let small = dirs.config(
-            "value_segment_bytes = 4096\naudit_segment_bytes = 4096\nreclaim_interval_ms = 20\nreclaim_min_age_ms = 0\n",
-        );
+        let often = if point.starts_with("checkpoint.") { "checkpoint_interval_ms = 20\n" } else { "" };
+        let small = dirs.config(&format!(
+            "value_segment_bytes = 4096\naudit_segment_bytes = 4096\nreclaim_interval_ms = 20\nreclaim_min_age_ms = 0\n{often}"
+        ));
         let small = small.to_str().unwrap().to_owned();
         let args = vec!["--config", small.as_str()];
         // The tenant and its key exist before the crash point is armed.
