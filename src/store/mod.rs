@@ -63,6 +63,10 @@ impl std::str::FromStr for Durability {
 pub enum Op {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
+    /// A put of a large value the engine may keep out of line: the key's record is then a
+    /// [`ValuePointer`] to it (an engine that keeps it inline stores the value itself;
+    /// readers tell the two apart, see `ValuePointer::decode`).
+    PutLogged(Vec<u8>, Vec<u8>),
 }
 
 /// Writes applied all together or not at all.
@@ -77,6 +81,10 @@ impl Batch {
     }
     pub fn delete(&mut self, key: Vec<u8>) {
         self.ops.push(Op::Delete(key));
+    }
+    /// See [`Op::PutLogged`].
+    pub fn put_logged(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::PutLogged(key, value));
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()

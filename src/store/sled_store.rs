@@ -95,7 +95,7 @@ impl KvStore for SledStore {
             && let Some(op) = batch.ops.pop()
         {
             match op {
-                Op::Put(k, v) => self.tree.insert(k, v).map_err(|e| self.engine(e))?,
+                Op::Put(k, v) | Op::PutLogged(k, v) => self.tree.insert(k, v).map_err(|e| self.engine(e))?,
                 Op::Delete(k) => self.tree.remove(k).map_err(|e| self.engine(e))?,
             };
             return Ok(());
@@ -103,7 +103,8 @@ impl KvStore for SledStore {
         let mut b = sled::Batch::default();
         for op in batch.ops {
             match op {
-                Op::Put(k, v) => b.insert(k, v),
+                // Without a value log, a logged value is kept inline.
+                Op::Put(k, v) | Op::PutLogged(k, v) => b.insert(k, v),
                 Op::Delete(k) => b.remove(k),
             }
         }

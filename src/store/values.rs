@@ -454,31 +454,44 @@ impl ValueLog {
 
     /// Appends `(key, value)` frames with one `write` and returns where each value went.
     pub fn append(&self, items: &[(&[u8], &[u8])]) -> Result<Vec<ValuePointer>, StoreError> {
+        self.append_then(items, |_| Ok(None)).map(|(pointers, _)| pointers)
+    }
+
+    /// [`Self::append`], then one more frame of key `last_key` whose value `last` makes
+    /// from where the items went, all in the same `write`: a batch frame naming its
+    /// values' places. Returns the items' pointers and the last frame's, if any.
+    pub fn append_then(
+        &self,
+        items: &[(&[u8], &[u8])],
+        last: impl Fn(&[ValuePointer]) -> Result<Option<(&'static [u8], Vec<u8>)>, StoreError>,
+    ) -> Result<(Vec<ValuePointer>, Option<ValuePointer>), StoreError> {
         let mut buf = Vec::with_capacity(items.iter().map(|(k, v)| FRAME_HEAD + 2 + k.len() + v.len()).sum());
         let mut lens = Vec::with_capacity(items.len());
         let mut meta = 0u64;
         for (key, value) in items {
-            let key_len = u16::try_from(key.len()).map_err(|_| StoreError::Engine("value log: key too long".into()))?;
-            if value.len() > MAX_VALUE {
-                return Err(StoreError::Engine(format!("value log: value of {} bytes is too large", value.len())));
-            }
-            let len = 2 + key.len() + value.len();
-            let start = buf.len();
-            buf.extend_from_slice(&(len as u32).to_le_bytes());
-            buf.extend_from_slice(&[0; 4]);
-            buf.extend_from_slice(&key_len.to_le_bytes());
-            buf.extend_from_slice(key);
-            buf.extend_from_slice(value);
-            let crc = crc32fast::hash(&buf[start + FRAME_HEAD..]);
-            buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-            lens.push(len as u32);
+            let len = push_frame(&mut buf, key, value)?;
+            lens.push(len);
             if is_meta(key) {
-                meta += (buf.len() - start) as u64;
+                meta += FRAME_HEAD as u64 + u64::from(len);
             }
         }
+        let pointers_at = |offset: u64, id: u32| -> Vec<ValuePointer> {
+            let mut offset = offset;
+            lens.iter()
+                .map(|&len| {
+                    let p = ValuePointer { segment: id, offset, len };
+                    offset += p.frame_bytes();
+                    p
+                })
+                .collect()
+        };
         let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
         self.check_failed()?;
-        if active.len > HEADER_LEN && active.len + buf.len() as u64 > self.max_bytes {
+        let mut pointers = pointers_at(active.len, active.id);
+        let mut tail = last(&pointers)?;
+        let tail_len = |t: &Option<(&[u8], Vec<u8>)>| t.as_ref().map_or(0, |(k, v)| FRAME_HEAD + 2 + k.len() + v.len());
+        let total = (buf.len() + tail_len(&tail)) as u64;
+        if active.len > HEADER_LEN && active.len + total > self.max_bytes {
             // A closed segment is durable before the next one exists, so `sync` only ever
             // needs the active file, and only the newest segment can end torn. If this
             // sync fails, writes not yet acknowledged in it may be lost: stop.
@@ -489,6 +502,17 @@ impl ValueLog {
                 other => other,
             })?;
             crate::failpoint::hit("values.after_rollover");
+            pointers = pointers_at(active.len, active.id);
+            tail = last(&pointers)?;
+        }
+        let mut tail_pointer = None;
+        if let Some((key, value)) = &tail {
+            let len = push_frame(&mut buf, key, value)?;
+            let p = ValuePointer { segment: active.id, offset: active.len + buf.len() as u64 - FRAME_HEAD as u64 - u64::from(len), len };
+            if is_meta(key) {
+                meta += p.frame_bytes();
+            }
+            tail_pointer = Some(p);
         }
         // One write of all frames: a crash leaves them whole or a torn tail cut at open.
         if let Err(e) = (&*active.file).write_all(&buf) {
@@ -497,19 +521,11 @@ impl ValueLog {
             active.file.set_len(active.len).map_err(|e| self.fail(e))?;
             return Err(StoreError::io_at(&self.dir, e));
         }
-        let mut offset = active.len;
         active.len += buf.len() as u64;
         if meta > 0 {
             *self.overhead.lock().map_err(|_| StoreError::Failed)?.entry(active.id).or_default() += meta;
         }
-        Ok(lens
-            .into_iter()
-            .map(|len| {
-                let p = ValuePointer { segment: active.id, offset, len };
-                offset += p.frame_bytes();
-                p
-            })
-            .collect())
+        Ok((pointers, tail_pointer))
     }
 
     /// Where the next frame goes: everything appended so far lies before it.
@@ -705,6 +721,24 @@ impl SyncTarget for ValueLog {
             c.durable = c.durable.max(Some(m));
         }
     }
+}
+
+/// Appends one frame of `key` and `value` to `buf`; returns its length field.
+fn push_frame(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) -> Result<u32, StoreError> {
+    let key_len = u16::try_from(key.len()).map_err(|_| StoreError::Engine("value log: key too long".into()))?;
+    if value.len() > MAX_VALUE {
+        return Err(StoreError::Engine(format!("value log: value of {} bytes is too large", value.len())));
+    }
+    let len = 2 + key.len() + value.len();
+    let start = buf.len();
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&key_len.to_le_bytes());
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(value);
+    let crc = crc32fast::hash(&buf[start + FRAME_HEAD..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(len as u32)
 }
 
 /// Copies the bytes open is about to cut off a segment into a file beside it: a torn

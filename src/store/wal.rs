@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::values::{BATCH_KEY, Mark, ValueLog, decode_mark};
+use super::values::{BATCH_KEY, Mark, ValueLog, ValuePointer, decode_mark};
 use super::{Batch, Durability, Entry, KvStore, Op, StoreError, SyncTarget, space};
 
 /// How often sled is checkpointed by default: what a start after a crash replays at most.
@@ -104,20 +104,28 @@ pub fn log_acknowledged(index: &dyn KvStore, log_dir: &Path, accept_damage: bool
     Ok(legacy)
 }
 
-fn encode_batch(batch: &Batch) -> Result<Vec<u8>, StoreError> {
-    let size = batch
-        .ops
+/// A batch frame's value for `ops`, the n-th [`Op::PutLogged`] put as a pointer to
+/// `pointers[n]` (where its value went, in the same write).
+fn encode_batch(ops: &[Op], pointers: &[ValuePointer]) -> Result<Vec<u8>, StoreError> {
+    let size = ops
         .iter()
         .map(|op| match op {
             Op::Put(k, v) => 7 + k.len() + v.len(),
+            Op::PutLogged(k, _) => 7 + k.len() + ValuePointer::ENCODED_LEN,
             Op::Delete(k) => 3 + k.len(),
         })
         .sum::<usize>();
     let mut out = Vec::with_capacity(1 + size);
     out.push(BATCH_V1);
-    for op in &batch.ops {
+    let mut logged = pointers.iter();
+    for op in ops {
+        let pointer;
         let (tag, key, value) = match op {
-            Op::Put(k, v) => (PUT, k, Some(v)),
+            Op::Put(k, v) => (PUT, k, Some(v.as_slice())),
+            Op::PutLogged(k, _) => {
+                pointer = logged.next().ok_or(StoreError::Failed)?.encode();
+                (PUT, k, Some(pointer.as_slice()))
+            }
             Op::Delete(k) => (DELETE, k, None),
         };
         let key_len = u16::try_from(key.len()).map_err(|_| StoreError::Engine("write-ahead log: key too long".into()))?;
@@ -305,11 +313,35 @@ impl LoggedStore {
         if self.failed.load(Ordering::SeqCst) { Err(StoreError::Failed) } else { Ok(()) }
     }
 
-    /// Logs `batch` and applies it to the index, under the order lock.
-    fn log_and_apply(&self, batch: Batch) -> Result<(), StoreError> {
-        let frame = encode_batch(&batch)?;
-        self.log.append(&[(BATCH_KEY, &frame)])?;
-        match self.index.apply(batch) {
+    /// Logs `batch` and applies it to the index; the caller holds the order lock. Values
+    /// put logged and the batch frame pointing at them go to the log in one write.
+    /// `encoded` is the batch frame made ahead, outside the lock, for a batch with no
+    /// logged value (whose frame depends on nothing the log decides).
+    fn log_and_apply(&self, batch: Batch, encoded: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let pointers = if let Some(frame) = encoded {
+            self.log.append(&[(BATCH_KEY, &frame)])?;
+            Vec::new()
+        } else {
+            let values: Vec<(&[u8], &[u8])> = batch
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::PutLogged(k, v) => Some((k.as_slice(), v.as_slice())),
+                    _ => None,
+                })
+                .collect();
+            let frame = |ps: &[ValuePointer]| Ok(Some((BATCH_KEY, encode_batch(&batch.ops, ps)?)));
+            self.log.append_then(&values, frame)?.0
+        };
+        let mut logged = pointers.into_iter();
+        let mut resolved = Batch::default();
+        for op in batch.ops {
+            match op {
+                Op::PutLogged(k, _) => resolved.put(k, logged.next().ok_or(StoreError::Failed)?.encode()),
+                other => resolved.ops.push(other),
+            }
+        }
+        match self.index.apply(resolved) {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "the index refused a batch its log holds; refusing further writes");
@@ -353,9 +385,13 @@ impl KvStore for LoggedStore {
         if batch.is_empty() {
             return Ok(());
         }
+        let encoded = match batch.ops.iter().any(|op| matches!(op, Op::PutLogged(..))) {
+            false => Some(encode_batch(&batch.ops, &[])?),
+            true => None,
+        };
         let _order = self.order.lock().map_err(|_| StoreError::Failed)?;
         self.check_failed()?;
-        self.log_and_apply(batch)
+        self.log_and_apply(batch, encoded)
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError> {
@@ -378,7 +414,7 @@ impl KvStore for LoggedStore {
             Some(v) => b.put(key.to_vec(), v),
             None => b.delete(key.to_vec()),
         }
-        self.log_and_apply(b)?;
+        self.log_and_apply(b, None)?;
         Ok(true)
     }
 
@@ -434,7 +470,7 @@ mod tests {
         b.put(vec![1, 2], vec![3; 300]);
         b.delete(vec![4]);
         b.put(vec![5], vec![]);
-        let back = decode_batch(&encode_batch(&b).unwrap()).unwrap();
+        let back = decode_batch(&encode_batch(&b.ops, &[]).unwrap()).unwrap();
         assert_eq!(format!("{:?}", back.ops), format!("{:?}", b.ops));
         assert!(decode_batch(&[2]).is_none(), "a newer format is not taken for this one");
     }

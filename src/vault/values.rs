@@ -37,21 +37,17 @@ impl Deref for Sealed<'_> {
 
 impl Vault {
     /// Queues message records in `batch`: sealed values of at least `inline_values_below`
-    /// bytes go to the value log now, in one write, and the batch stores their pointers.
-    /// If the batch then fails, the values written are dead bytes the tally never counts.
+    /// bytes go to the value log, in the same write as the batch that points at them.
     pub(super) fn put_messages(&self, batch: &mut Batch, sealed: Vec<Entry>) -> Result<(), VaultError> {
         if self.commit.is_failed() {
             return Err(self.commit.failure().into());
         }
-        let (logged, inline): (Vec<Entry>, Vec<Entry>) =
-            sealed.into_iter().partition(|(_, v)| v.len() >= self.inline_values_below);
-        let items: Vec<(&[u8], &[u8])> = logged.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
-        let pointers = if items.is_empty() { Vec::new() } else { self.values.append(&items)? };
-        for ((key, _), p) in logged.into_iter().zip(pointers) {
-            batch.put(key, p.encode());
-        }
-        for (key, value) in inline {
-            batch.put(key, value);
+        for (key, value) in sealed {
+            if value.len() >= self.inline_values_below {
+                batch.put_logged(key, value);
+            } else {
+                batch.put(key, value);
+            }
         }
         Ok(())
     }
@@ -125,6 +121,10 @@ impl Vault {
                 None => 0,
             };
             let dead = tallied.saturating_add(overhead.get(&segment).copied().unwrap_or(0));
+            // A retired segment waits for its grace, with nothing live left in it.
+            if self.store.get(&layout::value_retired(segment))?.is_some() {
+                continue;
+            }
             if dead == 0 || dead.saturating_mul(2) < size {
                 continue;
             }
