@@ -33,6 +33,8 @@ struct Shared {
     /// Synced at the same time as the store in every round; their marks go into the
     /// store one round later.
     beside: Mutex<Vec<Arc<dyn SyncTarget>>>,
+    /// The thread that syncs them, started with the first one: one round at a time.
+    beside_worker: Mutex<Option<BesideWorker>>,
     /// Synced after the store in every round.
     attached: Mutex<Vec<Arc<dyn SyncTarget>>>,
     wake: Mutex<bool>,
@@ -56,6 +58,7 @@ impl GroupCommit {
             poisoned: std::sync::atomic::AtomicBool::new(false),
             before: Mutex::new(Vec::new()),
             beside: Mutex::new(Vec::new()),
+            beside_worker: Mutex::new(None),
             attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
             cv: Condvar::new(),
@@ -132,6 +135,15 @@ impl GroupCommit {
     /// reports after a round's sync goes into the store in the next round, so what the
     /// store says of it lags by one round at most, and never claims more than is durable.
     pub fn attach_beside(&self, target: Arc<dyn SyncTarget>) {
+        if let Ok(mut worker) = self.shared.beside_worker.lock()
+            && worker.is_none()
+        {
+            match BesideWorker::start() {
+                Ok(w) => *worker = Some(w),
+                // Synced on the committer's own thread instead, one after the other.
+                Err(e) => tracing::warn!(error = %e, "no thread for syncing beside the store"),
+            }
+        }
         if let Ok(mut a) = self.shared.beside.lock() {
             a.push(target);
         }
@@ -239,6 +251,30 @@ fn run(store: Arc<dyn KvStore>, mode: Durability, shared: Arc<Shared>, tx: watch
     }
 }
 
+type BesideRound = (Durability, Vec<Arc<dyn SyncTarget>>);
+
+/// A thread that syncs the targets beside the store while the committer syncs the store.
+struct BesideWorker {
+    tx: std::sync::mpsc::Sender<BesideRound>,
+    rx: std::sync::mpsc::Receiver<Result<(), StoreError>>,
+}
+
+impl BesideWorker {
+    fn start() -> std::io::Result<Self> {
+        let (tx, jobs) = std::sync::mpsc::channel::<BesideRound>();
+        let (done, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("chatvault-commit-beside".into()).spawn(move || {
+            // Ends when the group commit (the sender) is gone.
+            while let Ok((mode, targets)) = jobs.recv() {
+                if done.send(targets.iter().try_for_each(|t| t.sync(mode))).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(BesideWorker { tx, rx })
+    }
+}
+
 /// A mark only moves forward (marks are big-endian, so bytes order as positions), even
 /// when two rounds write at once, and is written only when it moved.
 fn write_mark(store: &dyn KvStore, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
@@ -279,12 +315,19 @@ fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<
     if beside.is_empty() {
         store.sync(mode)?;
     } else {
-        std::thread::scope(|s| {
-            let others = s.spawn(|| beside.iter().try_for_each(|t| t.sync(mode)));
-            let ours = store.sync(mode);
-            let others = others.join().unwrap_or(Err(StoreError::Failed));
-            ours.and(others)
-        })?;
+        let worker = shared.beside_worker.lock().map_err(|_| StoreError::Failed)?;
+        match worker.as_ref() {
+            Some(w) => {
+                w.tx.send((mode, beside.clone())).map_err(|_| StoreError::Failed)?;
+                let ours = store.sync(mode);
+                let others = w.rx.recv().unwrap_or(Err(StoreError::Failed));
+                ours.and(others)?;
+            }
+            None => {
+                store.sync(mode)?;
+                beside.iter().try_for_each(|t| t.sync(mode))?;
+            }
+        }
     }
     crate::failpoint::hit("commit.after_store_sync");
     for (t, v) in &written {

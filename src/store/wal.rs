@@ -88,11 +88,19 @@ pub fn log_acknowledged(index: &dyn KvStore, log_dir: &Path, accept_damage: bool
     }
     let legacy = index.get(&super::values_mark_key())?.and_then(|b| decode_mark(&b));
     if legacy.is_none() && !holds_records(index)? && ValueLog::holds_frames(log_dir)? {
+        let oldest = super::files::numbered(log_dir, ".values")?.first().map(|(n, _)| *n);
+        let history = match oldest {
+            Some(1) => "the log holds every write since the directory was made".to_owned(),
+            Some(n) => format!(
+                "the log's oldest segment is {n}: what compaction removed before it is lost, and the index rebuilt \
+                 from the rest may lack records older than it"
+            ),
+            None => String::new(),
+        };
         let why = format!(
             "the index in {} holds nothing, but the value log beside it holds writes: the index lost its state \
              (its files were damaged or removed). Nothing was changed. Restore the data directory from a backup \
-             (`chatvault restore`), or start once with --accept-damage to rebuild the index from the log (what \
-             the log's oldest segments no longer hold is lost)",
+             (`chatvault restore`), or start once with --accept-damage to rebuild the index from the log ({history})",
             log_dir.parent().unwrap_or(log_dir).display()
         );
         if !accept_damage {

@@ -321,3 +321,39 @@ async fn under_flush_durability_a_flipped_byte_before_good_frames_is_damage_not_
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
 }
+
+/// The index (sled's files) lost altogether, the value log whole: the start is refused,
+/// saying so; told to accept it, the server rebuilds the index from the log, its
+/// write-ahead log since the directory was made, and the tenant, its API key and every
+/// acknowledged transcript are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_lost_altogether_is_refused_then_rebuilt_from_the_log_when_accepted() {
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    let key = server.api_key("acme").await;
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("first", "s", 1_700_000_000, &["one"])).await;
+    put(&mut c, transcript("second", "t", 1_700_000_000, &["two", "three"])).await;
+    c.delete_transcript(pb::DeleteTranscriptRequest { transcript_id: "first".into() }).await.unwrap();
+    server.stop().await;
+    for entry in std::fs::read_dir(dirs.data()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name != "values" && name != "audit" {
+            if entry.path().is_dir() {
+                std::fs::remove_dir_all(entry.path()).unwrap();
+            } else {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
+    }
+    let refused = Server::try_start(&dirs, Opts::default()).err().expect("a lost index is refused");
+    assert!(refused.contains("the index lost its state") && refused.contains("--accept-damage"), "{refused}");
+
+    let server = Server::start_with(&dirs, Opts { args: vec!["--accept-damage"], ..Opts::default() });
+    let bearer = chatvault::grpc::Bearer::new(&key).unwrap();
+    let mut c = pb::transcript_service_client::TranscriptServiceClient::with_interceptor(server.channel().await, bearer);
+    let texts: Vec<String> = get(&mut c, "second").await.unwrap().messages.into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["two", "three"]);
+    assert_eq!(get(&mut c, "first").await.unwrap_err().code(), Code::NotFound, "the delete is replayed too");
+    assert!(server.log_text().contains("rebuilding the index from the log"), "{}", server.log_text());
+}
