@@ -108,6 +108,11 @@ pub struct Config {
     /// `Restart=on-failure`, Kubernetes) restarts it and it recovers from what is on disk;
     /// 0 keeps it up, NOT_SERVING, until restarted by hand.
     pub storage_failure_exit_secs: u64,
+    /// Lock the whole process in memory (`mlockall`), so that no key, and no message being
+    /// served, is ever written to swap. Needs `CAP_IPC_LOCK` or an `RLIMIT_MEMLOCK` above
+    /// what the process uses (systemd `LimitMEMLOCK=infinity`): a start where it fails is
+    /// refused. Off by default, since the limit is 8 MiB on most systems.
+    pub lock_memory: bool,
     pub limits: Limits,
     /// API key verification, allowlists, trusted proxies, lockout.
     pub auth: AuthConfig,
@@ -185,6 +190,7 @@ impl Default for Config {
             inline_values_below: 0,
             shutdown_grace_ms: 10_000,
             storage_failure_exit_secs: 10,
+            lock_memory: false,
             limits: Limits::default(),
             auth: AuthConfig::default(),
             work: WorkLimits::default(),

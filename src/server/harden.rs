@@ -19,6 +19,19 @@ pub fn harden_process() -> Result<(), String> {
     Ok(())
 }
 
+/// Locks every page the process has and will have in memory, faulted in as used (so the
+/// sled cache's reservation costs nothing until filled): key pages never reach swap.
+/// rustix's `mlock` of single pages is `unsafe`; `mlockall` is not, and covers them all.
+pub fn lock_memory() -> Result<(), String> {
+    use rustix::mm::{MlockAllFlags, mlockall};
+    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT).map_err(|e| {
+        format!(
+            "lock_memory: cannot lock the process in memory (mlockall): {e}; give it CAP_IPC_LOCK or raise \
+             RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity), or set lock_memory = false"
+        )
+    })
+}
+
 /// A data or key directory that others may enter is closed (0700), saying so: anyone
 /// who can read it can take the copy the erasure model assumes only backups hold.
 /// One the server does not own (a volume mounted for it, group-shared on purpose) is

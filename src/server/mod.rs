@@ -56,6 +56,10 @@ pub enum ServerError {
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
     config.check_listeners()?;
+    if config.lock_memory {
+        harden::lock_memory().map_err(ServerError::Refused)?;
+        tracing::info!("the process is locked in memory (lock_memory): nothing of it is swapped out");
+    }
     let specs = config.region_specs()?;
     for spec in &specs {
         for (dir, what) in [(&spec.data_dir, "data_dir"), (&spec.key_dir, "key_dir")] {

@@ -508,7 +508,11 @@ impl ValueLog {
         let mut tail_pointer = None;
         if let Some((key, value)) = &tail {
             let len = push_frame(&mut buf, key, value)?;
-            let p = ValuePointer { segment: active.id, offset: active.len + buf.len() as u64 - FRAME_HEAD as u64 - u64::from(len), len };
+            let p = ValuePointer {
+                segment: active.id,
+                offset: active.len + buf.len() as u64 - FRAME_HEAD as u64 - u64::from(len),
+                len,
+            };
             if is_meta(key) {
                 meta += p.frame_bytes();
             }

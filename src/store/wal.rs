@@ -136,12 +136,14 @@ fn encode_batch(ops: &[Op], pointers: &[ValuePointer]) -> Result<Vec<u8>, StoreE
             }
             Op::Delete(k) => (DELETE, k, None),
         };
-        let key_len = u16::try_from(key.len()).map_err(|_| StoreError::Engine("write-ahead log: key too long".into()))?;
+        let key_len =
+            u16::try_from(key.len()).map_err(|_| StoreError::Engine("write-ahead log: key too long".into()))?;
         out.push(tag);
         out.extend_from_slice(&key_len.to_le_bytes());
         out.extend_from_slice(key);
         if let Some(v) = value {
-            let len = u32::try_from(v.len()).map_err(|_| StoreError::Engine("write-ahead log: value too long".into()))?;
+            let len =
+                u32::try_from(v.len()).map_err(|_| StoreError::Engine("write-ahead log: value too long".into()))?;
             out.extend_from_slice(&len.to_le_bytes());
             out.extend_from_slice(v);
         }
@@ -371,7 +373,9 @@ fn replay(index: &dyn KvStore, log: &ValueLog, head: Mark) -> Result<u64, StoreE
         }
         if key == BATCH_KEY {
             let batch = decode_batch(value).ok_or_else(|| {
-                StoreError::Damaged(format!("value log segment {segment}: the batch frame at offset {offset} is not one"))
+                StoreError::Damaged(format!(
+                    "value log segment {segment}: the batch frame at offset {offset} is not one"
+                ))
             })?;
             index.apply(batch)?;
             n += 1;

@@ -241,3 +241,27 @@ async fn the_server_keeps_its_files_to_itself_and_never_dumps_core() {
         assert!(open.is_empty(), "open to other users: {open:?}");
     }
 }
+
+/// With `lock_memory`, every page the server has is locked (none of it can be swapped
+/// out), the key pages among them; without it, none is.
+#[tokio::test]
+async fn with_lock_memory_the_server_is_locked_in_memory() {
+    let locked_kib = |server: &Server| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let dirs = Dirs::new();
+    let server = Server::start(&dirs);
+    server.api_key("acme").await;
+    assert_eq!(locked_kib(&server), 0, "locked without being asked to");
+    server.stop().await;
+
+    let config = dirs.config("lock_memory = true\n");
+    let server =
+        Server::start_with(&dirs, Opts { args: vec!["--config", config.to_str().unwrap()], ..Opts::default() });
+    let mut c = server.transcripts("acme").await;
+    put(&mut c, transcript("t1", "alice", 1_700_000_000, &["private"])).await;
+    assert!(locked_kib(&server) > 1024, "VmLck: {} KiB", locked_kib(&server));
+    assert!(server.log_text().contains("locked in memory"));
+}

@@ -351,7 +351,8 @@ async fn an_index_lost_altogether_is_refused_then_rebuilt_from_the_log_when_acce
 
     let server = Server::start_with(&dirs, Opts { args: vec!["--accept-damage"], ..Opts::default() });
     let bearer = chatvault::grpc::Bearer::new(&key).unwrap();
-    let mut c = pb::transcript_service_client::TranscriptServiceClient::with_interceptor(server.channel().await, bearer);
+    let mut c =
+        pb::transcript_service_client::TranscriptServiceClient::with_interceptor(server.channel().await, bearer);
     let texts: Vec<String> = get(&mut c, "second").await.unwrap().messages.into_iter().map(|m| m.text).collect();
     assert_eq!(texts, ["two", "three"]);
     assert_eq!(get(&mut c, "first").await.unwrap_err().code(), Code::NotFound, "the delete is replayed too");
