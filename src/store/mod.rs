@@ -32,17 +32,18 @@ pub mod space {
 }
 
 /// How hard an acknowledged write is pushed towards the disk before the client hears "ok".
+/// Every change reaches the kernel (one `write` to the write-ahead log, `wal.rs`) before
+/// it is applied, so all three survive a process kill.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
-    /// Flush the log and `fsync` the files: survives a process kill and a power loss. Default.
+    /// `fdatasync` the write-ahead log (and what is synced beside it): survives a power
+    /// loss. Default.
     #[default]
     Fsync,
-    /// Flush the log with sled's `flush` (`sync_file_range` on Linux): survives a process kill,
-    /// not necessarily a power loss (the drive's write cache is not flushed).
+    /// Wait for no sync: survives a process kill, not a power loss.
     Flush,
-    /// Acknowledge at once; sled's background flusher writes within about a second.
-    /// A crash loses the last writes. For tests and bulk loads only.
+    /// The same as `Flush` since the log became the index's write-ahead log.
     None,
 }
 

@@ -162,8 +162,7 @@ fn decode_batch(bytes: &[u8]) -> Option<Batch> {
         Some(head)
     };
     let mut batch = Batch::default();
-    loop {
-        let Some(tag) = take(1) else { break };
+    while let Some(tag) = take(1) {
         let tag = tag[0];
         let key_len = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
         let key = take(key_len)?.to_vec();
