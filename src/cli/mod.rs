@@ -51,6 +51,10 @@ enum Command {
     /// Check a stopped region's value log and audit trail for damage, changing nothing:
     /// lists each damaged file with its offset (exit status 1), and torn tails apart.
     Check(ServerArgs),
+    /// Repair a stopped region that `check` finds damaged: cut each damaged log where it
+    /// goes bad (the bytes kept beside it), drop what pointed into the cut, rebuild a lost
+    /// index from its log; prints what was lost. A region without damage is not touched.
+    Repair(ServerArgs),
     /// Key-store maintenance on a stopped server.
     Keys {
         #[command(subcommand)]
@@ -193,6 +197,7 @@ pub fn main() -> ExitCode {
         Command::Health { server, service, tls } => runtime.block_on(health(&server, &service, &tls)),
         Command::Keys { command: KeysCommand::Rotate(args) } => args.config().and_then(rotate_offline),
         Command::Check(args) => args.config().and_then(check),
+        Command::Repair(args) => args.config().and_then(|cfg| runtime.block_on(repair(cfg))),
         Command::Admin(args) => runtime.block_on(admin::run(args)),
         Command::Receipt(cmd) => runtime.block_on(receipt::run(cmd)),
         Command::Erase(args) => runtime.block_on(erase::run(args)),
@@ -242,6 +247,16 @@ fn check(cfg: Config) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("region {}: damage found ({} places)", report.region, report.damage.len()))
+    }
+}
+
+async fn repair(cfg: Config) -> Result<(), String> {
+    let report = crate::server::repair(&cfg).await.map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    if report.ok {
+        Ok(())
+    } else {
+        Err(format!("region {}: damage is left after the repair (see above)", report.region))
     }
 }
 

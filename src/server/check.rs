@@ -130,6 +130,46 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
     })
 }
 
+#[derive(Debug, Serialize)]
+pub struct RepairReport {
+    pub region: String,
+    /// What the damage cost: the places `check` listed before, each cut there.
+    pub lost: Vec<Finding>,
+    /// Where the cut-off bytes were kept.
+    pub kept_aside: Vec<PathBuf>,
+    /// `check` after the repair: no damage left.
+    pub ok: bool,
+}
+
+/// `chatvault repair`: on a stopped region with damage, does what `serve
+/// --accept-damage` would (cuts each damaged log where it goes bad, keeping the bytes
+/// aside, drops records pointing into what was cut, rebuilds a lost index from its log),
+/// then stops, and says what was lost. A region without damage is left untouched.
+pub async fn repair(config: &Config) -> Result<RepairReport, ServerError> {
+    let before = check(config)?;
+    let spec = one_region(config, "repair")?;
+    if before.ok {
+        return Ok(RepairReport { region: before.region, lost: Vec::new(), kept_aside: Vec::new(), ok: true });
+    }
+    let mut accepting = config.clone();
+    accepting.accept_damage = true;
+    let node = super::node::Node::open(&accepting, &spec).await?;
+    node.vault.sync()?;
+    // Closed for good before `check` opens the store again.
+    node.vault.detach_holds();
+    drop(node);
+    let after = check(config)?;
+    let kept_aside = [spec.data_dir.join("values"), super::node::audit_dir(&spec.data_dir)]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(".torn-"))
+        .collect();
+    Ok(RepairReport { region: after.region, lost: before.damage, kept_aside, ok: after.ok })
+}
+
 fn finding(s: &SegmentCheck, what: String) -> Finding {
     Finding { file: s.path.clone(), offset: s.valid, what }
 }

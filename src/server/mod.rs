@@ -8,7 +8,7 @@ mod node;
 mod restore;
 mod workers;
 
-pub use check::{CheckReport, check};
+pub use check::{CheckReport, RepairReport, check, repair};
 pub use harden::harden_process;
 pub use node::Node;
 pub use restore::{one_region, restore};

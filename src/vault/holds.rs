@@ -51,6 +51,14 @@ impl Vault {
         }
     }
 
+    /// Forgets where holds are asked: the registry holds the vault too, so a process that
+    /// closes a vault it keeps running past (`chatvault repair`) breaks the cycle first.
+    pub fn detach_holds(&self) {
+        if let Ok(mut h) = self.holds.write() {
+            *h = None;
+        }
+    }
+
     pub(super) fn hold_on(&self, tenant: &TenantId, subject: &Blind, transcript: Option<&Blind>) -> Option<String> {
         // A poisoned lock still holds the holds: they are read, never lost to a panic.
         let h = self.holds.read().unwrap_or_else(|p| p.into_inner());
