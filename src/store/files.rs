@@ -86,15 +86,18 @@ pub struct SegmentCheck {
 /// (`SCAN_BUDGET`): past it the answer is "none found", so a start never stalls on a
 /// large tail.
 pub fn good_frame_after(path: &Path, at: u64, file_len: u64, max_payload: usize) -> std::io::Result<bool> {
-    good_frame_after_where(path, at, file_len, max_payload, |_| true)
+    good_frame_after_where(path, at, file_len, max_payload, None, |_| true)
 }
 
-/// [`good_frame_after`], for a good frame whose payload `wanted` accepts.
+/// [`good_frame_after`], for a good frame whose payload `wanted` accepts. With `only_len`,
+/// candidates of any other payload length are passed over without a CRC, so the budget
+/// goes to the frames looked for (a log's small commit frames among large values).
 pub fn good_frame_after_where(
     path: &Path,
     at: u64,
     file_len: u64,
     max_payload: usize,
+    only_len: Option<usize>,
     wanted: impl Fn(&[u8]) -> bool,
 ) -> std::io::Result<bool> {
     use std::io::Read;
@@ -117,6 +120,9 @@ pub fn good_frame_after_where(
     let mut spent = 0usize;
     for i in 0..rest.len().saturating_sub(HEAD - 1) {
         let Some(len) = plausible(i) else { continue };
+        if only_len.is_some_and(|l| l != len) {
+            continue;
+        }
         let next = i + HEAD + len;
         // The end of what was read, or another header that could be one.
         if next != rest.len() && plausible(next).is_none() {

@@ -70,6 +70,11 @@ impl ValuePointer {
     pub fn frame_bytes(&self) -> u64 {
         FRAME_HEAD as u64 + u64::from(self.len)
     }
+
+    /// Where the frame ends: (segment, offset past it).
+    pub fn end(&self) -> Mark {
+        (self.segment, self.offset + self.frame_bytes())
+    }
 }
 
 /// A value read back: the frame's buffer, lent out as the value alone.
@@ -423,6 +428,33 @@ impl ValueLog {
         }
     }
 
+    /// The index holds batches up to `applied` (the end of the last batch frame it
+    /// applied), past where the log now ends: a power loss kept sled's pages but lost the
+    /// log's unsynced tail, so those batches were never acknowledged. The log's end is then
+    /// treated as a cut like a torn tail's (records pointing past it are dropped) and
+    /// writing goes on in a new segment, so no offset the index names is ever reused.
+    pub fn index_ahead(&mut self, applied: Mark) -> Result<(), StoreError> {
+        let end = {
+            let a = self.active.get_mut().map_err(|_| StoreError::Failed)?;
+            (a.id, a.len)
+        };
+        if applied <= end || self.torn.is_some() {
+            return Ok(());
+        }
+        tracing::warn!(
+            log_end = ?end,
+            index_at = ?applied,
+            "value log: the index holds writes past the log's end (a power loss kept them in sled and cut the \
+             log's unsynced tail; they were never acknowledged): dropping what points past it"
+        );
+        self.torn = Some(end);
+        let next = end.0.max(applied.0) + 1;
+        let files = self.files.get_mut().map_err(|_| StoreError::Failed)?;
+        let active = create(&self.dir, files, next)?;
+        *self.active.get_mut().map_err(|_| StoreError::Failed)? = active;
+        Ok(())
+    }
+
     /// Where open cut off a torn tail, if it did: (segment, offset).
     pub fn torn_at_open(&self) -> Option<(u32, u64)> {
         self.torn
@@ -539,7 +571,8 @@ impl ValueLog {
     }
 
     /// `to` if the only frame between `from` and `to` is the commit frame a sync wrote
-    /// (a checkpoint's own): a checkpoint then records `to`, and an idle log settles.
+    /// after it (a checkpoint's own): nothing new to checkpoint, so an idle log settles.
+    /// That frame is not synced, so no checkpoint may claim it.
     pub fn past_own_commit_frame(&self, from: Mark, to: Mark) -> Option<Mark> {
         let c = self.commits.lock().ok()?;
         (from.0 == to.0 && to.1 == from.1 + COMMIT_FRAME_BYTES && c.end == Some(to)).then_some(to)
@@ -561,6 +594,12 @@ impl ValueLog {
             return Err(StoreError::Damaged(format!(
                 "value log segment {} is missing, and the index has not absorbed it yet",
                 from.0
+            )));
+        }
+        if let Some(gap) = ids.windows(2).find(|w| w[1] != w[0] + 1) {
+            return Err(StoreError::Damaged(format!(
+                "value log segment {} is missing, and the index has not absorbed it yet",
+                gap[0] + 1
             )));
         }
         let end = self.end()?;
@@ -799,7 +838,8 @@ fn marked_after(path: &Path, id: u32, at: u64, file_len: u64) -> Result<bool, St
             && payload[..2] == [0, 0]
             && decode_mark(&payload[2..]).is_some_and(|(seg, off)| seg == id && off > at)
     };
-    Ok(super::files::good_frame_after_where(path, at, file_len, MAX_PAYLOAD, says_past)?)
+    let payload = 2 + 12;
+    Ok(super::files::good_frame_after_where(path, at, file_len, MAX_PAYLOAD, Some(payload), says_past)?)
 }
 
 /// A frame read back: its offset, its bytes, and its key length and value start.

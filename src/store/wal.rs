@@ -36,6 +36,20 @@ pub fn head_key() -> Vec<u8> {
     vec![space::LOG_MARKS, b'h']
 }
 
+/// Where sled keeps, in every batch, the end of that batch's frame in the log: the exact
+/// point its state is at, whatever its own recovery kept (a prefix of its batches).
+fn applied_key() -> Vec<u8> {
+    vec![space::LOG_MARKS, b'p']
+}
+
+/// The end of the last batch frame the index applied, if it records one.
+pub fn applied_of(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
+    match index.get(&applied_key())? {
+        Some(b) => decode_mark(&b).map(Some).ok_or_else(|| StoreError::Damaged("the index's log position".into())),
+        None => Ok(None),
+    }
+}
+
 /// Where a checkpoint records a segment's bytes of log frames (see `ValueLog::overhead`).
 fn overhead_key(segment: u32) -> Vec<u8> {
     let mut k = vec![space::LOG_MARKS, b'o'];
@@ -217,26 +231,43 @@ impl LoggedStore {
         }
         // An index with no head and no records is new, or lost its state (see
         // `log_acknowledged`): it is rebuilt from the oldest segment there is.
+        // sled's state is exactly that after the last batch it records (`applied_key`);
+        // a head only moves past batches sled holds.
+        let applied = applied_of(index.as_ref())?;
         let from = match head {
-            // Damage accepted at the log's open cut it before the head: what the index
-            // absorbed there is all there is, and the log goes on past the cut.
-            Some(head) if log.torn_at_open().is_some_and(|cut| head >= cut) => None,
-            Some(head) => Some(head),
+            Some(head) => Some(head.max(applied.unwrap_or(head))),
             None if !holds_records(index.as_ref())? => log.segment_ids()?.first().map(|id| (*id, 0)),
             None => None,
         };
+        // Damage accepted at the log's open, or a power loss that kept sled ahead of the
+        // log, cut it before that point: what the index holds is all there is, and the
+        // log goes on past the cut.
+        let from = from.filter(|from| log.torn_at_open().is_none_or(|cut| *from < cut));
         if let Some(from) = from {
             let replayed = replay(index.as_ref(), &log, from)?;
             if replayed > 0 {
                 tracing::info!(batches = replayed, "write-ahead log: applied the batches the index had not absorbed");
             }
         }
+        // A new (or upgraded, or rebuilt) index gets its head at once: a crash before the
+        // first checkpoint must not leave it looking as if it had lost its state.
+        let head = match head {
+            Some(head) => head,
+            None => {
+                let end = log.end()?;
+                let mut b = Batch::default();
+                b.put(head_key(), encode_mark(end));
+                index.apply(b)?;
+                index.sync(Durability::Fsync)?;
+                end
+            }
+        };
         Ok(Arc::new(LoggedStore {
             index,
             log,
             order: Mutex::new(()),
-            // What the index has made durable: nothing a segment's removal may rely on yet.
-            checkpointed: Mutex::new(head.unwrap_or((0, 0))),
+            // What the index has made durable.
+            checkpointed: Mutex::new(head),
             recorded: Mutex::new(recorded),
             failed: AtomicBool::new(false),
             started: AtomicBool::new(false),
@@ -281,15 +312,11 @@ impl LoggedStore {
             let _order = self.order.lock().map_err(|_| StoreError::Failed)?;
             self.log.end()?
         };
-        if head == *checkpointed {
+        if head == *checkpointed || self.log.past_own_commit_frame(*checkpointed, head).is_some() {
             return Ok(());
         }
         // The log is durable up to the head before the index says it absorbed it.
         self.log.sync(Durability::Fsync)?;
-        let head = {
-            let _order = self.order.lock().map_err(|_| StoreError::Failed)?;
-            self.log.past_own_commit_frame(head, self.log.end()?).unwrap_or(head)
-        };
         crate::failpoint::hit("checkpoint.after_log_sync");
         let mut b = Batch::default();
         b.put(head_key(), encode_mark(head));
@@ -327,9 +354,9 @@ impl LoggedStore {
     /// `encoded` is the batch frame made ahead, outside the lock, for a batch with no
     /// logged value (whose frame depends on nothing the log decides).
     fn log_and_apply(&self, batch: Batch, encoded: Option<Vec<u8>>) -> Result<(), StoreError> {
-        let pointers = if let Some(frame) = encoded {
-            self.log.append(&[(BATCH_KEY, &frame)])?;
-            Vec::new()
+        let (pointers, end) = if let Some(frame) = encoded {
+            let framed = self.log.append(&[(BATCH_KEY, &frame)])?;
+            (Vec::new(), framed.first().map(ValuePointer::end))
         } else {
             let values: Vec<(&[u8], &[u8])> = batch
                 .ops
@@ -340,10 +367,12 @@ impl LoggedStore {
                 })
                 .collect();
             let frame = |ps: &[ValuePointer]| Ok(Some((BATCH_KEY, encode_batch(&batch.ops, ps)?)));
-            self.log.append_then(&values, frame)?.0
+            let (pointers, framed) = self.log.append_then(&values, frame)?;
+            (pointers, framed.as_ref().map(ValuePointer::end))
         };
         let mut logged = pointers.into_iter();
         let mut resolved = Batch::default();
+        resolved.put(applied_key(), encode_mark(end.ok_or(StoreError::Failed)?));
         for op in batch.ops {
             match op {
                 Op::PutLogged(k, _) => resolved.put(k, logged.next().ok_or(StoreError::Failed)?.encode()),
@@ -362,20 +391,23 @@ impl LoggedStore {
 }
 
 /// Applies the batch frames from `head` on to `index`; returns how many.
-fn replay(index: &dyn KvStore, log: &ValueLog, head: Mark) -> Result<u64, StoreError> {
+fn replay(index: &dyn KvStore, log: &ValueLog, from: Mark) -> Result<u64, StoreError> {
     let mut n = 0u64;
-    // The head segment's count was recorded up to the head; the rest is counted here.
+    // The count of the segment replay starts in was recorded at the last checkpoint (it
+    // may lack what followed: compaction then comes later, never too early); later
+    // segments are counted here.
     let mut counted = std::collections::BTreeMap::<u32, u64>::new();
-    log.walk_from(head, &mut |(segment, offset), size, key, value| {
-        if key.is_empty() || key == BATCH_KEY {
+    log.walk_from(from, &mut |(segment, offset), size, key, value| {
+        if segment > from.0 && (key.is_empty() || key == BATCH_KEY) {
             *counted.entry(segment).or_default() += size;
         }
         if key == BATCH_KEY {
-            let batch = decode_batch(value).ok_or_else(|| {
+            let mut batch = decode_batch(value).ok_or_else(|| {
                 StoreError::Damaged(format!(
                     "value log segment {segment}: the batch frame at offset {offset} is not one"
                 ))
             })?;
+            batch.put(applied_key(), encode_mark((segment, offset + size)));
             index.apply(batch)?;
             n += 1;
         }
@@ -530,6 +562,48 @@ mod tests {
         let store = started(LoggedStore::open(index, log).unwrap());
         assert_eq!(store.get(b"kept").unwrap(), None);
         assert_eq!(store.get(b"later").unwrap(), Some(b"3".to_vec()));
+    }
+
+    /// A power loss kept sled's pages but cut the log's unsynced tail: the index is ahead
+    /// of its log. Its state is a whole one (sled keeps a prefix of its batches) and is not
+    /// rolled back in part by a replay from the head; the log goes on in a new segment, so
+    /// no offset the index names is reused.
+    #[test]
+    fn an_index_ahead_of_its_log_is_kept_whole_and_the_log_goes_on_in_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let cut = {
+            let (index, log) = open(dir.path());
+            // Not started: no checkpoint at close, as after a power loss.
+            let store = LoggedStore::open(index.clone(), log.clone()).unwrap();
+            let mut b = Batch::default();
+            b.put(b"k".to_vec(), b"before".to_vec());
+            store.apply(b).unwrap();
+            store.checkpoint().unwrap();
+            // Synced after the checkpoint: a replay from the head would apply it again.
+            let mut b = Batch::default();
+            b.put(b"k".to_vec(), b"synced".to_vec());
+            store.apply(b).unwrap();
+            store.sync(Durability::Fsync).unwrap();
+            let cut = log.end().unwrap();
+            let mut b = Batch::default();
+            b.put(b"k".to_vec(), b"after".to_vec());
+            b.put(b"only-after".to_vec(), b"x".to_vec());
+            store.apply(b).unwrap();
+            index.sync(Durability::Fsync).unwrap();
+            cut
+        };
+        let segment = dir.path().join("values").join(format!("{:010}.values", cut.0));
+        std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(cut.1).unwrap();
+
+        let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.path().join("db"), 1 << 20).unwrap());
+        let mut log = ValueLog::open(&dir.path().join("values"), 1 << 20).unwrap();
+        log.index_ahead(applied_of(index.as_ref()).unwrap().unwrap()).unwrap();
+        assert_eq!(log.torn_at_open(), Some(cut));
+        let log = Arc::new(log);
+        let store = started(LoggedStore::open(index, log.clone()).unwrap());
+        assert_eq!(store.get(b"k").unwrap(), Some(b"after".to_vec()), "not rolled back by a replay");
+        assert_eq!(store.get(b"only-after").unwrap(), Some(b"x".to_vec()));
+        assert!(log.end().unwrap().0 > cut.0, "writing goes on in a new segment");
     }
 
     fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

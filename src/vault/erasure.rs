@@ -221,6 +221,7 @@ impl Vault {
     }
 
     fn replay_tenant_erasure(&self, tenant: &str) -> Result<(), VaultError> {
+        const REPLAY_CHUNK: usize = 10_000;
         self.closed_tenants
             .write()
             .map_err(|_| VaultError::Internal("closed tenants lock".into()))?
@@ -231,6 +232,11 @@ impl Vault {
         for prefix in [layout::subject_keys_prefix(tenant), layout::transcript_keys_prefix(tenant)] {
             for (key, _) in self.scan_all(&prefix)? {
                 batch.delete(key);
+                // A batch is one frame of the write-ahead log, which has a size limit; the
+                // deletions are idempotent, and the replay runs again if a crash cuts it.
+                if batch.ops.len() >= REPLAY_CHUNK {
+                    self.store.apply(std::mem::take(&mut batch))?;
+                }
             }
         }
         self.mark_keys_discarded(&mut batch);

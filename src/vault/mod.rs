@@ -208,15 +208,19 @@ impl Vault {
         let keydir = keys(file_keys.clone());
         let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
         let values_dir = opts.data_dir.join("values");
+        // A data directory of another key directory is refused before its log is touched
+        // (an index that lost its store id is caught again after the replay).
+        if index.get(&layout::meta(META_STORE_ID))?.is_some() {
+            bind_store_to_keys(index.as_ref(), keydir.as_ref())?;
+        }
         // Up to the log's open only reads: a start refused for damage changes nothing.
         let acknowledged = crate::store::log_acknowledged(index.as_ref(), &values_dir, opts.accept_damage)?;
-        let values = Arc::new(ValueLog::open_checked(
-            &values_dir,
-            opts.value_segment_bytes,
-            acknowledged,
-            opts.durability,
-            opts.accept_damage,
-        )?);
+        let mut values =
+            ValueLog::open_checked(&values_dir, opts.value_segment_bytes, acknowledged, opts.durability, opts.accept_damage)?;
+        if let Some(applied) = crate::store::log_applied_of(index.as_ref())? {
+            values.index_ahead(applied)?;
+        }
+        let values = Arc::new(values);
         // The index catches up with its log (see `store::wal`) before anything reads it.
         let wal = LoggedStore::open(index, values.clone())?;
         let store = store(wal.clone());
