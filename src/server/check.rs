@@ -95,6 +95,18 @@ pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
             ));
         }
     }
+    // The index ahead of the log's end: a power loss kept sled's pages and cut the log's
+    // unsynced tail. Never acknowledged; the next start drops what points past the end.
+    if let (Some(applied), Some(last)) = (crate::store::log_applied_of(&store)?, values.last())
+        && let Some(id) = crate::store::value_segment_id(&last.path)
+        && applied > (id, last.valid)
+        && damage.is_empty()
+    {
+        torn.push(finding(
+            last,
+            format!("the index holds writes past here, up to {applied:?}, that the log lost (never acknowledged)"),
+        ));
+    }
     let audit_mark = store.get(&crate::audit::audit_mark_key())?.and_then(|b| crate::audit::decode_audit_mark(&b));
     let audit = crate::audit::inspect_segments(&super::node::audit_dir(data))?;
     for (i, s) in audit.iter().enumerate() {

@@ -14,7 +14,9 @@ pub use values::{
     Mark as LogMark, ValueBuf, ValueLog, ValuePointer, decode_mark as decode_values_mark, inspect as inspect_values,
     mark_key as values_mark_key, segment_id as value_segment_id, tail_is_damage as values_tail_is_damage,
 };
-pub use wal::{CHECKPOINT_EVERY, LoggedStore, applied_of as log_applied_of, holds_records, log_acknowledged, set_log_head};
+pub use wal::{
+    CHECKPOINT_EVERY, LoggedStore, applied_of as log_applied_of, holds_records, log_acknowledged, set_log_head,
+};
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record
 /// types use 0x00..=0x0f (see `vault/layout.rs`).

@@ -215,8 +215,13 @@ impl Vault {
         }
         // Up to the log's open only reads: a start refused for damage changes nothing.
         let acknowledged = crate::store::log_acknowledged(index.as_ref(), &values_dir, opts.accept_damage)?;
-        let mut values =
-            ValueLog::open_checked(&values_dir, opts.value_segment_bytes, acknowledged, opts.durability, opts.accept_damage)?;
+        let mut values = ValueLog::open_checked(
+            &values_dir,
+            opts.value_segment_bytes,
+            acknowledged,
+            opts.durability,
+            opts.accept_damage,
+        )?;
         if let Some(applied) = crate::store::log_applied_of(index.as_ref())? {
             values.index_ahead(applied)?;
         }
