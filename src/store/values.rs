@@ -111,6 +111,9 @@ pub struct ValueLog {
     /// Where open cut a torn tail off: records pointing into that segment at or past the
     /// offset were never acknowledged and point at nothing. Nothing is written there again.
     torn: Option<(u32, u64)>,
+    /// The first segment written after that cut: segments between the cut's and it
+    /// (skipped when the index was ahead of the log) hold nothing either.
+    first_live: u32,
     /// Set when a sync or a repair of the file failed: what the kernel holds is then
     /// unknown, so nothing more is written or acknowledged until restart.
     failed: AtomicBool,
@@ -310,12 +313,14 @@ impl ValueLog {
                 }
             }
         };
+        let first_live = active.id;
         let log = ValueLog {
             dir: dir.to_path_buf(),
             max_bytes: max_bytes.max(HEADER_LEN + 1),
             files: RwLock::new(files),
             active: Mutex::new(active),
             torn,
+            first_live,
             failed: AtomicBool::new(false),
             synced: Mutex::new(None),
             commits: Mutex::new(Commits::default()),
@@ -452,6 +457,17 @@ impl ValueLog {
         let files = self.files.get_mut().map_err(|_| StoreError::Failed)?;
         let active = create(&self.dir, files, next)?;
         *self.active.get_mut().map_err(|_| StoreError::Failed)? = active;
+        self.first_live = next;
+        Ok(())
+    }
+
+    /// A cut an earlier start made and recorded (`store::wal`) but did not finish dropping
+    /// the records past: they are dropped again. Writing went on in later segments.
+    pub fn resume_cut(&mut self, cut: Mark) -> Result<(), StoreError> {
+        if self.torn.is_none() {
+            self.torn = Some(cut);
+            self.first_live = self.active.get_mut().map_err(|_| StoreError::Failed)?.id;
+        }
         Ok(())
     }
 
@@ -462,7 +478,12 @@ impl ValueLog {
 
     /// Whether `p` points into the range open cut off.
     pub fn is_torn(&self, p: &ValuePointer) -> bool {
-        self.torn.is_some_and(|(segment, from)| p.segment == segment && p.offset >= from)
+        self.in_cut((p.segment, p.offset)) || self.torn == Some((p.segment, p.offset))
+    }
+
+    /// Whether a position lies past the cut open made, where nothing is any more.
+    pub fn in_cut(&self, (segment, offset): Mark) -> bool {
+        self.torn.is_some_and(|(s, from)| (segment == s && offset > from) || (segment > s && segment < self.first_live))
     }
 
     fn check_failed(&self) -> Result<(), StoreError> {
@@ -920,7 +941,7 @@ pub fn inspect(dir: &Path) -> Result<Vec<super::files::SegmentCheck>, StoreError
         let cut = valid >= HEADER_LEN && valid < len;
         let good_after = cut && frame_follows(&path, valid, len)?;
         let id = segment_id(&path).unwrap_or(0);
-        let marked_after = good_after && marked_after(&path, id, valid, len)?;
+        let marked_after = cut && marked_after(&path, id, valid, len)?;
         out.push(super::files::SegmentCheck { path, len, valid, good_after, marked_after });
     }
     Ok(out)

@@ -50,6 +50,21 @@ pub fn applied_of(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
     }
 }
 
+/// Where the index keeps a cut of the log (a torn tail, damage accepted, the index ahead
+/// of the log) until the records pointing past it are dropped: a start cut short before
+/// then drops them again.
+fn cut_key() -> Vec<u8> {
+    vec![space::LOG_MARKS, b't']
+}
+
+/// A cut recorded and not yet finished, if any.
+pub fn pending_cut(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
+    match index.get(&cut_key())? {
+        Some(b) => decode_mark(&b).map(Some).ok_or_else(|| StoreError::Damaged("the index's log cut".into())),
+        None => Ok(None),
+    }
+}
+
 /// Where a checkpoint records a segment's bytes of log frames (see `ValueLog::overhead`).
 fn overhead_key(segment: u32) -> Vec<u8> {
     let mut k = vec![space::LOG_MARKS, b'o'];
@@ -77,6 +92,11 @@ pub fn head_of(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
 pub fn set_log_head(index: &dyn KvStore, head: Mark) -> Result<(), StoreError> {
     let mut b = Batch::default();
     b.put(head_key(), encode_mark(head));
+    // A commit round may have written a mark through the log while writers waited: its
+    // frame is past the copied end, and nothing of the copy needs it replayed.
+    if applied_of(index)?.is_some_and(|a| a > head) {
+        b.put(applied_key(), encode_mark(head));
+    }
     index.apply(b)
 }
 
@@ -242,7 +262,7 @@ impl LoggedStore {
         // Damage accepted at the log's open, or a power loss that kept sled ahead of the
         // log, cut it before that point: what the index holds is all there is, and the
         // log goes on past the cut.
-        let from = from.filter(|from| log.torn_at_open().is_none_or(|cut| *from < cut));
+        let from = from.filter(|from| !log.in_cut(*from));
         if let Some(from) = from {
             let replayed = replay(index.as_ref(), &log, from)?;
             if replayed > 0 {
@@ -250,18 +270,32 @@ impl LoggedStore {
             }
         }
         // A new (or upgraded, or rebuilt) index gets its head at once: a crash before the
-        // first checkpoint must not leave it looking as if it had lost its state.
+        // first checkpoint must not leave it looking as if it had lost its state. After a
+        // cut, the index is made to say so before anything else: its head and position
+        // may lie past the log's new end (in the cut part), and the next start must not
+        // look for them there; the cut itself stays recorded until `clear_cut`.
+        let cut = log.torn_at_open();
+        let mut b = Batch::default();
         let head = match head {
-            Some(head) => head,
-            None => {
+            Some(head) if !log.in_cut(head) => head,
+            _ => {
+                // Synced, so the head never names what a power loss could still take.
+                log.sync(Durability::Fsync)?;
                 let end = log.end()?;
-                let mut b = Batch::default();
                 b.put(head_key(), encode_mark(end));
-                index.apply(b)?;
-                index.sync(Durability::Fsync)?;
                 end
             }
         };
+        if let Some(cut) = cut {
+            b.put(cut_key(), encode_mark(cut));
+            if applied.is_some_and(|a| log.in_cut(a)) {
+                b.put(applied_key(), encode_mark(log.end()?));
+            }
+        }
+        if !b.is_empty() {
+            index.apply(b)?;
+            index.sync(Durability::Fsync)?;
+        }
         Ok(Arc::new(LoggedStore {
             index,
             log,
@@ -337,6 +371,14 @@ impl LoggedStore {
         *recorded = counts;
         *checkpointed = head;
         Ok(())
+    }
+
+    /// The records past the log's cut are dropped: the cut need not be redone.
+    pub fn clear_cut(&self) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.delete(cut_key());
+        self.index.apply(b)?;
+        self.index.sync(Durability::Fsync)
     }
 
     /// The head the index has made durable: segments before its segment are no longer
@@ -595,15 +637,36 @@ mod tests {
         let segment = dir.path().join("values").join(format!("{:010}.values", cut.0));
         std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(cut.1).unwrap();
 
-        let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.path().join("db"), 1 << 20).unwrap());
-        let mut log = ValueLog::open(&dir.path().join("values"), 1 << 20).unwrap();
-        log.index_ahead(applied_of(index.as_ref()).unwrap().unwrap()).unwrap();
-        assert_eq!(log.torn_at_open(), Some(cut));
-        let log = Arc::new(log);
-        let store = started(LoggedStore::open(index, log.clone()).unwrap());
+        // As the vault opens it.
+        let reopen = || {
+            let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.path().join("db"), 1 << 20).unwrap());
+            let mut log = ValueLog::open(&dir.path().join("values"), 1 << 20).unwrap();
+            if let Some(applied) = applied_of(index.as_ref()).unwrap() {
+                log.index_ahead(applied).unwrap();
+            }
+            if let Some(cut) = pending_cut(index.as_ref()).unwrap() {
+                log.resume_cut(cut).unwrap();
+            }
+            let log = Arc::new(log);
+            (LoggedStore::open(index, log.clone()).unwrap(), log)
+        };
+        {
+            // A start that stops before anything more (refused, or killed): the next one
+            // must still open, with the cut still to finish.
+            let (store, log) = reopen();
+            assert_eq!(log.torn_at_open(), Some(cut));
+            assert_eq!(store.get(b"k").unwrap(), Some(b"after".to_vec()), "not rolled back by a replay");
+        }
+        let (store, log) = reopen();
+        let store = started(store);
+        assert_eq!(log.torn_at_open(), Some(cut), "the cut is still to finish");
         assert_eq!(store.get(b"k").unwrap(), Some(b"after".to_vec()), "not rolled back by a replay");
         assert_eq!(store.get(b"only-after").unwrap(), Some(b"x".to_vec()));
         assert!(log.end().unwrap().0 > cut.0, "writing goes on in a new segment");
+        store.clear_cut().unwrap();
+        drop(store);
+        let (_, log) = reopen();
+        assert_eq!(log.torn_at_open(), None, "a finished cut is not redone");
     }
 
     fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -225,6 +225,9 @@ impl Vault {
         if let Some(applied) = crate::store::log_applied_of(index.as_ref())? {
             values.index_ahead(applied)?;
         }
+        if let Some(cut) = crate::store::log_pending_cut(index.as_ref())? {
+            values.resume_cut(cut)?;
+        }
         let values = Arc::new(values);
         // The index catches up with its log (see `store::wal`) before anything reads it.
         let wal = LoggedStore::open(index, values.clone())?;

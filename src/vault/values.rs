@@ -224,6 +224,7 @@ impl Vault {
             }
         }
         self.store.sync(Durability::Fsync)?;
+        self.wal.clear_cut()?;
         if dropped > 0 {
             tracing::warn!(
                 segment,
