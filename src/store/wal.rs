@@ -414,14 +414,27 @@ impl LoggedStore {
         };
         let mut logged = pointers.into_iter();
         let mut resolved = Batch::default();
-        resolved.put(applied_key(), encode_mark(end.ok_or(StoreError::Failed)?));
         for op in batch.ops {
             match op {
                 Op::PutLogged(k, _) => resolved.put(k, logged.next().ok_or(StoreError::Failed)?.encode()),
                 other => resolved.ops.push(other),
             }
         }
-        match self.index.apply(resolved) {
+        let mut position = Batch::default();
+        position.put(applied_key(), encode_mark(end.ok_or(StoreError::Failed)?));
+        // A batch of several writes carries its position inside (sled applies it whole).
+        // A single write keeps sled's single-write path, whose batch path takes a lock that
+        // stops every other reader and writer: its position follows it as a second single
+        // write. sled keeps a prefix of its writes in their order, so after a crash the
+        // position lags the state by that one write at most, and applying it again from
+        // there is exact.
+        let applied = if resolved.ops.len() == 1 {
+            self.index.apply(resolved).and_then(|()| self.index.apply(position))
+        } else {
+            resolved.ops.extend(position.ops);
+            self.index.apply(resolved)
+        };
+        match applied {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "the index refused a batch its log holds; refusing further writes");
