@@ -150,6 +150,32 @@ print("""
 * The in-process get gained a point read (the transcript key's record) on a cache miss;
   the body cache, which now holds the subject-wrapped key too, saves it on repeat reads.
 
+## The value log as sled's write-ahead log (2026-12-01)
+
+* **One sync per durable commit.** Every batch of tree changes now goes into the value log
+  (in the same `write` as the ciphertext it points at) before sled applies it, and a durable
+  commit is one `fdatasync` of the log, with the audit trail synced at the same time on a
+  second thread; sled is checkpointed every 2 s. Before, a round synced the value log, the
+  audit trail, sled's log (`flush`) and its files one after the other. The single-client
+  durable store against SQLCipher went from 0.41x (the full run at c819f4e) to the figure in
+  the peer table; what remains is one `fdatasync` of a growing file (appending changes the
+  file size, so each sync also commits the journal: 190 µs here against 140 µs for an
+  overwrite, measured the same day) plus the hand-offs to and from the committer thread.
+* **What the log costs.** Each message now also writes its batch frame (~90 B at 256 B, in
+  the values line of the disk split), and a write does one more encoding and holds one lock
+  across the log `write` and sled's update, so that both see one order. Every sled write
+  also records where its frame ends in the log, so that a start replays exactly what sled
+  lacks. Put inside each batch, that record made every single write take sled's batch path,
+  whose lock stops every other reader and writer: appends at 256 B, 32 clients, durability
+  none fell from about 20,000 to 9,500 req/s (same day, back to back). A single write now
+  keeps sled's single-write path and writes its position as a second single write.
+* **Where the 32-client durable append stands.** It is CPU-bound: durability none, which
+  waits for no sync, is itself only ~0.6x of the echo floor, and the server uses about 110%
+  of the two cores with the load generator taking the rest; a `perf` profile puts most of
+  the time in the kernel (network, futex wake-ups). More needs less work per request (the
+  audit record into the same log would remove the second file, its sync and its thread
+  hand-off), not fewer syncs.
+
 ## Reading the misses (profiles of 2026-11-23)
 
 * **In-process store vs a raw sled insert.** Until 7ccf808 the only baseline inserted

@@ -149,7 +149,7 @@ pub type Mark = (u32, u64);
 /// commit frame lost writes that were acknowledged: damage to the store, told, not served.
 const COMMIT_KEY: &[u8] = b"";
 /// Bytes a commit frame takes: head, key length, no key, a mark.
-const COMMIT_FRAME_BYTES: u64 = (FRAME_HEAD + 2 + 12) as u64;
+pub(super) const COMMIT_FRAME_BYTES: u64 = (FRAME_HEAD + 2 + 12) as u64;
 
 /// The key of a batch frame: a write batch of the store, logged ahead of the index
 /// (`store::wal`). No record key starts with 0xFF.
@@ -458,6 +458,21 @@ impl ValueLog {
         let active = create(&self.dir, files, next)?;
         *self.active.get_mut().map_err(|_| StoreError::Failed)? = active;
         self.first_live = next;
+        Ok(())
+    }
+
+    /// Closes the active segment and goes on in a new one (after an unclean stop): the
+    /// index may hold one write the log lost to a power loss, and its pointer must not
+    /// come to name a later frame at the same offset. It then names nothing: DATA_LOSS for
+    /// that never-acknowledged message, never another's bytes.
+    pub fn start_segment(&self) -> Result<(), StoreError> {
+        let mut active = self.active.lock().map_err(|_| StoreError::Failed)?;
+        if active.len <= HEADER_LEN {
+            return Ok(());
+        }
+        active.file.sync_data().map_err(|e| self.fail(e))?;
+        let mut files = self.files.write().map_err(|_| StoreError::Failed)?;
+        *active = create(&self.dir, &mut files, active.id + 1)?;
         Ok(())
     }
 

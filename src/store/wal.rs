@@ -269,6 +269,16 @@ impl LoggedStore {
                 tracing::info!(batches = replayed, "write-ahead log: applied the batches the index had not absorbed");
             }
         }
+        // After an unclean stop (frames past the index's last checkpoint), writing goes on
+        // in a new segment: see `ValueLog::start_segment`.
+        if let Some(head) = head {
+            let end = log.end()?;
+            // A clean stop leaves the head at the end, or one commit frame before it.
+            let clean = head == end || (head.0 == end.0 && end.1 == head.1 + super::values::COMMIT_FRAME_BYTES);
+            if !clean && log.torn_at_open().is_none() {
+                log.start_segment()?;
+            }
+        }
         // A new (or upgraded, or rebuilt) index gets its head at once: a crash before the
         // first checkpoint must not leave it looking as if it had lost its state. After a
         // cut, the index is made to say so before anything else: its head and position
@@ -680,6 +690,31 @@ mod tests {
         drop(store);
         let (_, log) = reopen();
         assert_eq!(log.torn_at_open(), None, "a finished cut is not redone");
+    }
+
+    /// After an unclean stop the log goes on in a new segment (an offset the index may name
+    /// for a write the log lost is never reused); after a clean one it does not.
+    #[test]
+    fn writing_goes_on_in_a_new_segment_after_an_unclean_stop_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment_after = |clean: bool| {
+            let (index, log) = open(dir.path());
+            let store = LoggedStore::open(index, log.clone()).unwrap();
+            let before = log.end().unwrap().0;
+            let mut b = Batch::default();
+            b.put(b"k".to_vec(), b"v".to_vec());
+            store.apply(b).unwrap();
+            if clean {
+                store.checkpoint().unwrap();
+            }
+            before
+        };
+        let first = segment_after(false);
+        let second = segment_after(true);
+        assert_eq!(second, first + 1, "an unclean stop: a new segment");
+        let (index, log) = open(dir.path());
+        let _store = LoggedStore::open(index, log.clone()).unwrap();
+        assert_eq!(log.end().unwrap().0, second, "a clean stop: the same segment");
     }
 
     fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
