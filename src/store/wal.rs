@@ -42,12 +42,17 @@ fn applied_key() -> Vec<u8> {
     vec![space::LOG_MARKS, b'p']
 }
 
-/// The end of the last batch frame the index applied, if it records one.
-pub fn applied_of(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
-    match index.get(&applied_key())? {
-        Some(b) => decode_mark(&b).map(Some).ok_or_else(|| StoreError::Damaged("the index's log position".into())),
+/// A log position the index keeps under `key`, if any (`what` names it in an error).
+fn mark_at(index: &dyn KvStore, key: &[u8], what: &str) -> Result<Option<Mark>, StoreError> {
+    match index.get(key)? {
+        Some(b) => decode_mark(&b).map(Some).ok_or_else(|| StoreError::Damaged(format!("the index's {what}"))),
         None => Ok(None),
     }
+}
+
+/// The end of the last batch frame the index applied, if it records one.
+pub fn applied_of(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
+    mark_at(index, &applied_key(), "log position")
 }
 
 /// Where the index keeps a cut of the log (a torn tail, damage accepted, the index ahead
@@ -59,10 +64,7 @@ fn cut_key() -> Vec<u8> {
 
 /// A cut recorded and not yet finished, if any.
 pub fn pending_cut(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
-    match index.get(&cut_key())? {
-        Some(b) => decode_mark(&b).map(Some).ok_or_else(|| StoreError::Damaged("the index's log cut".into())),
-        None => Ok(None),
-    }
+    mark_at(index, &cut_key(), "log cut")
 }
 
 /// Where a checkpoint records a segment's bytes of log frames (see `ValueLog::overhead`).
@@ -81,10 +83,7 @@ fn encode_mark((id, len): Mark) -> Vec<u8> {
 /// The head a store records, if it has one: a store that has none was never opened
 /// with its log as write-ahead log (a release before it, or a new directory).
 pub fn head_of(index: &dyn KvStore) -> Result<Option<Mark>, StoreError> {
-    match index.get(&head_key())? {
-        Some(b) => decode_mark(&b).map(Some).ok_or_else(|| StoreError::Damaged("the index's log head".into())),
-        None => Ok(None),
-    }
+    mark_at(index, &head_key(), "log head")
 }
 
 /// Records in `index` (a copy made of the live one, writers paused) that it holds every

@@ -15,6 +15,25 @@ fn config(dirs: &Dirs, name: &str, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
+/// Runs `chatvault <command>` (check, repair) on the stopped server's region: whether it
+/// succeeded, and the JSON report it printed.
+fn offline(dirs: &Dirs, command: &str) -> (bool, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        .arg(command)
+        .arg("--data-dir")
+        .arg(dirs.data())
+        .arg("--key-dir")
+        .arg(dirs.keys())
+        .env("CHATVAULT_REGION", "eu")
+        .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
+        .env_remove("CHATVAULT_CONFIG")
+        .output()
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.success(), report)
+}
+
 /// How many message records of the stopped server point into the value log.
 fn pointer_records(dirs: &Dirs) -> usize {
     let (_db, tree) = raw_tree(dirs);
@@ -212,22 +231,7 @@ async fn acknowledged_values_missing_at_the_end_are_refused_then_dropped_whole_w
 async fn chatvault_check_lists_acknowledged_damage_with_its_file_and_offset_and_changes_nothing() {
     let dirs = Dirs::new();
     let (segment, first_end) = two_acknowledged_then_kill9(&dirs).await;
-    let check = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
-            .arg("check")
-            .arg("--data-dir")
-            .arg(dirs.data())
-            .arg("--key-dir")
-            .arg(dirs.keys())
-            .env("CHATVAULT_REGION", "eu")
-            .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
-            .env_remove("CHATVAULT_CONFIG")
-            .output()
-            .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.success(), report)
-    };
+    let check = || offline(&dirs, "check");
     let (ok, report) = check();
     assert!(ok && report["ok"] == true && report["damage"].as_array().unwrap().is_empty(), "{report}");
     assert!(report["value_segments"].as_u64().unwrap() >= 1 && report["audit_segments"].as_u64().unwrap() >= 1);
@@ -367,22 +371,7 @@ async fn an_index_lost_altogether_is_refused_then_rebuilt_from_the_log_when_acce
 async fn chatvault_repair_cuts_acknowledged_damage_saying_what_was_lost_and_a_plain_start_then_serves() {
     let dirs = Dirs::new();
     let (segment, first_end) = two_acknowledged_then_kill9(&dirs).await;
-    let cli = |command: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
-            .arg(command)
-            .arg("--data-dir")
-            .arg(dirs.data())
-            .arg("--key-dir")
-            .arg(dirs.keys())
-            .env("CHATVAULT_REGION", "eu")
-            .env("CHATVAULT_ROOT_KEY", ROOT_KEY_HEX)
-            .env_remove("CHATVAULT_CONFIG")
-            .output()
-            .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.success(), report)
-    };
+    let cli = |command: &str| offline(&dirs, command);
     // The logs (sled may rewrite its own files whenever it is opened).
     let logs = || -> Vec<Vec<u8>> {
         let mut files = files_below(&dirs.data().join("values"));
