@@ -28,15 +28,11 @@ struct Shared {
     forced: AtomicU64,
     /// Set by a sync outside the committer (compaction) that failed.
     poisoned: std::sync::atomic::AtomicBool,
-    /// Synced before the store in every round: what the store's records point into.
-    before: Mutex<Vec<Arc<dyn SyncTarget>>>,
     /// Synced at the same time as the store in every round; their marks go into the
     /// store one round later.
     beside: Mutex<Vec<Arc<dyn SyncTarget>>>,
     /// The thread that syncs them, started with the first one: one round at a time.
     beside_worker: Mutex<Option<BesideWorker>>,
-    /// Synced after the store in every round.
-    attached: Mutex<Vec<Arc<dyn SyncTarget>>>,
     wake: Mutex<bool>,
     cv: Condvar,
     /// Set when the sync that failed found its volume full: what later refusals say.
@@ -56,10 +52,8 @@ impl GroupCommit {
             requested: AtomicU64::new(0),
             forced: AtomicU64::new(0),
             poisoned: std::sync::atomic::AtomicBool::new(false),
-            before: Mutex::new(Vec::new()),
             beside: Mutex::new(Vec::new()),
             beside_worker: Mutex::new(None),
-            attached: Mutex::new(Vec::new()),
             wake: Mutex::new(false),
             cv: Condvar::new(),
             full: Mutex::new(None),
@@ -113,21 +107,6 @@ impl GroupCommit {
         let mut rx = self.progress.clone();
         let p = rx.wait_for(|p| p.failed || p.fsynced >= ticket.0).await.map_err(|_| StoreError::Failed)?;
         if p.failed { Err(self.failure()) } else { Ok(()) }
-    }
-
-    /// Makes `target` durable in every round from now on, after the store.
-    pub fn attach(&self, target: Arc<dyn SyncTarget>) {
-        if let Ok(mut a) = self.shared.attached.lock() {
-            a.push(target);
-        }
-    }
-
-    /// Makes `target` durable in every round from now on, before the store: a record
-    /// the store makes durable never points at data that is not.
-    pub fn attach_before(&self, target: Arc<dyn SyncTarget>) {
-        if let Ok(mut a) = self.shared.before.lock() {
-            a.push(target);
-        }
     }
 
     /// Makes `target` durable in every round from now on, synced while the store is (one
@@ -289,26 +268,14 @@ fn write_mark(store: &dyn KvStore, k: &[u8], v: &[u8]) -> Result<(), StoreError>
     }
 }
 
-/// One durable round: what the store points into, then the store together with what is
-/// synced beside it, then what was written after it.
+/// One durable round: the store (its write-ahead log) together with what is synced beside
+/// it, after recording how far those were durable at the last round.
 fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<(), StoreError> {
-    let before = shared.before.lock().map_err(|_| StoreError::Failed)?.clone();
     let beside = shared.beside.lock().map_err(|_| StoreError::Failed)?.clone();
-    let mut written = Vec::new();
     if mode == Durability::Fsync {
-        // What the targets beside the store reached in the last round.
         for t in &beside {
             let Some((k, v)) = t.synced_mark() else { continue };
             write_mark(store, &k, &v)?;
-            written.push((t.clone(), v));
-        }
-    }
-    before.iter().try_for_each(|t| t.sync(mode))?;
-    if mode == Durability::Fsync {
-        for t in &before {
-            let Some((k, v)) = t.synced_mark() else { continue };
-            write_mark(store, &k, &v)?;
-            written.push((t.clone(), v));
         }
     }
     crate::failpoint::hit("commit.before_store_sync");
@@ -330,9 +297,5 @@ fn sync_round(shared: &Shared, store: &dyn KvStore, mode: Durability) -> Result<
         }
     }
     crate::failpoint::hit("commit.after_store_sync");
-    for (t, v) in &written {
-        t.store_synced(v);
-    }
-    let after = shared.attached.lock().map_err(|_| StoreError::Failed)?.clone();
-    after.iter().try_for_each(|t| t.sync(mode))
+    Ok(())
 }

@@ -120,15 +120,12 @@ pub trait KvStore: Send + Sync + 'static {
 /// durable together with it, so one wait covers both.
 pub trait SyncTarget: Send + Sync + 'static {
     fn sync(&self, mode: Durability) -> Result<(), StoreError>;
-    /// After a `sync` of a target synced before the store: a record saying how far it is
-    /// durable, which the same round makes durable in the store. What it holds up to there
-    /// was acknowledged; damage before it is never taken for a torn write.
+    /// After a `sync`: a record saying how far the target is durable, which the next round
+    /// writes into the store. What it holds up to there was acknowledged; damage before it
+    /// is never taken for a torn write.
     fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
         None
     }
-    /// After the store's sync in a round that wrote `mark` (this target's
-    /// [`SyncTarget::synced_mark`] value): that mark is durable in the store now.
-    fn store_synced(&self, _mark: &[u8]) {}
 }
 
 /// Why storage failed. The message names no key or value.

@@ -117,13 +117,8 @@ pub struct ValueLog {
     /// Set when a sync or a repair of the file failed: what the kernel holds is then
     /// unknown, so nothing more is written or acknowledged until restart.
     failed: AtomicBool,
-    /// How far the log was durable at its last sync: (segment, length).
-    synced: Mutex<Option<(u32, u64)>>,
     /// What the log's commit frames have said: see [`COMMIT_KEY`].
     commits: Mutex<Commits>,
-    /// Set when the log is the store's write-ahead log (`store::wal`): its commit frames
-    /// then carry its own synced position, since nothing else is synced after it.
-    self_marking: AtomicBool,
     /// Per segment, the bytes of the log's own frames (commit and batch frames), which no
     /// record points at: dead from the start, for compaction's tally.
     overhead: Mutex<BTreeMap<u32, u64>>,
@@ -131,7 +126,7 @@ pub struct ValueLog {
 
 #[derive(Default)]
 struct Commits {
-    /// The newest synced mark known durable in the store too.
+    /// How far the log was durable at its last sync.
     durable: Option<Mark>,
     /// The newest one written into the log as a commit frame.
     logged: Option<Mark>,
@@ -143,10 +138,10 @@ struct Commits {
 /// A position in the log: (segment, length).
 pub type Mark = (u32, u64);
 
-/// The key of a commit frame: a frame of no key (no record has one) whose value is a mark
-/// the store had made durable when the frame was written. The log is synced before the
-/// store in every round, so a store found at open with an older mark than the log's last
-/// commit frame lost writes that were acknowledged: damage to the store, told, not served.
+/// The key of a commit frame: a frame of no key (no record has one) whose value is the
+/// position the log had synced when the frame was written, appended right after that
+/// sync. Releases before the write-ahead log wrote the position the store had made
+/// durable (never more than the log's); either way, bytes before it were acknowledged.
 const COMMIT_KEY: &[u8] = b"";
 /// Bytes a commit frame takes: head, key length, no key, a mark.
 pub(super) const COMMIT_FRAME_BYTES: u64 = (FRAME_HEAD + 2 + 12) as u64;
@@ -322,9 +317,7 @@ impl ValueLog {
             torn,
             first_live,
             failed: AtomicBool::new(false),
-            synced: Mutex::new(None),
             commits: Mutex::new(Commits::default()),
-            self_marking: AtomicBool::new(false),
             overhead: Mutex::new(BTreeMap::new()),
         };
         Ok(log)
@@ -614,12 +607,6 @@ impl ValueLog {
         (from.0 == to.0 && to.1 == from.1 + COMMIT_FRAME_BYTES && c.end == Some(to)).then_some(to)
     }
 
-    /// Makes the log its store's write-ahead log: each sync's commit frame then records
-    /// how far the log itself was durable.
-    pub fn mark_own_syncs(&self) {
-        self.self_marking.store(true, Ordering::SeqCst);
-    }
-
     /// Hands `f` every frame from `from` (a frame's start) to the end, across segments:
     /// its segment, offset, size, key and value. A frame that fails its check before the
     /// end of a closed segment, or a missing segment, is damage.
@@ -762,43 +749,19 @@ impl SyncTarget for ValueLog {
             return Ok(());
         }
         self.check_failed()?;
-        // What the store has made durable since the last commit frame goes into the log
-        // ahead of this sync, if the log took anything since. (A write-ahead log says
-        // its own syncs instead, after each.)
-        let self_marking = self.self_marking.load(Ordering::SeqCst);
-        if !self_marking {
-            self.write_commit_frame()?;
-        }
         let (id, len, file) = {
             let a = self.active.lock().map_err(|_| StoreError::Failed)?;
             (a.id, a.len, a.file.clone())
         };
         file.sync_data().map_err(|e| self.fail(e))?;
-        if let Ok(mut s) = self.synced.lock() {
-            // Two rounds may sync at once; the mark only ever moves forward.
-            *s = (*s).max(Some((id, len)));
+        // Said at once, unsynced: a process crash leaves it (the kernel holds it), so a
+        // start after one knows this sync happened; after a power loss the next round's
+        // sync is what makes it durable. Two rounds may sync at once; the mark only moves
+        // forward.
+        if let Ok(mut c) = self.commits.lock() {
+            c.durable = c.durable.max(Some((id, len)));
         }
-        if self_marking {
-            // Said at once, unsynced: a process crash leaves it (the kernel holds it), so
-            // a start after one knows this sync happened; after a power loss the next
-            // round's sync is what makes it durable.
-            if let Ok(mut c) = self.commits.lock() {
-                c.durable = c.durable.max(Some((id, len)));
-            }
-            self.write_commit_frame()?;
-        }
-        Ok(())
-    }
-
-    fn synced_mark(&self) -> Option<(Vec<u8>, Vec<u8>)> {
-        let mark = (*self.synced.lock().ok()?)?;
-        Some((mark_key(), encode_mark(mark)))
-    }
-
-    fn store_synced(&self, mark: &[u8]) {
-        if let (Some(m), Ok(mut c)) = (decode_mark(mark), self.commits.lock()) {
-            c.durable = c.durable.max(Some(m));
-        }
+        self.write_commit_frame()
     }
 }
 

@@ -234,7 +234,6 @@ impl LoggedStore {
     /// this leaves the files as they were, but for the index caught up with its own log.
     /// [`Self::start`] begins the checkpoints once the start is sure.
     pub fn open(index: Arc<dyn KvStore>, log: Arc<ValueLog>) -> Result<Arc<Self>, StoreError> {
-        log.mark_own_syncs();
         let head = head_of(index.as_ref())?;
         let mut recorded = std::collections::BTreeMap::new();
         let present: std::collections::BTreeSet<u32> = log.segment_ids()?.into_iter().collect();
