@@ -160,14 +160,14 @@ print("""
   durable store against SQLCipher went from 0.41x (the full run at c819f4e) to the figure in
   the peer table; what remains is one `fdatasync` of a growing file (appending changes the
   file size, so each sync also commits the journal: 190 µs here against 140 µs for an
-  overwrite, measured the same day) plus the hand-offs to and from the committer thread.
+  overwrite, in a one-off measurement the same day, not part of this bench) plus the hand-offs to and from the committer thread.
 * **What the log costs.** Each message now also writes its batch frame (~90 B at 256 B, in
   the values line of the disk split), and a write does one more encoding and holds one lock
   across the log `write` and sled's update, so that both see one order. Every sled write
   also records where its frame ends in the log, so that a start replays exactly what sled
   lacks. Put inside each batch, that record made every single write take sled's batch path,
   whose lock stops every other reader and writer: appends at 256 B, 32 clients, durability
-  none fell from about 20,000 to 9,500 req/s (same day, back to back). A single write now
+  none fell from about 20,000 to 9,500 req/s (two runs the same day, with and without). A single write now
   keeps sled's single-write path and writes its position as a second single write.
 * **Where the 32-client durable append stands.** It is CPU-bound: durability none, which
   waits for no sync, is itself only ~0.6x of the echo floor, and the server uses about 110%

@@ -155,7 +155,7 @@ fn is_meta(key: &[u8]) -> bool {
     key.is_empty() || key == BATCH_KEY
 }
 
-fn encode_mark((id, len): (u32, u64)) -> Vec<u8> {
+pub(super) fn encode_mark((id, len): Mark) -> Vec<u8> {
     let mut v = id.to_be_bytes().to_vec();
     v.extend_from_slice(&len.to_be_bytes());
     v

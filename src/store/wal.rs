@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::values::{BATCH_KEY, Mark, ValueLog, ValuePointer, decode_mark};
+use super::values::{BATCH_KEY, Mark, ValueLog, ValuePointer, decode_mark, encode_mark};
 use super::{Batch, Durability, Entry, KvStore, Op, StoreError, SyncTarget, space};
 
 /// How often sled is checkpointed by default: what a start after a crash replays at most.
@@ -32,7 +32,7 @@ const PUT: u8 = 0;
 const DELETE: u8 = 1;
 
 /// Where sled keeps the log position up to which it holds every batch.
-pub fn head_key() -> Vec<u8> {
+fn head_key() -> Vec<u8> {
     vec![space::LOG_MARKS, b'h']
 }
 
@@ -72,12 +72,6 @@ fn overhead_key(segment: u32) -> Vec<u8> {
     let mut k = vec![space::LOG_MARKS, b'o'];
     k.extend_from_slice(&segment.to_be_bytes());
     k
-}
-
-fn encode_mark((id, len): Mark) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
-    v.extend_from_slice(&len.to_be_bytes());
-    v
 }
 
 /// The head a store records, if it has one: a store that has none was never opened

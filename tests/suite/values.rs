@@ -398,3 +398,27 @@ async fn chatvault_repair_cuts_acknowledged_damage_saying_what_was_lost_and_a_pl
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "first").await.unwrap().messages[0].text, "one");
 }
+
+/// Under `durability = none` (and `flush`) nothing waits for a sync, but every change is in
+/// the kernel, written to the write-ahead log, before the answer: a kill -9 loses nothing
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_durability_none_what_was_answered_survives_kill9() {
+    let dirs = Dirs::new();
+    for durability in ["none", "flush"] {
+        let opts = || Opts { args: vec!["--durability", durability], ..Opts::default() };
+        let server = Server::start_with(&dirs, opts());
+        let mut c = server.transcripts("acme").await;
+        for i in 0..20 {
+            put(&mut c, transcript(&format!("{durability}-{i}"), "s", 1_700_000_000, &["kept"])).await;
+        }
+        server.kill9();
+        let server = Server::start_with(&dirs, opts());
+        let mut c = server.transcripts("acme").await;
+        for i in 0..20 {
+            let t = get(&mut c, &format!("{durability}-{i}")).await.unwrap_or_else(|e| panic!("{durability}-{i}: {e}"));
+            assert_eq!(t.messages[0].text, "kept");
+        }
+        server.stop().await;
+    }
+}
