@@ -15,8 +15,8 @@ pub use values::{
     mark_key as values_mark_key, segment_id as value_segment_id, tail_is_damage as values_tail_is_damage,
 };
 pub use wal::{
-    CHECKPOINT_EVERY, LoggedStore, applied_of as log_applied_of, holds_records, log_acknowledged,
-    pending_cut as log_pending_cut, set_log_head,
+    CHECKPOINT_EVERY, LoggedStore, applied_of as log_applied_of, holds_records, log_acknowledged, open_log,
+    set_log_head,
 };
 
 /// First byte of every key: which part of chatvault owns it. The vault's own record

@@ -141,6 +141,28 @@ pub fn log_acknowledged(index: &dyn KvStore, log_dir: &Path, accept_damage: bool
 
 /// A batch frame's value for `ops`, the n-th [`Op::PutLogged`] put as a pointer to
 /// `pointers[n]` (where its value went, in the same write).
+/// Opens the value log in `dir` as the write-ahead log of `index`, as a start must: how
+/// far it was acknowledged decides torn tail against damage (`log_acknowledged`), and a
+/// cut the index is past, or one an earlier start recorded and did not finish, is
+/// carried (`ValueLog::index_ahead`, `resume_cut`). Reads only, unless it cuts.
+pub fn open_log(
+    index: &dyn KvStore,
+    dir: &Path,
+    segment_bytes: u64,
+    mode: Durability,
+    accept_damage: bool,
+) -> Result<ValueLog, StoreError> {
+    let acknowledged = log_acknowledged(index, dir, accept_damage)?;
+    let mut log = ValueLog::open_checked(dir, segment_bytes, acknowledged, mode, accept_damage)?;
+    if let Some(applied) = applied_of(index)? {
+        log.index_ahead(applied)?;
+    }
+    if let Some(cut) = pending_cut(index)? {
+        log.resume_cut(cut)?;
+    }
+    Ok(log)
+}
+
 fn encode_batch(ops: &[Op], pointers: &[ValuePointer]) -> Result<Vec<u8>, StoreError> {
     let size = ops
         .iter()
@@ -655,14 +677,8 @@ mod tests {
         // As the vault opens it.
         let reopen = || {
             let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.path().join("db"), 1 << 20).unwrap());
-            let mut log = ValueLog::open(&dir.path().join("values"), 1 << 20).unwrap();
-            if let Some(applied) = applied_of(index.as_ref()).unwrap() {
-                log.index_ahead(applied).unwrap();
-            }
-            if let Some(cut) = pending_cut(index.as_ref()).unwrap() {
-                log.resume_cut(cut).unwrap();
-            }
-            let log = Arc::new(log);
+            let log = open_log(index.as_ref(), &dir.path().join("values"), 1 << 20, Durability::Fsync, false);
+            let log = Arc::new(log.unwrap());
             (LoggedStore::open(index, log.clone()).unwrap(), log)
         };
         {

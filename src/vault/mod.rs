@@ -214,21 +214,13 @@ impl Vault {
             bind_store_to_keys(index.as_ref(), keydir.as_ref())?;
         }
         // Up to the log's open only reads: a start refused for damage changes nothing.
-        let acknowledged = crate::store::log_acknowledged(index.as_ref(), &values_dir, opts.accept_damage)?;
-        let mut values = ValueLog::open_checked(
+        let values = Arc::new(crate::store::open_log(
+            index.as_ref(),
             &values_dir,
             opts.value_segment_bytes,
-            acknowledged,
             opts.durability,
             opts.accept_damage,
-        )?;
-        if let Some(applied) = crate::store::log_applied_of(index.as_ref())? {
-            values.index_ahead(applied)?;
-        }
-        if let Some(cut) = crate::store::log_pending_cut(index.as_ref())? {
-            values.resume_cut(cut)?;
-        }
-        let values = Arc::new(values);
+        )?);
         // The index catches up with its log (see `store::wal`) before anything reads it.
         let wal = LoggedStore::open(index, values.clone())?;
         let store = store(wal.clone());
