@@ -388,7 +388,19 @@ pub mod kind {
 
 /// The stopped server's sled tree, opened directly.
 pub fn raw_tree(dirs: &Dirs) -> (sled::Db, sled::Tree) {
-    let db = sled::open(dirs.data()).unwrap();
+    // sled's background flusher of an earlier handle in this process may hold the file
+    // lock a moment after that handle is dropped.
+    let mut tries = 0;
+    let db = loop {
+        match sled::open(dirs.data()) {
+            Ok(db) => break db,
+            Err(e) if tries < 50 && e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let tree = db.open_tree("vault").unwrap();
     (db, tree)
 }
