@@ -10,20 +10,25 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; git -C "$root" worktree remove --force "$work/src" 2>/dev/null || true' EXIT
 git -C "$root" worktree add --detach "$work/src" "$rev" >/dev/null
-(cd "$work/src" && CARGO_TARGET_DIR="$work/target" cargo build --quiet --bin chatvault)
-bin="$work/target/debug/chatvault"
+target=${FIXTURE_TARGET_DIR:-$work/target}
+(cd "$work/src" && CARGO_TARGET_DIR="$target" cargo build --quiet --bin chatvault)
+bin="$target/debug/chatvault"
 out="$work/out"
 mkdir -p "$out"
 export CHATVAULT_ROOT_KEY=5f1e0d2c3b4a59687766554433221100ffeeddccbbaa99887766554433221100
+export CHATVAULT_REGION=eu  # one region; releases before regions ignore it
 export CHATVAULT_OPERATOR_TOKEN=test-operator-token-0123456789abcdef
 env -u CHATVAULT_CONFIG "$bin" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
   --data-dir "$out/data" --key-dir "$out/keys" >"$work/serve.out" 2>"$work/serve.err" &
 pid=$!
 for _ in $(seq 100); do grep -q "^chatvault listening on" "$work/serve.out" && break; sleep 0.2; done
+grep -q "^chatvault listening on" "$work/serve.out" || { echo "the release did not start:" >&2; cat "$work/serve.err" >&2; exit 1; }
 data=$(sed -n 's/^chatvault listening on //p' "$work/serve.out")
 admin=$(sed -n 's/^chatvault admin listening on //p' "$work/serve.out")
 cv() { "$bin" "$@"; }
-cv admin --admin-server "http://$admin" tenant create acme --allow 127.0.0.0/8 >/dev/null
+# Releases since regions need the tenant's region; those before take no such flag.
+if "$bin" admin tenant create --help | grep -q -- --region; then region=(--region eu); else region=(); fi
+cv admin --admin-server "http://$admin" tenant create acme "${region[@]}" --allow 127.0.0.0/8 >/dev/null
 key=$(cv admin --admin-server "http://$admin" key issue acme --raw)
 echo "$key" >"$out/api-key.txt"
 export CHATVAULT_API_KEY=$key CHATVAULT_SERVER="http://$data"

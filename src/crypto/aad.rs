@@ -28,6 +28,8 @@ pub enum RecordKind {
     ReceiptSigningKey = 9,
     /// An erasure id: which epoch and ledger entry an erasure is, sealed for one tenant.
     ErasureId = 10,
+    /// A run of one transcript's messages sealed as one record (a packed chunk).
+    MessageChunk = 11,
 }
 
 /// Builder for an AAD: what a record is and where it belongs. How it is encoded depends

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub key_store_epochs: Gauge,
     pub reclaim_backlog_records: Gauge,
     pub value_log_dead_bytes: Gauge,
+    pub groups_packed: Counter,
+    pub groups_left_unpacked: Counter,
     pub disk_bytes: Family<AreaLabels, Gauge>,
     pub retention_purged: Counter,
     pub retention_closed: Counter,
@@ -159,6 +161,8 @@ impl Metrics {
             key_store_epochs: Gauge::default(),
             reclaim_backlog_records: Gauge::default(),
             value_log_dead_bytes: Gauge::default(),
+            groups_packed: Counter::default(),
+            groups_left_unpacked: Counter::default(),
             disk_bytes: Family::default(),
             retention_purged: Counter::default(),
             retention_closed: Counter::default(),
@@ -223,6 +227,12 @@ impl Metrics {
             m.reclaim_backlog_records.clone(),
         );
         r.register("value_log_dead_bytes", "value-log bytes no record points at", m.value_log_dead_bytes.clone());
+        r.register("groups_packed", "groups of messages packed into one record", m.groups_packed.clone());
+        r.register(
+            "groups_left_unpacked",
+            "queued groups of messages left unpacked because they could not be read (damage)",
+            m.groups_left_unpacked.clone(),
+        );
         r.register("disk_bytes", "bytes on disk, by area", m.disk_bytes.clone());
         r.register("retention_purged", "transcripts purged by retention", m.retention_purged.clone());
         r.register("retention_closed", "idle transcripts closed by retention", m.retention_closed.clone());

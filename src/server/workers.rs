@@ -140,7 +140,9 @@ pub(super) async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: w
             let v = vault.clone();
             match tokio::task::spawn_blocking(move || v.reclaim(1000)).await {
                 Ok(Ok(0)) => {
-                    // Dead records are gone: now the value-log space they held can go too.
+                    // Dead records are gone: small messages are packed into chunks, then
+                    // the value-log space both left can go too.
+                    pack(&vault, &mut stop).await;
                     let v = vault.clone();
                     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || v.compact_values()).await {
                         tracing::error!(error = %e, "value log compaction failed");
@@ -154,6 +156,29 @@ pub(super) async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: w
                     break;
                 }
                 Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Packs queued groups of messages until none is left (or the server stops).
+async fn pack(vault: &Arc<Vault>, stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let v = vault.clone();
+        match tokio::task::spawn_blocking(move || v.pack_messages(64)).await {
+            Ok(Ok(run)) => {
+                let m = crate::metrics::get();
+                m.groups_packed.inc_by(run.packed as u64);
+                m.groups_left_unpacked.inc_by(run.damaged as u64);
+                if run.settled == 0 {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            Err(_) => return,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "packing messages failed");
+                return;
             }
         }
     }

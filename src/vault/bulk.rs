@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use super::layout::{self, Blind};
+use super::messages::Read;
 use super::model::{MessageRef, TenantId, Transcript};
 use super::records::Header;
 use super::{Vault, VaultError};
@@ -157,12 +158,13 @@ impl Vault {
         if visit(Visit::Begin(&t)).is_break() {
             return Ok(ControlFlow::Break(()));
         }
-        let place = self.place(tenant, &h.subject, tb, h.incarnation);
         let mut flow = ControlFlow::Continue(());
         let count = self
-            .read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
-                flow = place.open_message_with(&tk, seq, sealed, |m| visit(Visit::Message(m)))?;
-                walked.messages += 1;
+            .read_messages(tenant, tb, h, &tk, MESSAGE_CHUNK, &mut |read| {
+                if let Read::Message(m) = read {
+                    flow = visit(Visit::Message(m));
+                    walked.messages += 1;
+                }
                 Ok(flow)
             })
             .or_else(|e| self.unless_replaced(e, tenant, hkey, h))

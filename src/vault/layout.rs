@@ -15,6 +15,7 @@ mod kind {
     pub const VALUES: u8 = 0x08;
     pub const TIMES: u8 = 0x09;
     pub const REQUESTS: u8 = 0x0a;
+    pub const PACK: u8 = 0x0b;
 }
 
 const VALUES_TALLY: u8 = 1;
@@ -120,6 +121,7 @@ pub fn tenant_prefixes(tenant: &str) -> Vec<Vec<u8>> {
         .collect();
     v.extend(TimeIndex::ALL.iter().map(|&which| times_prefix(which, tenant)));
     v.push(with_tenant(kind::REQUESTS, tenant, 0));
+    v.push(with_tenant(kind::PACK, tenant, 0));
     v.push(transcript_keys_prefix(tenant));
     v.push(subject_keys_prefix(tenant));
     v.push(tenant_key(tenant));
@@ -205,19 +207,81 @@ pub fn message(tenant: &str, transcript: &Blind, incarnation: u64, seq: u32) -> 
     k
 }
 
+/// A chunk sealing messages `first .. first + count` as one record. It shares the message
+/// key space (its key is 4 bytes longer than a single message's and sorts right after
+/// `first`'s), so what handles message records by prefix handles chunks too.
+pub fn message_chunk(tenant: &str, transcript: &Blind, incarnation: u64, first: u32, count: u32) -> Vec<u8> {
+    let mut k = message(tenant, transcript, incarnation, first);
+    k.extend_from_slice(&count.to_be_bytes());
+    k
+}
+
+/// The exclusive scan bound just before every record that starts at `seq` or later.
+pub fn messages_from(tenant: &str, transcript: &Blind, incarnation: u64, seq: u32) -> Option<Vec<u8>> {
+    let before = seq.checked_sub(1)?;
+    let mut k = message(tenant, transcript, incarnation, before);
+    k.extend_from_slice(&[0xff; 4]);
+    Some(k)
+}
+
+/// The sequence numbers a message record covers, `(first, count)`: one for a single
+/// message, its span for a chunk. `prefix_len` is its [`messages_prefix`]'s length.
+pub fn message_span(key: &[u8], prefix_len: usize) -> Option<(u32, u32)> {
+    let tail = key.get(prefix_len..)?;
+    let first = u32::from_be_bytes(tail.get(..4)?.try_into().ok()?);
+    match tail.len() {
+        4 => Some((first, 1)),
+        8 => {
+            let count = u32::from_be_bytes(tail[4..].try_into().ok()?);
+            (count > 0 && first.checked_add(count).is_some()).then_some((first, count))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a message record under a prefix of `prefix_len` bytes is a chunk.
+pub fn is_chunk(key: &[u8], prefix_len: usize) -> bool {
+    key.len() == prefix_len + 8
+}
+
 /// Every message record of every tenant.
 pub fn all_messages_prefix() -> Vec<u8> {
     vec![kind::MESSAGE]
 }
 
-/// Whether `key` is a [`message`] record's.
+/// Whether `key` is a [`message`] or [`message_chunk`] record's.
 pub fn is_message(key: &[u8]) -> bool {
     key.first() == Some(&kind::MESSAGE)
 }
 
-/// The sequence number at the end of a [`message`] key.
-pub fn message_seq(key: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(key.get(key.len().checked_sub(4)?..)?.try_into().ok()?))
+/// A queued packing of one group of a transcript's messages into a chunk.
+pub fn pack_queued(tenant: &str, transcript: &Blind, incarnation: u64, group: u32) -> Vec<u8> {
+    let mut k = with_tenant(kind::PACK, tenant, 44);
+    k.extend_from_slice(transcript);
+    k.extend_from_slice(&incarnation.to_be_bytes());
+    k.extend_from_slice(&group.to_be_bytes());
+    k
+}
+
+/// Every queued packing.
+pub fn pack_queue_prefix() -> Vec<u8> {
+    vec![kind::PACK]
+}
+
+/// The tenant, transcript, incarnation and group a [`pack_queued`] key names.
+pub fn parse_pack_queued(key: &[u8]) -> Option<(String, Blind, u64, u32)> {
+    let (&k, rest) = key.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    (k == kind::PACK).then_some(())?;
+    let tenant = std::str::from_utf8(rest.get(..len as usize)?).ok()?.to_owned();
+    let rest = rest.get(len as usize..)?;
+    (rest.len() == 44).then_some(())?;
+    Some((
+        tenant,
+        rest[..32].try_into().ok()?,
+        u64::from_be_bytes(rest[32..40].try_into().ok()?),
+        u32::from_be_bytes(rest[40..].try_into().ok()?),
+    ))
 }
 
 /// A transcript incarnation's wrapped key and encrypted body: written once, never on append.
@@ -378,7 +442,19 @@ mod tests {
     }
 
     #[test]
-    fn message_seq_is_read_back_from_the_key() {
-        assert_eq!(message_seq(&message("t", &[1; 32], 5, 77)), Some(77));
+    fn message_spans_are_read_back_and_chunks_sort_between_their_first_message_and_the_next() {
+        let len = messages_prefix("t", &[1; 32], 5).len();
+        assert_eq!(message_span(&message("t", &[1; 32], 5, 77), len), Some((77, 1)));
+        let chunk = message_chunk("t", &[1; 32], 5, 64, 10);
+        assert_eq!(message_span(&chunk, len), Some((64, 10)));
+        assert!(is_chunk(&chunk, len) && !is_chunk(&message("t", &[1; 32], 5, 64), len));
+        assert!(message("t", &[1; 32], 5, 63) < chunk && chunk < message("t", &[1; 32], 5, 65));
+        let from = messages_from("t", &[1; 32], 5, 64).unwrap();
+        assert!(message_chunk("t", &[1; 32], 5, 63, u32::MAX - 63) <= from && from < message("t", &[1; 32], 5, 64));
+        assert_eq!(messages_from("t", &[1; 32], 5, 0), None);
+        assert_eq!(message_span(&message_chunk("t", &[1; 32], 5, 3, 0), len), None);
+        let q = pack_queued("acme", &[2; 32], 9, 4);
+        assert_eq!(parse_pack_queued(&q), Some(("acme".into(), [2; 32], 9, 4)));
+        assert!(tenant_prefixes("acme").iter().any(|p| q.starts_with(p)));
     }
 }

@@ -10,6 +10,7 @@ mod holds;
 mod layout;
 mod layout_check;
 mod locks;
+mod messages;
 mod model;
 mod purge;
 mod receipts;
@@ -37,6 +38,7 @@ pub use erasure::ErasureOverview;
 pub use error::VaultError;
 pub use holds::{HoldCheck, HoldScope, covers as hold_covers};
 pub use layout::{Blind, TimeIndex};
+pub use messages::Packing;
 pub use model::{
     AuthorRole, ErasureState, ErasureStatus, Message, MessageRef, RotationHealth, RotationReport, ShredReceipt,
     SignedReceipt, SubjectInfo, SubjectStatus, TenantId, Timestamp, Touched, Transcript, TranscriptPage,

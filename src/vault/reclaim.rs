@@ -107,7 +107,7 @@ impl Vault {
 /// Work the background maintenance has not done yet, and the space it holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backlog {
-    /// Queued reclaim items, counted up to 10,000.
+    /// Queued reclaim and packing items, each queue counted up to 10,000.
     pub garbage_records: u64,
     /// Value-log bytes no record points at, waiting for compaction.
     pub dead_value_bytes: u64,
@@ -119,7 +119,8 @@ pub struct Backlog {
 impl Vault {
     /// For metrics: reclaim and compaction backlog, bytes on disk. A bounded scan.
     pub fn maintenance_backlog(&self) -> Result<Backlog, VaultError> {
-        let garbage = self.store.scan(&layout::garbage_prefix(), None, 10_000)?.len() as u64;
+        let garbage = self.store.scan(&layout::garbage_prefix(), None, 10_000)?.len() as u64
+            + self.store.scan(&layout::pack_queue_prefix(), None, 10_000)?.len() as u64;
         let mut dead = 0u64;
         for (_, v) in self.store.scan(&layout::value_tally_prefix(), None, 100_000)? {
             dead += records::decode::<records::SegmentTally>(&v, "value log tally")?.dead_bytes;

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use zeroize::Zeroizing;
+
 use super::VaultError;
 use super::layout::Blind;
 use super::model::{AuthorRole, Message, MessageRef, Timestamp, Transcript};
@@ -92,56 +94,140 @@ impl Place<'_> {
         })
     }
 
-    pub fn seal_message(
+    pub fn seal_message_plain(
         &self,
         alg: Algorithm,
         tk: &SecretKey,
         seq: u32,
-        m: &Message,
-        now: Timestamp,
+        plain: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
-        let stored = StoredMessageRef {
-            message_id: &m.message_id,
-            role: m.author_role.code(),
-            author_name: &m.author_name,
-            sent_at: m.sent_at.unwrap_or(now).micros(),
-            text: &m.text,
-        };
-        let hint = stored.message_id.len() + stored.author_name.len() + stored.text.len() + 16;
-        let plain = records::encode_secret(&stored, hint)?;
         let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        self.binding.seal(alg, tk, &aad, &plain).map_err(seal_err)
+        self.binding.seal(alg, tk, &aad, plain).map_err(seal_err)
     }
 
-    pub fn open_message(&self, tk: &SecretKey, seq: u32, sealed: &[u8]) -> Result<Message, VaultError> {
-        self.open_message_with(tk, seq, sealed, |m| Message {
-            message_id: m.message_id.to_owned(),
-            author_role: m.author_role,
-            author_name: m.author_name.to_owned(),
-            sent_at: Some(m.sent_at),
-            text: m.text.to_owned(),
-        })
-    }
-
-    /// Decrypts a message and lends `f` a view of it: the plaintext is zeroized when `f`
-    /// returns, and nothing of it is copied unless `f` copies it.
-    pub fn open_message_with<R>(
+    /// A single message's plaintext, for packing it into a chunk.
+    pub fn open_message_plain(
         &self,
         tk: &SecretKey,
         seq: u32,
         sealed: &[u8],
-        f: impl FnOnce(MessageRef<'_>) -> R,
-    ) -> Result<R, VaultError> {
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        let plain = self.binding.open(tk, &aad, sealed).map_err(crypto_err("message"))?;
-        let s: StoredMessageRef<'_> = postcard::from_bytes(&plain).map_err(|_| VaultError::Corrupt("message"))?;
-        Ok(f(MessageRef {
-            message_id: s.message_id,
-            author_role: AuthorRole::from_code(s.role).ok_or(VaultError::Corrupt("message"))?,
-            author_name: s.author_name,
-            sent_at: Timestamp::from_micros(s.sent_at).ok_or(VaultError::Corrupt("message"))?,
-            text: s.text,
-        }))
+        self.binding.open(tk, &aad, sealed).map_err(crypto_err("message"))
+    }
+
+    /// Seals messages `first ..` as one chunk. Its AAD names the span, so a chunk moved
+    /// to other sequence numbers, cut or merged fails to open.
+    pub fn seal_chunk(
+        &self,
+        alg: Algorithm,
+        tk: &SecretKey,
+        first: u32,
+        plains: &[Zeroizing<Vec<u8>>],
+    ) -> Result<Vec<u8>, VaultError> {
+        let mut buf = Zeroizing::new(Vec::with_capacity(1 + plains.iter().map(|p| p.len() + 3).sum::<usize>()));
+        buf.push(CHUNK_V1);
+        for p in plains {
+            put_varint(&mut buf, p.len() as u64);
+            buf.extend_from_slice(p);
+        }
+        let aad = self.chunk_aad(first, plains.len() as u32);
+        self.binding.seal(alg, tk, &aad, &buf).map_err(seal_err)
+    }
+
+    /// Opens the chunk of messages `first .. first + count`: its plaintext, to be split
+    /// with [`chunk_messages`].
+    pub fn open_chunk(
+        &self,
+        tk: &SecretKey,
+        first: u32,
+        count: u32,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        self.binding.open(tk, &self.chunk_aad(first, count), sealed).map_err(crypto_err("message"))
+    }
+
+    fn chunk_aad(&self, first: u32, count: u32) -> Aad {
+        self.aad(RecordKind::MessageChunk).u64(u64::from(first)).u64(u64::from(count))
+    }
+}
+
+/// A chunk's plaintext format: a version byte, then each message's plaintext after its
+/// length (LEB128). Chunks of another version are refused as corrupt, never misread.
+const CHUNK_V1: u8 = 1;
+
+/// The messages of an opened chunk of `count`, in order.
+pub fn chunk_messages(plain: &[u8], count: u32) -> Result<Vec<&[u8]>, VaultError> {
+    let corrupt = || VaultError::Corrupt("message chunk");
+    let (&version, mut rest) = plain.split_first().ok_or_else(corrupt)?;
+    if version != CHUNK_V1 {
+        return Err(corrupt());
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    while !rest.is_empty() {
+        let (len, after) = take_varint(rest).ok_or_else(corrupt)?;
+        let len = usize::try_from(len).map_err(|_| corrupt())?;
+        let (m, after) = (after.get(..len).ok_or_else(corrupt)?, &after[len..]);
+        out.push(m);
+        rest = after;
+    }
+    if out.len() != count as usize {
+        return Err(corrupt());
+    }
+    Ok(out)
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        buf.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+fn take_varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut n = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        n |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((n, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// A message's plaintext as stored, alone or in a chunk.
+pub fn message_plain(m: &Message, now: Timestamp) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    let stored = StoredMessageRef {
+        message_id: &m.message_id,
+        role: m.author_role.code(),
+        author_name: &m.author_name,
+        sent_at: m.sent_at.unwrap_or(now).micros(),
+        text: &m.text,
+    };
+    let hint = stored.message_id.len() + stored.author_name.len() + stored.text.len() + 16;
+    records::encode_secret(&stored, hint)
+}
+
+/// Lends `f` a view of a message's plaintext; nothing of it is copied unless `f` copies it.
+pub fn message_view<R>(plain: &[u8], f: impl FnOnce(MessageRef<'_>) -> R) -> Result<R, VaultError> {
+    let s: StoredMessageRef<'_> = postcard::from_bytes(plain).map_err(|_| VaultError::Corrupt("message"))?;
+    Ok(f(MessageRef {
+        message_id: s.message_id,
+        author_role: AuthorRole::from_code(s.role).ok_or(VaultError::Corrupt("message"))?,
+        author_name: s.author_name,
+        sent_at: Timestamp::from_micros(s.sent_at).ok_or(VaultError::Corrupt("message"))?,
+        text: s.text,
+    }))
+}
+
+pub fn owned_message(m: MessageRef<'_>) -> Message {
+    Message {
+        message_id: m.message_id.to_owned(),
+        author_role: m.author_role,
+        author_name: m.author_name.to_owned(),
+        sent_at: Some(m.sent_at),
+        text: m.text.to_owned(),
     }
 }
 

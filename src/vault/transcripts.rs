@@ -5,10 +5,11 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use super::layout::{self, Blind};
+use super::messages::Read;
 use super::model::{Message, ShredReceipt, TenantId, Timestamp, Touched, Transcript, TranscriptPage};
 use super::receipts::Erased;
 use super::records::{self, BodyRecord, Garbage, Header, SubjectRecord};
-use super::seal::seal_err;
+use super::seal::{owned_message, seal_err};
 use super::times;
 use super::{Vault, VaultError};
 use crate::crypto::{SecretKey, random_bytes};
@@ -17,9 +18,6 @@ use crate::store::{Batch, CommitTicket};
 
 /// Messages read per store scan when reading a transcript.
 const MESSAGE_CHUNK: usize = 1024;
-
-/// Takes a sealed message with its sequence number; breaks to stop the read.
-pub(super) type SealedMessageVisitor<'a> = dyn FnMut(u32, &[u8]) -> Result<ControlFlow<()>, VaultError> + 'a;
 
 /// Default and maximum page sizes of `list_transcripts`.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -90,17 +88,8 @@ impl Vault {
                 self.put_transcript_key(&mut batch, tenant.as_str(), &tb, place_inc, subj.generation, &inner)?;
                 // The key is in its own record; the body record holds only the body.
                 let body = BodyRecord { wrapped_key: Vec::new(), body: place.seal_body(self.alg, &tk, &t)? };
-                let sealed = t
-                    .messages
-                    .iter()
-                    .enumerate()
-                    .map(|(seq, m)| {
-                        let seq = seq as u32;
-                        let key = layout::message(tenant.as_str(), &tb, place_inc, seq);
-                        Ok((key, place.seal_message(self.alg, &tk, seq, m, now)?))
-                    })
-                    .collect::<Result<Vec<_>, VaultError>>()?;
-                self.put_messages(&mut batch, sealed)?;
+                let records = self.message_records(&place, &tk, 0, &t.messages, now)?;
+                self.put_messages(&mut batch, records)?;
                 let header = Header {
                     subject: sb,
                     generation: subj.generation,
@@ -198,16 +187,9 @@ impl Vault {
             }
             let (tk, _) = self.transcript_key(tenant, tb, &h)?;
             let place = self.place(tenant, &h.subject, tb, h.incarnation);
-            let sealed = messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let seq = held + i as u32;
-                    let key = layout::message(tenant.as_str(), tb, h.incarnation, seq);
-                    Ok((key, place.seal_message(self.alg, &tk, seq, m, now)?))
-                })
-                .collect::<Result<Vec<_>, VaultError>>()?;
-            self.put_messages(batch, sealed)?;
+            let records = self.message_records(&place, &tk, held, &messages, now)?;
+            self.put_messages(batch, records)?;
+            self.queue_filled_groups(batch, tenant.as_str(), tb, &h, held, total as u32);
             let minute = times::minute(now);
             if h.activity != Some(minute) {
                 let moved = Header { activity: Some(minute), ..h.clone() };
@@ -239,6 +221,8 @@ impl Vault {
             if ended.micros() < h.started_at {
                 return Err(VaultError::invalid("ended_at", "must not be before the transcript's started_at"));
             }
+            let count = self.cached_count(tenant, tb, &h)?;
+            self.queue_last_group(batch, tenant.as_str(), tb, &h, count);
             let before = h.clone();
             h.ended_at = Some(ended.micros());
             h.activity = None;
@@ -356,55 +340,25 @@ impl Vault {
         reserve: &mut dyn FnMut(usize) -> Result<(), String>,
     ) -> Result<Transcript, VaultError> {
         let (mut t, tk) = self.summary(tenant, tb, h)?;
-        let place = self.place(tenant, &h.subject, tb, h.incarnation);
         let mut bytes = 0usize;
         let limit = self.limits.max_response_bytes;
-        self.read_messages(tenant, tb, h, MESSAGE_CHUNK, &mut |seq, sealed| {
-            bytes += sealed.len();
-            if bytes > limit {
-                return Err(VaultError::FailedPrecondition(format!(
-                    "transcript is larger than max_response_bytes ({limit})"
-                )));
+        self.read_messages(tenant, tb, h, &tk, MESSAGE_CHUNK, &mut |read| {
+            match read {
+                Read::Sealed(n) => {
+                    bytes += n;
+                    if bytes > limit {
+                        return Err(VaultError::FailedPrecondition(format!(
+                            "transcript is larger than max_response_bytes ({limit})"
+                        )));
+                    }
+                    reserve(bytes).map_err(VaultError::Busy)?;
+                }
+                Read::Message(m) => t.messages.push(owned_message(m)),
             }
-            reserve(bytes).map_err(VaultError::Busy)?;
-            t.messages.push(place.open_message(&tk, seq, sealed)?);
             Ok(ControlFlow::Continue(()))
         })?;
         t.message_count = t.messages.len() as u32;
         Ok(t)
-    }
-
-    /// Hands `f` an incarnation's sealed messages in order with their sequence numbers,
-    /// reading up to `chunk` per store scan, until `f` breaks. Returns how many it handed out.
-    pub(super) fn read_messages(
-        &self,
-        tenant: &TenantId,
-        tb: &Blind,
-        h: &Header,
-        chunk: usize,
-        f: &mut SealedMessageVisitor<'_>,
-    ) -> Result<u32, VaultError> {
-        let prefix = layout::messages_prefix(tenant.as_str(), tb, h.incarnation);
-        let mut after: Option<Vec<u8>> = None;
-        let mut seq = 0u32;
-        loop {
-            let entries = self.store.scan(&prefix, after.as_deref(), chunk)?;
-            for (key, value) in &entries {
-                if layout::message_seq(key) != Some(seq) {
-                    return Err(VaultError::Corrupt("transcript messages"));
-                }
-                let sealed = self.sealed_or_moved(key, value)?;
-                let flow = f(seq, &sealed)?;
-                seq += 1;
-                if flow.is_break() {
-                    return Ok(seq);
-                }
-            }
-            if entries.len() < chunk {
-                return Ok(seq);
-            }
-            after = entries.last().map(|(k, _)| k.clone());
-        }
     }
 
     /// The message count for an append: from the in-memory count if present, else the
@@ -428,19 +382,6 @@ impl Vault {
                     c.pop(&key);
                 }
             }
-        }
-    }
-
-    /// Messages in a transcript: the last one's sequence number + 1. One reverse seek,
-    /// so appends never need to rewrite a counter.
-    fn message_count(&self, tenant: &TenantId, tb: &Blind, h: &Header) -> Result<u32, VaultError> {
-        let prefix = layout::messages_prefix(tenant.as_str(), tb, h.incarnation);
-        match self.store.last(&prefix)? {
-            Some((key, _)) => {
-                let seq = layout::message_seq(&key).ok_or(VaultError::Corrupt("transcript messages"))?;
-                seq.checked_add(1).ok_or(VaultError::Corrupt("transcript messages"))
-            }
-            None => Ok(0),
         }
     }
 
@@ -591,7 +532,7 @@ impl Vault {
     /// A transcript's key and body record. Transcript keys are not cached: unwrapping one
     /// costs well under a microsecond, and an uncached key is one a shred never has to
     /// hunt for in memory (the subject key is the only one evicted, in O(1)).
-    fn transcript_key(
+    pub(super) fn transcript_key(
         &self,
         tenant: &TenantId,
         tb: &Blind,

@@ -75,7 +75,16 @@ async fn records_swapped_on_disk_fail_to_decrypt_instead_of_being_served() {
     let dirs = Dirs::new();
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
-    put(&mut c, transcript("one", "s1", 1_700_000_000, &["first", "second"])).await;
+    // Appended alone, the second message is a record of its own.
+    put(&mut c, transcript("one", "s1", 1_700_000_000, &["first"])).await;
+    let messages = vec![msg("m1", pb::AuthorRole::Agent, "agent", "second")];
+    c.append_messages(pb::AppendMessagesRequest {
+        transcript_id: "one".into(),
+        messages,
+        expected_message_count: None,
+    })
+    .await
+    .unwrap();
     server.stop().await;
 
     // Reordering within a transcript: message 0 and 1 trade places.
@@ -90,11 +99,12 @@ async fn records_swapped_on_disk_fail_to_decrypt_instead_of_being_served() {
     server.stop().await;
     swap_values(&dirs, &keys[0], &keys[1]);
 
-    // Moving across transcripts (even of the same subject) fails the same way.
+    // Moving across transcripts (even of the same subject) fails the same way; "two"'s two
+    // messages are one packed chunk, traded for a single message.
     let server = Server::start(&dirs);
     let mut c = server.transcripts("acme").await;
     assert_eq!(get(&mut c, "one").await.unwrap().messages[0].text, "first", "restored");
-    put(&mut c, transcript("two", "s1", 1_700_000_001, &["other"])).await;
+    put(&mut c, transcript("two", "s1", 1_700_000_001, &["other", "more"])).await;
     server.stop().await;
     let before: std::collections::HashSet<_> = keys.into_iter().collect();
     let other = message_keys(&dirs).into_iter().find(|k| !before.contains(k)).unwrap();

@@ -98,8 +98,26 @@ async fn a_crash_between_recording_an_erasure_and_applying_it_is_finished_at_the
     }
 }
 
+/// Puts transcript `id` with its first message, appends the others one by one, then
+/// closes it: its messages are single records until packing. Whether all was answered.
+async fn written_one_by_one_then_closed(c: &mut Transcripts, id: &str, i: usize, texts: &[&str]) -> bool {
+    let t = transcript(id, &format!("s{}", i % 5), 1_700_000_000, &texts[..1]);
+    if c.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.is_err() {
+        return false;
+    }
+    for (n, text) in texts.iter().enumerate().skip(1) {
+        let messages = vec![msg(&format!("m{n}"), pb::AuthorRole::Visitor, "Visitor", text)];
+        let req = pb::AppendMessagesRequest { transcript_id: id.into(), messages, expected_message_count: None };
+        if c.append_messages(req).await.is_err() {
+            return false;
+        }
+    }
+    let close = pb::CloseTranscriptRequest { transcript_id: id.into(), ..Default::default() };
+    c.close_transcript(close).await.is_ok()
+}
+
 /// A crash at each step of a commit round, of a segment rollover (value log, audit trail),
-/// of a value-log compaction and of the index's checkpoint: after the restart every acknowledged transcript reads
+/// of a value-log compaction, of the index's checkpoint and of a packing: after the restart every acknowledged transcript reads
 /// back, every deleted one stays deleted, and the audit trail verifies.
 #[tokio::test]
 async fn a_crash_in_a_commit_round_a_rollover_or_a_compaction_loses_nothing_acknowledged() {
@@ -118,6 +136,9 @@ async fn a_crash_in_a_commit_round_a_rollover_or_a_compaction_loses_nothing_ackn
         "checkpoint.after_log_sync@5",
         "checkpoint.before_index_sync@5",
         "checkpoint.after_index_sync@5",
+        // Packing a closed transcript's messages, appended one by one, into one record.
+        "packing.after_value_sync@3",
+        "packing.after_install@3",
     ] {
         let dirs = Dirs::new();
         let often = if point.starts_with("checkpoint.") { "checkpoint_interval_ms = 20\n" } else { "" };
@@ -137,11 +158,17 @@ async fn a_crash_in_a_commit_round_a_rollover_or_a_compaction_loses_nothing_ackn
         for i in 0..60 {
             let texts: Vec<String> = (0..3).map(|n| text(i, n)).collect();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let t = transcript(&format!("t{i}"), &format!("s{}", i % 5), 1_700_000_000, &refs);
-            match c.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await {
-                Ok(_) => acked.push(i),
-                Err(_) => break,
+            let id = format!("t{i}");
+            let whole = if point.starts_with("packing.") {
+                written_one_by_one_then_closed(&mut c, &id, i, &refs).await
+            } else {
+                let t = transcript(&id, &format!("s{}", i % 5), 1_700_000_000, &refs);
+                c.put_transcript(pb::PutTranscriptRequest { transcript: Some(t) }).await.is_ok()
+            };
+            if !whole {
+                break;
             }
+            acked.push(i);
         }
         if point.starts_with("compaction.") {
             // Two of every three go: compaction then copies the rest out of each segment.

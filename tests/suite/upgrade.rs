@@ -7,6 +7,7 @@
 //! upgrade (its records not yet reclaimed).
 
 use std::path::Path;
+use std::time::Duration;
 
 use chatvault::crypto::SecretKey;
 use chatvault::grpc::pb::{self, SubjectStatus};
@@ -18,6 +19,10 @@ use super::forensic::*;
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-81447d5.tar.gz");
 /// Written by the last release before regions (`scripts/make_fixture.sh b54b977`).
 const BEFORE_REGIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-b54b977.tar.gz");
+
+/// Written by the last release before messages were packed (`scripts/make_fixture.sh 134c4be`):
+/// every message a record of its own.
+const BEFORE_PACKING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/release-134c4be.tar.gz");
 
 /// Unpacks the fixture into `dirs` and registers the API key it came with.
 fn unpack(dirs: &Dirs) {
@@ -139,6 +144,54 @@ async fn a_data_directory_written_by_the_release_before_regions_opens_as_a_regio
     let v = server.admin().await.verify_audit(pb::VerifyAuditRequest::default()).await.unwrap().into_inner();
     assert!(v.intact, "{v:?}");
     server.stop().await;
+}
+
+/// Single-message records an earlier release wrote are packed together with new ones once
+/// their group fills, and everything reads back in order, before and after a restart.
+#[tokio::test]
+async fn messages_written_before_packing_read_back_and_are_packed_with_new_ones() {
+    let dirs = Dirs::new();
+    unpack_from(&dirs, BEFORE_PACKING);
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_written_chats_read_back(&mut c).await;
+    let old = ["Hi, my order is late", "Let me check", "Thanks!"];
+    // In appends of ten: group 0 fills with the three old records and 61 new ones; group
+    // 1 gets a chunk of nine (an append that starts a group) and one more single record.
+    let new: Vec<String> = (3..74).map(|i| format!("after the upgrade {i}")).collect();
+    for batch in new.chunks(10) {
+        let messages = batch.iter().map(|t| msg("n", pb::AuthorRole::Agent, "Bob", t)).collect();
+        let req = pb::AppendMessagesRequest { transcript_id: "chat-1".into(), messages, expected_message_count: None };
+        c.append_messages(req).await.unwrap();
+    }
+    let close = pb::CloseTranscriptRequest { transcript_id: "chat-1".into(), ..Default::default() };
+    c.close_transcript(close).await.unwrap();
+    // Filling group 0 queued it, and the close queued group 1.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server.metric("chatvault_groups_packed_total").await < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was packed:\n{}\n{}",
+            server.log_text(),
+            server.metrics_text().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.metric("chatvault_groups_left_unpacked_total").await, 0.0);
+    let want: Vec<&str> = old.iter().copied().chain(new.iter().map(String::as_str)).collect();
+    assert_eq!(texts(&get(&mut c, "chat-1").await.unwrap()), want);
+    assert_written_chats_read_back_but_chat_1(&mut c).await;
+    server.stop().await;
+
+    let server = Server::start(&dirs);
+    let mut c = server.transcripts("acme").await;
+    assert_eq!(texts(&get(&mut c, "chat-1").await.unwrap()), want);
+    server.stop().await;
+}
+
+async fn assert_written_chats_read_back_but_chat_1(c: &mut Transcripts) {
+    assert!(get(c, "chat-2").await.unwrap().ended_at.is_some());
+    assert_eq!(texts(&get(c, "chat-4").await.unwrap()), ["replaced version"]);
 }
 
 /// A transcript of `subject` (a blind id) was deleted before the upgrade: its key
