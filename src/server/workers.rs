@@ -161,9 +161,17 @@ pub(super) async fn reclaim_worker(vault: Arc<Vault>, every_ms: u64, mut stop: w
     }
 }
 
-/// Packs queued groups of messages until none is left (or the server stops).
+/// Runs of packing per reclaim round: a queue that keeps filling does not hold back
+/// reclaim and compaction.
+const PACK_RUNS: usize = 16;
+
+/// Packs queued groups of messages until none is left, the round's runs are used, or
+/// the server stops.
 async fn pack(vault: &Arc<Vault>, stop: &mut watch::Receiver<bool>) {
-    while !*stop.borrow() {
+    for _ in 0..PACK_RUNS {
+        if *stop.borrow() {
+            return;
+        }
         let v = vault.clone();
         match tokio::task::spawn_blocking(move || v.pack_messages(64)).await {
             Ok(Ok(run)) => {

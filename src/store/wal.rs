@@ -581,7 +581,19 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> (Arc<dyn KvStore>, Arc<ValueLog>) {
-        let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.join("db"), 1 << 20).unwrap());
+        // sled's background flusher of a handle just dropped may hold the file lock a moment.
+        let mut tries = 0;
+        let sled = loop {
+            match SledStore::open(&dir.join("db"), 1 << 20) {
+                Ok(s) => break s,
+                Err(e) if tries < 50 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let index: Arc<dyn KvStore> = Arc::new(sled);
         let log = Arc::new(ValueLog::open(&dir.join("values"), 1 << 20).unwrap());
         (index, log)
     }

@@ -230,7 +230,7 @@ pub fn message_span(key: &[u8], prefix_len: usize) -> Option<(u32, u32)> {
     let tail = key.get(prefix_len..)?;
     let first = u32::from_be_bytes(tail.get(..4)?.try_into().ok()?);
     match tail.len() {
-        4 => Some((first, 1)),
+        4 => (first < u32::MAX).then_some((first, 1)),
         8 => {
             let count = u32::from_be_bytes(tail[4..].try_into().ok()?);
             (count > 0 && first.checked_add(count).is_some()).then_some((first, count))

@@ -32,8 +32,8 @@ const MAX_CHUNK_PLAIN: usize = 256 * 1024;
 /// Queued groups packed per run, sealed before their one value-log sync.
 const PACK_BATCH: usize = 64;
 
-/// Rescans a read makes after packings moved what it was reading, before it gives up.
-const MAX_RESCANS: u32 = 64;
+/// Rescans in a row that hand out nothing before a read gives up (retryable).
+const MAX_RESCANS: u32 = 8;
 
 /// What a read hands its visitor.
 pub(super) enum Read<'a> {
@@ -54,6 +54,14 @@ pub struct Packing {
     pub packed: usize,
     /// Groups left as they are because they could not be read (damage, reported by reads).
     pub damaged: usize,
+}
+
+/// Where the record holding a message is.
+enum Holding {
+    Single,
+    /// A chunk, found scanning after this bound (its group's start).
+    Chunk(Option<Vec<u8>>),
+    Nothing,
 }
 
 /// A group sealed as a chunk, waiting to replace the records it was sealed from.
@@ -136,9 +144,10 @@ impl Vault {
     ///
     /// A packing running meanwhile replaces records with a chunk at their group's start,
     /// which sorts before where the scan is. So when a scan skips past the next message,
-    /// or ends, the record holding that message is looked for once more from its group's
-    /// start: each store operation sees a packing whole or not at all, so a message that
-    /// is in neither place did not exist when the read began.
+    /// ends, or finds a record it was reading gone, the record holding that message is
+    /// looked for once more from its group's start: each store operation sees a packing
+    /// whole or not at all, so a message that is in neither place did not exist when the
+    /// read began.
     pub(super) fn read_messages(
         &self,
         tenant: &TenantId,
@@ -154,10 +163,13 @@ impl Vault {
         let corrupt = || VaultError::Corrupt("transcript messages");
         let mut next = 0u32;
         let mut after: Option<Vec<u8>> = None;
-        let mut rescans = 0;
+        // Rescans since the read last moved on: each packing moves a group once, so a
+        // read that keeps finding its next message moved is not making progress.
+        let mut idle_rescans = 0;
         loop {
             let entries = self.store.scan(&prefix, after.as_deref(), chunk)?;
             let mut skipped = false;
+            let before = next;
             for (key, value) in &entries {
                 let (first, count) = layout::message_span(key, prefix.len()).ok_or_else(corrupt)?;
                 if first + count <= next {
@@ -167,8 +179,16 @@ impl Vault {
                     skipped = true;
                     break;
                 }
-                let sealed = self.sealed_or_moved(key, value)?;
-                if f(Read::Sealed(sealed.len()))?.is_break() {
+                let sealed = match self.sealed_or_moved(key, value) {
+                    // Packed, its old value's segment compacted and gone since the scan.
+                    Err(VaultError::Corrupt(_)) if self.store.get(key)?.is_none() => {
+                        skipped = true;
+                        break;
+                    }
+                    other => other?,
+                };
+                // A chunk partly handed out before a rescan was counted then, as singles.
+                if first == next && f(Read::Sealed(sealed.len()))?.is_break() {
                     return Ok(next);
                 }
                 if layout::is_chunk(key, prefix.len()) {
@@ -194,22 +214,24 @@ impl Vault {
                 after = entries.last().map(|(k, _)| k.clone());
                 continue;
             }
-            match self.record_holding(t, tb, h.incarnation, &prefix, next)? {
-                Some(from) if rescans < MAX_RESCANS => {
-                    rescans += 1;
-                    after = from;
-                }
-                // Appends keep coming: what was read is a whole prefix of them.
-                Some(_) if !skipped => return Ok(next),
-                Some(_) => return Err(corrupt()),
-                // Records go on past a message that is nowhere: damage.
-                None if skipped => return Err(corrupt()),
-                None => return Ok(next),
+            idle_rescans = if next > before { 0 } else { idle_rescans + 1 };
+            if idle_rescans > MAX_RESCANS {
+                return Err(VaultError::Aborted("the transcript changed while it was read; retry".into()));
             }
+            after = match self.record_holding(t, tb, h.incarnation, &prefix, next)? {
+                // Appended after the scan passed its place: what was read is a whole
+                // prefix of the transcript as it was when the read began.
+                Holding::Single if !skipped => return Ok(next),
+                Holding::Single => layout::messages_from(t, tb, h.incarnation, next),
+                Holding::Chunk(from) => from,
+                // Records go on past a message that is nowhere: damage.
+                Holding::Nothing if skipped => return Err(corrupt()),
+                Holding::Nothing => return Ok(next),
+            };
         }
     }
 
-    /// Where a scan finds the record holding message `seq` (its exclusive start), if one does.
+    /// Which record holds message `seq`, if any.
     fn record_holding(
         &self,
         tenant: &str,
@@ -217,15 +239,15 @@ impl Vault {
         incarnation: u64,
         prefix: &[u8],
         seq: u32,
-    ) -> Result<Option<Option<Vec<u8>>>, VaultError> {
+    ) -> Result<Holding, VaultError> {
         if self.store.get(&layout::message(tenant, tb, incarnation, seq))?.is_some() {
-            return Ok(Some(layout::messages_from(tenant, tb, incarnation, seq)));
+            return Ok(Holding::Single);
         }
         let from = layout::messages_from(tenant, tb, incarnation, seq - seq % GROUP);
         let first = self.store.scan(prefix, from.as_deref(), 1)?;
         Ok(match first.first().and_then(|(k, _)| layout::message_span(k, prefix.len())) {
-            Some((start, count)) if start <= seq && seq - start < count => Some(from),
-            _ => None,
+            Some((start, count)) if start <= seq && seq - start < count => Holding::Chunk(from),
+            _ => Holding::Nothing,
         })
     }
 
@@ -257,13 +279,23 @@ impl Vault {
             match self.seal_group(queued) {
                 Ok(Some(s)) => sealed.push(s),
                 Ok(None) => settled.delete(queued.clone()),
-                // Damage stays where it is, for reads and `chatvault check` to report.
+                // Gone meanwhile (deleted, replaced, shredded, its tenant erased).
+                Err(VaultError::Erased(_) | VaultError::NotFound(_) | VaultError::Aborted(_)) => {
+                    settled.delete(queued.clone())
+                }
                 Err(e @ (VaultError::Corrupt(_) | VaultError::Integrity(_))) => {
-                    tracing::error!(error = %e, "packing: a group of messages could not be read; left as it is");
-                    run.damaged += 1;
+                    if self.still_live(queued)? {
+                        // Damage stays where it is, for reads and `chatvault check` to report.
+                        tracing::error!(error = %e, "packing: a group of messages could not be read; left as it is");
+                        run.damaged += 1;
+                    }
                     settled.delete(queued.clone());
                 }
-                Err(e) => return Err(e),
+                // Left queued for the next run; the others go on.
+                Err(e) => {
+                    tracing::warn!(error = %e, "packing: a group could not be read now; retried later");
+                    run.settled -= 1;
+                }
             }
         }
         // The chunks are durable in the value log before any record points at them: the
@@ -282,12 +314,28 @@ impl Vault {
             p
         }
         .into_iter();
-        for mut s in sealed {
+        let mut sealed = sealed.into_iter();
+        while let Some(mut s) = sealed.next() {
             if s.sealed.len() >= self.inline_values_below {
                 let p = pointers.next().ok_or_else(|| VaultError::Internal("value log pointers".into()))?;
                 s.sealed = p.encode();
             }
-            run.packed += usize::from(self.install(s)?);
+            match self.install(s) {
+                Ok(done) => run.packed += usize::from(done),
+                Err(e) => {
+                    // What was not installed is dead in the log: counted so, for compaction.
+                    let dead: Vec<Entry> = sealed
+                        .filter(|s| s.sealed.len() >= self.inline_values_below)
+                        .zip(pointers)
+                        .map(|(s, p)| (s.key, p.encode()))
+                        .collect();
+                    let mut b = Batch::default();
+                    if self.tally_freed(&mut b, &dead).is_ok() {
+                        let _ = self.apply(b);
+                    }
+                    return Err(e);
+                }
+            }
             crate::failpoint::hit("packing.after_install");
         }
         if !settled.is_empty() {
@@ -296,16 +344,36 @@ impl Vault {
         Ok(run)
     }
 
+    /// Whether the transcript incarnation a queue entry names is still live: a read that
+    /// failed on it is damage only then, not a delete or shred racing the packing.
+    fn still_live(&self, queued: &[u8]) -> Result<bool, VaultError> {
+        let Some((tenant, tb, incarnation, _)) = layout::parse_pack_queued(queued) else { return Ok(true) };
+        let tenant = TenantId::parse(&tenant)?;
+        if self.check_open(&tenant).is_err() {
+            return Ok(false);
+        }
+        match self.read_header(&layout::header(tenant.as_str(), &tb))? {
+            Some(h) if h.incarnation == incarnation => match self.check_live(&tenant, &h) {
+                Ok(()) => Ok(true),
+                Err(VaultError::Erased(_)) => Ok(false),
+                Err(e) => Err(e),
+            },
+            _ => Ok(false),
+        }
+    }
+
     /// Reads and seals one queued group. None: nothing to pack (gone, or one record already).
     fn seal_group(&self, queued: &[u8]) -> Result<Option<Sealed>, VaultError> {
         let (tenant, tb, incarnation, group) =
             layout::parse_pack_queued(queued).ok_or(VaultError::Corrupt("packing queue"))?;
         let tenant = TenantId::parse(&tenant)?;
+        self.check_open(&tenant)?;
         let t = tenant.as_str();
         let Some(h) = self.read_header(&layout::header(t, &tb))? else { return Ok(None) };
-        if h.incarnation != incarnation || self.check_live(&tenant, &h).is_err() {
+        if h.incarnation != incarnation {
             return Ok(None);
         }
+        self.check_live(&tenant, &h)?;
         let start = group.checked_mul(GROUP).ok_or(VaultError::Corrupt("packing queue"))?;
         let end = start.saturating_add(GROUP);
         let prefix = layout::messages_prefix(t, &tb, incarnation);
@@ -354,7 +422,8 @@ impl Vault {
         let _epoch = self.epoch_shared()?;
         let mut b = Batch::default();
         b.delete(s.queued);
-        while let Some(seen) = self.read_header(&hkey)? {
+        let open = self.check_open(&s.tenant).is_ok();
+        while let Some(seen) = self.read_header(&hkey)?.filter(|_| open) {
             if seen.incarnation != s.incarnation {
                 break;
             }
@@ -363,7 +432,11 @@ impl Vault {
             if h != seen {
                 continue;
             }
-            let mut whole = self.check_live(&s.tenant, &h).is_ok();
+            let mut whole = match self.check_live(&s.tenant, &h) {
+                Ok(()) => true,
+                Err(VaultError::Erased(_)) => false,
+                Err(e) => return Err(e),
+            };
             for (key, value) in &s.old {
                 whole = whole && self.store.get(key)?.as_deref() == Some(value.as_slice());
             }
@@ -502,6 +575,41 @@ mod tests {
         }
     }
 
+    /// A read that took pointers to single records, then stalled while they were packed,
+    /// their segment compacted and its file deleted after the grace, finds them in the chunk.
+    #[tokio::test]
+    async fn a_read_stalled_past_the_packing_and_compaction_of_what_it_holds_finds_the_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = HandClock::new();
+        let v = testing::open(dir.path(), clock.clone(), |o| {
+            o.value_segment_bytes = 4096;
+            o.reclaim_min_age_ms = 1000;
+        });
+        let tenant = TenantId::parse("acme").unwrap();
+        v.put_transcript(&tenant, Transcript::new("t", "alice", Vec::new())).await.unwrap();
+        append_one_by_one(&v, &tenant, "t", 0..70).await;
+        let (tb, h) = where_is(&v, &tenant, "t");
+        let (tk, _) = v.transcript_key(&tenant, &tb, &h).unwrap();
+        let segments = || std::fs::read_dir(dir.path().join("data/values")).unwrap().count();
+        let mut read = Vec::new();
+        v.read_messages(&tenant, &tb, &h, &tk, 16, &mut |r| {
+            if let Read::Message(m) = r {
+                read.push(m.text.to_owned());
+                if read.len() == 10 {
+                    let before = segments();
+                    assert_eq!(v.pack_messages(100).unwrap().packed, 1);
+                    assert!(v.compact_values().unwrap() >= 1, "the singles' segments are all dead");
+                    clock.advance_secs(2);
+                    v.compact_values().unwrap();
+                    assert!(segments() < before, "a segment the read points into is gone");
+                }
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert_eq!(read, expected(70));
+    }
+
     #[tokio::test]
     async fn a_packing_queued_for_a_transcript_deleted_since_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -517,6 +625,26 @@ mod tests {
         let left = v.store.scan(&prefix, None, 100).unwrap();
         assert_eq!(left.len(), 5, "the deleted transcript's records wait for reclaim, no chunk was added");
         assert!(v.store.scan(&layout::pack_queue_prefix(), None, 10).unwrap().is_empty());
+    }
+
+    /// A tenant erased with packings queued: its keys are gone at once, its records only
+    /// after reclaim. The packer settles those entries quietly and packs other tenants'.
+    #[tokio::test]
+    async fn packings_queued_under_an_erased_tenant_are_settled_without_holding_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = testing::open(dir.path(), HandClock::new(), |_| {});
+        let (gone, kept) = (TenantId::parse("a-gone").unwrap(), TenantId::parse("b-kept").unwrap());
+        for tenant in [&gone, &kept] {
+            v.put_transcript(tenant, Transcript::new("t", "alice", Vec::new())).await.unwrap();
+            append_one_by_one(&v, tenant, "t", 0..5).await;
+            v.close_transcript(tenant, "t", None).await.unwrap();
+        }
+        v.erase_tenant(&gone).await.unwrap();
+        let run = v.pack_messages(100).unwrap();
+        assert_eq!((run.packed, run.damaged), (1, 0), "{run:?}");
+        assert!(v.store.scan(&layout::pack_queue_prefix(), None, 10).unwrap().is_empty());
+        assert_eq!(spans(&v, &kept, "t"), [(0, 5)]);
+        assert_eq!(texts(&v, &kept, "t"), expected(5));
     }
 
     #[tokio::test]

@@ -183,6 +183,8 @@ impl Vault {
                         continue;
                     }
                 };
+                let count = self.message_count(tenant, &d.transcript, &h)?;
+                self.queue_last_group(&mut batch, tenant.as_str(), &d.transcript, &h, count);
                 let before = h.clone();
                 h.ended_at = Some(at.max(h.started_at));
                 h.activity = None;
