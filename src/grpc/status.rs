@@ -30,7 +30,7 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::error!(error = %e, "stored data failed verification");
             Status::data_loss(e.to_string())
         }
-        VaultError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
+        VaultError::Store(StoreError::Failed | StoreError::Unavailable(_)) => Status::unavailable(e.to_string()),
         VaultError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
         VaultError::Store(StoreError::Io(_)) => {
             tracing::error!(error = %e, "a storage I/O error failed the request");
@@ -89,7 +89,7 @@ pub fn tenancy_status(e: TenancyError) -> Status {
         TenancyError::AlreadyExists(_) | TenancyError::IdRetired(_) => Status::already_exists(e.to_string()),
         TenancyError::TooManyKeys(_) => Status::failed_precondition(e.to_string()),
         TenancyError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-        TenancyError::Store(StoreError::Failed) => Status::unavailable(e.to_string()),
+        TenancyError::Store(StoreError::Failed | StoreError::Unavailable(_)) => Status::unavailable(e.to_string()),
         TenancyError::Store(StoreError::Full { .. } | StoreError::FullAfterSync { .. }) => full(e.to_string()),
         TenancyError::Store(StoreError::Io(_)) => {
             tracing::error!(error = %e, "a storage I/O error failed an admin request");

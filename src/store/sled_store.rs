@@ -112,7 +112,7 @@ impl KvStore for SledStore {
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        let iter = match after {
+        let iter = match after.filter(|a| *a >= prefix) {
             Some(a) => {
                 let mut start = a.to_vec();
                 start.push(0);
