@@ -2,7 +2,7 @@
 
 mod commit;
 pub mod files;
-mod pg;
+pub(crate) mod pg;
 mod sled_store;
 mod values;
 mod wal;

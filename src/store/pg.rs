@@ -51,6 +51,10 @@ pub struct PgOptions {
     pub connect_timeout: Duration,
     /// The longest one statement may run before the database cancels it.
     pub statement_timeout: Duration,
+    /// Hold the region's writer lease: refuse to open while another node holds it. The
+    /// vault's locks and caches are per process, so until they are shared through the
+    /// database, one node at a time writes a region (a second one is refused, not raced).
+    pub exclusive: bool,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -70,6 +74,7 @@ impl PgOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            exclusive: true,
         }
     }
 }
@@ -77,6 +82,9 @@ impl PgOptions {
 pub struct PgStore {
     /// Always `Some` until dropped (see the `Drop` impl).
     pool: Option<Pool>,
+    /// The session that holds the region's writer lease (an advisory lock, released when
+    /// the session ends: a node that dies gives it up with its connection).
+    lease: Option<std::sync::Mutex<postgres::Client>>,
     table: String,
     /// CockroachDB: a batch is a transaction, not one statement.
     cockroach: bool,
@@ -153,7 +161,7 @@ impl PgStore {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .options(&format!("-c statement_timeout={}", opts.statement_timeout.as_millis()));
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
         let pool = off_runtime(|| {
             r2d2::Pool::builder()
                 .max_size(opts.pool_size.max(1))
@@ -166,7 +174,12 @@ impl PgStore {
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
         let table = format!("chatvault_{}_kv", opts.region);
-        let mut store = PgStore { pool: Some(pool), sql: Statements::new(&table), table, cockroach: false };
+        let lease = if opts.exclusive {
+            Some(std::sync::Mutex::new(take_lease(&config, &table, opts.connect_timeout)?))
+        } else {
+            None
+        };
+        let mut store = PgStore { pool: Some(pool), lease, sql: Statements::new(&table), table, cockroach: false };
         store.cockroach = store.create_schema()?;
         Ok(store)
     }
@@ -244,10 +257,33 @@ impl PgStore {
 impl Drop for PgStore {
     /// Closing a connection blocks on the client's own runtime: not on tokio's worker.
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            off_runtime(move || drop(pool));
-        }
+        let (pool, lease) = (self.pool.take(), self.lease.take());
+        off_runtime(move || drop((pool, lease)));
     }
+}
+
+/// Takes the region's writer lease on a session of its own, waiting up to `patience` for
+/// a node that is stopping (or whose connection the database has not seen die yet).
+fn take_lease(config: &postgres::Config, table: &str, patience: Duration) -> Result<postgres::Client, StoreError> {
+    off_runtime(|| {
+        let mut c = config.connect(NoTls).map_err(pg_err)?;
+        let name = format!("{table} writer");
+        let deadline = std::time::Instant::now() + patience;
+        let got = loop {
+            let got: bool = c.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&name]).map_err(pg_err)?.get(0);
+            if got || std::time::Instant::now() >= deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if !got {
+            return Err(StoreError::Engine(format!(
+                "another chatvault node holds the writer lease of {table}: one node per region on PostgreSQL \
+                 for now (stop the other, or point this one at another region)"
+            )));
+        }
+        Ok(c)
+    })
 }
 
 /// A serialization failure or deadlock: the database rolled the statement back whole.
@@ -412,12 +448,12 @@ fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A fresh region's tables on the test database (dropped first: a database kept
     /// between runs may hold them).
-    fn fresh(url: &str, name: &str) -> PgOptions {
+    pub(crate) fn fresh(url: &str, name: &str) -> PgOptions {
         let region = format!("{name}_{}", std::process::id());
         off_runtime(|| {
             let mut c = postgres::Client::connect(url, NoTls).unwrap();
@@ -451,7 +487,13 @@ mod tests {
         let opts = fresh(&url, "conformance");
         let store = PgStore::open(&opts).unwrap();
         crate::store::tests::conformance(&store);
-        // Opened again (another node, a restart): the table and its rows are found.
+        // A second writer of the region is refused while the first holds the lease.
+        let impatient = PgOptions { connect_timeout: Duration::from_millis(300), ..opts.clone() };
+        let e = PgStore::open(&impatient).err().expect("two writers of one region").to_string();
+        assert!(e.contains("writer lease"), "{e}");
+        // Opened again after it is gone (a restart, or a node taking over): the table and
+        // its rows are found.
+        drop(store);
         let again = PgStore::open(&opts).unwrap();
         assert_eq!(again.get(&[b'a', 3]).unwrap(), Some(vec![3]));
     }

@@ -63,6 +63,13 @@ impl Vault {
     /// trail's files (`audit`, each with its length now) are copied into `out/data/audit`.
     /// Blocking.
     pub fn backup(&self, out: &Path, audit: &[(PathBuf, u64)]) -> Result<Manifest, VaultError> {
+        if self.values.is_none() {
+            return Err(VaultError::FailedPrecondition(
+                "this region's data is in its database: back it up there (pg_basebackup, PITR); keep the key \
+                 directory's backups apart (SECURITY.md)"
+                    .into(),
+            ));
+        }
         refuse_overlap(out, &self.key_dir)
             .map_err(|_| VaultError::invalid("out", "must not be the key directory, inside it or around it"))?;
         refuse_overlap(out, &self.data_dir)
@@ -94,7 +101,10 @@ impl Vault {
             // Every tree writer holds one of these: while all are held, the tree stands still.
             let _writers = self.epoch_guard.write().map_err(|_| lock("epoch"))?;
             let _erasures = self.erasure_order.lock().map_err(|_| lock("erasure"))?;
-            let segments = self.values.files_with_lengths()?;
+            let segments = match &self.values {
+                Some(v) => v.files_with_lengths()?,
+                None => Vec::new(),
+            };
             let records = self.copy_tree(&copy)?;
             (records, segments, data_counter(self.store.as_ref())?, self.keys.epochs())
         };

@@ -300,23 +300,22 @@ impl Vault {
         }
         // The chunks are durable in the value log before any record points at them: the
         // index may persist a record at any time, and the records it replaces go with it.
-        let logged: Vec<(&[u8], &[u8])> = sealed
-            .iter()
-            .filter(|s| s.sealed.len() >= self.inline_values_below)
-            .map(|s| (s.key.as_slice(), s.sealed.as_slice()))
-            .collect();
-        let mut pointers = if logged.is_empty() {
-            Vec::new()
-        } else {
-            let p = self.values.append(&logged)?;
-            self.values.sync(Durability::Fsync)?;
-            crate::failpoint::hit("packing.after_value_sync");
-            p
+        let out_of_line = |s: &Sealed| self.values.is_some() && s.sealed.len() >= self.inline_values_below;
+        let logged: Vec<(&[u8], &[u8])> =
+            sealed.iter().filter(|s| out_of_line(s)).map(|s| (s.key.as_slice(), s.sealed.as_slice())).collect();
+        let mut pointers = match &self.values {
+            Some(values) if !logged.is_empty() => {
+                let p = values.append(&logged)?;
+                values.sync(Durability::Fsync)?;
+                crate::failpoint::hit("packing.after_value_sync");
+                p
+            }
+            _ => Vec::new(),
         }
         .into_iter();
         let mut sealed = sealed.into_iter();
         while let Some(mut s) = sealed.next() {
-            if s.sealed.len() >= self.inline_values_below {
+            if out_of_line(&s) {
                 let p = pointers.next().ok_or_else(|| VaultError::Internal("value log pointers".into()))?;
                 s.sealed = p.encode();
             }
@@ -324,11 +323,8 @@ impl Vault {
                 Ok(done) => run.packed += usize::from(done),
                 Err(e) => {
                     // What was not installed is dead in the log: counted so, for compaction.
-                    let dead: Vec<Entry> = sealed
-                        .filter(|s| s.sealed.len() >= self.inline_values_below)
-                        .zip(pointers)
-                        .map(|(s, p)| (s.key, p.encode()))
-                        .collect();
+                    let dead: Vec<Entry> =
+                        sealed.filter(|s| out_of_line(s)).zip(pointers).map(|(s, p)| (s.key, p.encode())).collect();
                     let mut b = Batch::default();
                     if self.tally_freed(&mut b, &dead).is_ok() {
                         let _ = self.apply(b);

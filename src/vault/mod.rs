@@ -4,6 +4,8 @@
 
 mod backup;
 mod bulk;
+#[cfg(test)]
+mod engine_suite;
 mod erasure;
 mod error;
 mod holds;
@@ -87,6 +89,20 @@ pub struct VaultOptions {
     /// Open a value log whose acknowledged part is damaged, cutting it there (see
     /// `ValueLog::open_checked`); refused otherwise.
     pub accept_damage: bool,
+    /// Where the region's tree lives.
+    pub engine: Engine,
+}
+
+/// Where a region's tree lives.
+#[derive(Debug, Clone, Default)]
+pub enum Engine {
+    /// sled in `data_dir`, with the value log beside it as its write-ahead log and the
+    /// store of message ciphertext.
+    #[default]
+    Sled,
+    /// A PostgreSQL-protocol database the region's nodes share (`store::PgStore`): values
+    /// inline, no log beside it, no checkpoints.
+    Postgres(crate::store::PgOptions),
 }
 
 impl VaultOptions {
@@ -107,6 +123,7 @@ impl VaultOptions {
             checkpoint_every: crate::store::CHECKPOINT_EVERY,
             replay_erasures: false,
             accept_damage: false,
+            engine: Engine::Sled,
         }
     }
 }
@@ -123,12 +140,12 @@ pub struct Vault {
     data_dir: PathBuf,
     key_dir: PathBuf,
     store: Arc<dyn KvStore>,
-    /// The same store, as the index behind its write-ahead log (`store` may be a test's
-    /// wrapper around it): for checkpoints.
-    wal: Arc<LoggedStore>,
-    /// Message ciphertext, beside the tree (see `values.rs`); also the tree's
-    /// write-ahead log.
-    values: Arc<ValueLog>,
+    /// On sled: the same store, as the index behind its write-ahead log (`store` may be a
+    /// test's wrapper around it), for checkpoints. None on a shared database.
+    wal: Option<Arc<LoggedStore>>,
+    /// On sled: message ciphertext beside the tree (see `values.rs`), also the tree's
+    /// write-ahead log. None on a shared database, where values are inline.
+    values: Option<Arc<ValueLog>>,
     inline_values_below: usize,
     /// Held by the reclaimer and the value-log compaction, which must not interleave.
     maintenance: Mutex<()>,
@@ -208,24 +225,32 @@ impl Vault {
         let receipts = keydir.receipt_signer()?;
         let file_keys = Arc::new(keydir);
         let keydir = keys(file_keys.clone());
-        let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
-        let values_dir = opts.data_dir.join("values");
-        // A data directory of another key directory is refused before its log is touched
-        // (an index that lost its store id is caught again after the replay).
-        if index.get(&layout::meta(META_STORE_ID))?.is_some() {
-            bind_store_to_keys(index.as_ref(), keydir.as_ref())?;
-        }
-        // Up to the log's open only reads: a start refused for damage changes nothing.
-        let values = Arc::new(crate::store::open_log(
-            index.as_ref(),
-            &values_dir,
-            opts.value_segment_bytes,
-            opts.durability,
-            opts.accept_damage,
-        )?);
-        // The index catches up with its log (see `store::wal`) before anything reads it.
-        let wal = LoggedStore::open(index, values.clone())?;
-        let store = store(wal.clone());
+        let (store, wal, values) = match &opts.engine {
+            Engine::Sled => {
+                let index: Arc<dyn KvStore> = Arc::new(SledStore::open(&opts.data_dir, opts.store_cache_bytes)?);
+                let values_dir = opts.data_dir.join("values");
+                // A data directory of another key directory is refused before its log is
+                // touched (an index that lost its store id is caught again after the replay).
+                if index.get(&layout::meta(META_STORE_ID))?.is_some() {
+                    bind_store_to_keys(index.as_ref(), keydir.as_ref())?;
+                }
+                // Up to the log's open only reads: a start refused for damage changes nothing.
+                let values = Arc::new(crate::store::open_log(
+                    index.as_ref(),
+                    &values_dir,
+                    opts.value_segment_bytes,
+                    opts.durability,
+                    opts.accept_damage,
+                )?);
+                // The index catches up with its log (see `store::wal`) before anything reads it.
+                let wal = LoggedStore::open(index, values.clone())?;
+                (store(wal.clone()), Some(wal), Some(values))
+            }
+            Engine::Postgres(pg) => {
+                let shared: Arc<dyn KvStore> = Arc::new(crate::store::PgStore::open(pg)?);
+                (store(shared), None, None)
+            }
+        };
         let fresh = bind_store_to_keys(store.as_ref(), keydir.as_ref())?;
         let applied = erasure::data_counter(store.as_ref())?;
         let ledger = Arc::new(erasure::open_ledger(&opts.key_dir, keydir.as_ref(), applied)?);
@@ -282,7 +307,9 @@ impl Vault {
         vault.note_unrecorded_destructions()?;
         vault.resume_rotation();
         // The start is sure: the index's checkpoints begin.
-        vault.wal.start(opts.checkpoint_every)?;
+        if let Some(wal) = &vault.wal {
+            wal.start(opts.checkpoint_every)?;
+        }
         // Every check passed: the key directory may now say which region it is.
         file_keys.commit_region_stamp()?;
         Ok((vault, report))
@@ -319,7 +346,11 @@ impl Vault {
 
     /// Bytes the data directory's store and value log occupy.
     pub fn size_on_disk(&self) -> Result<u64, VaultError> {
-        Ok(self.store.size_on_disk()? + self.values.size_on_disk()?)
+        let values = match &self.values {
+            Some(v) => v.size_on_disk()?,
+            None => 0,
+        };
+        Ok(self.store.size_on_disk()? + values)
     }
 
     /// The store, shared with the control plane (tenant registry, audit trail) so that
@@ -385,7 +416,10 @@ impl Vault {
     /// replays nothing (used at shutdown).
     pub fn sync(&self) -> Result<(), VaultError> {
         self.commit.sync_all(self.store.as_ref(), Durability::Fsync)?;
-        Ok(self.wal.checkpoint()?)
+        match &self.wal {
+            Some(wal) => Ok(wal.checkpoint()?),
+            None => Ok(()),
+        }
     }
 
     /// Files kept beside the store (the audit trail) that every durable wait must cover.

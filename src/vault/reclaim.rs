@@ -129,7 +129,10 @@ impl Vault {
             garbage_records: garbage,
             dead_value_bytes: dead,
             index_bytes: self.store.size_on_disk()?,
-            value_bytes: self.values.size_on_disk()?,
+            value_bytes: match &self.values {
+                Some(v) => v.size_on_disk()?,
+                None => 0,
+            },
             ledger_bytes: self.ledger.size(),
         })
     }

@@ -14,7 +14,7 @@ use std::ops::Deref;
 use super::layout;
 use super::records::{self, SegmentTally};
 use super::{Vault, VaultError};
-use crate::store::{Batch, Durability, Entry, StoreError, SyncTarget, ValueBuf, ValuePointer};
+use crate::store::{Batch, Durability, Entry, LoggedStore, StoreError, SyncTarget, ValueBuf, ValueLog, ValuePointer};
 
 /// Values copied per value-log write while compacting.
 const MOVE_CHUNK: usize = 256;
@@ -62,7 +62,9 @@ impl Vault {
 
     /// A value-log read, with damage reported as a corrupt message (DATA_LOSS at the edge).
     fn logged(&self, p: &ValuePointer) -> Result<ValueBuf, VaultError> {
-        self.values.read(p).map_err(|e| match e {
+        // A pointer where no value log is (a shared database): nothing it could point at.
+        let Some(values) = &self.values else { return Err(VaultError::Corrupt("message")) };
+        values.read(p).map_err(|e| match e {
             StoreError::Damaged(_) => VaultError::Corrupt("message"),
             e => e.into(),
         })
@@ -112,10 +114,11 @@ impl Vault {
         if self.commit.is_failed() {
             return Err(self.commit.failure().into());
         }
-        let mut done = self.delete_retired()?;
+        let (Some(values), Some(wal)) = (self.values.clone(), self.wal.clone()) else { return Ok(0) };
+        let mut done = self.delete_retired(&values, &wal)?;
         // The log's own frames (the tree's write-ahead batches) are dead from the start.
-        let overhead = self.values.overhead();
-        for (segment, size) in self.values.closed_segments()? {
+        let overhead = values.overhead();
+        for (segment, size) in values.closed_segments()? {
             let tallied = match self.store.get(&layout::value_tally(segment))? {
                 Some(b) => records::decode::<SegmentTally>(&b, "value log tally")?.dead_bytes,
                 None => 0,
@@ -128,7 +131,7 @@ impl Vault {
             if dead == 0 || dead.saturating_mul(2) < size {
                 continue;
             }
-            match self.move_live_values(segment) {
+            match self.move_live_values(&values, segment) {
                 Ok(()) => {}
                 // A damaged segment stays as it is (its live values still read, or fail
                 // as DATA_LOSS); the others are still compacted.
@@ -155,15 +158,15 @@ impl Vault {
 
     /// Copies the values of `segment` that their records still point at to the active
     /// segment, and swaps the pointers.
-    fn move_live_values(&self, segment: u32) -> Result<(), VaultError> {
+    fn move_live_values(&self, values: &ValueLog, segment: u32) -> Result<(), VaultError> {
         let mut live: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = Vec::new();
         let mut lost: Vec<Entry> = Vec::new();
         let mut flush = |live: &mut Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>| -> Result<(), StoreError> {
             let items: Vec<(&[u8], &[u8])> = live.iter().map(|(k, _, v)| (k.as_slice(), v.as_slice())).collect();
-            let pointers = self.values.append(&items)?;
+            let pointers = values.append(&items)?;
             // The copies are durable before any pointer to them is written: sled's own
             // flusher may persist a swapped pointer at any time.
-            self.values.sync(Durability::Fsync)?;
+            values.sync(Durability::Fsync)?;
             for ((key, old, _), p) in live.drain(..).zip(pointers) {
                 let new = p.encode();
                 // Nothing else rewrites a message record; if its record went meanwhile,
@@ -174,7 +177,7 @@ impl Vault {
             }
             Ok(())
         };
-        let walked = self.values.for_each_frame(segment, &mut |p, key, value| {
+        let walked = values.for_each_frame(segment, &mut |p, key, value| {
             let old = p.encode();
             if self.store.get(key)?.as_deref() == Some(old.as_slice()) {
                 live.push((key.to_vec(), old, value.to_vec()));
@@ -202,7 +205,8 @@ impl Vault {
     /// into the cut-off range. Appends to one transcript reach the log in order, so what
     /// is left of each transcript is a whole prefix of its messages.
     pub(super) fn drop_torn_pointers(&self) -> Result<(), VaultError> {
-        let Some((segment, from)) = self.values.torn_at_open() else { return Ok(()) };
+        let (Some(values), Some(wal)) = (&self.values, &self.wal) else { return Ok(()) };
+        let Some((segment, from)) = values.torn_at_open() else { return Ok(()) };
         let prefix = layout::all_messages_prefix();
         let mut after: Option<Vec<u8>> = None;
         let mut dropped = 0usize;
@@ -210,7 +214,7 @@ impl Vault {
             let page = self.store.scan(&prefix, after.as_deref(), 1024)?;
             let mut b = Batch::default();
             for (key, value) in &page {
-                if ValuePointer::decode(value).is_some_and(|p| self.values.is_torn(&p)) {
+                if ValuePointer::decode(value).is_some_and(|p| values.is_torn(&p)) {
                     b.delete(key.clone());
                     dropped += 1;
                 }
@@ -224,7 +228,7 @@ impl Vault {
             }
         }
         self.store.sync(Durability::Fsync)?;
-        self.wal.clear_cut()?;
+        wal.clear_cut()?;
         if dropped > 0 {
             tracing::warn!(
                 segment,
@@ -238,7 +242,7 @@ impl Vault {
 
     /// Deletes the files of retired segments whose grace has passed (all of them after a
     /// restart's grace: nothing in flight can point into them).
-    fn delete_retired(&self) -> Result<usize, VaultError> {
+    fn delete_retired(&self, values: &ValueLog, wal: &LoggedStore) -> Result<usize, VaultError> {
         let cutoff = self.clock.now().micros().saturating_sub(self.reclaim_min_age_micros);
         let mut done = 0;
         for (key, value) in self.store.scan(&layout::value_retired_prefix(), None, 64)? {
@@ -249,13 +253,13 @@ impl Vault {
             let segment = layout::value_segment_of(&key).ok_or(VaultError::Corrupt("value log retirement"))?;
             // A start replays the tree's batches from the checkpointed head on: the
             // segment goes once a checkpoint has passed it.
-            if segment >= self.wal.checkpointed()?.0 {
-                self.wal.checkpoint()?;
-                if segment >= self.wal.checkpointed()?.0 {
+            if segment >= wal.checkpointed()?.0 {
+                wal.checkpoint()?;
+                if segment >= wal.checkpointed()?.0 {
                     continue;
                 }
             }
-            self.values.remove(segment)?;
+            values.remove(segment)?;
             crate::failpoint::hit("compaction.after_remove");
             let mut b = Batch::default();
             b.delete(key);
@@ -358,7 +362,7 @@ mod tests {
         let segment = ValuePointer::decode(&old).unwrap().segment;
         // The state a crash leaves between swapping the pointers and retiring the segment
         // (both are durable by then); the reopen itself is a clean one.
-        v.move_live_values(segment).unwrap();
+        v.move_live_values(v.values.as_ref().unwrap(), segment).unwrap();
         v.sync().unwrap();
         drop(v);
 
