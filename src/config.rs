@@ -311,6 +311,7 @@ impl Config {
                 data_dir: r.data_dir.clone(),
                 key_dir: r.key_dir.clone(),
                 root_key,
+                engine: region::engine_of(name, r).map_err(bad)?,
             })
         };
         let specs = match (&self.region, self.regions.is_empty()) {
@@ -327,6 +328,7 @@ impl Config {
                 data_dir: self.data_dir.clone(),
                 key_dir: self.key_dir.clone(),
                 root_key: self.root_key_source()?,
+                engine: crate::vault::Engine::Sled,
             }],
             (None, true) => {
                 // Development default: both regions under the given folders, each with
@@ -367,6 +369,7 @@ impl Config {
                         root_key: region::root_key_from_env(name).unwrap_or_else(|| {
                             RootKeySource::Development(self.key_dir.join(name).join(DEV_ROOT_KEY_FILE))
                         }),
+                        engine: crate::vault::Engine::Sled,
                     })
                     .collect()
             }
@@ -399,6 +402,7 @@ impl Config {
         opts.inline_values_below = self.inline_values_below;
         opts.replay_erasures = self.replay_erasures;
         opts.accept_damage = self.accept_damage;
+        opts.engine = spec.engine.clone();
         Ok(opts)
     }
 }

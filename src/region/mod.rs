@@ -34,6 +34,22 @@ pub struct RegionConfig {
     /// `CHATVAULT_ROOT_KEY_<NAME>` (or `..._PASSPHRASE_<NAME>`) in the environment.
     pub root_key_file: Option<PathBuf>,
     pub root_passphrase_file: Option<PathBuf>,
+    /// Where the region's tree lives: `sled` (the default, in `data_dir`) or `postgres`.
+    #[serde(default)]
+    pub store: StoreKind,
+    /// With `store = "postgres"`: a file holding the connection URL (it may hold a
+    /// password); else `CHATVAULT_POSTGRES_URL_<NAME>` in the environment.
+    #[serde(default)]
+    pub postgres_url_file: Option<PathBuf>,
+}
+
+/// The engines a region's tree can live in.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sled,
+    Postgres,
 }
 
 /// One region this node hosts, resolved.
@@ -42,6 +58,36 @@ pub struct RegionSpec {
     pub data_dir: PathBuf,
     pub key_dir: PathBuf,
     pub root_key: RootKeySource,
+    pub engine: crate::vault::Engine,
+}
+
+/// The environment variable holding `region`'s PostgreSQL URL.
+pub fn postgres_url_env(region: &str) -> String {
+    format!("CHATVAULT_POSTGRES_URL_{}", region.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// The engine `[regions.<name>]` asks for, with its connection settings resolved.
+pub fn engine_of(name: &str, r: &RegionConfig) -> Result<crate::vault::Engine, String> {
+    match r.store {
+        StoreKind::Sled => Ok(crate::vault::Engine::Sled),
+        StoreKind::Postgres => {
+            let url = match &r.postgres_url_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| format!("regions.{name}.postgres_url_file {}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+                None => std::env::var(postgres_url_env(name)).map_err(|_| {
+                    format!(
+                        "regions.{name}: store = \"postgres\" needs postgres_url_file or {}",
+                        postgres_url_env(name)
+                    )
+                })?,
+            };
+            // Region names may hold `-`, table names not; `_` is never in a region name.
+            let table = name.replace('-', "_");
+            Ok(crate::vault::Engine::Postgres(crate::store::PgOptions::new(url, table)))
+        }
+    }
 }
 
 /// The environment variable holding `region`'s root key (64 hex characters).
@@ -121,6 +167,7 @@ mod tests {
             data_dir: data.into(),
             key_dir: keys.into(),
             root_key: RootKeySource::Development(PathBuf::from(keys).join("k")),
+            engine: crate::vault::Engine::Sled,
         }
     }
 

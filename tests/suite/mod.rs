@@ -10,6 +10,7 @@ mod erase_job;
 mod export;
 mod forensic;
 mod full_disk;
+mod postgres;
 mod regions;
 mod retention;
 mod rollback;
