@@ -30,10 +30,7 @@ impl Node {
     pub async fn open(config: &Config, spec: &RegionSpec) -> Result<Node, ServerError> {
         let opts = config.vault_options(spec)?;
         let clock = crate::clock::server_clock();
-        let vault_clock = clock.clone();
-        let (vault, report) = tokio::task::spawn_blocking(move || Vault::open_with_clock(opts, vault_clock))
-            .await
-            .map_err(|e| VaultError::Internal(e.to_string()))??;
+        let (vault, report) = open_vault_retrying(&spec.name, opts, clock.clone()).await?;
         let vault = Arc::new(vault);
         let store = vault.shared_store();
         let registry = Arc::new(Registry::open(
@@ -55,6 +52,36 @@ impl Node {
         vault.attach_durable(audit.clone());
         vault.attach_holds(registry.clone());
         Ok(Node { region: spec.name.clone(), vault, registry, audit, clock, report })
+    }
+}
+
+/// How long a start waits for a region's database to answer before it gives up.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Opens the vault; while its store is unavailable (a database not up yet, or failing
+/// over), tries again with a growing pause, up to [`STORE_WAIT`]. Nothing is served
+/// meanwhile: the listeners start only once every region is open, never half-open.
+async fn open_vault_retrying(
+    region: &str,
+    opts: crate::vault::VaultOptions,
+    clock: Arc<dyn Clock>,
+) -> Result<(Vault, OpenReport), ServerError> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        let (o, c) = (opts.clone(), clock.clone());
+        let opened = tokio::task::spawn_blocking(move || Vault::open_with_clock(o, c))
+            .await
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        match opened {
+            Err(VaultError::Store(crate::store::StoreError::Unavailable(why))) if started.elapsed() < STORE_WAIT => {
+                tracing::warn!(region, error = %why, retry_in_ms = pause.as_millis() as u64,
+                    "the region's store is unavailable; not serving yet, retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(15));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

@@ -74,3 +74,32 @@ async fn a_region_on_postgres_serves_the_core_calls_and_keeps_what_it_acknowledg
     assert!(v.intact, "{v:?}");
     server.stop().await;
 }
+
+/// A database that does not answer (not up yet, or failing over): the node keeps trying,
+/// says why, and serves nothing meanwhile; it never starts half-open.
+#[tokio::test]
+async fn a_node_whose_database_does_not_answer_keeps_trying_and_serves_nothing_meanwhile() {
+    let dirs = Dirs::new();
+    let url_file = dirs.tmp.path().join("pg-url");
+    std::fs::write(&url_file, "host=/nonexistent/chatvault-pg port=5432 user=postgres dbname=postgres").unwrap();
+    let config = dirs.config(&format!(
+        "[regions.eu]\ndata_dir = {:?}\nkey_dir = {:?}\nstore = \"postgres\"\npostgres_url_file = {:?}\n",
+        dirs.data(),
+        dirs.keys(),
+        url_file
+    ));
+    let config = config.to_str().unwrap().to_owned();
+    let opts = Opts {
+        args: vec!["--config", &config],
+        env: vec![("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX)],
+        // Stopped from outside after 16 s (each attempt waits 5 s for a connection): on its
+        // own it would go on for minutes.
+        wrapper: vec!["timeout", "-s", "KILL", "16"],
+        ..Opts::default()
+    };
+    let log = Server::try_start(&dirs, opts).err().expect("a node served without its database");
+    let retries = log.matches("not serving yet, retrying").count();
+    assert!(retries >= 2, "it must keep trying ({retries} attempts logged):\n{log}");
+    assert!(!log.contains("chatvault serving"), "{log}");
+    assert!(!log.contains("host=/nonexistent"), "the connection string stays out of the log:\n{log}");
+}
