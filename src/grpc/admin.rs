@@ -96,6 +96,8 @@ fn hold_out(h: &tenancy::Hold) -> pb::Hold {
 fn retention_error(e: crate::retention::RetentionError) -> Status {
     match e {
         crate::retention::RetentionError::Vault(v) => to_status(v),
+        // The store's own failures are answered as any call's would be (UNAVAILABLE, full).
+        crate::retention::RetentionError::Store(s) => to_status(crate::vault::VaultError::Store(s)),
         other => {
             tracing::error!(error = %other, "retention failed");
             Status::internal("retention failed; see the server log")

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{ServerError, one_region};
+use super::ServerError;
 use crate::config::Config;
 use crate::store::files::SegmentCheck;
 use crate::store::{KvStore, SledStore};
@@ -34,7 +34,7 @@ pub struct CheckReport {
 
 /// Checks the value log and the audit trail of the one region `config` names.
 pub fn check(config: &Config) -> Result<CheckReport, ServerError> {
-    let spec = one_region(config, "check")?;
+    let spec = super::restore::one_sled_region(config, "check")?;
     let data = &spec.data_dir;
     if !data.join("db").exists() {
         return Err(ServerError::Refused(format!("{} is not a chatvault data directory", data.display())));
@@ -159,7 +159,7 @@ pub struct RepairReport {
 /// then stops, and says what was lost. A region without damage is left untouched.
 pub async fn repair(config: &Config) -> Result<RepairReport, ServerError> {
     let before = check(config)?;
-    let spec = one_region(config, "repair")?;
+    let spec = super::restore::one_sled_region(config, "repair")?;
     if before.ok {
         return Ok(RepairReport { region: before.region, lost: Vec::new(), kept_aside: Vec::new(), ok: true });
     }

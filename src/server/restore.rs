@@ -15,8 +15,8 @@ use crate::vault::BackupManifest;
 /// directory. Returns the manifest it restored.
 pub async fn restore(mut config: Config, from: &Path) -> Result<BackupManifest, ServerError> {
     let refuse = |why: String| Err(ServerError::Refused(why));
+    let mut spec = one_sled_region(&config, "restore")?;
     let manifest = BackupManifest::read(from)?;
-    let mut spec = one_region(&config, "restore")?;
     if !spec.key_dir.join("keydir.meta").exists() {
         return refuse(format!(
             "{} is not a key directory: a backup is restored next to the key directory it was taken with",
@@ -69,6 +69,20 @@ pub fn one_region(config: &Config, what: &str) -> Result<crate::region::RegionSp
         )));
     }
     Ok(specs.remove(0))
+}
+
+/// The one region `config` names, refused if its tree is in a database: `what` works on a
+/// sled data directory (the database has its own backup and repair tools).
+pub fn one_sled_region(config: &Config, what: &str) -> Result<crate::region::RegionSpec, ServerError> {
+    let spec = one_region(config, what)?;
+    if matches!(spec.engine, crate::vault::Engine::Postgres(_)) {
+        return Err(ServerError::Refused(format!(
+            "region {}'s data is in PostgreSQL: {what} works on sled data directories; use the database's own \
+             tools (pg_basebackup, PITR, amcheck), keeping the key directory's backups apart",
+            spec.name
+        )));
+    }
+    Ok(spec)
 }
 
 /// Copies the directory tree `from` to `to` (created 0700; files 0600, synced).

@@ -82,9 +82,8 @@ impl PgOptions {
 pub struct PgStore {
     /// Always `Some` until dropped (see the `Drop` impl).
     pool: Option<Pool>,
-    /// The session that holds the region's writer lease (an advisory lock, released when
-    /// the session ends: a node that dies gives it up with its connection).
-    lease: Option<std::sync::Mutex<postgres::Client>>,
+    /// The region's writer lease, watched; None when not exclusive.
+    lease: Option<Lease>,
     table: String,
     /// CockroachDB: a batch is a transaction, not one statement.
     cockroach: bool,
@@ -156,11 +155,34 @@ impl PgStore {
         }
         let mut config: postgres::Config =
             opts.url.parse().map_err(|_| StoreError::Engine("the PostgreSQL URL does not parse".into()))?;
+        // Acknowledged means committed to disk, whatever the role's or database's default;
+        // the URL's own options are kept.
+        let options = format!(
+            "{} -c statement_timeout={} -c synchronous_commit=on",
+            config.get_options().unwrap_or(""),
+            opts.statement_timeout.as_millis()
+        );
         config
             .connect_timeout(opts.connect_timeout)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
-            .options(&format!("-c statement_timeout={}", opts.statement_timeout.as_millis()));
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .options(options.trim());
+        // One direct connection first: a wrong password or database name is said (and not
+        // retried as if the database were down), never hidden behind the pool's timeout.
+        let engine = off_runtime(|| {
+            let mut c = config.connect(NoTls)?;
+            c.query_one("SELECT version()", &[]).map(|r| r.get::<_, String>(0))
+        })
+        .map_err(pg_err)?;
+        let table = format!("chatvault_{}_kv", opts.region);
+        if opts.exclusive && (engine.contains("CockroachDB") || engine.contains("-YB-")) {
+            return Err(StoreError::Engine(format!(
+                "{table}: this engine has no session advisory locks, so one writer per region cannot be held \
+                 there yet: use PostgreSQL"
+            )));
+        }
         let manager = PostgresConnectionManager::new(config.clone(), NoTls);
         let pool = off_runtime(|| {
             r2d2::Pool::builder()
@@ -173,12 +195,7 @@ impl PgStore {
                 .build(manager)
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
-        let table = format!("chatvault_{}_kv", opts.region);
-        let lease = if opts.exclusive {
-            Some(std::sync::Mutex::new(take_lease(&config, &table, opts.connect_timeout)?))
-        } else {
-            None
-        };
+        let lease = if opts.exclusive { Some(Lease::take(&config, &table, opts.connect_timeout)?) } else { None };
         let mut store = PgStore { pool: Some(pool), lease, sql: Statements::new(&table), table, cockroach: false };
         store.cockroach = store.create_schema()?;
         Ok(store)
@@ -220,6 +237,14 @@ impl PgStore {
         self.pool.as_ref().ok_or(StoreError::Failed)
     }
 
+    /// Writes stop for good once the lease is lost: another node may hold it by now.
+    fn check_lease(&self) -> Result<(), StoreError> {
+        match &self.lease {
+            Some(l) if l.lost.load(std::sync::atomic::Ordering::SeqCst) => Err(StoreError::Failed),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs `f` on a pooled connection; again after a serialization failure or deadlock
     /// (the database rolled it back whole), with a growing, jittered pause.
     fn with_client<R: Send>(
@@ -238,6 +263,9 @@ impl PgStore {
                 };
                 match result {
                     Ok(r) => return Ok(r),
+                    // A pooled connection the database closed meanwhile (a restart, a
+                    // failover): once more on a fresh one (the pool drops the broken one).
+                    Err(e) if e.as_db_error().is_none() && e.is_closed() && attempt == 0 => attempt += 1,
                     Err(e) if retryable(&e) && attempt + 1 < ATTEMPTS => {
                         attempt += 1;
                         let jitter = crate::crypto::random_bytes::<1>().map(|b| u64::from(b[0])).unwrap_or(0);
@@ -262,11 +290,61 @@ impl Drop for PgStore {
     }
 }
 
+/// The region's writer lease: a session advisory lock, held by a session of its own and
+/// given up with it (a node that dies gives it up with its connection). A watcher checks
+/// the session every second: if it is gone (a database restart or failover, a cut), the
+/// lock may be another node's by now, so this store takes no more writes.
+struct Lease {
+    /// The lease session's server process (what a test terminates).
+    #[cfg_attr(not(test), allow(dead_code))]
+    backend: i32,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::mpsc::Sender<()>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lease {
+    fn take(config: &postgres::Config, table: &str, patience: Duration) -> Result<Lease, StoreError> {
+        let mut session = take_lease(config, table, patience)?;
+        let backend: i32 = off_runtime(|| session.query_one("SELECT pg_backend_pid()", &[])).map_err(pg_err)?.get(0);
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let flag = lost.clone();
+        let table = table.to_owned();
+        let watcher = std::thread::Builder::new()
+            .name("chatvault-pg-lease".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(Duration::from_secs(1))
+                {
+                    if session.is_valid(Duration::from_secs(5)).is_err() {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        tracing::error!(table, "the writer lease's session to PostgreSQL is gone; writes are refused");
+                        return;
+                    }
+                }
+            })
+            .map_err(StoreError::Io)?;
+        Ok(Lease { backend, lost, stop, watcher: Some(watcher) })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 /// Takes the region's writer lease on a session of its own, waiting up to `patience` for
 /// a node that is stopping (or whose connection the database has not seen die yet).
 fn take_lease(config: &postgres::Config, table: &str, patience: Duration) -> Result<postgres::Client, StoreError> {
     off_runtime(|| {
         let mut c = config.connect(NoTls).map_err(pg_err)?;
+        // The server notices a node that vanished (power off) within seconds, not hours.
+        c.batch_execute("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3")
+            .map_err(pg_err)?;
         let name = format!("{table} writer");
         let deadline = std::time::Instant::now() + patience;
         let got = loop {
@@ -307,15 +385,16 @@ fn pg_err(e: postgres::Error) -> StoreError {
         };
     };
     let code = db.code().code();
-    let transient = code.starts_with("08")
-        || code.starts_with("57P")
-        || retryable(&e)
-        || *db.code() == SqlState::TOO_MANY_CONNECTIONS
-        || *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION
-        || *db.code() == SqlState::QUERY_CANCELED;
     if *db.code() == SqlState::DISK_FULL {
         return StoreError::Full { volume: "the PostgreSQL database".into() };
     }
+    let transient = code.starts_with("08")
+        || code.starts_with("57P")
+        || code.starts_with("53")
+        || retryable(&e)
+        || *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *db.code() == SqlState::QUERY_CANCELED
+        || *db.code() == SqlState::LOCK_NOT_AVAILABLE;
     let what = format!("PostgreSQL (SQLSTATE {code}): {}", db.message());
     if transient { StoreError::Unavailable(what) } else { StoreError::Engine(what) }
 }
@@ -343,6 +422,7 @@ impl KvStore for PgStore {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        self.check_lease()?;
         // The last op on a key decides it.
         let mut last: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = std::collections::BTreeMap::new();
         for op in batch.ops {
@@ -408,6 +488,7 @@ impl KvStore for PgStore {
     }
 
     fn compare_and_swap(&self, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        self.check_lease()?;
         let changed = match (old, new.as_deref()) {
             (None, Some(new)) => self.rows(&self.sql.insert_new, &[(&key, Type::BYTEA), (&new, Type::BYTEA)])?,
             (Some(old), Some(new)) => {
@@ -510,6 +591,30 @@ pub(crate) mod tests {
         assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
         // On a worker, as a request's last handle would be.
         tokio::spawn(async move { drop(store) }).await.expect("dropped on a worker without a panic");
+    }
+
+    /// The lease's session ended by the database (a restart, a failover, an operator):
+    /// another node may take the lease, so this one stops writing.
+    #[test]
+    fn a_store_whose_lease_session_is_gone_refuses_further_writes() {
+        let Some(url) = crate::store::tests::postgres_url() else { return };
+        let store = PgStore::open(&fresh(&url, "lease_lost")).unwrap();
+        let put = |k: &[u8]| {
+            let mut b = Batch::default();
+            b.put(k.to_vec(), b"v".to_vec());
+            store.apply(b)
+        };
+        put(b"before").unwrap();
+        let backend = store.lease.as_ref().unwrap().backend;
+        let mut c = postgres::Client::connect(&url, NoTls).unwrap();
+        assert!(c.query_one("SELECT pg_terminate_backend($1)", &[&backend]).unwrap().get::<_, bool>(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while put(b"after").is_ok() {
+            assert!(std::time::Instant::now() < deadline, "writes went on without the lease");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(matches!(put(b"again"), Err(StoreError::Failed)));
+        assert_eq!(store.get(b"before").unwrap(), Some(b"v".to_vec()), "reads still answer");
     }
 
     #[test]

@@ -103,3 +103,33 @@ async fn a_node_whose_database_does_not_answer_keeps_trying_and_serves_nothing_m
     assert!(!log.contains("chatvault serving"), "{log}");
     assert!(!log.contains("host=/nonexistent"), "the connection string stays out of the log:\n{log}");
 }
+
+/// `check`, `repair` and `restore` work on sled data directories; on a region in
+/// PostgreSQL they refuse, saying what to use instead, and touch nothing.
+#[test]
+fn offline_tools_for_sled_directories_refuse_a_region_on_postgres() {
+    let dirs = Dirs::new();
+    let url_file = dirs.tmp.path().join("pg-url");
+    std::fs::write(&url_file, "host=/nonexistent port=5432 user=postgres").unwrap();
+    let config = dirs.config(&format!(
+        "[regions.eu]\ndata_dir = {:?}\nkey_dir = {:?}\nstore = \"postgres\"\npostgres_url_file = {:?}\n",
+        dirs.data(),
+        dirs.keys(),
+        url_file
+    ));
+    for command in [vec!["check"], vec!["repair"], vec!["restore", "--from", "/nonexistent-backup"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+            .args(&command)
+            .arg("--config")
+            .arg(&config)
+            .env("CHATVAULT_REGION", "eu")
+            .env("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX)
+            .env_remove("CHATVAULT_CONFIG")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{command:?}: {said}");
+        assert!(said.contains("data is in PostgreSQL"), "{command:?}: {said}");
+        assert!(!dirs.data().join("db").exists(), "{command:?} made a sled directory");
+    }
+}
