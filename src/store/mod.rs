@@ -4,6 +4,8 @@ mod commit;
 pub mod files;
 pub(crate) mod pg;
 mod sled_store;
+#[cfg(test)]
+mod test_postgres;
 mod values;
 mod wal;
 
@@ -286,33 +288,7 @@ pub(crate) mod tests {
         store.apply(Batch::default()).unwrap();
     }
 
-    /// A PostgreSQL for the tests: `CHATVAULT_TEST_POSTGRES` if set (CI starts one), else
-    /// one `scripts/postgres-for-tests.sh` starts for this process. None (the test then
-    /// returns) only where no PostgreSQL can be had, and never under CI.
-    pub fn postgres_url() -> Option<String> {
-        static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        URL.get_or_init(|| {
-            if let Ok(url) = std::env::var("CHATVAULT_TEST_POSTGRES") {
-                return Some(url);
-            }
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-for-tests.sh");
-            let out = std::process::Command::new("bash").arg(script).arg(std::process::id().to_string()).output();
-            match out {
-                Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
-                other => {
-                    let why = match other {
-                        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-                        Err(e) => e.to_string(),
-                    };
-                    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-                    assert!(!ci, "CI must run the PostgreSQL tests: {why}");
-                    eprintln!("skipping the PostgreSQL tests: {why}");
-                    None
-                }
-            }
-        })
-        .clone()
-    }
+    pub use super::test_postgres::postgres_url;
 
     #[test]
     fn sled_store_passes_the_conformance_suite() {

@@ -437,30 +437,6 @@ pub fn sum_series(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-/// A PostgreSQL for the tests: `CHATVAULT_TEST_POSTGRES` if set (CI starts one), else one
-/// `scripts/postgres-for-tests.sh` starts for this process. None (the test then returns)
-/// only where no PostgreSQL can be had, and never under CI. (The library's unit tests have
-/// their own copy: `store::tests::postgres_url`.)
-pub fn postgres_url() -> Option<String> {
-    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    URL.get_or_init(|| {
-        if let Ok(url) = std::env::var("CHATVAULT_TEST_POSTGRES") {
-            return Some(url);
-        }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-for-tests.sh");
-        match Command::new("bash").arg(script).arg(std::process::id().to_string()).output() {
-            Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
-            other => {
-                let why = match other {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-                    Err(e) => e.to_string(),
-                };
-                let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-                assert!(!ci, "CI must run the PostgreSQL tests: {why}");
-                eprintln!("skipping the PostgreSQL tests: {why}");
-                None
-            }
-        }
-    })
-    .clone()
-}
+#[path = "../../src/store/test_postgres.rs"]
+mod test_postgres;
+pub use test_postgres::postgres_url;

@@ -7,13 +7,8 @@ use tonic::Code;
 
 use super::common::*;
 
-/// The configuration of a region `eu` on the test database, its tables emptied first.
-fn on_postgres(dirs: &Dirs, url: &str) -> std::path::PathBuf {
-    // The synchronous client runs a runtime of its own: off this test's worker.
-    tokio::task::block_in_place(|| {
-        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
-        c.batch_execute("DROP TABLE IF EXISTS chatvault_eu_kv; DROP TABLE IF EXISTS chatvault_eu_kv_meta;").unwrap();
-    });
+/// The configuration of region `eu` on the database `url` names (written to a file).
+fn region_on(dirs: &Dirs, url: &str) -> std::path::PathBuf {
     let url_file = dirs.tmp.path().join("pg-url");
     std::fs::write(&url_file, url).unwrap();
     dirs.config(&format!(
@@ -22,6 +17,16 @@ fn on_postgres(dirs: &Dirs, url: &str) -> std::path::PathBuf {
         dirs.keys(),
         url_file
     ))
+}
+
+/// The configuration of a region `eu` on the test database, its tables emptied first.
+fn on_postgres(dirs: &Dirs, url: &str) -> std::path::PathBuf {
+    // The synchronous client runs a runtime of its own: off this test's worker.
+    tokio::task::block_in_place(|| {
+        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        c.batch_execute("DROP TABLE IF EXISTS chatvault_eu_kv; DROP TABLE IF EXISTS chatvault_eu_kv_meta;").unwrap();
+    });
+    region_on(dirs, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,14 +85,7 @@ async fn a_region_on_postgres_serves_the_core_calls_and_keeps_what_it_acknowledg
 #[tokio::test]
 async fn a_node_whose_database_does_not_answer_keeps_trying_and_serves_nothing_meanwhile() {
     let dirs = Dirs::new();
-    let url_file = dirs.tmp.path().join("pg-url");
-    std::fs::write(&url_file, "host=/nonexistent/chatvault-pg port=5432 user=postgres dbname=postgres").unwrap();
-    let config = dirs.config(&format!(
-        "[regions.eu]\ndata_dir = {:?}\nkey_dir = {:?}\nstore = \"postgres\"\npostgres_url_file = {:?}\n",
-        dirs.data(),
-        dirs.keys(),
-        url_file
-    ));
+    let config = region_on(&dirs, "host=/nonexistent/chatvault-pg port=5432 user=postgres dbname=postgres");
     let config = config.to_str().unwrap().to_owned();
     let opts = Opts {
         args: vec!["--config", &config],
@@ -109,14 +107,7 @@ async fn a_node_whose_database_does_not_answer_keeps_trying_and_serves_nothing_m
 #[test]
 fn offline_tools_for_sled_directories_refuse_a_region_on_postgres() {
     let dirs = Dirs::new();
-    let url_file = dirs.tmp.path().join("pg-url");
-    std::fs::write(&url_file, "host=/nonexistent port=5432 user=postgres").unwrap();
-    let config = dirs.config(&format!(
-        "[regions.eu]\ndata_dir = {:?}\nkey_dir = {:?}\nstore = \"postgres\"\npostgres_url_file = {:?}\n",
-        dirs.data(),
-        dirs.keys(),
-        url_file
-    ));
+    let config = region_on(&dirs, "host=/nonexistent port=5432 user=postgres");
     for command in [vec!["check"], vec!["repair"], vec!["restore", "--from", "/nonexistent-backup"]] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
             .args(&command)
