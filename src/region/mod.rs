@@ -72,10 +72,12 @@ pub fn engine_of(name: &str, r: &RegionConfig) -> Result<crate::vault::Engine, S
         StoreKind::Sled => Ok(crate::vault::Engine::Sled),
         StoreKind::Postgres => {
             let url = match &r.postgres_url_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("regions.{name}.postgres_url_file {}: {e}", f.display()))?
-                    .trim()
-                    .to_owned(),
+                // It may hold a password: refused, like a root key file, if others may read it.
+                Some(f) => {
+                    let bytes = crate::keys::read_secret_file(f)
+                        .map_err(|e| format!("regions.{name}.postgres_url_file: {e}"))?;
+                    String::from_utf8_lossy(&bytes).trim().to_owned()
+                }
                 None => std::env::var(postgres_url_env(name)).map_err(|_| {
                     format!(
                         "regions.{name}: store = \"postgres\" needs postgres_url_file or {}",

@@ -11,6 +11,7 @@ use super::common::*;
 fn region_on(dirs: &Dirs, url: &str) -> std::path::PathBuf {
     let url_file = dirs.tmp.path().join("pg-url");
     std::fs::write(&url_file, url).unwrap();
+    std::fs::set_permissions(&url_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     dirs.config(&format!(
         "[regions.eu]\ndata_dir = {:?}\nkey_dir = {:?}\nstore = \"postgres\"\npostgres_url_file = {:?}\n",
         dirs.data(),
@@ -123,4 +124,18 @@ fn offline_tools_for_sled_directories_refuse_a_region_on_postgres() {
         assert!(said.contains("data is in PostgreSQL"), "{command:?}: {said}");
         assert!(!dirs.data().join("db").exists(), "{command:?} made a sled directory");
     }
+    // The URL file may hold a password: readable by others, it is refused.
+    std::fs::set_permissions(dirs.tmp.path().join("pg-url"), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .env("CHATVAULT_REGION", "eu")
+        .env("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX)
+        .env_remove("CHATVAULT_CONFIG")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("readable by group or others"), "{said}");
 }
