@@ -512,6 +512,26 @@ mod tests {
         assert_eq!(spans(&v, &tenant, "one"), [(0, 1)]);
     }
 
+    /// A chunk is read whole, so a group of large messages past 256 KiB stays single records.
+    #[tokio::test]
+    async fn a_group_of_large_messages_past_the_chunk_limit_stays_single_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = testing::open(dir.path(), HandClock::new(), |_| {});
+        let tenant = TenantId::parse("acme").unwrap();
+        let big = |n: usize| -> Vec<Message> {
+            (0..n)
+                .map(|i| {
+                    Message::new(format!("m{i}"), AuthorRole::Visitor, "V", format!("{i}{}", "x".repeat(60 << 10)))
+                })
+                .collect()
+        };
+        v.put_transcript(&tenant, Transcript::new("four", "alice", big(4))).await.unwrap();
+        assert_eq!(spans(&v, &tenant, "four"), [(0, 4)], "240 KiB: one chunk");
+        v.put_transcript(&tenant, Transcript::new("five", "alice", big(5))).await.unwrap();
+        assert_eq!(spans(&v, &tenant, "five"), [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)], "300 KiB: singles");
+        assert_eq!(v.get_transcript(&tenant, "five").unwrap().messages.len(), 5);
+    }
+
     #[tokio::test]
     async fn appends_stay_single_records_until_their_group_fills_and_a_close_packs_the_last_group() {
         let dir = tempfile::tempdir().unwrap();

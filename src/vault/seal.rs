@@ -101,8 +101,7 @@ impl Place<'_> {
         seq: u32,
         plain: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
-        let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        self.binding.seal(alg, tk, &aad, plain).map_err(seal_err)
+        self.binding.seal(alg, tk, &self.message_aad(seq), plain).map_err(seal_err)
     }
 
     /// A single message's plaintext, for packing it into a chunk.
@@ -112,8 +111,11 @@ impl Place<'_> {
         seq: u32,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let aad = self.aad(RecordKind::Message).u64(u64::from(seq));
-        self.binding.open(tk, &aad, sealed).map_err(crypto_err("message"))
+        self.binding.open(tk, &self.message_aad(seq), sealed).map_err(crypto_err("message"))
+    }
+
+    fn message_aad(&self, seq: u32) -> Aad {
+        self.aad(RecordKind::Message).u64(u64::from(seq))
     }
 
     /// Seals messages `first ..` as one chunk. Its AAD names the span, so a chunk moved

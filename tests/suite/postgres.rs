@@ -103,39 +103,36 @@ async fn a_node_whose_database_does_not_answer_keeps_trying_and_serves_nothing_m
     assert!(!log.contains("host=/nonexistent"), "the connection string stays out of the log:\n{log}");
 }
 
+/// Runs an offline `chatvault` command on region `eu` with `config`: whether it succeeded,
+/// and what it said.
+fn offline(config: &std::path::Path, command: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        .args(command)
+        .arg("--config")
+        .arg(config)
+        .env("CHATVAULT_REGION", "eu")
+        .env("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX)
+        .env_remove("CHATVAULT_CONFIG")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+}
+
 /// `check`, `repair` and `restore` work on sled data directories; on a region in
 /// PostgreSQL they refuse, saying what to use instead, and touch nothing.
 #[test]
 fn offline_tools_for_sled_directories_refuse_a_region_on_postgres() {
     let dirs = Dirs::new();
     let config = region_on(&dirs, "host=/nonexistent port=5432 user=postgres");
-    for command in [vec!["check"], vec!["repair"], vec!["restore", "--from", "/nonexistent-backup"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
-            .args(&command)
-            .arg("--config")
-            .arg(&config)
-            .env("CHATVAULT_REGION", "eu")
-            .env("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX)
-            .env_remove("CHATVAULT_CONFIG")
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "{command:?}: {said}");
+    for command in [&["check"][..], &["repair"], &["restore", "--from", "/nonexistent-backup"]] {
+        let (ok, said) = offline(&config, command);
+        assert!(!ok, "{command:?}: {said}");
         assert!(said.contains("data is in PostgreSQL"), "{command:?}: {said}");
         assert!(!dirs.data().join("db").exists(), "{command:?} made a sled directory");
     }
     // The URL file may hold a password: readable by others, it is refused.
     std::fs::set_permissions(dirs.tmp.path().join("pg-url"), std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .env("CHATVAULT_REGION", "eu")
-        .env("CHATVAULT_ROOT_KEY_EU", ROOT_KEY_HEX)
-        .env_remove("CHATVAULT_CONFIG")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && said.contains("readable by group or others"), "{said}");
+    let (ok, said) = offline(&config, &["check"]);
+    assert!(!ok && said.contains("readable by group or others"), "{said}");
 }
