@@ -161,7 +161,8 @@ pub(super) fn encode_mark((id, len): Mark) -> Vec<u8> {
     v
 }
 
-/// Where the group commit records how far the log was durable (`SyncTarget::synced_mark`).
+/// Where releases before the log became the index's write-ahead log recorded how far it
+/// was durable: read only when opening such an index (`wal::log_acknowledged`).
 pub fn mark_key() -> Vec<u8> {
     vec![super::space::LOG_MARKS, b'v']
 }

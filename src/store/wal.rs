@@ -453,7 +453,10 @@ impl LoggedStore {
         // position lags the state by that one write at most, and applying it again from
         // there is exact.
         let applied = if resolved.ops.len() == 1 {
-            self.index.apply(resolved).and_then(|()| self.index.apply(position))
+            self.index.apply(resolved).and_then(|()| {
+                crate::failpoint::hit("wal.before_position");
+                self.index.apply(position)
+            })
         } else {
             resolved.ops.extend(position.ops);
             self.index.apply(resolved)

@@ -110,7 +110,6 @@ impl Vault {
         };
         drop(writers);
         drop(rotation);
-        clamp_values_mark(&copy, &segments)?;
         // The copy holds every batch logged before the copied log's end: replay starts there.
         if let Some(end) = copied_end(&segments) {
             crate::store::set_log_head(&copy, end)?;
@@ -174,12 +173,6 @@ fn copied_end(segments: &[(PathBuf, u64)]) -> Option<(u32, u64)> {
     segments.iter().filter_map(|(p, len)| Some((crate::store::value_segment_id(p)?, *len))).max()
 }
 
-fn clamp_values_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
-    let copied = copied_end(segments);
-    let encode = |(id, len): (u32, u64)| [id.to_be_bytes().as_slice(), &len.to_be_bytes()].concat();
-    clamp_mark(copy, crate::store::values_mark_key(), crate::store::decode_values_mark, encode, copied)
-}
-
 fn clamp_audit_mark(copy: &dyn KvStore, segments: &[(PathBuf, u64)]) -> Result<(), VaultError> {
     let first_seq = |p: &PathBuf| p.file_stem()?.to_str()?.parse::<u64>().ok();
     let copied = segments.iter().filter_map(|(p, len)| Some((first_seq(p)?, *len))).max();
@@ -213,20 +206,22 @@ mod tests {
     fn a_copied_mark_past_the_copied_log_is_cut_back_to_it() {
         let dir = tempfile::tempdir().unwrap();
         let copy = SledStore::open(&dir.path().join("db"), 1 << 20).unwrap();
-        let set = |id: u32, len: u64| {
+        let set = |seq: u64, len: u64| {
             let mut b = Batch::default();
-            b.put(crate::store::values_mark_key(), [id.to_be_bytes().as_slice(), &len.to_be_bytes()].concat());
+            b.put(crate::audit::audit_mark_key(), [seq.to_be_bytes().as_slice(), &len.to_be_bytes()].concat());
             copy.apply(b).unwrap();
         };
         let mark =
-            || copy.get(&crate::store::values_mark_key()).unwrap().and_then(|b| crate::store::decode_values_mark(&b));
-        let segments =
-            vec![(PathBuf::from("values/0000000001.values"), 900), (PathBuf::from("values/0000000002.values"), 100)];
-        set(2, 180);
-        clamp_values_mark(&copy, &segments).unwrap();
-        assert_eq!(mark(), Some((2, 100)));
-        set(2, 60);
-        clamp_values_mark(&copy, &segments).unwrap();
-        assert_eq!(mark(), Some((2, 60)));
+            || copy.get(&crate::audit::audit_mark_key()).unwrap().and_then(|b| crate::audit::decode_audit_mark(&b));
+        let segments = vec![
+            (PathBuf::from("audit/00000000000000000001.trail"), 900),
+            (PathBuf::from("audit/00000000000000000101.trail"), 100),
+        ];
+        set(101, 180);
+        clamp_audit_mark(&copy, &segments).unwrap();
+        assert_eq!(mark(), Some((101, 100)));
+        set(101, 60);
+        clamp_audit_mark(&copy, &segments).unwrap();
+        assert_eq!(mark(), Some((101, 60)));
     }
 }
